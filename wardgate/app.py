@@ -1,0 +1,136 @@
+"""Wires the parts together and runs the listeners until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from typing import Any
+
+from .config import Settings, parse_hostport
+from .engines.postgres.server import PostgresListener
+from .recording.recorder import Recorder
+from .store import Store
+from .tls import ensure_self_signed, server_context
+
+log = logging.getLogger("wardgate")
+
+
+def tls_context(settings: Settings) -> tuple[ssl.SSLContext, str]:
+    """The listeners' TLS context and a description of where its certificate came from."""
+    if settings.gateway.tls_cert:
+        return server_context(settings.gateway.tls_cert, settings.gateway.tls_key), settings.gateway.tls_cert
+    host, _ = parse_hostport(settings.gateway.listen)
+    ca, cert, key = ensure_self_signed(settings.data_dir / "tls", [host])
+    return server_context(cert, key), str(ca)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store.open(settings)
+        self.recorder = Recorder(self.store, settings.journal_dir)
+        self.tls, self.tls_source = tls_context(settings)
+        self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls)
+        self.started_at = time.time()
+        self.ready = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.http_server: Any = None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.ready else "starting",
+            "postgres_listener": self.settings.gateway.listen,
+            "live_sessions": len(self.postgres.sessions),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "recording_failures": self.recorder.failed_flushes,
+        }
+
+    async def watch_credentials(self, interval: float = 0.5) -> None:
+        """End live sessions whose credential was revoked or expired (checked against the store)."""
+        while True:
+            await asyncio.sleep(interval)
+            ids = {live.credential_id for live in self.postgres.sessions.values()}
+            if not ids:
+                continue
+            try:
+                dead = await asyncio.to_thread(self.store.dead_credentials, ids)
+            except Exception:  # noqa: BLE001 - keep watching when the store hiccups
+                log.exception("cannot check credentials")
+                continue
+            if dead:
+                self.postgres.end_sessions(dead)
+
+    async def start(self) -> None:
+        recovered = await asyncio.to_thread(self.recorder.recover)
+        if recovered:
+            log.warning("recovered %d journal records left by a gateway process that ended", recovered)
+        host, port = parse_hostport(self.settings.gateway.listen)
+        await self.postgres.start(host, port)
+        self._tasks.append(asyncio.create_task(self.recorder.run(), name="recorder"))
+        self._tasks.append(asyncio.create_task(self.watch_credentials(), name="credentials"))
+        await self._start_http()
+        self.ready = True
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from .api import create_app
+
+        host, port = parse_hostport(self.settings.gateway.http_listen)
+        kwargs: dict[str, Any] = {}
+        if self.settings.gateway.http_tls:
+            cert = self.settings.gateway.tls_cert or str(self.settings.data_dir / "tls" / "server.crt")
+            key = self.settings.gateway.tls_key or str(self.settings.data_dir / "tls" / "server.key")
+            kwargs = {"ssl_certfile": cert, "ssl_keyfile": key}
+        config = uvicorn.Config(create_app(self), host=host, port=port, log_level="warning", lifespan="off", access_log=False, **kwargs)
+        self.http_server = uvicorn.Server(config)
+        self.http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._tasks.append(asyncio.create_task(self.http_server.serve(), name="http"))
+        for _ in range(200):
+            if self.http_server.started:
+                return
+            if self._tasks[-1].done():
+                self._tasks[-1].result()
+                raise OSError(f"the HTTP listener could not start on {host}:{port}")
+            await asyncio.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        await self.postgres.close()
+        if self.http_server is not None:
+            self.http_server.should_exit = True
+        for task in self._tasks:
+            if task.get_name() != "http":
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.recorder.close()
+        self.store.close()
+
+
+def run(settings: Settings, on_ready: Any = None) -> None:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms working
+        runner = asyncio.run
+
+    async def main() -> None:
+        gateway = Gateway(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, gateway.stop)
+        await gateway.start()
+        if on_ready is not None:
+            on_ready(gateway)
+        await gateway._stop.wait()
+        await gateway.shutdown()
+
+    runner(main())

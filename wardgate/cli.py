@@ -1,0 +1,416 @@
+"""The `wardgate` command: run the gateway and manage users, connections, credentials and sessions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import ConfigError, ConnectionSpec, Settings, load, parse_duration
+
+app = typer.Typer(no_args_is_help=True, help="Wardgate: identity-aware access gateway for PostgreSQL.", add_completion=False)
+users_app = typer.Typer(no_args_is_help=True, help="Local users (the embedded identity).")
+connections_app = typer.Typer(no_args_is_help=True, help="Named PostgreSQL targets the gateway connects to.")
+credentials_app = typer.Typer(no_args_is_help=True, help="Short-lived credentials for native clients (psql, drivers).")
+sessions_app = typer.Typer(no_args_is_help=True, help="Recorded sessions and their statements.")
+app.add_typer(users_app, name="users")
+app.add_typer(connections_app, name="connections")
+app.add_typer(credentials_app, name="credentials")
+app.add_typer(sessions_app, name="sessions")
+
+console = Console()
+err = Console(stderr=True)
+
+
+class State:
+    config: Optional[str] = None
+    _settings: Optional[Settings] = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load(self.config)
+        return self._settings
+
+
+state = State()
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def open_store():  # noqa: ANN201
+    from .store import Store
+
+    try:
+        return Store.open(state.settings)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.callback()
+def main_options(
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", envvar="WARDGATE_CONFIG", help="Config file (default ./wardgate.toml)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
+) -> None:
+    state.config = config
+    state._settings = None
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"wardgate {__version__}")
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+@app.command()
+def serve(
+    listen: Optional[str] = typer.Option(None, help="PostgreSQL listener HOST:PORT (default 127.0.0.1:6432)."),
+    http_listen: Optional[str] = typer.Option(None, help="HTTP listener HOST:PORT (default 127.0.0.1:8080)."),
+) -> None:
+    """Run the gateway: the PostgreSQL listener and the HTTP listener (with /healthz)."""
+    from .app import run
+
+    settings = state.settings
+    if listen:
+        settings.gateway.listen = listen
+    if http_listen:
+        settings.gateway.http_listen = http_listen
+
+    def ready(gw: Any) -> None:
+        err.print(
+            f"[green]wardgate {__version__} ready[/]: postgres on {settings.gateway.listen} "
+            f"(TLS CA {gw.tls_source}), http on {settings.gateway.http_listen}"
+        )
+
+    try:
+        run(settings, on_ready=ready)
+    except OSError as exc:
+        fail(f"cannot start: {exc}. Is another gateway running on the same ports? Change [gateway] listen.")
+
+
+# ------------------------------------------------------------------------------------ users
+
+
+@users_app.command("add")
+def users_add(
+    name: str = typer.Argument(..., help="User name; native clients connect with user=NAME."),
+    group: list[str] = typer.Option([], "--group", "-g", help="Group membership (repeat for several)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Add a local user."""
+    from .store import Conflict
+
+    store = open_store()
+    try:
+        user = store.add_user(name, group)
+    except (Conflict, ConfigError) as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json({"name": user.name, "groups": user.groups, "created_at": iso(user.created_at)})
+    else:
+        console.print(f"added user [bold]{user.name}[/] groups: {', '.join(user.groups) or '-'}")
+
+
+@users_app.command("list")
+def users_list(json_out: bool = JsonOpt) -> None:
+    """List local users."""
+    rows = open_store().list_users()
+    rows = [u for u in rows if not u.disabled]
+    if json_out:
+        emit_json([{"name": u.name, "groups": u.groups, "created_at": iso(u.created_at)} for u in rows])
+        return
+    table = Table("name", "groups", "created")
+    for u in rows:
+        table.add_row(u.name, ", ".join(u.groups) or "-", when(u.created_at))
+    console.print(table)
+
+
+@users_app.command("remove")
+def users_remove(name: str) -> None:
+    """Remove a user and revoke its credentials (its recorded sessions stay)."""
+    from .store import NotFound
+
+    try:
+        open_store().remove_user(name)
+    except NotFound as exc:
+        fail(str(exc))
+    console.print(f"removed user [bold]{name}[/]; its credentials are revoked")
+
+
+# ------------------------------------------------------------------------------ connections
+
+
+@connections_app.command("add")
+def connections_add(
+    name: str = typer.Argument(..., help="Connection name; native clients use it as dbname."),
+    host: str = typer.Option("127.0.0.1", help="Upstream host."),
+    port: int = typer.Option(5432, help="Upstream port."),
+    database: str = typer.Option(..., "--database", "-d", help="Upstream database name."),
+    user: str = typer.Option(..., "--user", "-U", help="Upstream role the gateway logs in as."),
+    password_env: Optional[str] = typer.Option(
+        None, help="Read the upstream password from this environment variable of the gateway."
+    ),
+    password_stdin: bool = typer.Option(False, help="Read the upstream password from standard input."),
+    ask_password: bool = typer.Option(False, "--password", help="Prompt for the upstream password."),
+    sslmode: str = typer.Option("prefer", help="disable, allow, prefer, require, verify-ca or verify-full."),
+    sslrootcert: Optional[str] = typer.Option(None, help="CA file to verify the upstream server."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Add a connection. Passwords are encrypted at rest and never shown again."""
+    from .store import Conflict
+
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif ask_password:
+        password = getpass.getpass(f"password for {user}@{host}:{port}/{database}: ")
+    spec = ConnectionSpec(name, host, port, database, user, password, password_env, sslmode, sslrootcert)
+    store = open_store()
+    try:
+        store.add_connection(spec)
+    except (Conflict, ConfigError) as exc:
+        fail(str(exc))
+    info = next(c for c in store.list_connections() if c.spec.name == name)
+    if json_out:
+        emit_json(info.public())
+    else:
+        console.print(f"added connection [bold]{name}[/] -> {user}@{host}:{port}/{database} (sslmode={sslmode})")
+
+
+@connections_app.command("list")
+def connections_list(json_out: bool = JsonOpt) -> None:
+    """List connections (from the config file and the store). Passwords are never shown."""
+    rows = [c.public() for c in open_store().list_connections()]
+    if json_out:
+        emit_json(rows)
+        return
+    table = Table("name", "target", "user", "sslmode", "password", "source")
+    for r in rows:
+        table.add_row(r["name"], f"{r['host']}:{r['port']}/{r['database']}", r["user"], r["sslmode"], r["password"], r["source"])
+    console.print(table)
+
+
+@connections_app.command("remove")
+def connections_remove(name: str) -> None:
+    """Remove a connection; its credentials are revoked."""
+    from .store import Conflict, NotFound
+
+    try:
+        open_store().remove_connection(name)
+    except (Conflict, NotFound) as exc:
+        fail(str(exc))
+    console.print(f"removed connection [bold]{name}[/]")
+
+
+# ------------------------------------------------------------------------------ credentials
+
+
+def _gateway_host_port() -> tuple[str, int]:
+    from .config import parse_hostport
+
+    host, port = parse_hostport(state.settings.gateway.listen)
+    return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), port
+
+
+@credentials_app.command("issue")
+def credentials_issue(
+    user: str = typer.Option(..., "--user", "-u", help="Who the credential is for."),
+    connection: str = typer.Option(..., "--connection", "-C", help="The connection it opens."),
+    ttl: Optional[str] = typer.Option(None, help="Lifetime, e.g. 15m, 2h (default [credentials] default_ttl)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Issue a short-lived credential; it is shown once and used as the password by native clients."""
+    from .store import NotFound
+
+    try:
+        seconds = parse_duration(ttl) if ttl else state.settings.default_ttl
+        issued = open_store().issue_credential(user, connection, seconds)
+    except (NotFound, ConfigError) as exc:
+        fail(str(exc))
+    host, port = _gateway_host_port()
+    url = f"postgresql://{issued.user}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require"
+    if json_out:
+        emit_json(
+            {"id": issued.id, "user": issued.user, "connection": issued.connection, "credential": issued.secret,
+             "expires_at": iso(issued.expires_at), "url": url}
+        )
+        return
+    console.print(f"credential [bold]{issued.id}[/] for {issued.user} on {issued.connection}, expires {when(issued.expires_at)}")
+    console.print(f"password: {issued.secret}", soft_wrap=True, highlight=False)
+    console.print(f'psql "{url}"', soft_wrap=True, highlight=False)
+
+
+@credentials_app.command("list")
+def credentials_list(
+    user: Optional[str] = typer.Option(None, help="Only this user's."),
+    all_: bool = typer.Option(False, "--all", help="Include revoked and expired credentials."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """List credentials (never their secrets)."""
+    rows = open_store().list_credentials(user, include_inactive=all_)
+    now = time.time()
+
+    def status(c: Any) -> str:
+        return "revoked" if c.revoked_at else ("expired" if c.expires_at <= now else "active")
+
+    if json_out:
+        emit_json(
+            [{"id": c.id, "user": u, "connection": c.connection, "status": status(c), "created_at": iso(c.created_at),
+              "expires_at": iso(c.expires_at), "last_used_at": iso(c.last_used_at)} for c, u in rows]
+        )
+        return
+    table = Table("id", "user", "connection", "status", "expires", "last used")
+    for c, u in rows:
+        table.add_row(c.id, u, c.connection, status(c), when(c.expires_at), when(c.last_used_at))
+    console.print(table)
+
+
+@credentials_app.command("revoke")
+def credentials_revoke(cred_id: str = typer.Argument(..., help="Credential id (see `credentials list`).")) -> None:
+    """Revoke a credential; live sessions using it end within a second."""
+    from .store import NotFound
+
+    try:
+        open_store().revoke_credential(cred_id)
+    except NotFound as exc:
+        fail(str(exc))
+    console.print(f"revoked credential [bold]{cred_id}[/]; sessions using it are being closed")
+
+
+# --------------------------------------------------------------------------------- sessions
+
+
+def _session_dict(s: Any, count: int | None = None) -> dict[str, Any]:
+    out = {
+        "id": s.id, "user": s.user_name, "connection": s.connection, "credential_id": s.credential_id,
+        "client_addr": s.client_addr, "tls": s.tls, "application_name": s.application_name,
+        "started_at": iso(s.started_at), "ended_at": iso(s.ended_at), "status": s.status,
+        "end_reason": s.end_reason, "error_code": s.error_code,
+    }
+    if count is not None:
+        out["statements"] = count
+    return out
+
+
+@sessions_app.command("list")
+def sessions_list(
+    user: Optional[str] = typer.Option(None, help="Only this user's sessions."),
+    connection: Optional[str] = typer.Option(None, help="Only sessions on this connection."),
+    status: Optional[str] = typer.Option(None, help="active, closed or rejected."),
+    limit: int = typer.Option(50, help="At most this many, newest first."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Who connected to what and when (rejected attempts included)."""
+    rows = open_store().list_sessions(user=user, connection=connection, status=status, limit=limit)
+    if json_out:
+        emit_json([_session_dict(s, n) for s, n in rows])
+        return
+    table = Table("id", "user", "connection", "client", "started", "ended", "status", "stmts", "reason")
+    for s, n in rows:
+        table.add_row(s.id[:12], s.user_name, s.connection, s.client_addr, when(s.started_at), when(s.ended_at),
+                      s.status, str(n), s.end_reason or "")
+    console.print(table)
+
+
+@sessions_app.command("show")
+def sessions_show(session_id: str = typer.Argument(..., help="Session id or a unique prefix."), json_out: bool = JsonOpt) -> None:
+    """A session and every statement with its time, duration, rows and outcome."""
+    from .store import NotFound
+
+    try:
+        s, stmts = open_store().get_session(session_id)
+    except NotFound as exc:
+        fail(str(exc))
+    statements = [
+        {"seq": st.seq, "kind": st.kind, "text": st.text, "param_count": st.param_count, "started_at": iso(st.started_at),
+         "duration_ms": st.duration_ms, "status": st.status, "rows": st.rows, "command_tag": st.command_tag,
+         "error_code": st.error_code, "error_message": st.error_message}
+        for st in stmts
+    ]
+    if json_out:
+        emit_json({**_session_dict(s), "statements": statements})
+        return
+    console.print(f"[bold]session {s.id}[/]  {s.user_name} -> {s.connection}  from {s.client_addr}  tls={'yes' if s.tls else 'no'}")
+    console.print(f"started {when(s.started_at)}  ended {when(s.ended_at)}  status {s.status}  {s.end_reason or ''}")
+    table = Table("#", "time", "ms", "statement", "rows", "outcome")
+    for st in stmts:
+        outcome = st.command_tag or st.status
+        if st.error_code:
+            outcome = f"{st.status} {st.error_code}: {st.error_message or ''}"
+        text = st.text if len(st.text) <= 200 else st.text[:197] + "..."
+        table.add_row(str(st.seq), when(st.started_at), f"{st.duration_ms:.2f}" if st.duration_ms is not None else "-",
+                      text, "-" if st.rows is None else str(st.rows), outcome)
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------ admin
+
+
+admin_app = typer.Typer(no_args_is_help=True, help="Administration helpers.")
+app.add_typer(admin_app, name="admin")
+
+
+@admin_app.command("genkey")
+def admin_genkey() -> None:
+    """Print a new secret key for WARDGATE_SECRET_KEY (encrypts secrets at rest)."""
+    from cryptography.fernet import Fernet
+
+    sys.stdout.write(Fernet.generate_key().decode() + "\n")
+
+
+@admin_app.command("migrate")
+def admin_migrate() -> None:
+    """Create or upgrade the store's tables."""
+    open_store()
+    console.print(f"store is up to date ({state.settings.store_url.split('://')[0]})")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"[bold red]configuration error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

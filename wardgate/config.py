@@ -1,0 +1,212 @@
+"""Settings from `wardgate.toml` and `WARDGATE_*` environment variables (the environment wins).
+
+Every key of a section can be set as `WARDGATE_<SECTION>_<KEY>`, e.g. `WARDGATE_GATEWAY_LISTEN`,
+`WARDGATE_STORE_URL`. `WARDGATE_CONFIG` names the file; `WARDGATE_SECRET_KEY` holds the key that
+encrypts secrets at rest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = "wardgate.toml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """'15m' -> 900.0; '12h', '90d', '30s' and plain seconds are accepted."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _DURATION.match(value)
+    if not m:
+        raise ConfigError(f"invalid duration {value!r}: use a number with s, m, h or d (e.g. 15m)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = default_host, value
+    host = host.strip("[]") or default_host
+    try:
+        return host, int(port)
+    except ValueError as exc:
+        raise ConfigError(f"invalid listen address {value!r}: use HOST:PORT") from exc
+
+
+@dataclass
+class GatewaySettings:
+    listen: str = "127.0.0.1:6432"
+    http_listen: str = "127.0.0.1:8080"
+    tls_cert: str = ""
+    tls_key: str = ""
+    http_tls: bool = False
+    # "scram-sha-256" (default) or "password" (cleartext; accepted only over TLS)
+    client_auth: str = "scram-sha-256"
+    require_tls: bool = False
+    max_message_size: int = 128 * 1024 * 1024
+    upstream_connect_timeout: float = 10.0
+    auth_timeout: float = 30.0
+
+
+@dataclass
+class StoreSettings:
+    url: str = ""
+
+
+@dataclass
+class CredentialSettings:
+    default_ttl: str = "15m"
+    max_ttl: str = "12h"
+
+
+@dataclass
+class ConnectionSpec:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str = "postgres"
+    user: str = "postgres"
+    password: str | None = None
+    password_env: str | None = None
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass
+class Settings:
+    path: Path | None = None
+    data_dir: Path = Path(".wardgate")
+    secret_key: str | None = None
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    credentials: CredentialSettings = field(default_factory=CredentialSettings)
+    connections: list[ConnectionSpec] = field(default_factory=list)
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{(self.data_dir / 'wardgate.db').resolve()}"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.data_dir / "journal"
+
+    @property
+    def default_ttl(self) -> float:
+        return parse_duration(self.credentials.default_ttl)
+
+    @property
+    def max_ttl(self) -> float:
+        return parse_duration(self.credentials.max_ttl)
+
+
+def _apply(obj: Any, values: dict[str, Any], section: str) -> None:
+    known = {f.name: f for f in fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting [{section}] {key}; known: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if isinstance(current, bool) and isinstance(value, str):
+            value = value.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
+            try:
+                value = type(current)(value)
+            except ValueError as exc:
+                raise ConfigError(f"[{section}] {key} must be a number, got {value!r}") from exc
+        setattr(obj, key, value)
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read settings from `path` (or $WARDGATE_CONFIG, or ./wardgate.toml if present) and the environment."""
+    env = dict(os.environ if env is None else env)
+    explicit = path or env.get("WARDGATE_CONFIG")
+    cfg_path = Path(explicit) if explicit else Path(DEFAULT_CONFIG)
+    raw: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            raw = tomllib.loads(cfg_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{cfg_path}: {exc}") from exc
+    elif explicit:
+        raise ConfigError(f"config file {cfg_path} does not exist; create it or drop --config")
+
+    settings = Settings(path=cfg_path.resolve() if cfg_path.exists() else None)
+    base = cfg_path.resolve().parent if cfg_path.exists() else Path.cwd()
+    sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials}
+    for key, value in raw.items():
+        if key in sections:
+            _apply(sections[key], value, key)
+        elif key == "connections":
+            settings.connections = [_connection(c) for c in value]
+        elif key == "data_dir":
+            settings.data_dir = Path(value)
+        elif key == "secret_key":
+            settings.secret_key = value
+        else:
+            raise ConfigError(f"unknown section or setting {key!r} in {cfg_path}")
+
+    for name, obj in sections.items():
+        prefix = f"WARDGATE_{name.upper()}_"
+        _apply(obj, {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}, name)
+    if env.get("WARDGATE_DATA_DIR"):
+        settings.data_dir = Path(env["WARDGATE_DATA_DIR"])
+    if env.get("WARDGATE_SECRET_KEY"):
+        settings.secret_key = env["WARDGATE_SECRET_KEY"]
+    if not settings.data_dir.is_absolute():
+        settings.data_dir = base / settings.data_dir
+    for attr in ("tls_cert", "tls_key"):
+        value = getattr(settings.gateway, attr)
+        if value and not Path(value).is_absolute():
+            setattr(settings.gateway, attr, str(base / value))
+    validate(settings)
+    return settings
+
+
+def _connection(raw: dict[str, Any]) -> ConnectionSpec:
+    if "name" not in raw:
+        raise ConfigError("every [[connections]] entry needs a name")
+    try:
+        spec = ConnectionSpec(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"connection {raw['name']!r}: {exc}") from exc
+    validate_connection(spec)
+    return spec
+
+
+def validate_connection(spec: ConnectionSpec) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}", spec.name):
+        raise ConfigError(f"connection name {spec.name!r}: use letters, digits, '_', '.', '-' (max 63)")
+    if spec.sslmode not in SSLMODES:
+        raise ConfigError(f"connection {spec.name!r}: sslmode must be one of {', '.join(SSLMODES)}")
+    if spec.password and spec.password_env:
+        raise ConfigError(f"connection {spec.name!r}: give password or password_env, not both")
+
+
+def validate(settings: Settings) -> None:
+    parse_hostport(settings.gateway.listen)
+    parse_hostport(settings.gateway.http_listen)
+    if settings.gateway.client_auth not in ("scram-sha-256", "password"):
+        raise ConfigError("[gateway] client_auth must be 'scram-sha-256' or 'password'")
+    if bool(settings.gateway.tls_cert) != bool(settings.gateway.tls_key):
+        raise ConfigError("[gateway] tls_cert and tls_key go together: set both or neither")
+    if settings.default_ttl > settings.max_ttl:
+        raise ConfigError("[credentials] default_ttl is longer than max_ttl")
+    names = [c.name for c in settings.connections]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"connections declared twice in the config: {', '.join(sorted(dupes))}")

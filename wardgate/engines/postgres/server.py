@@ -1,0 +1,308 @@
+"""The PostgreSQL listener: TLS negotiation, client authentication with Wardgate credentials,
+the upstream connection, cancel requests, and the hand-over to the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import socket
+import ssl
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ...config import Settings
+from ...store import CREDENTIAL_PREFIX, Store
+from . import codec, upstream
+from .scram import MECHANISM, ScramError, ScramServer, make_verifier
+from .session import Relay
+from .stream import PeerClosed, StreamProtocol
+
+log = logging.getLogger("wardgate.postgres")
+
+_HINT_CREDENTIAL = "issue a credential with `wardgate credentials issue --user {user} --connection {conn}` and use it as the password"
+
+
+class Rejected(Exception):
+    """The handshake ends with a FATAL error to the client (and a record of the attempt)."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.hint, self.detail = code, hint, detail
+
+
+@dataclass
+class LiveSession:
+    relay: Relay
+    credential_id: str
+    user: str
+    connection: str
+    upstream_pid: int
+    upstream_secret: bytes
+    cancel_pid: int
+    cancel_secret: bytes
+
+
+class PostgresListener:
+    def __init__(self, settings: Settings, store: Store, recorder: Any, tls: ssl.SSLContext | None) -> None:
+        self.settings = settings
+        self.store = store
+        self.recorder = recorder
+        self.tls = tls
+        self.sessions: dict[str, LiveSession] = {}
+        self.by_cancel_key: dict[int, LiveSession] = {}
+        self.server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._fake_salt_key = secrets.token_bytes(32)
+        self.handshakes_failed = 0
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._new_protocol, host, port, reuse_port=reuse_port or None, backlog=1024)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    def _new_protocol(self) -> StreamProtocol:
+        proto = StreamProtocol(max_message=self.settings.gateway.max_message_size)
+        task = asyncio.get_running_loop().create_task(self._handle(proto))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return proto
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for live in list(self.sessions.values()):
+            live.relay.fail(codec.fatal("57P01", "the gateway is shutting down", hint="reconnect in a moment"), "gateway shutdown", "57P01")
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -------------------------------------------------------------------------- handshake
+
+    async def _handle(self, client: StreamProtocol) -> None:
+        await asyncio.sleep(0)  # let connection_made run
+        transport = client.transport
+        peer = transport.get_extra_info("peername") if transport else None
+        addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "local"
+        sock = transport.get_extra_info("socket") if transport else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        try:
+            startup = await asyncio.wait_for(self._negotiate(client), self.settings.gateway.auth_timeout)
+        except (PeerClosed, ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.handshakes_failed += 1
+            log.info("handshake from %s ended: %s", addr, exc or type(exc).__name__)
+            client.abort()
+            return
+        except codec.ProtocolViolation as exc:
+            self.handshakes_failed += 1
+            log.info("protocol violation from %s: %s", addr, exc)
+            client.write(codec.fatal("08P01", f"invalid startup: {exc}"))
+            client.close()
+            return
+        if startup is None:
+            return  # a cancel request, handled
+        user = startup.parameters.get("user", "")
+        conn_name = startup.parameters.get("database") or user
+        record = {
+            "k": "session", "sid": uuid.uuid4().hex, "user": user or "?", "conn": conn_name or "?", "addr": addr,
+            "at": time.time(), "tls": client.tls, "app": startup.parameters.get("application_name"),
+            "gw": self.recorder.instance,
+        }
+        try:
+            live = await asyncio.wait_for(self._authenticate_and_connect(client, startup, record), self.settings.gateway.auth_timeout + self.settings.gateway.upstream_connect_timeout)
+        except Rejected as exc:
+            self._reject(client, record, exc)
+            return
+        except (PeerClosed, ConnectionError, asyncio.TimeoutError) as exc:
+            self._reject(client, record, Rejected("08006", f"the client left during authentication ({type(exc).__name__})"))
+            return
+        except codec.ProtocolViolation as exc:
+            self._reject(client, record, Rejected("08P01", f"protocol violation during authentication: {exc}"))
+            return
+        except Exception as exc:  # noqa: BLE001 - any fault here must end in a clear error, not a hang
+            log.exception("handshake failed")
+            self._reject(client, record, Rejected("XX000", f"internal gateway error during connection setup: {type(exc).__name__}"))
+            return
+        if live is not None:
+            live.relay.start()
+
+    async def _negotiate(self, client: StreamProtocol) -> codec.StartupMessage | None:
+        """Answer SSLRequest/GSSENCRequest, serve CancelRequest, return the StartupMessage."""
+        while True:
+            packet = await client.read_startup()
+            if isinstance(packet, codec.SSLRequest):
+                if client.tls:
+                    raise codec.ProtocolViolation("SSLRequest inside TLS")
+                if len(client.reader):
+                    # Bytes sent before the TLS handshake could be injected by a man in the middle.
+                    raise codec.ProtocolViolation("received unencrypted data after SSL request")
+                if self.tls is None:
+                    client.write(b"N")
+                    continue
+                client.write(b"S")
+                await client.start_tls(self.tls, server_side=True)
+            elif isinstance(packet, codec.GSSENCRequest):
+                client.write(b"N")
+            elif isinstance(packet, codec.CancelRequest):
+                await self._cancel(packet)
+                client.close()
+                return None
+            else:
+                return packet
+
+    async def _cancel(self, packet: codec.CancelRequest) -> None:
+        live = self.by_cancel_key.get(packet.process_id)
+        if live is None or not hmac.compare_digest(live.cancel_secret, packet.secret_key):
+            log.info("cancel request with an unknown key ignored")
+            return
+        spec = await asyncio.to_thread(self.store.get_connection, live.connection)
+        if spec is None:
+            return
+        try:
+            await upstream.cancel(spec, live.upstream_pid, live.upstream_secret)
+        except upstream.UpstreamError as exc:
+            log.warning("cancel for session %s failed: %s", live.relay.session_id, exc)
+
+    def _fake_salt(self, user: str) -> bytes:
+        # Unknown users get a stable salt, so the exchange does not reveal which names exist.
+        return hmac.new(self._fake_salt_key, user.encode(), hashlib.sha256).digest()[:16]
+
+    async def _authenticate_and_connect(
+        self, client: StreamProtocol, startup: codec.StartupMessage, record: dict[str, Any]
+    ) -> LiveSession | None:
+        params = startup.parameters
+        user, conn_name = record["user"], record["conn"]
+        if startup.minor > 0 or startup.protocol_options:
+            client.write(codec.negotiate_protocol_version(0, startup.protocol_options))
+        if not params.get("user"):
+            raise Rejected("28000", "no user name given", hint="connect with user=<your Wardgate user name>")
+        if params.get("replication") not in (None, "false", "0", "off", "no"):
+            raise Rejected("28000", "replication connections are not supported through the gateway")
+        if self.settings.gateway.require_tls and not client.tls:
+            raise Rejected("28000", "the gateway requires TLS", hint="connect with sslmode=require (or verify-full)")
+
+        user_row, candidates = await asyncio.to_thread(self.store.auth_material, user, conn_name)
+        salt = user_row.scram_salt if user_row is not None else self._fake_salt(user)
+        hint = _HINT_CREDENTIAL.format(user=user, conn=conn_name)
+        failed = Rejected("28P01", f'password authentication failed for user "{user}" on connection "{conn_name}"', hint=hint)
+
+        if self.settings.gateway.client_auth == "password":
+            if not client.tls:
+                raise Rejected("28000", "cleartext password authentication needs TLS", hint="connect with sslmode=require")
+            client.write(codec.auth_cleartext_password())
+            mtype, body = await client.read_message()
+            if mtype != ord("p"):
+                raise codec.ProtocolViolation("expected a password message")
+            password = body.rstrip(b"\x00").decode("utf-8", "replace")
+            cred_id = password[len(CREDENTIAL_PREFIX):].split("_", 1)[0] if password.startswith(CREDENTIAL_PREFIX) else ""
+            candidate = dict(candidates).get(cred_id)
+            probe = make_verifier(password, salt, candidate.iterations if candidate else 4096)
+            if candidate is None or not hmac.compare_digest(probe.stored_key, candidate.stored_key):
+                raise failed
+            matched = cred_id
+        else:
+            client.write(codec.auth_sasl([MECHANISM]))
+            mtype, body = await client.read_message()
+            if mtype != ord("p"):
+                raise codec.ProtocolViolation("expected a SASLInitialResponse")
+            mechanism, data = codec.parse_sasl_initial_response(body)
+            if mechanism != MECHANISM:
+                raise Rejected("28000", f"SASL mechanism {mechanism!r} is not offered; use {MECHANISM}")
+            scram = ScramServer(salt, candidates[0][1].iterations if candidates else 4096)
+            try:
+                client.write(codec.auth_sasl_continue(scram.client_first(data)))
+                mtype, body = await client.read_message()
+                if mtype != ord("p"):
+                    raise codec.ProtocolViolation("expected a SASLResponse")
+                matched, final = scram.client_final(body, candidates)  # type: ignore[arg-type,assignment]
+            except ScramError as exc:
+                if "password authentication failed" in str(exc):
+                    raise failed from None
+                raise Rejected("28000", f"SCRAM authentication failed: {exc}") from None
+            client.write(codec.auth_sasl_final(final))
+        record["cred"] = matched
+
+        spec = await asyncio.to_thread(self.store.get_connection, conn_name)
+        if spec is None:
+            raise Rejected("3D000", f"connection {conn_name!r} does not exist", hint="see `wardgate connections list`")
+        forwarded = {k: v for k, v in params.items() if k not in ("user", "database", "replication")}
+        try:
+            up = await upstream.connect(spec, forwarded, self.settings.gateway.upstream_connect_timeout)
+        except upstream.UpstreamError as exc:
+            raise Rejected(exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001", str(exc),
+                           hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
+        asyncio.get_running_loop().run_in_executor(None, self.store.mark_used, matched)
+
+        # The session is recorded before the client can send its first statement.
+        self.recorder.write([record])
+        cancel_pid = secrets.randbelow(2**31 - 1) + 1
+        while cancel_pid in self.by_cancel_key:
+            cancel_pid = secrets.randbelow(2**31 - 1) + 1
+        cancel_secret = secrets.token_bytes(4)
+        relay = Relay(
+            session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
+            record=self.recorder.write, on_end=self._ended, max_message=self.settings.gateway.max_message_size,
+        )
+        live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
+        self.sessions[record["sid"]] = live
+        self.by_cancel_key[cancel_pid] = live
+        relay.tracker.transaction_status = up.transaction_status
+        out = [codec.auth_ok()]
+        out += [codec.parameter_status(k, v) for k, v in up.parameters]
+        out += up.notices
+        out.append(codec.backend_key_data(cancel_pid, cancel_secret))
+        out.append(codec.ready_for_query(up.transaction_status))
+        client.write(b"".join(out))
+        if client.closed:
+            relay.end("client disconnected")
+            up.protocol.close()
+            return None
+        return live
+
+    def _reject(self, client: StreamProtocol, record: dict[str, Any], exc: Rejected) -> None:
+        self.handshakes_failed += 1
+        client.write(codec.fatal(exc.code, str(exc), hint=exc.hint, detail=exc.detail))
+        client.close()
+        record.update(status="rejected", reason=str(exc), code=exc.code, ended=time.time())
+        try:
+            self.recorder.write([record])
+        except OSError:
+            log.exception("cannot record a rejected connection attempt")
+        log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc)
+
+    def _ended(self, relay: Relay, reason: str) -> None:
+        live = self.sessions.pop(relay.session_id, None)
+        if live is not None:
+            self.by_cancel_key.pop(live.cancel_pid, None)
+        try:
+            self.recorder.write([{"k": "end", "sid": relay.session_id, "at": time.time(), "reason": reason}])
+        except OSError:
+            log.exception("cannot record the end of session %s", relay.session_id)
+
+    # -------------------------------------------------------------------------- revocation
+
+    def end_sessions(self, credential_ids: dict[str, str]) -> int:
+        """End live sessions whose credential is in `credential_ids` (id -> 'revoked'/'expired')."""
+        n = 0
+        for live in list(self.sessions.values()):
+            why = credential_ids.get(live.credential_id)
+            if why is None:
+                continue
+            n += 1
+            live.relay.fail(
+                codec.fatal("28000", f"credential {live.credential_id} was {why}; this session is closed",
+                            hint=_HINT_CREDENTIAL.format(user=live.user, conn=live.connection)),
+                f"credential {why}",
+            )
+        return n

@@ -1,0 +1,172 @@
+"""The relay of an established session: frames both directions, records statements, forwards bytes.
+
+Per read: frame (inspecting only the messages a record needs), write the records to the journal
+in one call, then forward the read in one write. A statement therefore never reaches the database
+before it is recorded, and a result never reaches the client before its outcome is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from . import codec
+from .framing import Framer
+from .stream import StreamProtocol
+from .tracker import BACKEND_INSPECT, FRONTEND_INSPECT, StatementTracker
+
+log = logging.getLogger("wardgate.session")
+
+_TERMINATE = ord("X")
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        connection: str,
+        client: StreamProtocol,
+        upstream: StreamProtocol,
+        record: Callable[[list[dict[str, Any]]], None],
+        on_end: Callable[["Relay", str], None],
+        max_message: int,
+    ) -> None:
+        self.session_id = session_id
+        self.connection = connection
+        self.client = client
+        self.upstream = upstream
+        self._record = record
+        self._on_end = on_end
+        self.tracker = StatementTracker()
+        self.client_framer = Framer(
+            FRONTEND_INSPECT + b"X",
+            allowed=codec.FRONTEND_TYPES,
+            small=codec.SMALL_FRONTEND_TYPES,
+            max_inspect=max_message,
+            max_message=max_message,
+        )
+        self.server_framer = Framer(BACKEND_INSPECT, max_inspect=1 << 30, max_message=1 << 30)
+        self._starts: dict[int, float] = {}
+        self.ended = False
+        self.terminating = False
+        self.statements = 0
+
+    def start(self) -> None:
+        self.client.on_lost = self._client_lost
+        self.upstream.on_lost = self._upstream_lost
+        # Backpressure: a peer that does not read stops us reading from the other side.
+        self.client.on_pause = self._pause_upstream
+        self.upstream.on_pause = self._pause_client
+        self.upstream.start_relay(self.from_upstream)
+        self.client.start_relay(self.from_client)
+
+    def _pause_upstream(self, paused: bool) -> None:
+        t = self.upstream.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading() if paused else t.resume_reading()
+
+    def _pause_client(self, paused: bool) -> None:
+        t = self.client.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading() if paused else t.resume_reading()
+
+    # -- client -> upstream
+
+    def from_client(self, data: bytes) -> None:
+        if self.ended:
+            return
+        try:
+            fwd, msgs = self.client_framer.feed(data)
+            if msgs:
+                records = []
+                sid = self.session_id
+                for mtype, body in msgs:
+                    if mtype == _TERMINATE:
+                        self.terminating = True
+                        continue
+                    started = self.tracker.frontend(mtype, body)
+                    if started is not None:
+                        now = time.time()
+                        self._starts[started.seq] = time.perf_counter()
+                        records.append(
+                            {"k": "stmt", "sid": sid, "seq": started.seq, "kind": started.kind,
+                             "text": started.text, "np": started.param_count, "at": now}
+                        )
+                if records:
+                    self.statements += len(records)
+                    self._record(records)
+        except codec.ProtocolViolation as exc:
+            self.fail(codec.fatal("08P01", f"protocol violation: {exc}", hint="the gateway closed this session; reconnect"), f"protocol violation: {exc}", "08P01")
+            return
+        except OSError as exc:
+            log.error("cannot write the recording journal: %s", exc)
+            self.fail(
+                codec.fatal("58030", "the gateway cannot record this session, so it will not run statements",
+                            hint="try again later; the gateway's operator has been told"),
+                "recording failed", "58030",
+            )
+            return
+        if fwd:
+            self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+
+    # -- upstream -> client
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.ended:
+            return
+        try:
+            fwd, msgs = self.server_framer.feed(data)
+            if msgs:
+                records = []
+                sid = self.session_id
+                for mtype, body in msgs:
+                    for fin in self.tracker.backend(mtype, body):
+                        t0 = self._starts.pop(fin.seq, None)
+                        records.append(
+                            {"k": "done", "sid": sid, "seq": fin.seq, "status": fin.status,
+                             "ms": None if t0 is None else round((time.perf_counter() - t0) * 1000, 3),
+                             "rows": fin.rows, "tag": fin.tag, "code": fin.error_code, "msg": fin.error_message}
+                        )
+                if records:
+                    self._record(records)
+        except codec.ProtocolViolation as exc:
+            self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
+            return
+        except OSError as exc:
+            log.error("cannot write the recording journal: %s", exc)
+            self.fail(codec.fatal("58030", "the gateway cannot record this session"), "recording failed", "58030")
+            return
+        if fwd:
+            self.client.transport.write(fwd)  # type: ignore[union-attr]
+
+    # -- endings
+
+    def _client_lost(self, exc: Exception | None) -> None:
+        self.upstream.close()
+        self.end("client terminated" if self.terminating else "client disconnected")
+
+    def _upstream_lost(self, exc: Exception | None) -> None:
+        if not self.ended and not self.terminating:
+            self.client.write(
+                codec.fatal("08006", f"the connection to {self.connection!r} was lost",
+                            hint="reconnect; the gateway serves new sessions once the database is back")
+            )
+        self.client.close()
+        self.end("upstream closed the connection")
+
+    def fail(self, error: bytes, reason: str, code: str | None = None) -> None:
+        """Send `error` to the client and end the session."""
+        if self.ended:
+            return
+        self.client.write(error)
+        self.client.close()
+        self.upstream.close()
+        self.end(reason, code)
+
+    def end(self, reason: str, code: str | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._on_end(self, reason if code is None else f"{reason} ({code})")

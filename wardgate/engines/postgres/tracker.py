@@ -1,0 +1,173 @@
+"""Follows statements through a session: which text ran, and how it ended.
+
+Sans-IO. The relay hands it the frontend messages it inspected (Query, Parse, Bind, Execute,
+Close, Sync, FunctionCall) and the backend messages (CommandComplete, EmptyQueryResponse,
+PortalSuspended, ErrorResponse, ReadyForQuery). It returns what started and what finished, in
+protocol order, so the recorder can write a statement before it is forwarded.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+from .codec import ProtocolViolation, parse_error_fields, read_cstr, rows_from_tag
+
+_I16 = struct.Struct("!h")
+_U32 = struct.Struct("!I")
+
+Q, P, B, E, C, S, F = (ord(c) for c in "QPBECSF")
+CMD_COMPLETE, EMPTY, SUSPENDED, ERROR, READY = (ord(c) for c in "CIsEZ")
+FRONTEND_INSPECT = b"QPBECSF"
+BACKEND_INSPECT = b"CIsEZ"
+
+
+@dataclass(slots=True)
+class Started:
+    seq: int
+    text: str
+    param_count: int
+    kind: str  # "simple", "extended" or "function"
+
+
+@dataclass(slots=True)
+class Finished:
+    seq: int
+    status: str  # "ok", "error" or "skipped"
+    tag: str | None = None
+    rows: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    kind: int  # Q, E, F or S (a Sync boundary with no statement)
+    tags: list[str] = field(default_factory=list)
+    rows: int | None = None
+    error: dict[str, str] | None = None
+
+
+class StatementTracker:
+    __slots__ = ("_seq", "_statements", "_portals", "_pending", "transaction_status")
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._statements: dict[bytes, tuple[str, int]] = {}
+        self._portals: dict[bytes, tuple[str, int]] = {}
+        self._pending: deque[_Pending] = deque()
+        self.transaction_status = b"I"
+
+    # -- frontend
+
+    def frontend(self, mtype: int, body: bytes) -> Started | None:
+        if mtype == Q:
+            text, _ = read_cstr(body, 0)
+            return self._start(Q, text.decode("utf-8", "replace"), 0, "simple")
+        if mtype == P:
+            name, pos = read_cstr(body, 0)
+            text, pos = read_cstr(body, pos)
+            nparams = _I16.unpack_from(body, pos)[0] if len(body) >= pos + 2 else 0
+            self._statements[name] = (text.decode("utf-8", "replace"), nparams)
+            return None
+        if mtype == B:
+            portal, pos = read_cstr(body, 0)
+            stmt, pos = read_cstr(body, pos)
+            nparams = 0
+            try:
+                (nformats,) = _I16.unpack_from(body, pos)
+                (nparams,) = _I16.unpack_from(body, pos + 2 + 2 * nformats)
+            except struct.error:
+                pass  # upstream will reject the malformed Bind; the statement is still recorded
+            text = self._statements.get(stmt, ("<unknown prepared statement>", 0))[0]
+            self._portals[portal] = (text, nparams)
+            return None
+        if mtype == E:
+            portal, _ = read_cstr(body, 0)
+            text, nparams = self._portals.get(portal, ("<unknown portal>", 0))
+            return self._start(E, text, nparams, "extended")
+        if mtype == S:
+            self._pending.append(_Pending(-1, S))
+            return None
+        if mtype == C:
+            if len(body) < 2:
+                raise ProtocolViolation("Close message is truncated")
+            name, _ = read_cstr(body, 1)
+            (self._statements if body[0] == ord("S") else self._portals).pop(name, None)
+            return None
+        if mtype == F:
+            oid = _U32.unpack_from(body, 0)[0] if len(body) >= 4 else 0
+            return self._start(F, f"<function call oid={oid}>", 0, "function")
+        return None
+
+    def _start(self, kind: int, text: str, nparams: int, label: str) -> Started:
+        self._seq += 1
+        self._pending.append(_Pending(self._seq, kind))
+        return Started(self._seq, text, nparams, label)
+
+    # -- backend
+
+    def backend(self, mtype: int, body: bytes) -> list[Finished]:
+        pending = self._pending
+        if mtype == CMD_COMPLETE or mtype == EMPTY or mtype == SUSPENDED:
+            head = self._head()
+            if head is None:
+                return []
+            tag = read_cstr(body, 0)[0].decode("utf-8", "replace") if mtype == CMD_COMPLETE else (
+                "EMPTY" if mtype == EMPTY else "SUSPENDED"
+            )
+            rows = rows_from_tag(tag)
+            if head.kind == E:
+                pending.popleft()
+                return [Finished(head.seq, "ok", tag, rows)]
+            head.tags.append(tag)
+            if rows is not None:
+                head.rows = (head.rows or 0) + rows
+            return []
+        if mtype == ERROR:
+            fields = parse_error_fields(body)
+            out: list[Finished] = []
+            head = self._head()
+            if head is None:
+                return out
+            if head.kind in (Q, F):
+                head.error = fields
+                return out
+            # Extended protocol: the error voids every Execute up to the next Sync.
+            while pending and pending[0].kind == E:
+                p = pending.popleft()
+                status = "error" if not out else "skipped"
+                out.append(Finished(p.seq, status, None, None, fields.get("C"), fields.get("M")))
+            return out
+        if mtype == READY:
+            self.transaction_status = body[:1] or b"I"
+            out = []
+            while pending:
+                p = pending.popleft()
+                if p.kind in (Q, F):
+                    out.append(self._finish(p))
+                    break
+                if p.kind == S:
+                    break
+                out.append(Finished(p.seq, "skipped"))
+            return out
+        return []
+
+    def _head(self) -> _Pending | None:
+        """The statement the backend is answering now; None while it answers a bare Sync."""
+        if self._pending and self._pending[0].kind != S:
+            return self._pending[0]
+        return None
+
+    @staticmethod
+    def _finish(p: _Pending) -> Finished:
+        tag = ";".join(p.tags) or None
+        if p.error is not None:
+            return Finished(p.seq, "error", tag, p.rows, p.error.get("C"), p.error.get("M"))
+        return Finished(p.seq, "ok", tag, p.rows)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for p in self._pending if p.kind != S)

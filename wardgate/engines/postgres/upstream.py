@@ -1,0 +1,181 @@
+"""The gateway's own connection to an upstream PostgreSQL server, with credentials only it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from dataclasses import dataclass, field
+
+from ...config import ConnectionSpec
+from . import codec
+from .scram import MECHANISM, ScramClient, ScramError, md5_password
+from .stream import PeerClosed, StreamProtocol
+
+
+class UpstreamError(Exception):
+    """The upstream server could not be reached or refused the gateway. `code` is a SQLSTATE."""
+
+    def __init__(self, message: str, code: str = "08001", detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class Upstream:
+    protocol: StreamProtocol
+    parameters: list[tuple[str, str]] = field(default_factory=list)
+    process_id: int = 0
+    secret_key: bytes = b""
+    transaction_status: bytes = b"I"
+    notices: list[bytes] = field(default_factory=list)
+
+
+def resolve_password(spec: ConnectionSpec) -> str | None:
+    if spec.password_env:
+        value = os.environ.get(spec.password_env)
+        if value is None:
+            raise UpstreamError(
+                f"connection {spec.name!r}: environment variable {spec.password_env} is not set in the gateway's environment",
+                "08001",
+            )
+        return value
+    return spec.password
+
+
+def client_ssl_context(spec: ConnectionSpec) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=spec.sslrootcert) if spec.sslrootcert else ssl.create_default_context()
+    if spec.sslmode in ("prefer", "require", "allow") and not spec.sslrootcert:
+        # libpq's semantics: encryption without verification unless verify-ca/verify-full is asked.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif spec.sslmode in ("prefer", "require", "allow", "verify-ca"):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def _open(spec: ConnectionSpec, timeout: float) -> StreamProtocol:
+    loop = asyncio.get_running_loop()
+    try:
+        _, proto = await asyncio.wait_for(loop.create_connection(StreamProtocol, spec.host, spec.port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+        raise UpstreamError(
+            f"cannot reach connection {spec.name!r} at {spec.host}:{spec.port}: {reason}", "08001"
+        ) from exc
+    proto.transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[union-attr]
+    if spec.sslmode in ("disable", "allow"):
+        return proto
+    proto.write(codec.ssl_request())
+    answer = await asyncio.wait_for(proto.read_raw(1), timeout)
+    if answer == b"S":
+        hostname = spec.host if spec.sslmode == "verify-full" else None
+        try:
+            await asyncio.wait_for(
+                proto.start_tls(client_ssl_context(spec), server_side=False, server_hostname=hostname), timeout
+            )
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            proto.abort()
+            raise UpstreamError(f"TLS to connection {spec.name!r} failed: {exc}", "08001") from exc
+    elif answer == b"N":
+        if spec.sslmode in ("require", "verify-ca", "verify-full"):
+            proto.close()
+            raise UpstreamError(
+                f"connection {spec.name!r} requires TLS (sslmode={spec.sslmode}) but the server does not offer it",
+                "08001",
+            )
+    else:
+        proto.abort()
+        raise UpstreamError(f"connection {spec.name!r}: unexpected answer to SSLRequest", "08P01")
+    return proto
+
+
+async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: float = 10.0) -> Upstream:
+    """Open, encrypt per sslmode, authenticate and wait for ReadyForQuery."""
+    password = resolve_password(spec)
+    proto = await _open(spec, timeout)
+    try:
+        return await asyncio.wait_for(_handshake(spec, proto, password, parameters), timeout)
+    except asyncio.TimeoutError as exc:
+        proto.abort()
+        raise UpstreamError(f"connection {spec.name!r} did not finish its handshake in {timeout:.0f}s", "08001") from exc
+    except PeerClosed as exc:
+        raise UpstreamError(f"connection {spec.name!r} closed during the handshake", "08006") from exc
+    except UpstreamError:
+        proto.abort()
+        raise
+
+
+async def _handshake(spec: ConnectionSpec, proto: StreamProtocol, password: str | None, parameters: dict[str, str]) -> Upstream:
+    params = {"user": spec.user, "database": spec.database}
+    params.update({k: v for k, v in parameters.items() if k not in ("user", "database") and not k.startswith("_pq_.")})
+    proto.write(codec.startup_message(params))
+    up = Upstream(proto)
+    scram: ScramClient | None = None
+
+    def need_password() -> str:
+        if password is None:
+            raise UpstreamError(f"connection {spec.name!r} asks for a password and none is configured", "28000")
+        return password
+
+    while True:
+        mtype, body = await proto.read_message()
+        if mtype == ord("R"):
+            code, data = codec.parse_authentication(body)
+            if code == 0:
+                continue
+            if code == 3:
+                proto.write(codec.password_message(codec.cstr(need_password())))
+            elif code == 5:
+                proto.write(codec.password_message(codec.cstr(md5_password(spec.user, need_password(), data[:4]))))
+            elif code == 10:
+                mechanisms = [m.decode() for m in data.split(b"\x00") if m]
+                if MECHANISM not in mechanisms:
+                    raise UpstreamError(f"connection {spec.name!r} offers only {mechanisms}; the gateway speaks {MECHANISM}", "28000")
+                scram = ScramClient(need_password())
+                proto.write(codec.sasl_initial_response(MECHANISM, scram.client_first()))
+            elif code == 11 and scram is not None:
+                try:
+                    proto.write(codec.password_message(scram.server_first(data)))
+                except ScramError as exc:
+                    raise UpstreamError(f"connection {spec.name!r}: {exc}", "28000") from exc
+            elif code == 12 and scram is not None:
+                try:
+                    scram.server_final(data)
+                except ScramError as exc:
+                    raise UpstreamError(f"connection {spec.name!r}: {exc}", "28000") from exc
+            else:
+                raise UpstreamError(f"connection {spec.name!r} asks for an authentication method the gateway does not support ({code})", "28000")
+        elif mtype == ord("E"):
+            fields = codec.parse_error_fields(body)
+            raise UpstreamError(
+                f"connection {spec.name!r} refused the gateway: {fields.get('M', 'unknown error')}",
+                fields.get("C", "08001"),
+            )
+        elif mtype == ord("S"):
+            up.parameters.append(codec.parse_parameter_status(body))
+        elif mtype == ord("K"):
+            up.process_id, up.secret_key = codec.parse_backend_key_data(body)
+        elif mtype == ord("N"):
+            up.notices.append(codec.message(b"N", body))
+        elif mtype == ord("v"):
+            continue  # NegotiateProtocolVersion: we asked for 3.0, nothing to adjust
+        elif mtype == ord("Z"):
+            up.transaction_status = body[:1] or b"I"
+            return up
+        else:
+            raise UpstreamError(f"connection {spec.name!r} sent an unexpected message {chr(mtype)!r} during startup", "08P01")
+
+
+async def cancel(spec: ConnectionSpec, process_id: int, secret_key: bytes, timeout: float = 5.0) -> None:
+    """Send a CancelRequest for an upstream backend (over TLS where the connection requires it)."""
+    proto = await _open(spec, timeout)
+    proto.write(codec.cancel_request(process_id, secret_key))
+    try:
+        await asyncio.wait_for(proto.read_raw(1), timeout)
+    except (PeerClosed, asyncio.TimeoutError):
+        pass
+    finally:
+        proto.close()

@@ -1,0 +1,397 @@
+"""The store: users, connections, credentials and recorded sessions (SQLAlchemy 2, SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import sessionmaker
+
+from ..config import ConfigError, ConnectionSpec, Settings, validate_connection
+from ..engines.postgres.scram import DEFAULT_ITERATIONS, Verifier, make_verifier
+from . import models as m
+from .secretbox import SecretBox
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+CREDENTIAL_PREFIX = "wgc_"
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class IssuedCredential:
+    id: str
+    secret: str  # shown once; only a SCRAM verifier of it is stored
+    user: str
+    connection: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    spec: ConnectionSpec
+    source: str  # "config" or "store"
+
+    def public(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "name": s.name,
+            "host": s.host,
+            "port": s.port,
+            "database": s.database,
+            "user": s.user,
+            "sslmode": s.sslmode,
+            "password": "env:" + s.password_env if s.password_env else ("set" if s.password else "none"),
+            "source": self.source,
+        }
+
+
+def _engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            # WAL keeps readers and the gateway's writer apart; a write that returned survives a
+            # crash of the process (it is in the OS's cache), which is what recording relies on.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = _engine(settings.store_url)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        self.box = SecretBox.from_settings(settings.secret_key, settings.data_dir / "secret.key")
+        self._insert = (sqlite.insert if self.engine.dialect.name == "sqlite" else postgresql.insert)
+        self._config_connections = {c.name: c for c in settings.connections}
+
+    @classmethod
+    def open(cls, settings: Settings) -> "Store":
+        store = cls(settings)
+        store.migrate()
+        return store
+
+    def migrate(self) -> None:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        with self.engine.begin() as conn:
+            if MigrationContext.configure(conn).get_current_revision() == head:
+                return
+            if conn.dialect.name == "postgresql":
+                # Replicas that start together migrate once.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7276838)"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------------------------- users
+
+    def add_user(self, name: str, groups: list[str]) -> m.User:
+        name = name.strip()
+        if not name or len(name) > 128 or any(c in name for c in "\x00:@/ "):
+            raise ConfigError(f"invalid user name {name!r}: use letters, digits, '.', '_', '-'")
+        with self.Session.begin() as s:
+            if s.scalar(select(m.User).where(m.User.name == name)):
+                raise Conflict(f"user {name!r} already exists")
+            user = m.User(name=name, groups=sorted(set(groups)), scram_salt=os.urandom(16), created_at=time.time(), disabled=False)
+            s.add(user)
+        return user
+
+    def list_users(self) -> list[m.User]:
+        with self.Session() as s:
+            return list(s.scalars(select(m.User).order_by(m.User.name)))
+
+    def get_user(self, name: str) -> m.User | None:
+        with self.Session() as s:
+            return s.scalar(select(m.User).where(m.User.name == name))
+
+    def remove_user(self, name: str) -> None:
+        with self.Session.begin() as s:
+            user = s.scalar(select(m.User).where(m.User.name == name))
+            if user is None:
+                raise NotFound(f"no user named {name!r}")
+            s.execute(update(m.Credential).where(m.Credential.user_id == user.id, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
+            user.disabled = True
+            user.name = f"{user.name}#removed-{user.id}"
+
+    # ---------------------------------------------------------------------------- connections
+
+    def add_connection(self, spec: ConnectionSpec) -> None:
+        validate_connection(spec)
+        if spec.name in self._config_connections:
+            raise Conflict(f"connection {spec.name!r} is declared in the config file; edit it there")
+        with self.Session.begin() as s:
+            if s.scalar(select(m.Connection).where(m.Connection.name == spec.name)):
+                raise Conflict(f"connection {spec.name!r} already exists; remove it first to change it")
+            s.add(
+                m.Connection(
+                    name=spec.name,
+                    host=spec.host,
+                    port=spec.port,
+                    database=spec.database,
+                    username=spec.user,
+                    password_enc=self.box.encrypt(spec.password) if spec.password else None,
+                    password_env=spec.password_env,
+                    sslmode=spec.sslmode,
+                    sslrootcert=spec.sslrootcert,
+                    created_at=time.time(),
+                )
+            )
+
+    def remove_connection(self, name: str) -> None:
+        if name in self._config_connections:
+            raise Conflict(f"connection {name!r} is declared in the config file; remove it there")
+        with self.Session.begin() as s:
+            row = s.scalar(select(m.Connection).where(m.Connection.name == name))
+            if row is None:
+                raise NotFound(f"no connection named {name!r}")
+            s.delete(row)
+            s.execute(update(m.Credential).where(m.Credential.connection == name, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
+
+    def _spec(self, row: m.Connection) -> ConnectionSpec:
+        return ConnectionSpec(
+            name=row.name,
+            host=row.host,
+            port=row.port,
+            database=row.database,
+            user=row.username,
+            password=self.box.decrypt(row.password_enc) if row.password_enc else None,
+            password_env=row.password_env,
+            sslmode=row.sslmode,
+            sslrootcert=row.sslrootcert,
+        )
+
+    def list_connections(self) -> list[ConnectionInfo]:
+        out = [ConnectionInfo(c, "config") for c in self._config_connections.values()]
+        with self.Session() as s:
+            out += [ConnectionInfo(self._spec(r), "store") for r in s.scalars(select(m.Connection))]
+        return sorted(out, key=lambda c: c.spec.name)
+
+    def get_connection(self, name: str) -> ConnectionSpec | None:
+        if name in self._config_connections:
+            return self._config_connections[name]
+        with self.Session() as s:
+            row = s.scalar(select(m.Connection).where(m.Connection.name == name))
+            return self._spec(row) if row else None
+
+    # ---------------------------------------------------------------------------- credentials
+
+    def issue_credential(self, user_name: str, connection: str, ttl: float) -> IssuedCredential:
+        if ttl <= 0:
+            raise ConfigError("the TTL must be positive")
+        if ttl > self.settings.max_ttl:
+            raise ConfigError(
+                f"a TTL of {int(ttl)}s is over the maximum of {int(self.settings.max_ttl)}s "
+                "([credentials] max_ttl in the config)"
+            )
+        if self.get_connection(connection) is None:
+            raise NotFound(f"no connection named {connection!r}; see `wardgate connections list`")
+        now = time.time()
+        with self.Session.begin() as s:
+            user = s.scalar(select(m.User).where(m.User.name == user_name))
+            if user is None or user.disabled:
+                raise NotFound(f"no user named {user_name!r}; add one with `wardgate users add {user_name}`")
+            cred_id = secrets.token_hex(6)
+            secret = f"{CREDENTIAL_PREFIX}{cred_id}_{secrets.token_urlsafe(24)}"
+            verifier = make_verifier(secret, user.scram_salt, DEFAULT_ITERATIONS)
+            s.add(
+                m.Credential(
+                    id=cred_id,
+                    user_id=user.id,
+                    connection=connection,
+                    iterations=verifier.iterations,
+                    stored_key=verifier.stored_key,
+                    server_key=verifier.server_key,
+                    created_at=now,
+                    expires_at=now + ttl,
+                )
+            )
+        return IssuedCredential(cred_id, secret, user_name, connection, now + ttl)
+
+    def revoke_credential(self, cred_id: str) -> m.Credential:
+        with self.Session.begin() as s:
+            cred = s.get(m.Credential, cred_id)
+            if cred is None:
+                raise NotFound(f"no credential with id {cred_id!r}; see `wardgate credentials list`")
+            if cred.revoked_at is None:
+                cred.revoked_at = time.time()
+            return cred
+
+    def list_credentials(self, user: str | None = None, include_inactive: bool = False) -> list[tuple[m.Credential, str]]:
+        now = time.time()
+        q = select(m.Credential, m.User.name).join(m.User, m.User.id == m.Credential.user_id)
+        if user:
+            q = q.where(m.User.name == user)
+        if not include_inactive:
+            q = q.where(m.Credential.revoked_at.is_(None), m.Credential.expires_at > now)
+        with self.Session() as s:
+            return [(c, n) for c, n in s.execute(q.order_by(m.Credential.created_at))]
+
+    def auth_material(self, user_name: str, connection: str) -> tuple[m.User | None, list[tuple[str, Verifier]]]:
+        """The user and the verifiers of its live credentials for `connection`."""
+        now = time.time()
+        with self.Session() as s:
+            user = s.scalar(select(m.User).where(m.User.name == user_name))
+            if user is None or user.disabled:
+                return None, []
+            rows = s.scalars(
+                select(m.Credential).where(
+                    m.Credential.user_id == user.id,
+                    m.Credential.connection == connection,
+                    m.Credential.revoked_at.is_(None),
+                    m.Credential.expires_at > now,
+                )
+            )
+            return user, [(c.id, Verifier(user.scram_salt, c.iterations, c.stored_key, c.server_key)) for c in rows]
+
+    def credential_state(self, cred_id: str) -> m.Credential | None:
+        with self.Session() as s:
+            return s.get(m.Credential, cred_id)
+
+    def dead_credentials(self, ids: Iterable[str], now: float | None = None) -> dict[str, str]:
+        """Of `ids`, those revoked or expired, with the reason."""
+        ids = list(ids)
+        if not ids:
+            return {}
+        now = time.time() if now is None else now
+        out: dict[str, str] = {}
+        with self.Session() as s:
+            found = {c.id: c for c in s.scalars(select(m.Credential).where(m.Credential.id.in_(ids)))}
+        for cred_id in ids:
+            c = found.get(cred_id)
+            if c is None or c.revoked_at is not None:
+                out[cred_id] = "revoked"
+            elif c.expires_at <= now:
+                out[cred_id] = "expired"
+        return out
+
+    def mark_used(self, cred_id: str) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(m.Credential).where(m.Credential.id == cred_id).values(last_used_at=time.time()))
+
+    # ------------------------------------------------------------------------------- sessions
+
+    def list_sessions(
+        self, *, user: str | None = None, connection: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[tuple[m.Session, int]]:
+        counts = (
+            select(m.Statement.session_id, sa.func.count().label("n")).group_by(m.Statement.session_id).subquery()
+        )
+        q = select(m.Session, sa.func.coalesce(counts.c.n, 0)).outerjoin(counts, counts.c.session_id == m.Session.id)
+        if user:
+            q = q.where(m.Session.user_name == user)
+        if connection:
+            q = q.where(m.Session.connection == connection)
+        if status:
+            q = q.where(m.Session.status == status)
+        with self.Session() as s:
+            return [(r, n) for r, n in s.execute(q.order_by(m.Session.started_at.desc()).limit(limit))]
+
+    def get_session(self, session_id: str) -> tuple[m.Session, list[m.Statement]]:
+        with self.Session() as s:
+            row = s.get(m.Session, session_id)
+            if row is None:
+                matches = list(s.scalars(select(m.Session).where(m.Session.id.startswith(session_id)).limit(2)))
+                if len(matches) != 1:
+                    raise NotFound(f"no session {session_id!r}; see `wardgate sessions list`")
+                row = matches[0]
+            stmts = list(s.scalars(select(m.Statement).where(m.Statement.session_id == row.id).order_by(m.Statement.seq)))
+            return row, stmts
+
+    def apply_records(self, records: list[dict[str, Any]]) -> None:
+        """Apply journal records in one transaction. Idempotent: a replay after a crash is harmless."""
+        if not records:
+            return
+        ins = self._insert
+        with self.engine.begin() as conn:
+            for r in records:
+                kind = r["k"]
+                if kind == "session":
+                    conn.execute(
+                        ins(m.Session.__table__)
+                        .values(
+                            id=r["sid"], user_name=r["user"], connection=r["conn"], credential_id=r.get("cred"),
+                            client_addr=r["addr"], started_at=r["at"], status=r.get("status", "active"),
+                            end_reason=r.get("reason"), error_code=r.get("code"), ended_at=r.get("ended"),
+                            tls=bool(r.get("tls")), application_name=r.get("app"), gateway=r.get("gw"),
+                        )
+                        .on_conflict_do_nothing()
+                    )
+                elif kind == "end":
+                    conn.execute(
+                        update(m.Session.__table__)
+                        .where(m.Session.id == r["sid"])
+                        .values(ended_at=r["at"], status="closed", end_reason=r.get("reason"), error_code=r.get("code"))
+                    )
+                    conn.execute(
+                        update(m.Statement.__table__)
+                        .where(m.Statement.session_id == r["sid"], m.Statement.status == "running")
+                        .values(status="aborted", error_message="the session ended before the statement finished")
+                    )
+                elif kind == "stmt":
+                    conn.execute(
+                        ins(m.Statement.__table__)
+                        .values(
+                            session_id=r["sid"], seq=r["seq"], kind=r["kind"], text=r["text"], param_count=r["np"],
+                            started_at=r["at"], status="running",
+                        )
+                        .on_conflict_do_nothing()
+                    )
+                elif kind == "done":
+                    conn.execute(
+                        update(m.Statement.__table__)
+                        .where(m.Statement.session_id == r["sid"], m.Statement.seq == r["seq"])
+                        .values(
+                            status=r["status"], duration_ms=r.get("ms"), rows=r.get("rows"), command_tag=r.get("tag"),
+                            error_code=r.get("code"), error_message=r.get("msg"),
+                        )
+                    )
+
+    def close_sessions_of(self, dead: list[tuple[str, int]], reason: str) -> int:
+        """Close the sessions still marked active that gateway processes which ended held."""
+        instances = [name for name, _ in dead]
+        with self.engine.begin() as conn:
+            q = select(m.Session.id).where(m.Session.status == "active", m.Session.gateway.in_(instances))
+            ids = [i for (i,) in conn.execute(q)]
+            if ids:
+                now = time.time()
+                conn.execute(update(m.Session.__table__).where(m.Session.id.in_(ids)).values(status="closed", ended_at=now, end_reason=reason))
+                conn.execute(
+                    update(m.Statement.__table__)
+                    .where(m.Statement.session_id.in_(ids), m.Statement.status == "running")
+                    .values(status="aborted", error_message=reason)
+                )
+            return len(ids)

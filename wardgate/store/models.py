@@ -1,0 +1,88 @@
+"""Tables of the store. Times are UNIX epoch seconds (float), so SQLite and PostgreSQL agree."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, Boolean
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    groups: Mapped[list] = mapped_column(JSON, default=list)
+    scram_salt: Mapped[bytes] = mapped_column(LargeBinary(32))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Connection(Base):
+    __tablename__ = "connections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    database: Mapped[str] = mapped_column(String(63))
+    username: Mapped[str] = mapped_column(String(63))
+    password_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    password_env: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    sslmode: Mapped[str] = mapped_column(String(16), default="prefer")
+    sslrootcert: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Credential(Base):
+    __tablename__ = "credentials"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    connection: Mapped[str] = mapped_column(String(63))
+    iterations: Mapped[int] = mapped_column(Integer)
+    stored_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    server_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_credentials_user_connection", "user_id", "connection"),)
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(128))
+    connection: Mapped[str] = mapped_column(String(63))
+    credential_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    client_addr: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # active, closed, rejected (authentication or upstream failure before the session began)
+    status: Mapped[str] = mapped_column(String(16))
+    end_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(5), nullable=True)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    application_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    gateway: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+    __table_args__ = (Index("ix_sessions_started_at", "started_at"),)
+
+
+class Statement(Base):
+    __tablename__ = "statements"
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    param_count: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[float] = mapped_column(Float)
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # running, ok, error, skipped (voided by an earlier error in the same pipeline), aborted
+    status: Mapped[str] = mapped_column(String(16))
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    command_tag: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(5), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
