@@ -31,7 +31,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store.open(settings)
-        self.recorder = Recorder(self.store, settings.journal_dir)
+        self.recorder = Recorder(self.store, settings)
         self.tls, self.tls_source = tls_context(settings)
         self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls)
         self.started_at = time.time()
@@ -46,7 +46,7 @@ class Gateway:
             "postgres_listener": self.settings.gateway.listen,
             "live_sessions": len(self.postgres.sessions),
             "uptime_seconds": round(time.time() - self.started_at, 1),
-            "recording_failures": self.recorder.failed_flushes,
+            "recorder": "running" if self.recorder.drainer_alive else "stopped",
         }
 
     async def watch_credentials(self, interval: float = 0.5) -> None:
@@ -68,6 +68,7 @@ class Gateway:
         recovered = await asyncio.to_thread(self.recorder.recover)
         if recovered:
             log.warning("recovered %d journal records left by a gateway process that ended", recovered)
+        self.recorder.start()
         host, port = parse_hostport(self.settings.gateway.listen)
         await self.postgres.start(host, port)
         self._tasks.append(asyncio.create_task(self.recorder.run(), name="recorder"))

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+READY_SUFFIX = ".ready"
+
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -85,23 +87,27 @@ class Journal:
             view = view[n:]
         self.size += len(data)
 
-    def rotate(self) -> tuple[Path, int] | None:
-        """Start a new file; return the previous one (still locked) for draining, if it has records."""
-        if self.size == 0:
-            return None
-        old = (self.path, self.fd)
-        self._open()
-        return old  # type: ignore[return-value]
-
-    def close(self) -> tuple[Path, int] | None:
-        old = (self.path, self.fd) if self.size else None
-        if old is None and self.path is not None:
-            os.close(self.fd)
+    def _finish(self) -> None:
+        """Hand the current file to the drainer: renamed to *.ready, then closed."""
+        assert self.path is not None
+        if self.size:
+            os.rename(self.path, self.path.with_suffix(READY_SUFFIX))
+        else:
             self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+    def rotate(self) -> None:
+        if self.size == 0:
+            return
+        self._finish()
+        self._open()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._finish()
         self.fd = -1
         (self.dir / f"{self.instance}.lock").unlink(missing_ok=True)
         os.close(self._lock_fd)
-        return old  # type: ignore[return-value]
 
     def orphans(self) -> list[tuple[Path, int]]:
         """Files no live process holds (left by a process that ended), oldest first, locked for us."""

@@ -1,47 +1,113 @@
-"""The recorder: writes records to the journal on the hot path and drains them into the store."""
+"""The recorder: writes records to the journal on the hot path; a drainer process moves them to the store.
+
+Statement starts are written before the statement is forwarded. Outcomes (duration, rows, tag) are
+deferred by up to `OUTCOME_DELAY` and go out with the next write, which saves a system call per
+statement; a crash in that window leaves the statement recorded with an unknown outcome.
+
+Applying records to the store runs in a separate process, so its work never holds this
+process's interpreter lock while the relay forwards bytes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+from ..config import Settings
 from ..store import Store
-from .journal import Journal, encode, read_records
+from .journal import READY_SUFFIX, Journal, encode, read_records
 
 log = logging.getLogger("wardgate.recording")
 
+OUTCOME_DELAY = 0.02
+
+
+def _close_open_sessions(records: list[dict[str, Any]], at: float) -> list[dict[str, Any]]:
+    open_sessions = {r["sid"] for r in records if r["k"] == "session" and r.get("status", "active") == "active"}
+    open_sessions -= {r["sid"] for r in records if r["k"] == "end"}
+    return [{"k": "end", "sid": sid, "at": at, "reason": "the gateway process ended unexpectedly"} for sid in sorted(open_sessions)]
+
+
+def apply_ready(store: Store, directory: Path) -> int:
+    """Apply every finished journal file in order; return the number applied."""
+    n = 0
+    for path in sorted(directory.glob("*" + READY_SUFFIX)):
+        store.apply_records(list(read_records(path)))
+        path.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any) -> None:
+    """Entry point of the drainer process."""
+    store = Store(settings)
+    directory = settings.journal_dir
+    failures = 0
+    while True:
+        stopping = stop.is_set() or os.getppid() != parent_pid
+        try:
+            apply_ready(store, directory)
+            failures = 0
+        except Exception:  # noqa: BLE001 - the store may be down; the files stay for the next try
+            failures += 1
+            if failures in (1, 10) or failures % 100 == 0:
+                log.exception("cannot apply the journal to the store (attempt %d); will retry", failures)
+        if stopping:
+            return
+        stop.wait(interval)
+
 
 class Recorder:
-    def __init__(self, store: Store, directory: Path, *, flush_interval: float = 0.2) -> None:
+    def __init__(self, store: Store, settings: Settings, *, flush_interval: float = 0.2) -> None:
         self.store = store
-        self.journal = Journal(directory)
+        self.settings = settings
+        self.journal = Journal(settings.journal_dir)
         self.flush_interval = flush_interval
-        self._lock = asyncio.Lock()
-        self.failed_flushes = 0
+        self._deferred: list[dict[str, Any]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._drainer: multiprocessing.process.BaseProcess | None = None
+        self._stop: Any = None
 
     @property
     def instance(self) -> str:
         return self.journal.instance
 
+    @property
+    def drainer_alive(self) -> bool:
+        return self._drainer is not None and self._drainer.is_alive()
+
     def write(self, records: list[dict[str, Any]]) -> None:
-        """Durable on return. Raises OSError if the journal cannot be written: callers fail closed."""
+        """Durable on return, with any deferred outcomes before them. Raises OSError: callers fail closed."""
+        if self._deferred:
+            records = self._deferred + records
+            self._deferred = []
         self.journal.write(encode(records))
 
+    def defer(self, records: list[dict[str, Any]]) -> None:
+        self._deferred.extend(records)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(OUTCOME_DELAY, self._write_deferred)
+
+    def _write_deferred(self) -> None:
+        self._timer = None
+        if self._deferred:
+            try:
+                self.write([])
+            except OSError:
+                log.exception("cannot write the recording journal")
+
     def recover(self) -> int:
-        """Apply journal files left by processes that died, and close the sessions those processes held."""
-        count = 0
+        """Apply what processes that ended left behind and close the sessions they held."""
         dead = self.journal.dead_instances()
+        count = apply_ready(self.store, self.journal.dir)  # older than any unfinished file
         for path, fd in self.journal.orphans():
             records = list(read_records(path))
-            open_sessions = {r["sid"] for r in records if r["k"] == "session" and r.get("status", "active") == "active"}
-            open_sessions -= {r["sid"] for r in records if r["k"] == "end"}
-            records += [
-                {"k": "end", "sid": sid, "at": os.stat(path).st_mtime, "reason": "the gateway process ended unexpectedly"}
-                for sid in sorted(open_sessions)
-            ]
+            records += _close_open_sessions(records, os.stat(path).st_mtime)
             self.store.apply_records(records)
             count += len(records)
             path.unlink()
@@ -51,34 +117,42 @@ class Recorder:
             self.journal.forget_instances(dead)
         return count
 
-    def _drain(self, path: Path, fd: int) -> None:
-        self.store.apply_records(list(read_records(path)))
-        path.unlink()
-        os.close(fd)
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._drainer = ctx.Process(
+            target=drainer_main, args=(self.settings, os.getpid(), self.flush_interval / 2, self._stop),
+            name="wardgate-recorder", daemon=True,
+        )
+        self._drainer.start()
 
-    async def flush(self) -> None:
-        async with self._lock:
-            old = self.journal.rotate()
-            pending = self.journal.orphans() + ([old] if old else [])
-            pending.sort(key=lambda item: item[0].name)
-            for i, (path, fd) in enumerate(pending):
-                try:
-                    await asyncio.to_thread(self._drain, path, fd)
-                except Exception:  # noqa: BLE001 - the store may be down; the files stay for the next try
-                    self.failed_flushes += 1
-                    log.exception("could not apply journal %s to the store; will retry", path.name)
-                    for _, left in pending[i:]:
-                        os.close(left)
-                    return
+    def rotate(self) -> None:
+        self._write_deferred()
+        self.journal.rotate()
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval)
-            await self.flush()
+            self.rotate()
+            if not self.drainer_alive:
+                log.error("the recorder process ended; restarting it")
+                self.start()
 
     async def close(self) -> None:
-        await self.flush()
-        async with self._lock:
-            last = self.journal.close()
-            if last:
-                await asyncio.to_thread(self._drain, *last)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._write_deferred()
+        self.journal.close()
+        if self._drainer is not None:
+            self._stop.set()
+            await asyncio.to_thread(self._drainer.join, 30)
+        # Whatever the drainer could not apply is applied here, or by the next start.
+        try:
+            await asyncio.to_thread(apply_ready, self.store, self.journal.dir)
+        except Exception:  # noqa: BLE001
+            log.exception("journal left for the next start")
+
+    async def sync(self) -> None:
+        """Make everything written so far visible in the store (used by shutdown and tests)."""
+        self.rotate()
+        await asyncio.to_thread(apply_ready, self.store, self.journal.dir)

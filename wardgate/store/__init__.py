@@ -77,7 +77,6 @@ def _engine(url: str) -> sa.Engine:
             # crash of the process (it is in the OS's cache), which is what recording relies on.
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         return engine
@@ -332,53 +331,64 @@ class Store:
             return row, stmts
 
     def apply_records(self, records: list[dict[str, Any]]) -> None:
-        """Apply journal records in one transaction. Idempotent: a replay after a crash is harmless."""
+        """Apply journal records in one transaction, in batches. Idempotent: replaying after a crash is harmless."""
         if not records:
             return
-        ins = self._insert
+        sessions: dict[str, dict[str, Any]] = {}
+        stmts: dict[tuple[str, int], dict[str, Any]] = {}
+        finished: list[dict[str, Any]] = []
+        ends: list[dict[str, Any]] = []
+        for r in records:
+            kind = r["k"]
+            if kind == "stmt":
+                stmts[(r["sid"], r["seq"])] = {
+                    "session_id": r["sid"], "seq": r["seq"], "kind": r["kind"], "text": r["text"],
+                    "param_count": r["np"], "started_at": r["at"], "status": "running", "duration_ms": None,
+                    "rows": None, "command_tag": None, "error_code": None, "error_message": None,
+                }
+            elif kind == "done":
+                outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
+                           "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
+                row = stmts.get((r["sid"], r["seq"]))
+                if row is not None:
+                    row.update(outcome)  # started and finished in the same batch: one insert
+                else:
+                    finished.append({"b_sid": r["sid"], "b_seq": r["seq"], **{f"b_{k}": v for k, v in outcome.items()}})
+            elif kind == "session":
+                sessions[r["sid"]] = {
+                    "id": r["sid"], "user_name": r["user"], "connection": r["conn"], "credential_id": r.get("cred"),
+                    "client_addr": r["addr"], "started_at": r["at"], "status": r.get("status", "active"),
+                    "end_reason": r.get("reason"), "error_code": r.get("code"), "ended_at": r.get("ended"),
+                    "tls": bool(r.get("tls")), "application_name": r.get("app"), "gateway": r.get("gw"),
+                }
+            elif kind == "end":
+                ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason")})
+        st, ss = m.Statement.__table__, m.Session.__table__
+        bp = sa.bindparam
         with self.engine.begin() as conn:
-            for r in records:
-                kind = r["k"]
-                if kind == "session":
-                    conn.execute(
-                        ins(m.Session.__table__)
-                        .values(
-                            id=r["sid"], user_name=r["user"], connection=r["conn"], credential_id=r.get("cred"),
-                            client_addr=r["addr"], started_at=r["at"], status=r.get("status", "active"),
-                            end_reason=r.get("reason"), error_code=r.get("code"), ended_at=r.get("ended"),
-                            tls=bool(r.get("tls")), application_name=r.get("app"), gateway=r.get("gw"),
-                        )
-                        .on_conflict_do_nothing()
-                    )
-                elif kind == "end":
-                    conn.execute(
-                        update(m.Session.__table__)
-                        .where(m.Session.id == r["sid"])
-                        .values(ended_at=r["at"], status="closed", end_reason=r.get("reason"), error_code=r.get("code"))
-                    )
-                    conn.execute(
-                        update(m.Statement.__table__)
-                        .where(m.Statement.session_id == r["sid"], m.Statement.status == "running")
-                        .values(status="aborted", error_message="the session ended before the statement finished")
-                    )
-                elif kind == "stmt":
-                    conn.execute(
-                        ins(m.Statement.__table__)
-                        .values(
-                            session_id=r["sid"], seq=r["seq"], kind=r["kind"], text=r["text"], param_count=r["np"],
-                            started_at=r["at"], status="running",
-                        )
-                        .on_conflict_do_nothing()
-                    )
-                elif kind == "done":
-                    conn.execute(
-                        update(m.Statement.__table__)
-                        .where(m.Statement.session_id == r["sid"], m.Statement.seq == r["seq"])
-                        .values(
-                            status=r["status"], duration_ms=r.get("ms"), rows=r.get("rows"), command_tag=r.get("tag"),
-                            error_code=r.get("code"), error_message=r.get("msg"),
-                        )
-                    )
+            if sessions:
+                conn.execute(self._insert(ss).on_conflict_do_nothing(), list(sessions.values()))
+            if stmts:
+                conn.execute(self._insert(st).on_conflict_do_nothing(), list(stmts.values()))
+            if finished:
+                conn.execute(
+                    update(st)
+                    .where(st.c.session_id == bp("b_sid"), st.c.seq == bp("b_seq"))
+                    .values({k: bp(f"b_{k}") for k in
+                             ("status", "duration_ms", "rows", "command_tag", "error_code", "error_message")}),
+                    finished,
+                )
+            if ends:
+                conn.execute(
+                    update(ss).where(ss.c.id == bp("b_sid")).values(ended_at=bp("b_at"), status="closed", end_reason=bp("b_reason")),
+                    ends,
+                )
+                conn.execute(
+                    update(st)
+                    .where(st.c.session_id == bp("b_sid"), st.c.status == "running")
+                    .values(status="aborted", error_message="the session ended before the statement finished"),
+                    [{"b_sid": e["b_sid"]} for e in ends],
+                )
 
     def close_sessions_of(self, dead: list[tuple[str, int]], reason: str) -> int:
         """Close the sessions still marked active that gateway processes which ended held."""

@@ -2,7 +2,7 @@
 
 Per read: frame (inspecting only the messages a record needs), write the records to the journal
 in one call, then forward the read in one write. A statement therefore never reaches the database
-before it is recorded, and a result never reaches the client before its outcome is recorded.
+before it is recorded. Outcomes are handed to the recorder's deferred batch (see recorder.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Relay:
         client: StreamProtocol,
         upstream: StreamProtocol,
         record: Callable[[list[dict[str, Any]]], None],
+        defer: Callable[[list[dict[str, Any]]], None],
         on_end: Callable[["Relay", str], None],
         max_message: int,
     ) -> None:
@@ -38,6 +39,7 @@ class Relay:
         self.client = client
         self.upstream = upstream
         self._record = record
+        self._defer = defer
         self._on_end = on_end
         self.tracker = StatementTracker()
         self.client_framer = Framer(
@@ -130,13 +132,9 @@ class Relay:
                              "rows": fin.rows, "tag": fin.tag, "code": fin.error_code, "msg": fin.error_message}
                         )
                 if records:
-                    self._record(records)
+                    self._defer(records)
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
-            return
-        except OSError as exc:
-            log.error("cannot write the recording journal: %s", exc)
-            self.fail(codec.fatal("58030", "the gateway cannot record this session"), "recording failed", "58030")
             return
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]

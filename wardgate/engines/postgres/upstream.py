@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 from dataclasses import dataclass, field
 
@@ -66,6 +67,9 @@ async def _open(spec: ConnectionSpec, timeout: float) -> StreamProtocol:
             f"cannot reach connection {spec.name!r} at {spec.host}:{spec.port}: {reason}", "08001"
         ) from exc
     proto.transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[union-attr]
+    sock = proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if spec.sslmode in ("disable", "allow"):
         return proto
     proto.write(codec.ssl_request())
