@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .recording.views import iso
 from .config import ConfigError, ConnectionSpec, Settings, load, parse_duration
 
 app = typer.Typer(no_args_is_help=True, help="Wardgate: identity-aware access gateway for PostgreSQL.", add_completion=False)
@@ -66,10 +67,6 @@ def when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def iso(ts: float | None) -> str | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
 
 
 def emit_json(data: Any) -> None:
@@ -319,18 +316,6 @@ def credentials_revoke(cred_id: str = typer.Argument(..., help="Credential id (s
 # --------------------------------------------------------------------------------- sessions
 
 
-def _session_dict(s: Any, count: int | None = None) -> dict[str, Any]:
-    out = {
-        "id": s.id, "user": s.user_name, "connection": s.connection, "credential_id": s.credential_id,
-        "client_addr": s.client_addr, "tls": s.tls, "application_name": s.application_name,
-        "started_at": iso(s.started_at), "ended_at": iso(s.ended_at), "status": s.status,
-        "end_reason": s.end_reason, "error_code": s.error_code,
-    }
-    if count is not None:
-        out["statements"] = count
-    return out
-
-
 @sessions_app.command("list")
 def sessions_list(
     user: Optional[str] = typer.Option(None, help="Only this user's sessions."),
@@ -340,9 +325,11 @@ def sessions_list(
     json_out: bool = JsonOpt,
 ) -> None:
     """Who connected to what and when (rejected attempts included)."""
+    from .recording.views import session_summary
+
     rows = open_store().list_sessions(user=user, connection=connection, status=status, limit=limit)
     if json_out:
-        emit_json([_session_dict(s, n) for s, n in rows])
+        emit_json([session_summary(s, n) for s, n in rows])
         return
     table = Table("id", "user", "connection", "client", "started", "ended", "status", "stmts", "reason")
     for s, n in rows:
@@ -354,20 +341,15 @@ def sessions_list(
 @sessions_app.command("show")
 def sessions_show(session_id: str = typer.Argument(..., help="Session id or a unique prefix."), json_out: bool = JsonOpt) -> None:
     """A session and every statement with its time, duration, rows and outcome."""
+    from .recording.views import session_summary, statement_view
     from .store import NotFound
 
     try:
         s, stmts = open_store().get_session(session_id)
     except NotFound as exc:
         fail(str(exc))
-    statements = [
-        {"seq": st.seq, "kind": st.kind, "text": st.text, "param_count": st.param_count, "started_at": iso(st.started_at),
-         "duration_ms": st.duration_ms, "status": st.status, "rows": st.rows, "command_tag": st.command_tag,
-         "error_code": st.error_code, "error_message": st.error_message}
-        for st in stmts
-    ]
     if json_out:
-        emit_json({**_session_dict(s), "statements": statements})
+        emit_json({**session_summary(s), "statements": [statement_view(st) for st in stmts]})
         return
     console.print(f"[bold]session {s.id}[/]  {s.user_name} -> {s.connection}  from {s.client_addr}  tls={'yes' if s.tls else 'no'}")
     console.print(f"started {when(s.started_at)}  ended {when(s.ended_at)}  status {s.status}  {s.end_reason or ''}")

@@ -119,14 +119,28 @@ class LocalPostgres:
             time.sleep(0.1)
         raise LocalPostgresError(f"postgres did not become ready in {timeout}s; see {self.dir / 'postgres.log'}")
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's own pid (under runuser, `self.proc` is runuser, which does not pass signals on)."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (FileNotFoundError, ValueError):
+            return None
+
     def stop(self, mode: str = "fast") -> None:
         if self.proc is None:
             return
         sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        pid = self.pid
         try:
-            self.proc.send_signal(sig)
+            if pid is not None:
+                os.kill(pid, sig)
+            else:
+                self.proc.send_signal(sig)
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
             self.proc.kill()
             self.proc.wait()
         except ProcessLookupError:
@@ -148,11 +162,13 @@ class LocalPostgres:
             raise LocalPostgresError(f"psql failed: {out.stderr.strip()}")
         return out.stdout
 
-    def psql_file(self, path: Path, database: str) -> None:
+    def psql_file(self, path: Path, database: str, role: str | None = None) -> None:
+        """Load a SQL file (through standard input, so the server's user need not read it)."""
+        sql = (f'SET ROLE "{role}";\n' if role else "") + Path(path).read_text()
         out = subprocess.run(
             self._cmd(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.dir), "-p", str(self.port),
-                       "-U", "postgres", "-d", database, "-f", str(path)]),
-            capture_output=True, text=True,
+                       "-U", "postgres", "-d", database]),
+            input=sql, capture_output=True, text=True,
         )
         if out.returncode != 0:
             raise LocalPostgresError(f"loading {path} failed: {out.stderr.strip()}")

@@ -1,0 +1,232 @@
+"""Shared fixtures: a real PostgreSQL (the machine's binaries, in a temp dir) and a real gateway process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from wardgate.config import load
+from wardgate.recording import views
+from wardgate.localpg import LocalPostgres, free_port
+from wardgate.store import Store
+from wardgate.tls import ensure_self_signed
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOP_SQL = ROOT / "wardgate" / "demo" / "shop.sql"
+APP_PASSWORD = "app-Secret-4242"
+MD5_PASSWORD = "md5-Secret-4242"
+
+
+def wardgate_cmd() -> list[str]:
+    return [sys.executable, "-m", "wardgate.cli"]
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> LocalPostgres:
+    """Upstream PostgreSQL with TLS, SCRAM (app), md5 (md5user) and trust (trustuser) roles, and the shop data."""
+    base = tmp_path_factory.mktemp("upstream")
+    ca, cert, key = ensure_self_signed(base / "tls", ["127.0.0.1"])
+    # pytest's temp root is private to root; the server runs as `postgres` and needs its own place.
+    server = LocalPostgres(Path(tempfile.mkdtemp(prefix="wardgate-pg-")))
+    server.initdb(
+        ssl_cert=(cert, key),
+        hba=[
+            "host all trustuser 127.0.0.1/32 trust",
+            "host all md5user 127.0.0.1/32 md5",
+            "host all all 127.0.0.1/32 scram-sha-256",
+        ],
+    )
+    server.start()
+    server.ca = ca  # type: ignore[attr-defined]
+    server.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+    server.psql(f"SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD '{MD5_PASSWORD}'")
+    server.psql("CREATE ROLE trustuser LOGIN")
+    server.psql("CREATE DATABASE shop OWNER app")
+    server.psql_file(SHOP_SQL, "shop", role="app")
+    server.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO md5user, trustuser", database="shop")
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@dataclass
+class Gateway:
+    dir: Path
+    config: Path
+    port: int
+    http_port: int
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    _store: Store | None = None
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "data" / "tls" / "ca.crt"
+
+    def settings(self):  # noqa: ANN201
+        return load(self.config, env=self.env)
+
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.settings())
+        return self._store
+
+    def cli(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [*wardgate_cmd(), "--config", str(self.config), *args],
+            capture_output=True, text=True, env=self.env, input=input, timeout=60,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"wardgate {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return out
+
+    def cli_json(self, *args: str):  # noqa: ANN201
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def credential(self, user: str = "alice", connection: str = "shop", ttl: str = "15m") -> dict:
+        return self.cli_json("credentials", "issue", "--user", user, "--connection", connection, "--ttl", ttl)
+
+    def dsn(self, cred: dict, sslmode: str = "require", **extra: str) -> str:
+        q = "&".join([f"sslmode={sslmode}", *(f"{k}={v}" for k, v in extra.items())])
+        return f"postgresql://{cred['user']}:{cred['credential']}@127.0.0.1:{self.port}/{cred['connection']}?{q}"
+
+    def start(self) -> None:
+        self.log = self.dir / "gateway.log"
+        fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [*wardgate_cmd(), "--config", str(self.config), "-v", "serve"], stdout=fh, stderr=fh, env=self.env
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log.read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gateway did not become ready: {self.log.read_text()}")
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def session(self, session_id: str, *, until=None, timeout: float = 10.0) -> dict:  # noqa: ANN001
+        """`sessions show` once the recording satisfies `until` (the recorder drains asynchronously)."""
+        deadline = time.time() + timeout
+        while True:
+            data = views.show_session(self.store(), session_id)
+            if until is None or until(data) or time.time() > deadline:
+                return data
+            time.sleep(0.2)
+
+    def sessions(self, **filters) -> list[dict]:  # noqa: ANN003
+        return views.list_sessions(self.store(), limit=200, **filters)
+
+    def wait_for_session(self, predicate, timeout: float = 10.0) -> dict:  # noqa: ANN001
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for s in self.sessions():
+                if predicate(s):
+                    return s
+            time.sleep(0.2)
+        raise AssertionError("no recorded session matched")
+
+
+def make_gateway(base: Path, pg: LocalPostgres, extra_toml: str = "") -> Gateway:
+    base.mkdir(parents=True, exist_ok=True)
+    port, http_port = free_port(), free_port()
+    config = base / "wardgate.toml"
+    config.write_text(
+        f"""
+data_dir = "data"
+
+[gateway]
+listen = "127.0.0.1:{port}"
+http_listen = "127.0.0.1:{http_port}"
+{extra_toml}
+
+[[connections]]
+name = "shop"
+host = "127.0.0.1"
+port = {pg.port}
+database = "shop"
+user = "app"
+password_env = "SHOP_PASSWORD"
+sslmode = "disable"
+
+[[connections]]
+name = "shop_tls"
+host = "127.0.0.1"
+port = {pg.port}
+database = "shop"
+user = "app"
+password_env = "SHOP_PASSWORD"
+sslmode = "verify-full"
+sslrootcert = "{pg.ca}"
+
+[[connections]]
+name = "shop_md5"
+host = "127.0.0.1"
+port = {pg.port}
+database = "shop"
+user = "md5user"
+password_env = "SHOP_MD5_PASSWORD"
+sslmode = "disable"
+
+[[connections]]
+name = "shop_trust"
+host = "127.0.0.1"
+port = {pg.port}
+database = "shop"
+user = "trustuser"
+sslmode = "require"
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
+    env.update(SHOP_PASSWORD=APP_PASSWORD, SHOP_MD5_PASSWORD=MD5_PASSWORD, PYTHONUNBUFFERED="1")
+    gw = Gateway(base, config, port, http_port, env)
+    gw.cli("users", "add", "alice", "--group", "dev")
+    gw.cli("users", "add", "bob", "--group", "ops")
+    return gw
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, pg: LocalPostgres) -> Gateway:
+    gw = make_gateway(tmp_path_factory.mktemp("gateway"), pg)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def cred(gateway: Gateway) -> dict:
+    return gateway.credential()
+
+
+def psql(dsn: str, *args: str, input: str | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", dsn, *args], capture_output=True, text=True, input=input,
+        timeout=60, env={**os.environ, **(env or {})},
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"psql failed ({out.returncode}): {out.stderr}")
+    return out

@@ -1,0 +1,41 @@
+"""Plain-data views of recorded sessions, shared by the CLI's --json output and the API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from ..store import Store
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+
+
+def session_summary(s: Any, statements: int | None = None) -> dict[str, Any]:
+    out = {
+        "id": s.id, "user": s.user_name, "connection": s.connection, "credential_id": s.credential_id,
+        "client_addr": s.client_addr, "tls": s.tls, "application_name": s.application_name,
+        "started_at": iso(s.started_at), "ended_at": iso(s.ended_at), "status": s.status,
+        "end_reason": s.end_reason, "error_code": s.error_code,
+    }
+    if statements is not None:
+        out["statements"] = statements
+    return out
+
+
+def statement_view(st: Any) -> dict[str, Any]:
+    return {
+        "seq": st.seq, "kind": st.kind, "text": st.text, "param_count": st.param_count,
+        "started_at": iso(st.started_at), "duration_ms": st.duration_ms, "status": st.status, "rows": st.rows,
+        "command_tag": st.command_tag, "error_code": st.error_code, "error_message": st.error_message,
+    }
+
+
+def list_sessions(store: Store, **filters: Any) -> list[dict[str, Any]]:
+    return [session_summary(s, n) for s, n in store.list_sessions(**filters)]
+
+
+def show_session(store: Store, session_id: str) -> dict[str, Any]:
+    s, stmts = store.get_session(session_id)
+    return {**session_summary(s), "statements": [statement_view(st) for st in stmts]}
