@@ -153,10 +153,24 @@ class Gateway:
         raise AssertionError("no recorded session matched")
 
 
+TLS_CONNECTION = """
+[[connections]]
+name = "shop_tls"
+host = "127.0.0.1"
+port = {port}
+database = "shop"
+user = "app"
+password_env = "SHOP_PASSWORD"
+sslmode = "verify-full"
+sslrootcert = "{ca}"
+"""
+
+
 def make_gateway(base: Path, pg: LocalPostgres, extra_toml: str = "") -> Gateway:
     base.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
     config = base / "wardgate.toml"
+    tls_block = TLS_CONNECTION.format(port=pg.port, ca=pg.ca) if getattr(pg, "ca", None) else ""
     config.write_text(
         f"""
 data_dir = "data"
@@ -165,7 +179,7 @@ data_dir = "data"
 listen = "127.0.0.1:{port}"
 http_listen = "127.0.0.1:{http_port}"
 {extra_toml}
-
+{tls_block}
 [[connections]]
 name = "shop"
 host = "127.0.0.1"
@@ -174,16 +188,6 @@ database = "shop"
 user = "app"
 password_env = "SHOP_PASSWORD"
 sslmode = "disable"
-
-[[connections]]
-name = "shop_tls"
-host = "127.0.0.1"
-port = {pg.port}
-database = "shop"
-user = "app"
-password_env = "SHOP_PASSWORD"
-sslmode = "verify-full"
-sslrootcert = "{pg.ca}"
 
 [[connections]]
 name = "shop_md5"

@@ -324,6 +324,12 @@ def parse_parameter_status(body: bytes) -> tuple[str, str]:
     return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
 
 
+def is_fatal(error_body: bytes) -> bool:
+    """Whether an ErrorResponse ends the session (FATAL or PANIC; 'V' is the untranslated severity)."""
+    fields = parse_error_fields(error_body)
+    return fields.get("V", fields.get("S")) in ("FATAL", "PANIC")
+
+
 def rows_from_tag(tag: str) -> int | None:
     """Rows affected or returned, from a CommandComplete tag such as 'INSERT 0 5' or 'SELECT 3'."""
     parts = tag.split(" ")

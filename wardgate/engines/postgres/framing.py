@@ -36,13 +36,16 @@ class Framer:
         self._buf = b""
         self._skip = 0
 
-    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
-        """Return (bytes that may be forwarded now, inspected messages as (type, body))."""
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes, int]]]:
+        """Return (bytes that may be forwarded now, inspected messages as (type, body, offset)).
+
+        `offset` is where the message starts in the returned bytes, for the rare caller that rewrites one.
+        """
         if self._buf:
             data = self._buf + data
             self._buf = b""
         n = len(data)
-        msgs: list[tuple[int, bytes]] = []
+        msgs: list[tuple[int, bytes, int]] = []
         pos = 0
         skip = self._skip
         if skip:
@@ -64,7 +67,7 @@ class Framer:
                 if end > n:
                     self._buf = data[pos:]
                     break
-                msgs.append((mtype, data[pos + 5 : end]))
+                msgs.append((mtype, data[pos + 5 : end], pos))
             elif end > n:
                 self._skip = end - n
                 pos = n

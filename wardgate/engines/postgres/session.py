@@ -19,6 +19,7 @@ from .tracker import BACKEND_INSPECT, FRONTEND_INSPECT, StatementTracker
 log = logging.getLogger("wardgate.session")
 
 _TERMINATE = ord("X")
+_ERROR = ord("E")
 
 
 class Relay:
@@ -53,6 +54,7 @@ class Relay:
         self._starts: dict[int, float] = {}
         self.ended = False
         self.terminating = False
+        self.upstream_fatal = False
         self.statements = 0
 
     def start(self) -> None:
@@ -84,7 +86,7 @@ class Relay:
             if msgs:
                 records = []
                 sid = self.session_id
-                for mtype, body in msgs:
+                for mtype, body, _ in msgs:
                     if mtype == _TERMINATE:
                         self.terminating = True
                         continue
@@ -123,7 +125,10 @@ class Relay:
             if msgs:
                 records = []
                 sid = self.session_id
-                for mtype, body in msgs:
+                fatal_at = []
+                for mtype, body, offset in msgs:
+                    if mtype == _ERROR and codec.is_fatal(body):
+                        fatal_at.append((offset, body))
                     for fin in self.tracker.backend(mtype, body):
                         t0 = self._starts.pop(fin.seq, None)
                         records.append(
@@ -133,11 +138,25 @@ class Relay:
                         )
                 if records:
                     self._defer(records)
+                if fatal_at:
+                    fwd = self._name_the_connection(fwd, fatal_at)
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
             return
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _name_the_connection(self, fwd: bytes, fatal_at: list[tuple[int, bytes]]) -> bytes:
+        """Upstream is ending the session: say which connection, so the client's error is clear."""
+        self.upstream_fatal = True
+        for offset, body in reversed(fatal_at):
+            fields = codec.parse_error_fields(body)
+            rewritten = codec.error_response(
+                fields.get("C", "08006"), f"connection {self.connection!r}: {fields.get('M', 'closed by the server')}",
+                severity="FATAL", detail=fields.get("D"), hint=fields.get("H"),
+            )
+            fwd = fwd[:offset] + rewritten + fwd[offset + 1 + len(body) + 4 :]
+        return fwd
 
     # -- endings
 
@@ -146,7 +165,7 @@ class Relay:
         self.end("client terminated" if self.terminating else "client disconnected")
 
     def _upstream_lost(self, exc: Exception | None) -> None:
-        if not self.ended and not self.terminating:
+        if not self.ended and not self.terminating and not self.upstream_fatal:
             self.client.write(
                 codec.fatal("08006", f"the connection to {self.connection!r} was lost",
                             hint="reconnect; the gateway serves new sessions once the database is back")
