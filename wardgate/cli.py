@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -50,15 +51,16 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instea
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
 def open_store():  # noqa: ANN201
     from .store import Store
 
+    settings = state.settings  # a broken config is reported by main() with exit code 2
     try:
-        return Store.open(state.settings)
+        return Store.open(settings)
     except ConfigError as exc:
         fail(str(exc))
 
@@ -390,7 +392,7 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:
-        err.print(f"[bold red]configuration error:[/] {exc}")
+        err.print(f"[bold red]configuration error:[/] {escape(str(exc))}")
         sys.exit(2)
 
 

@@ -128,6 +128,12 @@ def _apply(obj: Any, values: dict[str, Any], section: str) -> None:
                 value = type(current)(value)
             except ValueError as exc:
                 raise ConfigError(f"[{section}] {key} must be a number, got {value!r}") from exc
+        elif isinstance(current, str) and not isinstance(value, str):
+            raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
+        elif isinstance(current, bool) and not isinstance(value, bool):
+            raise ConfigError(f"[{section}] {key} must be true or false, got {value!r}")
+        elif isinstance(current, (int, float)) and not isinstance(value, (int, float)):
+            raise ConfigError(f"[{section}] {key} must be a number, got {value!r}")
         setattr(obj, key, value)
 
 

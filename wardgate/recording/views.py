@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..store import Store
+if TYPE_CHECKING:
+    from ..store import Store
 
 
 def iso(ts: float | None) -> str | None:
@@ -32,10 +33,10 @@ def statement_view(st: Any) -> dict[str, Any]:
     }
 
 
-def list_sessions(store: Store, **filters: Any) -> list[dict[str, Any]]:
+def list_sessions(store: "Store", **filters: Any) -> list[dict[str, Any]]:
     return [session_summary(s, n) for s, n in store.list_sessions(**filters)]
 
 
-def show_session(store: Store, session_id: str) -> dict[str, Any]:
+def show_session(store: "Store", session_id: str) -> dict[str, Any]:
     s, stmts = store.get_session(session_id)
     return {**session_summary(s), "statements": [statement_view(st) for st in stmts]}
