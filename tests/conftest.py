@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from wardgate.config import load, parse_duration
-from wardgate.recording import views
 from wardgate.localpg import LocalPostgres, free_port
+from wardgate.recording import views
 from wardgate.store import Store
 from wardgate.tls import ensure_self_signed
 

@@ -8,8 +8,7 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -17,8 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .recording.views import iso
 from .config import ConfigError, ConnectionSpec, Settings, load, parse_duration
+from .recording.views import iso
 
 app = typer.Typer(no_args_is_help=True, help="Wardgate: identity-aware access gateway for PostgreSQL.", add_completion=False)
 users_app = typer.Typer(no_args_is_help=True, help="Local users (the embedded identity).")
@@ -35,8 +34,8 @@ err = Console(stderr=True)
 
 
 class State:
-    config: Optional[str] = None
-    _settings: Optional[Settings] = None
+    config: str | None = None
+    _settings: Settings | None = None
 
     @property
     def settings(self) -> Settings:
@@ -77,7 +76,7 @@ def emit_json(data: Any) -> None:
 
 @app.callback()
 def main_options(
-    config: Optional[str] = typer.Option(
+    config: str | None = typer.Option(
         None, "--config", "-c", envvar="WARDGATE_CONFIG", help="Config file (default ./wardgate.toml)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
@@ -102,8 +101,8 @@ def version() -> None:
 
 @app.command()
 def serve(
-    listen: Optional[str] = typer.Option(None, help="PostgreSQL listener HOST:PORT (default 127.0.0.1:6432)."),
-    http_listen: Optional[str] = typer.Option(None, help="HTTP listener HOST:PORT (default 127.0.0.1:8080)."),
+    listen: str | None = typer.Option(None, help="PostgreSQL listener HOST:PORT (default 127.0.0.1:6432)."),
+    http_listen: str | None = typer.Option(None, help="HTTP listener HOST:PORT (default 127.0.0.1:8080)."),
 ) -> None:
     """Run the gateway: the PostgreSQL listener and the HTTP listener (with /healthz)."""
     from .app import run
@@ -185,13 +184,13 @@ def connections_add(
     port: int = typer.Option(5432, help="Upstream port."),
     database: str = typer.Option(..., "--database", "-d", help="Upstream database name."),
     user: str = typer.Option(..., "--user", "-U", help="Upstream role the gateway logs in as."),
-    password_env: Optional[str] = typer.Option(
+    password_env: str | None = typer.Option(
         None, help="Read the upstream password from this environment variable of the gateway."
     ),
     password_stdin: bool = typer.Option(False, help="Read the upstream password from standard input."),
     ask_password: bool = typer.Option(False, "--password", help="Prompt for the upstream password."),
     sslmode: str = typer.Option("prefer", help="disable, allow, prefer, require, verify-ca or verify-full."),
-    sslrootcert: Optional[str] = typer.Option(None, help="CA file to verify the upstream server."),
+    sslrootcert: str | None = typer.Option(None, help="CA file to verify the upstream server."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Add a connection. Passwords are encrypted at rest and never shown again."""
@@ -254,7 +253,7 @@ def _gateway_host_port() -> tuple[str, int]:
 def credentials_issue(
     user: str = typer.Option(..., "--user", "-u", help="Who the credential is for."),
     connection: str = typer.Option(..., "--connection", "-C", help="The connection it opens."),
-    ttl: Optional[str] = typer.Option(None, help="Lifetime, e.g. 15m, 2h (default [credentials] default_ttl)."),
+    ttl: str | None = typer.Option(None, help="Lifetime, e.g. 15m, 2h (default [credentials] default_ttl)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Issue a short-lived credential; it is shown once and used as the password by native clients."""
@@ -280,7 +279,7 @@ def credentials_issue(
 
 @credentials_app.command("list")
 def credentials_list(
-    user: Optional[str] = typer.Option(None, help="Only this user's."),
+    user: str | None = typer.Option(None, help="Only this user's."),
     all_: bool = typer.Option(False, "--all", help="Include revoked and expired credentials."),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -320,9 +319,9 @@ def credentials_revoke(cred_id: str = typer.Argument(..., help="Credential id (s
 
 @sessions_app.command("list")
 def sessions_list(
-    user: Optional[str] = typer.Option(None, help="Only this user's sessions."),
-    connection: Optional[str] = typer.Option(None, help="Only sessions on this connection."),
-    status: Optional[str] = typer.Option(None, help="active, closed or rejected."),
+    user: str | None = typer.Option(None, help="Only this user's sessions."),
+    connection: str | None = typer.Option(None, help="Only sessions on this connection."),
+    status: str | None = typer.Option(None, help="active, closed or rejected."),
     limit: int = typer.Option(50, help="At most this many, newest first."),
     json_out: bool = JsonOpt,
 ) -> None:

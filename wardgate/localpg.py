@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -40,11 +41,11 @@ def free_port() -> int:
 
 
 class LocalPostgres:
-    def __init__(self, directory: Path, port: int | None = None, superuser_password: str = "postgres") -> None:
+    def __init__(self, directory: Path, port: int | None = None, superuser_password: str | None = None) -> None:
         self.dir = Path(directory).resolve()
         self.data = self.dir / "data"
         self.port = port or free_port()
-        self.password = superuser_password
+        self.password = superuser_password or secrets.token_urlsafe(12)
         self.bindir = find_bindir()
         self.proc: subprocess.Popen[bytes] | None = None
         self.run_as = "postgres" if os.geteuid() == 0 else None

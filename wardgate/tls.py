@@ -29,7 +29,7 @@ def ensure_self_signed(directory: Path, hostnames: list[str]) -> tuple[Path, Pat
     ca_path, cert_path, key_path = directory / "ca.crt", directory / "server.crt", directory / "server.key"
     if ca_path.exists() and cert_path.exists() and key_path.exists():
         return ca_path, cert_path, key_path
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Wardgate local CA")])
     ca = (

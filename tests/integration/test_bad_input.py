@@ -91,7 +91,6 @@ def test_gssenc_request_is_declined(gateway) -> None:
 
 def test_negotiate_protocol_version_for_newer_minor_and_options(gateway) -> None:
     c = RawClient(gateway.port)
-    cred = gateway.credential()
     c.send(codec.startup_message({"user": "alice", "database": "shop", "_pq_.compression": "on"}, minor=2))
     mtype, body = c.read()
     assert mtype == "v"

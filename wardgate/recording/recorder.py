@@ -14,7 +14,6 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import time
 from pathlib import Path
 from typing import Any
 

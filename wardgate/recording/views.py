@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 def session_summary(s: Any, statements: int | None = None) -> dict[str, Any]:

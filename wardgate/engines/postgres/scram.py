@@ -116,7 +116,7 @@ class ScramServer:
         matched = None
         for key, verifier in candidates:
             signature = _hmac(verifier.stored_key, auth_message)
-            client_key = bytes(a ^ b for a, b in zip(proof, signature))
+            client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
             # Every candidate is checked, so timing does not tell which one matched.
             if hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key) and matched is None:
                 matched = (key, verifier)
@@ -158,7 +158,7 @@ class ScramClient:
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{self._client_first_bare},{server_first},{without_proof}".encode()
         signature = _hmac(stored_key, auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
         self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
 

@@ -99,7 +99,7 @@ class PostgresListener:
                 pass
         try:
             startup = await asyncio.wait_for(self._negotiate(client), self.settings.gateway.auth_timeout)
-        except (PeerClosed, ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, PeerClosed, ConnectionError, ssl.SSLError) as exc:
             self.handshakes_failed += 1
             log.info("handshake from %s ended: %s", addr, exc or type(exc).__name__)
             client.abort()
@@ -124,7 +124,7 @@ class PostgresListener:
         except Rejected as exc:
             self._reject(client, record, exc)
             return
-        except (PeerClosed, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, PeerClosed, ConnectionError) as exc:
             self._reject(client, record, Rejected("08006", f"the client left during authentication ({type(exc).__name__})"))
             return
         except codec.ProtocolViolation as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Callable
+from collections.abc import Callable
 
 from .codec import MessageReader, StartupPacket
 

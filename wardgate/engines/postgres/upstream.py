@@ -61,7 +61,7 @@ async def _open(spec: ConnectionSpec, timeout: float) -> StreamProtocol:
     loop = asyncio.get_running_loop()
     try:
         _, proto = await asyncio.wait_for(loop.create_connection(StreamProtocol, spec.host, spec.port), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
         raise UpstreamError(
             f"cannot reach connection {spec.name!r} at {spec.host}:{spec.port}: {reason}", "08001"
@@ -80,7 +80,7 @@ async def _open(spec: ConnectionSpec, timeout: float) -> StreamProtocol:
             await asyncio.wait_for(
                 proto.start_tls(client_ssl_context(spec), server_side=False, server_hostname=hostname), timeout
             )
-        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ssl.SSLError, OSError) as exc:
             proto.abort()
             raise UpstreamError(f"TLS to connection {spec.name!r} failed: {exc}", "08001") from exc
     elif answer == b"N":
@@ -102,7 +102,7 @@ async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: flo
     proto = await _open(spec, timeout)
     try:
         return await asyncio.wait_for(_handshake(spec, proto, password, parameters), timeout)
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         proto.abort()
         raise UpstreamError(f"connection {spec.name!r} did not finish its handshake in {timeout:.0f}s", "08001") from exc
     except PeerClosed as exc:
@@ -179,7 +179,7 @@ async def cancel(spec: ConnectionSpec, process_id: int, secret_key: bytes, timeo
     proto.write(codec.cancel_request(process_id, secret_key))
     try:
         await asyncio.wait_for(proto.read_raw(1), timeout)
-    except (PeerClosed, asyncio.TimeoutError):
+    except (TimeoutError, PeerClosed):
         pass
     finally:
         proto.close()

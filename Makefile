@@ -1,0 +1,36 @@
+# Wardgate entry points. `make demo` runs the gateway on embedded defaults; `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench lint setup system-deps clean
+
+demo: system-deps setup
+	$(PY) -m wardgate.demo
+
+test: system-deps setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest tests/unit
+
+bench: system-deps setup
+	$(PY) bench/run.py
+
+lint: setup
+	$(VENV)/bin/ruff check wardgate tests bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+system-deps:
+	@scripts/system-deps.sh
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info
