@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ def apply_ready(store: Store, directory: Path) -> int:
 
 def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any) -> None:
     """Entry point of the drainer process."""
+    # Ctrl-C reaches the whole process group; the gateway decides when this process stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     store = Store(settings)
     directory = settings.journal_dir
     failures = 0
