@@ -114,7 +114,7 @@ def test_sessions_cli_shows_statements(gateway, cred) -> None:
     text = gateway.cli("sessions", "show", s["id"][:10]).stdout
     assert "select 'hello'" in text and "SELECT 1" in text
     shown = gateway.cli_json("sessions", "show", s["id"])
-    assert shown["statements"][0]["text"] == "select 'hello'"
+    assert [st["text"] for st in shown["statements"]] == ["BEGIN", "select 'hello'", "COMMIT"]
     assert "no session" in gateway.cli("sessions", "show", "ffffffff", check=False).stderr
 
 

@@ -1,0 +1,117 @@
+"""Throughput and latency through the gateway, as ratios to a direct connection measured in the same run.
+
+Starts a local PostgreSQL and a gateway, then runs pgbench -S (simple, extended, prepared; 8
+clients), a 1,000-row fetch, and a one-client latency probe, alternating direct and gateway runs.
+BENCH_SECONDS sets the length of each run (default 10), BENCH_ROUNDS the alternations (default 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from wardgate.localpg import LocalPostgres, free_port
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+console = Console()
+
+
+def pgbench(dsn: str, *args: str) -> tuple[float, float]:
+    out = subprocess.run(["pgbench", "-n", *args, "-T", str(SECONDS), dsn], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    tps = float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
+    latency = float(re.search(r"latency average = ([\d.]+) ms", out.stdout).group(1))
+    return tps, latency
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="wardgate-bench-"))
+    work.chmod(0o711)  # the server may run as the postgres user
+    pg = LocalPostgres(work / "pg")
+    gw_proc = None
+    try:
+        with console.status("starting PostgreSQL and loading pgbench data (scale 10)..."):
+            pg.initdb()
+            pg.start()
+            password = secrets.token_urlsafe(12)
+            pg.psql(f"CREATE ROLE bench LOGIN PASSWORD '{password}'")
+            pg.psql("CREATE DATABASE bench OWNER bench")
+            direct = pg.dsn("bench", password, "bench", sslmode="disable")
+            subprocess.run(["pgbench", "-i", "-s", "10", "-q", direct], check=True, capture_output=True)
+        port, http_port = free_port(), free_port()
+        config = work / "wardgate.toml"
+        config.write_text(
+            f'data_dir = "{work / "gw"}"\n[gateway]\nlisten = "127.0.0.1:{port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
+            f'[[connections]]\nname = "bench"\nhost = "127.0.0.1"\nport = {pg.port}\ndatabase = "bench"\n'
+            f'user = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
+        )
+        env = {**os.environ, "BENCH_PASSWORD": password}
+        cli = [sys.executable, "-m", "wardgate.cli", "--config", str(config)]
+        subprocess.run([*cli, "users", "add", "bench"], check=True, capture_output=True, env=env)
+        cred = json.loads(
+            subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", "bench", "--ttl", "2h", "--json"],
+                           check=True, capture_output=True, text=True, env=env).stdout
+        )
+        log = open(work / "gateway.log", "wb")
+        gw_proc = subprocess.Popen([*cli, "serve"], stdout=log, stderr=log, env=env)
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        gateway = f"postgresql://bench:{cred['credential']}@127.0.0.1:{port}/bench?sslmode=disable"
+        gateway_tls = gateway.replace("sslmode=disable", "sslmode=require")
+        fetch = work / "fetch.sql"
+        fetch.write_text("SELECT * FROM pgbench_accounts WHERE aid <= 1000;\n")
+
+        cases = [
+            ("pgbench -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], gateway),
+            ("pgbench -S extended, 8 clients", ["-S", "-M", "extended", "-c", "8", "-j", "2"], gateway),
+            ("pgbench -S prepared, 8 clients", ["-S", "-M", "prepared", "-c", "8", "-j", "2"], gateway),
+            ("pgbench -S simple, 8 clients, TLS to gateway", ["-S", "-M", "simple", "-c", "8", "-j", "2"], gateway_tls),
+            ("1,000-row fetch, 4 clients", ["-f", str(fetch), "-c", "4", "-j", "2"], gateway),
+            ("pgbench -S simple, 1 client", ["-S", "-M", "simple", "-c", "1"], gateway),
+        ]
+        table = Table(title=f"Wardgate vs direct ({SECONDS}s runs, best of {ROUNDS}, {os.cpu_count()} cores)")
+        for col in ("workload", "direct tps", "gateway tps", "ratio", "added latency / query"):
+            table.add_column(col, justify="right" if col != "workload" else "left")
+        with console.status("benchmarking...") as status:
+            for name, args, target in cases:
+                best_direct, best_gw = (0.0, 0.0), (0.0, 0.0)
+                for r in range(ROUNDS):
+                    status.update(f"{name}: round {r + 1}/{ROUNDS}")
+                    d = pgbench(direct, *args)
+                    g = pgbench(target, *args)
+                    best_direct = max(best_direct, d)
+                    best_gw = max(best_gw, g)
+                ratio = best_gw[0] / best_direct[0]
+                added_us = (best_gw[1] - best_direct[1]) * 1000
+                table.add_row(name, f"{best_direct[0]:,.0f}", f"{best_gw[0]:,.0f}", f"{ratio:.2f}x", f"{added_us:,.0f} µs")
+        console.print(table)
+        console.print("Added latency is the difference of pgbench's average latency; at one client it is the cost per query.")
+        return 0
+    finally:
+        if gw_proc is not None:
+            gw_proc.terminate()
+            gw_proc.wait(30)
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
