@@ -166,7 +166,7 @@ sslrootcert = "{ca}"
 """
 
 
-def make_gateway(base: Path, pg: LocalPostgres, extra_toml: str = "") -> Gateway:
+def make_gateway(base: Path, pg: LocalPostgres, extra_toml: str = "", store_url: str | None = None) -> Gateway:
     base.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
     config = base / "wardgate.toml"
@@ -209,6 +209,8 @@ sslmode = "require"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
     env.update(SHOP_PASSWORD=APP_PASSWORD, SHOP_MD5_PASSWORD=MD5_PASSWORD, PYTHONUNBUFFERED="1")
+    if store_url:
+        env["WARDGATE_STORE_URL"] = store_url
     gw = Gateway(base, config, port, http_port, env)
     gw.cli("users", "add", "alice", "--group", "dev")
     gw.cli("users", "add", "bob", "--group", "ops")
