@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,25 @@ READY_SUFFIX = ".ready"
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def encode(records: list[dict[str, Any]]) -> bytes:
-    return "".join([_dumps(r) + "\n" for r in records]).encode("utf-8")
+def encode(records: list[dict[str, Any]]) -> str:
+    return "".join([_dumps(r) + "\n" for r in records])
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as fh:
-        for line in fh:
-            try:
-                yield json.loads(line)
-            except ValueError:
-                # A torn final line from a crash mid-write: the statement it describes was not forwarded.
-                continue
+def read_records(path: Path) -> list[dict[str, Any]]:
+    text = path.read_bytes().decode("utf-8", "replace")
+    lines = text.splitlines()
+    try:
+        return json.loads("[" + ",".join(lines) + "]")  # one parse for the whole file
+    except ValueError:
+        pass
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            # A torn final line from a crash mid-write: the statement it describes was not forwarded.
+            continue
+    return out
 
 
 def _try_lock(path: Path) -> int | None:

@@ -37,7 +37,7 @@ def apply_ready(store: Store, directory: Path) -> int:
     """Apply every finished journal file in order; return the number applied."""
     n = 0
     for path in sorted(directory.glob("*" + READY_SUFFIX)):
-        store.apply_records(list(read_records(path)))
+        store.apply_records(read_records(path))
         path.unlink(missing_ok=True)
         n += 1
     return n
@@ -70,7 +70,7 @@ class Recorder:
         self.settings = settings
         self.journal = Journal(settings.journal_dir)
         self.flush_interval = flush_interval
-        self._deferred: list[dict[str, Any]] = []
+        self._deferred: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._drainer: multiprocessing.process.BaseProcess | None = None
         self._stop: Any = None
@@ -85,13 +85,17 @@ class Recorder:
 
     def write(self, records: list[dict[str, Any]]) -> None:
         """Durable on return, with any deferred outcomes before them. Raises OSError: callers fail closed."""
-        if self._deferred:
-            records = self._deferred + records
-            self._deferred = []
-        self.journal.write(encode(records))
+        self.write_lines([encode(records)])
 
-    def defer(self, records: list[dict[str, Any]]) -> None:
-        self._deferred.extend(records)
+    def write_lines(self, lines: list[str]) -> None:
+        """`write` for records the relay encoded itself (one JSON object a line)."""
+        if self._deferred:
+            lines = self._deferred + lines
+            self._deferred = []
+        self.journal.write("".join(lines).encode("utf-8"))
+
+    def defer(self, lines: list[str]) -> None:
+        self._deferred.extend(lines)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(OUTCOME_DELAY, self._write_deferred)
 
@@ -99,7 +103,7 @@ class Recorder:
         self._timer = None
         if self._deferred:
             try:
-                self.write([])
+                self.write_lines([])
             except OSError:
                 log.exception("cannot write the recording journal")
 
@@ -108,7 +112,7 @@ class Recorder:
         dead = self.journal.dead_instances()
         count = apply_ready(self.store, self.journal.dir)  # older than any unfinished file
         for path, fd in self.journal.orphans():
-            records = list(read_records(path))
+            records = read_records(path)
             records += _close_open_sessions(records, os.stat(path).st_mtime)
             self.store.apply_records(records)
             count += len(records)

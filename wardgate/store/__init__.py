@@ -25,6 +25,11 @@ from . import models as m
 from .secretbox import SecretBox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_STMT_COLUMNS = (
+    "session_id", "seq", "kind", "text", "param_count", "started_at", "status", "duration_ms", "rows",
+    "command_tag", "error_code", "error_message",
+)
+_STMT_COLUMN_LIST = ", ".join(f'"{c}"' for c in _STMT_COLUMNS)
 CREDENTIAL_PREFIX = "wgc_"
 
 
@@ -370,7 +375,13 @@ class Store:
             if sessions:
                 conn.execute(self._insert(ss).on_conflict_do_nothing(), list(sessions.values()))
             if stmts:
-                conn.execute(self._insert(st).on_conflict_do_nothing(), list(stmts.values()))
+                # The hot insert goes to the driver as tuples: a statement a row, thousands a second.
+                ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+                conn.exec_driver_sql(
+                    f"INSERT INTO statements ({_STMT_COLUMN_LIST}) "
+                    f"VALUES ({', '.join([ph] * len(_STMT_COLUMNS))}) ON CONFLICT DO NOTHING",
+                    [tuple(row[c] for c in _STMT_COLUMNS) for row in stmts.values()],
+                )
             if finished:
                 conn.execute(
                     update(st)

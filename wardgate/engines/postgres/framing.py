@@ -17,7 +17,7 @@ _unpack_len = _U32.unpack_from
 
 
 class Framer:
-    __slots__ = ("_inspect", "_allowed", "_small", "_max_inspect", "_max_message", "_buf", "_skip")
+    __slots__ = ("_inspect", "_allowed", "_small", "_max_inspect", "_max_message", "_limits", "_buf", "_skip")
 
     def __init__(
         self,
@@ -35,6 +35,14 @@ class Framer:
         self._max_message = max_message
         self._buf = b""
         self._skip = 0
+        # Largest valid length per message type (0: type not allowed), so the hot loop checks with one lookup.
+        self._limits = [self._limit(t) for t in range(256)]
+
+    def _limit(self, mtype: int) -> int:
+        if self._allowed is not None and mtype not in self._allowed:
+            return 0
+        cap = self._max_inspect if mtype in self._inspect else self._max_message
+        return min(cap, self._small.get(mtype, cap))
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes, int]]]:
         """Return (bytes that may be forwarded now, inspected messages as (type, body, offset)).
@@ -55,13 +63,15 @@ class Framer:
             pos = skip
             self._skip = 0
         inspect = self._inspect
+        limits = self._limits
         while pos < n:
             if n - pos < 5:
                 self._buf = data[pos:]
                 break
             mtype = data[pos]
             (length,) = _unpack_len(data, pos + 1)
-            self._check(mtype, length)
+            if length < 4 or length > limits[mtype]:
+                self._check(mtype, length)
             end = pos + 1 + length
             if mtype in inspect:
                 if end > n:
@@ -85,7 +95,7 @@ class Framer:
         limit = self._small.get(mtype)
         if limit is not None and length > limit:
             raise ProtocolViolation(f"invalid message length {length} for message type {chr(mtype)!r}")
-        cap = self._max_inspect if mtype in self._inspect else self._max_message
+        cap = self._limits[mtype]
         if length > cap:
             raise ProtocolViolation(
                 f"message of type {chr(mtype)!r} is {length} bytes, over the gateway's limit of {cap}"

@@ -252,7 +252,7 @@ class PostgresListener:
         cancel_secret = secrets.token_bytes(4)
         relay = Relay(
             session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
-            record=self.recorder.write, defer=self.recorder.defer, on_end=self._ended, max_message=self.settings.gateway.max_message_size,
+            record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended, max_message=self.settings.gateway.max_message_size,
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live

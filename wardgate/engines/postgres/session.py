@@ -7,10 +7,10 @@ before it is recorded. Outcomes are handed to the recorder's deferred batch (see
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from . import codec
 from .framing import Framer
@@ -18,6 +18,13 @@ from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, FRONTEND_INSPECT, StatementTracker
 
 log = logging.getLogger("wardgate.session")
+
+_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _jstr(value: str | None) -> str:
+    return "null" if value is None else _json(value)
+
 
 _TERMINATE = ord("X")
 _ERROR = ord("E")
@@ -31,8 +38,8 @@ class Relay:
         connection: str,
         client: StreamProtocol,
         upstream: StreamProtocol,
-        record: Callable[[list[dict[str, Any]]], None],
-        defer: Callable[[list[dict[str, Any]]], None],
+        record: Callable[[list[str]], None],
+        defer: Callable[[list[str]], None],
         on_end: Callable[["Relay", str], None],
         max_message: int,
     ) -> None:
@@ -93,11 +100,10 @@ class Relay:
                         continue
                     started = self.tracker.frontend(mtype, body)
                     if started is not None:
-                        now = time.time()
                         self._starts[started.seq] = time.perf_counter()
                         records.append(
-                            {"k": "stmt", "sid": sid, "seq": started.seq, "kind": started.kind,
-                             "text": started.text, "np": started.param_count, "at": now}
+                            f'{{"k":"stmt","sid":"{sid}","seq":{started.seq},"kind":"{started.kind}",'
+                            f'"np":{started.param_count},"at":{time.time()!r},"text":{_json(started.text)}}}\n'
                         )
                 if records:
                     self.statements += len(records)
@@ -112,6 +118,9 @@ class Relay:
                             hint="try again later; the gateway's operator has been told"),
                 "recording failed", "58030",
             )
+            return
+        except Exception:
+            self._internal_error()
             return
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
@@ -132,10 +141,11 @@ class Relay:
                         fatal_at.append((offset, body))
                     for fin in self.tracker.backend(mtype, body):
                         t0 = self._starts.pop(fin.seq, None)
+                        ms = "null" if t0 is None else f"{(time.perf_counter() - t0) * 1000:.3f}"
                         records.append(
-                            {"k": "done", "sid": sid, "seq": fin.seq, "status": fin.status,
-                             "ms": None if t0 is None else round((time.perf_counter() - t0) * 1000, 3),
-                             "rows": fin.rows, "tag": fin.tag, "code": fin.error_code, "msg": fin.error_message}
+                            f'{{"k":"done","sid":"{sid}","seq":{fin.seq},"status":"{fin.status}","ms":{ms},'
+                            f'"rows":{"null" if fin.rows is None else fin.rows},"tag":{_jstr(fin.tag)},'
+                            f'"code":{_jstr(fin.error_code)},"msg":{_jstr(fin.error_message)}}}\n'
                         )
                 if records:
                     self._defer(records)
@@ -143,6 +153,9 @@ class Relay:
                     fwd = self._name_the_connection(fwd, fatal_at)
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
+            return
+        except Exception:
+            self._internal_error()
             return
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]
@@ -160,6 +173,12 @@ class Relay:
         return fwd
 
     # -- endings
+
+    def _internal_error(self) -> None:
+        """A fault of the gateway's own: end this session clearly (fail closed); others carry on."""
+        log.exception("internal error in session %s", self.session_id)
+        self.fail(codec.fatal("XX000", "internal gateway error; this session is closed",
+                              hint="reconnect; the gateway's log has the details"), "internal gateway error", "XX000")
 
     def _client_lost(self, exc: Exception | None) -> None:
         self.upstream.close()
