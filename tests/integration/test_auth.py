@@ -136,3 +136,15 @@ def test_secrets_never_reach_logs_or_cli_output(gateway, cred, pg) -> None:
     for secret in (APP_PASSWORD, cred["credential"]):
         assert secret not in listing
         assert secret not in log
+
+
+def test_expiry_ends_live_sessions(gateway) -> None:
+    cred = gateway.credential(ttl="2s")
+    with psycopg.connect(gateway.dsn(cred), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        deadline = time.monotonic() + 6
+        with pytest.raises(psycopg.OperationalError) as info:
+            while time.monotonic() < deadline:
+                conn.execute("select 1")
+                time.sleep(0.1)
+        assert f"credential {cred['id']} was expired" in str(info.value)

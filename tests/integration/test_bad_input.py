@@ -169,3 +169,26 @@ def test_many_bad_clients_at_once(gateway, bystander) -> None:
     for s in socks:
         s.close()
     _assert_gateway_serves(gateway)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_cannot_exhaust_memory(gateway, bystander) -> None:
+    baseline = _rss_mb(gateway.proc.pid)
+    c = RawClient(gateway.port)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    c.login("alice", gateway.credential()["credential"], "shop")
+    # about 2 GB of result that the client never reads
+    c.send(codec.message(b"Q", codec.cstr("select repeat('x', 100000) from generate_series(1, 20000)")))
+    time.sleep(3)
+    grown = _rss_mb(gateway.proc.pid) - baseline
+    assert grown < 100, f"the gateway buffered {grown:.0f} MB for a client that does not read"
+    with psycopg.connect(gateway.dsn(gateway.credential())) as conn:  # others are served meanwhile
+        assert conn.execute("select 1").fetchone() == (1,)
+    c.close()
+    _assert_gateway_serves(gateway)

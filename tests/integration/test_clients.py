@@ -177,7 +177,7 @@ def test_cancel_request_reaches_the_right_backend(gateway, cred) -> None:
         t0 = time.monotonic()
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("select pg_sleep(30)")
-        assert time.monotonic() - t0 < 10  # cancelled, not run to the end
+        assert time.monotonic() - t0 < 3  # cancelled at once, not run to the end
         assert conn.execute("select 1").fetchone() == (1,)
         assert other.execute("select 2").fetchone() == (2,)  # the other session was not cancelled
 
