@@ -192,3 +192,20 @@ def test_client_that_never_reads_cannot_exhaust_memory(gateway, bystander) -> No
         assert conn.execute("select 1").fetchone() == (1,)
     c.close()
     _assert_gateway_serves(gateway)
+
+
+def test_malformed_attempts_are_recorded(gateway) -> None:
+    before = {s["id"] for s in gateway.sessions()}
+    c = RawClient(gateway.port)
+    c.send(struct.pack("!II", 16, 2 << 16) + b"user\x00x\x00\x00")
+    c.error()
+    c = RawClient(gateway.port)
+    c.send(codec.ssl_request())
+    c.recv_raw(1)
+    c.send(b"\x16\x03\x01" + os.urandom(200))
+    c.closed()
+    time.sleep(0.5)
+    new = gateway.wait_for_session(lambda s: s["id"] not in before and "unsupported frontend protocol" in (s["end_reason"] or ""))
+    assert new["status"] == "rejected" and new["error_code"] == "08P01"
+    tls = gateway.wait_for_session(lambda s: s["id"] not in before and (s["end_reason"] or "").startswith("TLS handshake failed"))
+    assert tls["status"] == "rejected"

@@ -97,28 +97,32 @@ class PostgresListener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        record = {"k": "session", "sid": uuid.uuid4().hex, "user": "?", "conn": "?", "addr": addr, "at": time.time(),
+                  "tls": False, "app": None, "gw": self.recorder.instance}
         try:
             startup = await asyncio.wait_for(self._negotiate(client), self.settings.gateway.auth_timeout)
-        except (TimeoutError, PeerClosed, ConnectionError, ssl.SSLError) as exc:
-            self.handshakes_failed += 1
-            log.info("handshake from %s ended: %s", addr, exc or type(exc).__name__)
+        except PeerClosed:
+            if len(client.reader):  # it left in the middle of a packet: worth a record
+                self._reject(client, record, Rejected("08P01", "the client sent a truncated startup packet and left"))
+            else:
+                client.abort()  # connected and left without a word (a port check): nothing to record
+            return
+        except TimeoutError:
+            self._reject(client, record, Rejected("08006", "the client did not finish the startup in time"))
+            return
+        except (ConnectionError, ssl.SSLError) as exc:
+            record["tls"] = True
+            self._reject(client, record, Rejected("08006", f"TLS handshake failed: {exc}"))
             client.abort()
             return
         except codec.ProtocolViolation as exc:
-            self.handshakes_failed += 1
-            log.info("protocol violation from %s: %s", addr, exc)
-            client.write(codec.fatal("08P01", f"invalid startup: {exc}"))
-            client.close()
+            self._reject(client, record, Rejected("08P01", f"invalid startup: {exc}"))
             return
         if startup is None:
             return  # a cancel request, handled
         user = startup.parameters.get("user", "")
-        conn_name = startup.parameters.get("database") or user
-        record = {
-            "k": "session", "sid": uuid.uuid4().hex, "user": user or "?", "conn": conn_name or "?", "addr": addr,
-            "at": time.time(), "tls": client.tls, "app": startup.parameters.get("application_name"),
-            "gw": self.recorder.instance,
-        }
+        record.update(user=user or "?", conn=startup.parameters.get("database") or user or "?", tls=client.tls,
+                      app=startup.parameters.get("application_name"))
         try:
             live = await asyncio.wait_for(self._authenticate_and_connect(client, startup, record), self.settings.gateway.auth_timeout + self.settings.gateway.upstream_connect_timeout)
         except Rejected as exc:
