@@ -69,6 +69,7 @@ class Gateway:
     proc: subprocess.Popen | None = None
     log: Path | None = None
     _store: Store | None = None
+    http_scheme: str = "http"
 
     @property
     def ca(self) -> Path:
@@ -114,7 +115,8 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {self.log.read_text()}")
             try:
-                if httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1).status_code == 200:
+                url = f"{self.http_scheme}://127.0.0.1:{self.http_port}/healthz"
+                if httpx.get(url, timeout=1, verify=False).status_code == 200:  # noqa: S501 - readiness only
                     return
             except httpx.HTTPError:
                 pass
