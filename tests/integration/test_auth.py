@@ -148,3 +148,20 @@ def test_expiry_ends_live_sessions(gateway) -> None:
                 conn.execute("select 1")
                 time.sleep(0.1)
         assert f"credential {cred['id']} was expired" in str(info.value)
+
+
+def test_configured_tls_certificate(tmp_path, pg) -> None:
+    from tests.conftest import make_gateway
+    from wardgate.tls import ensure_self_signed
+
+    ca, cert, key = ensure_self_signed(tmp_path / "corp-pki", ["127.0.0.1"])
+    gw = make_gateway(tmp_path / "gw", pg, extra_toml=f'tls_cert = "{cert}"\ntls_key = "{key}"')
+    gw.start()
+    try:
+        cred = gw.credential()
+        with psycopg.connect(gw.dsn(cred, sslmode="verify-full", sslrootcert=str(ca))) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        # the generated CA is not the one in use
+        assert not gw.ca.exists()
+    finally:
+        gw.stop()

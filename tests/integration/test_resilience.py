@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -110,3 +111,50 @@ def test_graceful_stop_tells_clients_and_records_the_end(tmp_path, own_pg) -> No
         assert s["status"] == "closed" and s["end_reason"].startswith("gateway shutdown")
     finally:
         gw.stop()
+
+
+def _backends(pg) -> int:  # noqa: ANN001
+    return int(pg.psql("select count(*) from pg_stat_activity where usename = 'app' and datname = 'shop'").strip())
+
+
+def test_client_vanishing_mid_query_frees_the_upstream_backend(own_gateway, own_pg) -> None:
+    import socket as socketlib
+
+    from tests.pgwire import RawClient
+    from wardgate.engines.postgres import codec
+
+    gw = own_gateway
+    baseline = _backends(own_pg)
+    c = RawClient(gw.port)
+    c.login("alice", gw.credential()["credential"], "shop")
+    c.send(codec.message(b"Q", codec.cstr("select pg_sleep(60)")))
+    time.sleep(0.5)
+    assert _backends(own_pg) == baseline + 1
+    c.sock.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.close()  # reset, mid-statement
+    s = gw.wait_for_session(lambda s: s["status"] == "closed" and s["end_reason"] == "client disconnected")
+    st = gw.session(s["id"], until=lambda d: d["statements"] and d["statements"][0]["status"] != "running")["statements"][0]
+    assert st["text"] == "select pg_sleep(60)" and st["status"] == "aborted"
+    deadline = time.time() + 10  # the gateway cancels the abandoned statement; the backend then ends
+    while _backends(own_pg) > baseline and time.time() < deadline:
+        time.sleep(0.2)
+    assert _backends(own_pg) == baseline
+
+
+def test_client_vanishing_mid_copy(own_gateway, own_pg) -> None:
+    from tests.pgwire import RawClient
+    from wardgate.engines.postgres import codec
+
+    gw = own_gateway
+    with psycopg.connect(gw.dsn(gw.credential()), autocommit=True) as conn:
+        conn.execute("create table if not exists copy_target (n int)")
+        conn.execute("truncate copy_target")
+    c = RawClient(gw.port)
+    c.login("alice", gw.credential()["credential"], "shop")
+    c.send(codec.message(b"Q", codec.cstr("copy copy_target from stdin")))
+    assert c.read()[0] == "G"
+    c.send(b"".join(codec.message(b"d", f"{i}\n".encode()) for i in range(1000)))
+    c.close()  # gone before CopyDone: the COPY must not commit
+    time.sleep(1)
+    with psycopg.connect(gw.dsn(gw.credential())) as conn:
+        assert conn.execute("select count(*) from copy_target").fetchone() == (0,)

@@ -170,13 +170,7 @@ class PostgresListener:
         if live is None or not hmac.compare_digest(live.cancel_secret, packet.secret_key):
             log.info("cancel request with an unknown key ignored")
             return
-        spec = await asyncio.to_thread(self.store.get_connection, live.connection)
-        if spec is None:
-            return
-        try:
-            await upstream.cancel(spec, live.upstream_pid, live.upstream_secret)
-        except upstream.UpstreamError as exc:
-            log.warning("cancel for session %s failed: %s", live.relay.session_id, exc)
+        await self._cancel_upstream(live)
 
     def _fake_salt(self, user: str) -> bytes:
         # Unknown users get a stable salt, so the exchange does not reveal which names exist.
@@ -256,7 +250,7 @@ class PostgresListener:
         cancel_secret = secrets.token_bytes(4)
         relay = Relay(
             session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
-            record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended, max_message=self.settings.gateway.max_message_size,
+            record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended, on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live
@@ -284,6 +278,23 @@ class PostgresListener:
         except OSError:
             log.exception("cannot record a rejected connection attempt")
         log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc)
+
+    def _abandoned(self, relay: Relay) -> None:
+        live = self.sessions.get(relay.session_id)
+        if live is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._cancel_upstream(live))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_upstream(self, live: LiveSession) -> None:
+        spec = await asyncio.to_thread(self.store.get_connection, live.connection)
+        if spec is None:
+            return
+        try:
+            await upstream.cancel(spec, live.upstream_pid, live.upstream_secret)
+        except upstream.UpstreamError as exc:
+            log.warning("cancel for session %s failed: %s", live.relay.session_id, exc)
 
     def _ended(self, relay: Relay, reason: str) -> None:
         live = self.sessions.pop(relay.session_id, None)

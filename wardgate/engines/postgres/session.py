@@ -41,6 +41,7 @@ class Relay:
         record: Callable[[list[str]], None],
         defer: Callable[[list[str]], None],
         on_end: Callable[["Relay", str], None],
+        on_abandon: Callable[["Relay"], None] | None = None,
         max_message: int,
     ) -> None:
         self.session_id = session_id
@@ -50,6 +51,7 @@ class Relay:
         self._record = record
         self._defer = defer
         self._on_end = on_end
+        self._on_abandon = on_abandon
         self.tracker = StatementTracker()
         self.client_framer = Framer(
             FRONTEND_INSPECT + b"X",
@@ -181,6 +183,9 @@ class Relay:
                               hint="reconnect; the gateway's log has the details"), "internal gateway error", "XX000")
 
     def _client_lost(self, exc: Exception | None) -> None:
+        if self.tracker.in_flight and not self.ended and self._on_abandon is not None:
+            # Nobody will read the result: stop the work upstream instead of letting it run on.
+            self._on_abandon(self)
         self.upstream.close()
         self.end("client terminated" if self.terminating else "client disconnected")
 
