@@ -71,9 +71,7 @@ class PostgresListener:
 
     def _new_protocol(self) -> StreamProtocol:
         proto = StreamProtocol(max_message=self.settings.gateway.max_message_size)
-        task = asyncio.get_running_loop().create_task(self._handle(proto))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._handle(proto))
         return proto
 
     async def close(self) -> None:
@@ -205,7 +203,8 @@ class PostgresListener:
             password = body.rstrip(b"\x00").decode("utf-8", "replace")
             cred_id = password[len(CREDENTIAL_PREFIX):].split("_", 1)[0] if password.startswith(CREDENTIAL_PREFIX) else ""
             candidate = dict(candidates).get(cred_id)
-            probe = make_verifier(password, salt, candidate.iterations if candidate else 4096)
+            # PBKDF2 takes milliseconds: off the event loop, so other sessions do not wait for it.
+            probe = await asyncio.to_thread(make_verifier, password, salt, candidate.iterations if candidate else 4096)
             if candidate is None or not hmac.compare_digest(probe.stored_key, candidate.stored_key):
                 raise failed
             matched = cred_id
@@ -240,7 +239,7 @@ class PostgresListener:
         except upstream.UpstreamError as exc:
             raise Rejected(exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001", str(exc),
                            hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
-        asyncio.get_running_loop().run_in_executor(None, self.store.mark_used, matched)
+        self._background(asyncio.to_thread(self.store.mark_used, matched))
 
         # The session is recorded before the client can send its first statement.
         self.recorder.write([record])
@@ -250,7 +249,8 @@ class PostgresListener:
         cancel_secret = secrets.token_bytes(4)
         relay = Relay(
             session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
-            record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended, on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
+            record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
+            on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live
@@ -262,10 +262,6 @@ class PostgresListener:
         out.append(codec.backend_key_data(cancel_pid, cancel_secret))
         out.append(codec.ready_for_query(up.transaction_status))
         client.write(b"".join(out))
-        if client.closed:
-            relay.end("client disconnected")
-            up.protocol.close()
-            return None
         return live
 
     def _reject(self, client: StreamProtocol, record: dict[str, Any], exc: Rejected) -> None:
@@ -279,13 +275,20 @@ class PostgresListener:
             log.exception("cannot record a rejected connection attempt")
         log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc)
 
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception())
+
     def _abandoned(self, relay: Relay) -> None:
         live = self.sessions.get(relay.session_id)
-        if live is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._cancel_upstream(live))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if live is not None:
+            self._background(self._cancel_upstream(live))
 
     async def _cancel_upstream(self, live: LiveSession) -> None:
         spec = await asyncio.to_thread(self.store.get_connection, live.connection)

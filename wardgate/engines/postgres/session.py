@@ -65,7 +65,6 @@ class Relay:
         self.ended = False
         self.terminating = False
         self.upstream_fatal = False
-        self.statements = 0
 
     def start(self) -> None:
         self.client.on_lost = self._client_lost
@@ -75,6 +74,11 @@ class Relay:
         self.upstream.on_pause = self._pause_client
         self.upstream.start_relay(self.from_upstream)
         self.client.start_relay(self.from_client)
+        # Either side may have gone while the session was being set up.
+        if self.upstream.closed:
+            self._upstream_lost(self.upstream.close_exc)
+        elif self.client.closed:
+            self._client_lost(self.client.close_exc)
 
     def _pause_upstream(self, paused: bool) -> None:
         t = self.upstream.transport
@@ -108,7 +112,6 @@ class Relay:
                             f'"np":{started.param_count},"at":{time.time()!r},"text":{_json(started.text)}}}\n'
                         )
                 if records:
-                    self.statements += len(records)
                     self._record(records)
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"protocol violation: {exc}", hint="the gateway closed this session; reconnect"), f"protocol violation: {exc}", "08P01")
