@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+IDP    := tests/idp/node_modules/.package-lock.json
 
 .PHONY: demo test test-fast bench lint setup system-deps clean
 
 demo: system-deps setup
 	$(PY) -m wardgate.demo
 
-test: system-deps setup
+test: system-deps setup $(IDP)
 	$(PY) -m pytest
 
 test-fast: setup
@@ -28,6 +29,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# The tests' OpenID provider (npm oidc-provider), installed into a folder git ignores.
+$(IDP): tests/idp/package-lock.json
+	cd tests/idp && npm ci --no-audit --no-fund --loglevel=error
 
 system-deps:
 	@scripts/system-deps.sh

@@ -240,3 +240,67 @@ def psql(dsn: str, *args: str, input: str | None = None, check: bool = True, env
     if check and out.returncode != 0:
         raise AssertionError(f"psql failed ({out.returncode}): {out.stderr}")
     return out
+
+
+IDP_DIR = ROOT / "tests" / "idp"
+IDP_AUDIENCE = "https://wardgate.test"
+IDP_ACCOUNTS = {"alice": {"groups": ["dev"]}, "olivia": {"groups": ["ops", "auditors"]}, "nobody": {"groups": []}}
+
+
+@dataclass
+class IdP:
+    issuer: str
+    keys_file: Path
+    proc: subprocess.Popen
+
+    @property
+    def private_keys(self) -> list[dict]:
+        return json.loads(self.keys_file.read_text())["keys"]
+
+    def client_credentials(self, client_id: str = "ci-bot", secret: str = "ci-bot-secret") -> str:
+        r = httpx.post(f"{self.issuer}/token", auth=(client_id, secret),
+                       data={"grant_type": "client_credentials", "resource": IDP_AUDIENCE, "scope": "openid"})
+        r.raise_for_status()
+        return r.json()["access_token"]
+
+    def forge(self, claims: dict, *, alg: str = "RS256", key: dict | None = None, kid: str | None = None) -> str:
+        """A token signed with the provider's own key (or `key`), carrying exactly `claims`."""
+        from joserfc import jwt
+        from joserfc.jwk import KeySet
+
+        jwk = key or next(k for k in self.private_keys if k["alg"] == alg)
+        header = {"alg": alg, "kid": kid or jwk.get("kid"), "typ": "at+jwt"}
+        return jwt.encode(header, claims, KeySet.import_key_set({"keys": [jwk]}).keys[0])
+
+    def claims(self, **overrides) -> dict:  # noqa: ANN003
+        now = int(time.time())
+        base = {"iss": self.issuer, "aud": IDP_AUDIENCE, "sub": "alice", "preferred_username": "alice",
+                "groups": ["dev"], "iat": now, "exp": now + 300}
+        base.update(overrides)
+        return {k: v for k, v in base.items() if v is not None}
+
+
+@pytest.fixture(scope="session")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> IdP:
+    """The npm package oidc-provider on loopback, with RS256 and ES256 keys."""
+    if not (IDP_DIR / "node_modules" / "oidc-provider").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True, capture_output=True)
+    port = free_port()
+    keys = tmp_path_factory.mktemp("idp") / "keys.json"
+    env = {**os.environ, "IDP_ACCOUNTS": json.dumps(IDP_ACCOUNTS), "IDP_RESOURCE": IDP_AUDIENCE}
+    proc = subprocess.Popen(["node", str(IDP_DIR / "server.mjs"), str(port), str(keys)], cwd=IDP_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    issuer = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{issuer}/.well-known/openid-configuration", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"the test IdP did not start: {proc.stdout.read()}")
+    yield IdP(issuer, keys, proc)
+    proc.terminate()
+    proc.wait(10)

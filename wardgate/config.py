@@ -85,6 +85,24 @@ class ConnectionSpec:
     sslrootcert: str | None = None
 
 
+ALLOWED_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+
+
+@dataclass
+class IdentityProviderSpec:
+    """An OpenID provider whose access tokens the gateway accepts."""
+
+    name: str
+    issuer: str
+    audience: str
+    client_id: str = ""
+    groups_claim: str = "groups"
+    user_claim: str = "preferred_username"
+    group_map: dict[str, str] = field(default_factory=dict)
+    algorithms: list[str] = field(default_factory=lambda: list(ALLOWED_ALGORITHMS))
+    leeway: int = 30
+
+
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
@@ -97,6 +115,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     credentials: CredentialSettings = field(default_factory=CredentialSettings)
     connections: list[ConnectionSpec] = field(default_factory=list)
+    identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
 
     @property
     def store_url(self) -> str:
@@ -159,6 +178,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             _apply(sections[key], value, key)
         elif key == "connections":
             settings.connections = [_connection(c) for c in value]
+        elif key == "identity_providers":
+            settings.identity_providers = [_identity_provider(p) for p in value]
         elif key == "data_dir":
             settings.data_dir = Path(value)
         elif key == "secret_key":
@@ -191,6 +212,22 @@ def _connection(raw: dict[str, Any]) -> ConnectionSpec:
     except TypeError as exc:
         raise ConfigError(f"connection {raw['name']!r}: {exc}") from exc
     validate_connection(spec)
+    return spec
+
+
+def _identity_provider(raw: dict[str, Any]) -> IdentityProviderSpec:
+    for required in ("name", "issuer", "audience"):
+        if required not in raw:
+            raise ConfigError(f"every [[identity_providers]] entry needs {required}")
+    try:
+        spec = IdentityProviderSpec(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"identity provider {raw['name']!r}: {exc}") from exc
+    bad = set(spec.algorithms) - set(ALLOWED_ALGORITHMS)
+    if bad or not spec.algorithms:
+        raise ConfigError(
+            f"identity provider {spec.name!r}: algorithms must be among {', '.join(ALLOWED_ALGORITHMS)} (got {sorted(bad)})"
+        )
     return spec
 
 

@@ -1,0 +1,28 @@
+"""Plain data shared by every door: who is acting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a request is for. `user` is always the accountable human or service account; when an AI
+    agent acts for a person, `agent` names it and `user`/`groups` are the person's."""
+
+    user: str
+    groups: tuple[str, ...] = ()
+    kind: str = "user"  # user, service or agent
+    agent: str | None = None
+    source: str = "local"  # local, oidc:<provider>, apikey:<id>
+    expires_at: float | None = None
+
+    @property
+    def display(self) -> str:
+        return f"{self.agent} acting for {self.user}" if self.agent else self.user
+
+    def public(self) -> dict[str, object]:
+        return {
+            "user": self.user, "groups": list(self.groups), "kind": self.kind, "agent": self.agent,
+            "source": self.source, "expires_at": self.expires_at,
+        }
