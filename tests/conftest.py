@@ -168,7 +168,9 @@ sslrootcert = "{ca}"
 """
 
 
-def make_gateway(base: Path, pg: LocalPostgres, extra_toml: str = "", store_url: str | None = None) -> Gateway:
+def make_gateway(
+    base: Path, pg: LocalPostgres, extra_toml: str = "", store_url: str | None = None, tail_toml: str = ""
+) -> Gateway:
     base.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
     config = base / "wardgate.toml"
@@ -208,6 +210,7 @@ database = "shop"
 user = "trustuser"
 sslmode = "require"
 """
+        + tail_toml
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
     env.update(SHOP_PASSWORD=APP_PASSWORD, SHOP_MD5_PASSWORD=MD5_PASSWORD, PYTHONUNBUFFERED="1")

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import Settings, parse_hostport
 from .engines.postgres.server import PostgresListener
+from .identity.authenticator import Authenticator
 from .recording.recorder import Recorder
 from .store import Store
 from .tls import ensure_self_signed, server_context
@@ -34,6 +35,7 @@ class Gateway:
         self.recorder = Recorder(self.store, settings)
         self.tls, self.tls_source = tls_context(settings)
         self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls)
+        self.authenticator = Authenticator(settings, self.store)
         self.started_at = time.time()
         self.ready = False
         self._stop = asyncio.Event()

@@ -6,6 +6,7 @@ import datetime as dt
 import getpass
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -363,6 +364,152 @@ def sessions_show(session_id: str = typer.Argument(..., help="Session id or a un
         table.add_row(str(st.seq), when(st.started_at), f"{st.duration_ms:.2f}" if st.duration_ms is not None else "-",
                       text, "-" if st.rows is None else str(st.rows), outcome)
     console.print(table)
+
+
+# ---------------------------------------------------------------------------------- api keys
+
+apikeys_app = typer.Typer(no_args_is_help=True, help="API keys for machines and for agents acting for a user.")
+app.add_typer(apikeys_app, name="apikeys")
+
+
+@apikeys_app.command("create")
+def apikeys_create(
+    name: str | None = typer.Option(None, help="Service account name (the identity the key carries)."),
+    group: list[str] = typer.Option([], "--group", "-g", help="Groups of the service account (repeat for several)."),
+    for_agent: str | None = typer.Option(None, "--for-agent", help="Make a key for this agent acting for --user."),
+    user: str | None = typer.Option(None, "--user", "-u", help="With --for-agent: the person the agent acts for."),
+    ttl: str | None = typer.Option(None, help="Lifetime, e.g. 90d (default: until revoked)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Create an API key. It is shown once and stored hashed."""
+    from .store import NotFound
+
+    if for_agent:
+        if not user or group:
+            fail("an agent key acts for a person: give --user (and no --group; the person's groups apply)")
+        kind, owner, label = "agent", user, f"{for_agent} for {user}"
+    else:
+        if not name:
+            fail("give --name for a service account, or --for-agent with --user")
+        kind, owner, label = "service", name, name
+    try:
+        seconds = parse_duration(ttl) if ttl else None
+        issued = open_store().create_api_key(
+            name=label, kind=kind, user_name=owner, agent=for_agent, groups=group, ttl=seconds, created_by="cli"
+        )
+    except (NotFound, ConfigError) as exc:
+        fail(str(exc))
+    row = issued.row
+    if json_out:
+        emit_json({"id": row.id, "name": row.name, "kind": row.kind, "user": row.user_name, "agent": row.agent,
+                   "groups": row.groups, "expires_at": iso(row.expires_at), "key": issued.secret})
+        return
+    console.print(f"API key [bold]{row.id}[/] ({label}), expires {when(row.expires_at) if row.expires_at else 'never'}")
+    console.print(f"key: {issued.secret}", soft_wrap=True, highlight=False)
+    console.print("It is shown once. Use it as `Authorization: Bearer <key>` or WARDGATE_API_KEY.")
+
+
+@apikeys_app.command("list")
+def apikeys_list(all_: bool = typer.Option(False, "--all", help="Include revoked and expired keys."), json_out: bool = JsonOpt) -> None:
+    """List API keys (never the keys themselves)."""
+    rows = open_store().list_api_keys(include_inactive=all_)
+    now = time.time()
+
+    def status(k: Any) -> str:
+        return "revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active")
+
+    if json_out:
+        emit_json([{"id": k.id, "name": k.name, "kind": k.kind, "user": k.user_name, "agent": k.agent, "groups": k.groups,
+                    "status": status(k), "created_at": iso(k.created_at), "expires_at": iso(k.expires_at),
+                    "last_used_at": iso(k.last_used_at)} for k in rows])
+        return
+    table = Table("id", "name", "kind", "acts as", "groups", "status", "last used")
+    for k in rows:
+        acts = f"{k.agent} for {k.user_name}" if k.agent else k.user_name
+        table.add_row(k.id, k.name, k.kind, acts, ", ".join(k.groups) or "-", status(k), when(k.last_used_at))
+    console.print(table)
+
+
+@apikeys_app.command("revoke")
+def apikeys_revoke(key_id: str = typer.Argument(..., help="Key id (see `apikeys list`).")) -> None:
+    """Revoke an API key at once."""
+    from .store import NotFound
+
+    try:
+        open_store().revoke_api_key(key_id)
+    except NotFound as exc:
+        fail(str(exc))
+    console.print(f"revoked API key [bold]{key_id}[/]")
+
+
+# ------------------------------------------------------------------------- self-service (HTTP)
+
+
+def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, **kwargs: Any) -> Any:
+    import httpx
+
+    from .config import parse_hostport
+
+    bearer = bearer or os.environ.get("WARDGATE_API_KEY") or os.environ.get("WARDGATE_TOKEN")
+    if not bearer:
+        fail("not signed in: set WARDGATE_API_KEY (or WARDGATE_TOKEN), or pass --api-key")
+    if not gateway_url:
+        settings = state.settings
+        host, port = parse_hostport(settings.gateway.http_listen)
+        gateway_url = f"{'https' if settings.gateway.http_tls else 'http'}://{host}:{port}"
+    try:
+        r = httpx.request(method, gateway_url.rstrip("/") + path, headers={"Authorization": f"Bearer {bearer}"}, timeout=30, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the gateway at {gateway_url}: {exc}")
+    if r.status_code == 401:
+        fail(f"the gateway refused your identity: {r.json().get('detail', r.text)}")
+    if r.status_code >= 400:
+        detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+        fail(f"{detail}")
+    return r.json()
+
+
+ApiKeyOpt = typer.Option(None, "--api-key", help="Bearer secret (default $WARDGATE_API_KEY or $WARDGATE_TOKEN).")
+GatewayOpt = typer.Option(None, "--gateway", envvar="WARDGATE_URL", help="Gateway HTTP URL (default from the config).")
+
+
+@app.command()
+def whoami(api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt) -> None:
+    """Show who the gateway takes you for: user, groups, agent, expiry."""
+    me = _api("GET", "/api/me", api_key, gateway)
+    if json_out:
+        emit_json(me)
+        return
+    who = f"{me['agent']} acting for {me['user']}" if me.get("agent") else me["user"]
+    console.print(f"[bold]{who}[/] ({me['kind']}, {me['source']})  groups: {', '.join(me['groups']) or '-'}"
+                  f"  expires: {when(me['expires_at']) if me.get('expires_at') else 'never'}")
+
+
+@app.command()
+def connect(
+    connection: str = typer.Argument(..., help="Connection name."),
+    ttl: str | None = typer.Option(None, help="Credential lifetime, e.g. 30m."),
+    exec_: str | None = typer.Option(None, "--exec", help="Run this command (e.g. psql) with PG* variables set."),
+    env_out: bool = typer.Option(False, "--env", help="Print `export PG...=` lines instead of a URL."),
+    api_key: str | None = ApiKeyOpt,
+    gateway: str | None = GatewayOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Get a just-in-time credential for CONNECTION, bound to your identity, and use it."""
+    import shlex
+
+    issued = _api("POST", "/api/credentials", api_key, gateway, json={"connection": connection, "ttl": ttl})
+    if exec_:
+        argv = shlex.split(exec_)
+        os.execvpe(argv[0], argv, {**os.environ, **issued["env"]})  # noqa: S606 - the user asked to run it
+    if json_out:
+        emit_json(issued)
+    elif env_out:
+        for k, v in issued["env"].items():
+            sys.stdout.write(f"export {k}={shlex.quote(v)}\n")
+    else:
+        err.print(f"credential {issued['id']} for {issued['user']} on {issued['connection']}, expires {issued['expires_at']}")
+        console.print(f'psql "{issued["url"]}"', soft_wrap=True, highlight=False)
 
 
 # ------------------------------------------------------------------------------------ admin

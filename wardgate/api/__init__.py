@@ -1,20 +1,72 @@
-"""HTTP API of the gateway (health for now; the exec API builds on it)."""
+"""HTTP API of the gateway (FastAPI; OpenAPI at /openapi.json). Every /api route takes a Bearer token
+(an OIDC access token from a configured provider, or a Wardgate API key)."""
 
-from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from ..config import ConfigError, parse_duration, parse_hostport
+from ..domain import Identity
+from ..identity import AuthenticationError
+from ..recording.views import iso
+from ..store import Conflict, NotFound
 
 if TYPE_CHECKING:
     from ..app import Gateway
 
 
-def create_app(gateway: "Gateway") -> Starlette:
-    async def healthz(_: Request) -> JSONResponse:
+class CredentialRequest(BaseModel):
+    connection: str = Field(description="Connection name (the dbname native clients use).")
+    ttl: str | None = Field(default=None, description="Lifetime such as 15m or 2h; default from the config.")
+
+
+def create_app(gateway: "Gateway") -> FastAPI:
+    app = FastAPI(title="Wardgate", version="0.1.0", description=__doc__)
+
+    def identity(request: Request) -> Identity:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            raise HTTPException(401, "send `Authorization: Bearer <token or API key>`", headers={"WWW-Authenticate": "Bearer"})
+        try:
+            return gateway.authenticator.authenticate(value)
+        except AuthenticationError as exc:
+            raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+
+    Caller = Annotated[Identity, Depends(identity)]
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> JSONResponse:
         return JSONResponse(gateway.health(), status_code=200 if gateway.ready else 503)
 
-    return Starlette(routes=[Route("/healthz", healthz)])
+    @app.get("/api/me", summary="Who the caller is")
+    def me(caller: Caller) -> dict[str, Any]:
+        return caller.public()
+
+    @app.post("/api/credentials", summary="Issue a short-lived native credential for the caller")
+    def issue_credential(body: CredentialRequest, caller: Caller) -> dict[str, Any]:
+        settings = gateway.settings
+        store = gateway.store
+        try:
+            ttl = parse_duration(body.ttl) if body.ttl else settings.default_ttl
+            if caller.source.startswith("oidc:"):
+                store.ensure_user(caller.user, list(caller.groups), caller.source)
+            issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent)
+        except (ConfigError, Conflict) as exc:
+            raise HTTPException(400, str(exc)) from None
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        host, port = parse_hostport(settings.gateway.listen)
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return {
+            "id": issued.id, "user": issued.user, "agent": issued.agent, "connection": issued.connection,
+            "credential": issued.secret, "expires_at": iso(issued.expires_at),
+            "url": f"postgresql://{issued.user}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require",
+            "env": {"PGHOST": host, "PGPORT": str(port), "PGUSER": issued.user, "PGPASSWORD": issued.secret,
+                    "PGDATABASE": issued.connection, "PGSSLMODE": "require"},
+        }
+
+    return app

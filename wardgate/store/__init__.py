@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import time
@@ -25,6 +27,7 @@ from . import models as m
 from .secretbox import SecretBox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+API_KEY_PREFIX = "wgk_"
 _STMT_COLUMNS = (
     "session_id", "seq", "kind", "text", "param_count", "started_at", "status", "duration_ms", "rows",
     "command_tag", "error_code", "error_message",
@@ -48,6 +51,13 @@ class IssuedCredential:
     user: str
     connection: str
     expires_at: float
+    agent: str | None = None
+
+
+@dataclass(frozen=True)
+class IssuedApiKey:
+    row: m.ApiKey
+    secret: str  # shown once; only its SHA-256 is stored
 
 
 @dataclass(frozen=True)
@@ -214,7 +224,7 @@ class Store:
 
     # ---------------------------------------------------------------------------- credentials
 
-    def issue_credential(self, user_name: str, connection: str, ttl: float) -> IssuedCredential:
+    def issue_credential(self, user_name: str, connection: str, ttl: float, agent: str | None = None) -> IssuedCredential:
         if ttl <= 0:
             raise ConfigError("the TTL must be positive")
         if ttl > self.settings.max_ttl:
@@ -242,9 +252,10 @@ class Store:
                     server_key=verifier.server_key,
                     created_at=now,
                     expires_at=now + ttl,
+                    agent=agent,
                 )
             )
-        return IssuedCredential(cred_id, secret, user_name, connection, now + ttl)
+        return IssuedCredential(cred_id, secret, user_name, connection, now + ttl, agent)
 
     def revoke_credential(self, cred_id: str) -> m.Credential:
         with self.Session.begin() as s:
@@ -265,22 +276,23 @@ class Store:
         with self.Session() as s:
             return [(c, n) for c, n in s.execute(q.order_by(m.Credential.created_at))]
 
-    def auth_material(self, user_name: str, connection: str) -> tuple[m.User | None, list[tuple[str, Verifier]]]:
-        """The user and the verifiers of its live credentials for `connection`."""
+    def auth_material(self, user_name: str, connection: str) -> tuple[m.User | None, list[tuple[str, Verifier]], dict[str, str]]:
+        """The user, the verifiers of its live credentials for `connection`, and the agents they were issued to."""
         now = time.time()
         with self.Session() as s:
             user = s.scalar(select(m.User).where(m.User.name == user_name))
             if user is None or user.disabled:
-                return None, []
-            rows = s.scalars(
+                return None, [], {}
+            rows = list(s.scalars(
                 select(m.Credential).where(
                     m.Credential.user_id == user.id,
                     m.Credential.connection == connection,
                     m.Credential.revoked_at.is_(None),
                     m.Credential.expires_at > now,
                 )
-            )
-            return user, [(c.id, Verifier(user.scram_salt, c.iterations, c.stored_key, c.server_key)) for c in rows]
+            ))
+            verifiers = [(c.id, Verifier(user.scram_salt, c.iterations, c.stored_key, c.server_key)) for c in rows]
+            return user, verifiers, {c.id: c.agent for c in rows if c.agent}
 
     def credential_state(self, cred_id: str) -> m.Credential | None:
         with self.Session() as s:
@@ -306,6 +318,79 @@ class Store:
     def mark_used(self, cred_id: str) -> None:
         with self.Session.begin() as s:
             s.execute(update(m.Credential).where(m.Credential.id == cred_id).values(last_used_at=time.time()))
+
+    def ensure_user(self, name: str, groups: list[str], source: str) -> m.User:
+        """The user of a verified external identity: created on first sight, its groups kept current."""
+        with self.Session.begin() as s:
+            user = s.scalar(select(m.User).where(m.User.name == name))
+            if user is None:
+                user = m.User(name=name, groups=sorted(set(groups)), scram_salt=os.urandom(16), created_at=time.time(),
+                              disabled=False, source=source)
+                s.add(user)
+            elif user.disabled:
+                raise Conflict(f"user {name!r} is disabled")
+            elif user.source != "local":
+                user.groups = sorted(set(groups))
+            return user
+
+    # ------------------------------------------------------------------------------- api keys
+
+    def create_api_key(
+        self, *, name: str, kind: str, user_name: str, agent: str | None, groups: list[str], ttl: float | None,
+        created_by: str | None,
+    ) -> IssuedApiKey:
+        if kind not in ("service", "agent"):
+            raise ConfigError("an API key is for a service account or for an agent")
+        if kind == "agent" and self.get_user(user_name) is None:
+            raise NotFound(f"no user named {user_name!r}: an agent key acts for an existing user")
+        key_id = secrets.token_hex(6)
+        secret = f"{API_KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        now = time.time()
+        row = m.ApiKey(
+            id=key_id, name=name, kind=kind, user_name=user_name, agent=agent, groups=sorted(set(groups)),
+            secret_hash=hashlib.sha256(secret.encode()).digest(), created_by=created_by, created_at=now,
+            expires_at=now + ttl if ttl else None,
+        )
+        with self.Session.begin() as s:
+            s.add(row)
+        return IssuedApiKey(row, secret)
+
+    def list_api_keys(self, include_inactive: bool = False) -> list[m.ApiKey]:
+        now = time.time()
+        q = select(m.ApiKey).order_by(m.ApiKey.created_at)
+        if not include_inactive:
+            q = q.where(m.ApiKey.revoked_at.is_(None), sa.or_(m.ApiKey.expires_at.is_(None), m.ApiKey.expires_at > now))
+        with self.Session() as s:
+            return list(s.scalars(q))
+
+    def revoke_api_key(self, key_id: str) -> None:
+        with self.Session.begin() as s:
+            row = s.get(m.ApiKey, key_id)
+            if row is None:
+                raise NotFound(f"no API key with id {key_id!r}; see `wardgate apikeys list`")
+            row.revoked_at = row.revoked_at or time.time()
+
+    def api_key(self, presented: str) -> tuple[m.ApiKey, list[str]]:
+        """The live key matching `presented` and the groups it acts with; NotFound otherwise."""
+        key_id = presented[len(API_KEY_PREFIX):].split("_", 1)[0] if presented.startswith(API_KEY_PREFIX) else ""
+        digest = hashlib.sha256(presented.encode()).digest()
+        now = time.time()
+        with self.Session.begin() as s:
+            row = s.get(m.ApiKey, key_id) if key_id else None
+            if row is None or not hmac.compare_digest(row.secret_hash, digest):
+                raise NotFound("the API key is not valid")
+            if row.revoked_at is not None:
+                raise NotFound(f"API key {row.id} was revoked")
+            if row.expires_at is not None and row.expires_at <= now:
+                raise NotFound(f"API key {row.id} expired")
+            groups = list(row.groups)
+            if row.kind == "agent":
+                user = s.scalar(select(m.User).where(m.User.name == row.user_name))
+                if user is None or user.disabled:
+                    raise NotFound(f"the user {row.user_name!r} this agent key acts for no longer exists")
+                groups = list(user.groups)  # the person's rights, as they are now
+            row.last_used_at = now
+            return row, groups
 
     # ------------------------------------------------------------------------------- sessions
 
@@ -366,6 +451,7 @@ class Store:
                     "client_addr": r["addr"], "started_at": r["at"], "status": r.get("status", "active"),
                     "end_reason": r.get("reason"), "error_code": r.get("code"), "ended_at": r.get("ended"),
                     "tls": bool(r.get("tls")), "application_name": r.get("app"), "gateway": r.get("gw"),
+                    "agent": r.get("agent"),
                 }
             elif kind == "end":
                 ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason")})

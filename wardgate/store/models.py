@@ -18,6 +18,8 @@ class User(Base):
     scram_salt: Mapped[bytes] = mapped_column(LargeBinary(32))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    # local (added with `wardgate users add`) or oidc:<provider> (seen first in a verified token)
+    source: Mapped[str] = mapped_column(String(64), default="local", server_default="local")
 
 
 class Connection(Base):
@@ -47,6 +49,7 @@ class Credential(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
     __table_args__ = (Index("ix_credentials_user_connection", "user_id", "connection"),)
 
@@ -67,6 +70,7 @@ class Session(Base):
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
     application_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
     gateway: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
     __table_args__ = (Index("ix_sessions_started_at", "started_at"),)
 
@@ -86,3 +90,21 @@ class Statement(Base):
     command_tag: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(5), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ApiKey(Base):
+    """A key for a machine (kind service: its own name and groups) or an agent acting for a user."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # service or agent
+    user_name: Mapped[str] = mapped_column(String(128))
+    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    groups: Mapped[list] = mapped_column(JSON, default=list)
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)

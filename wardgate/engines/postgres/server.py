@@ -188,7 +188,7 @@ class PostgresListener:
         if self.settings.gateway.require_tls and not client.tls:
             raise Rejected("28000", "the gateway requires TLS", hint="connect with sslmode=require (or verify-full)")
 
-        user_row, candidates = await asyncio.to_thread(self.store.auth_material, user, conn_name)
+        user_row, candidates, agents = await asyncio.to_thread(self.store.auth_material, user, conn_name)
         salt = user_row.scram_salt if user_row is not None else self._fake_salt(user)
         hint = _HINT_CREDENTIAL.format(user=user, conn=conn_name)
         failed = Rejected("28P01", f'password authentication failed for user "{user}" on connection "{conn_name}"', hint=hint)
@@ -229,6 +229,7 @@ class PostgresListener:
                 raise Rejected("28000", f"SCRAM authentication failed: {exc}") from None
             client.write(codec.auth_sasl_final(final))
         record["cred"] = matched
+        record["agent"] = agents.get(matched)
 
         spec = await asyncio.to_thread(self.store.get_connection, conn_name)
         if spec is None:

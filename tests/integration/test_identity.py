@@ -1,0 +1,133 @@
+"""Identity end to end: IdP tokens and API keys get just-in-time credentials bound to who is acting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import IDP_AUDIENCE, make_gateway
+
+
+@pytest.fixture(scope="module")
+def idgw(tmp_path_factory, pg, idp):  # noqa: ANN001, ANN201
+    tail = f"""
+[[identity_providers]]
+name = "corp"
+issuer = "{idp.issuer}"
+audience = "{IDP_AUDIENCE}"
+"""
+    gw = make_gateway(tmp_path_factory.mktemp("idgw"), pg, tail_toml=tail)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def wardgate(gw, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    full_env = {k: v for k, v in gw.env.items() if k not in ("WARDGATE_API_KEY", "WARDGATE_TOKEN")}
+    full_env.update(env or {})
+    out = subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(gw.config), *args],
+                         capture_output=True, text=True, env=full_env, timeout=60)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def api(gw, method: str, path: str, bearer: str, **kw) -> httpx.Response:  # noqa: ANN001, ANN003
+    return httpx.request(method, f"http://127.0.0.1:{gw.http_port}{path}", headers={"Authorization": f"Bearer {bearer}"}, **kw)
+
+
+def test_ci_job_with_client_credentials_runs_psql_as_itself(idgw, idp) -> None:
+    token = idp.client_credentials()
+    out = wardgate(idgw, "connect", "shop", "--exec", "psql -X -At -c 'select count(*) from orders'",
+                   env={"WARDGATE_TOKEN": token, "PGAPPNAME": "t_ci_job"})
+    assert out.stdout.strip() == "1000"
+    s = idgw.wait_for_session(lambda s: s["application_name"] == "t_ci_job")
+    assert (s["user"], s["agent"], s["status"]) == ("ci-bot", None, "closed")
+    me = json.loads(wardgate(idgw, "whoami", "--json", env={"WARDGATE_TOKEN": token}).stdout)
+    assert me["user"] == "ci-bot" and me["kind"] == "service" and me["groups"] == ["deployers"]
+
+
+def test_person_token_gets_a_credential_for_themselves(idgw, idp) -> None:
+    token = idp.forge(idp.claims(sub="olivia", preferred_username="olivia", groups=["ops"]))
+    issued = json.loads(wardgate(idgw, "connect", "shop", "--ttl", "10m", "--json", env={"WARDGATE_TOKEN": token}).stdout)
+    assert issued["user"] == "olivia" and issued["env"]["PGUSER"] == "olivia"
+    with psycopg.connect(issued["url"], application_name="t_olivia") as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert idgw.wait_for_session(lambda s: s["application_name"] == "t_olivia")["user"] == "olivia"
+    users = {u["name"]: u["groups"] for u in idgw.cli_json("users", "list")}
+    assert users["olivia"] == ["ops"]  # provisioned from the token, groups from the claim
+
+
+def test_agent_key_acts_for_a_user_and_both_are_recorded(idgw) -> None:
+    key = idgw.cli_json("apikeys", "create", "--for-agent", "claude-code", "--user", "alice")
+    assert key["kind"] == "agent" and key["key"].startswith("wgk_")
+    env = {"WARDGATE_API_KEY": key["key"]}
+    me = json.loads(wardgate(idgw, "whoami", "--json", env=env).stdout)
+    assert (me["user"], me["agent"], me["groups"]) == ("alice", "claude-code", ["dev"])
+    issued = json.loads(wardgate(idgw, "connect", "shop", "--json", env=env).stdout)
+    assert (issued["user"], issued["agent"]) == ("alice", "claude-code")
+    with psycopg.connect(issued["url"], application_name="t_agent") as conn:
+        conn.execute("select 1")
+    s = idgw.wait_for_session(lambda s: s["application_name"] == "t_agent")
+    assert (s["user"], s["agent"]) == ("alice", "claude-code")
+    listed = {k["id"]: k for k in idgw.cli_json("apikeys", "list")}
+    assert listed[key["id"]]["last_used_at"] is not None and "key" not in listed[key["id"]]
+
+
+def test_token_exchange_actor_claim_is_an_agent(idgw, idp) -> None:
+    token = idp.forge(idp.claims(act={"sub": "cursor"}))
+    me = api(idgw, "GET", "/api/me", token).json()
+    assert (me["user"], me["agent"], me["kind"]) == ("alice", "cursor", "agent")
+
+
+def test_service_account_key_and_revocation(idgw) -> None:
+    key = idgw.cli_json("apikeys", "create", "--name", "deploy-bot", "--group", "deployers", "--ttl", "90d")
+    assert api(idgw, "GET", "/api/me", key["key"]).json()["user"] == "deploy-bot"
+    idgw.cli("apikeys", "revoke", key["id"])
+    r = api(idgw, "GET", "/api/me", key["key"])
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+    out = wardgate(idgw, "connect", "shop", env={"WARDGATE_API_KEY": key["key"]}, check=False)
+    assert out.returncode == 1 and "revoked" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "bearer,reason",
+    [
+        ("wgk_000000000000_guess", "not valid"),
+        ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "not accepted"),
+        ("garbage", "not a JWT"),
+    ],
+)
+def test_bad_bearers_get_401_with_a_reason(idgw, bearer, reason) -> None:
+    r = api(idgw, "POST", "/api/credentials", bearer, json={"connection": "shop"})
+    assert r.status_code == 401 and reason in r.json()["detail"]
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_expired_and_misaddressed_tokens_get_401(idgw, idp) -> None:
+    import time
+
+    now = int(time.time())
+    expired = idp.forge(idp.claims(iat=now - 900, exp=now - 600))
+    assert api(idgw, "GET", "/api/me", expired).status_code == 401
+    wrong_aud = idp.forge(idp.claims(aud="https://other.example"))
+    assert api(idgw, "GET", "/api/me", wrong_aud).status_code == 401
+    assert httpx.get(f"http://127.0.0.1:{idgw.http_port}/api/me").status_code == 401
+
+
+def test_openapi_is_published(idgw) -> None:
+    spec = httpx.get(f"http://127.0.0.1:{idgw.http_port}/openapi.json").json()
+    assert "/api/credentials" in spec["paths"] and "/api/me" in spec["paths"]
+
+
+def test_unknown_connection_is_a_clear_error(idgw) -> None:
+    key = idgw.cli_json("apikeys", "create", "--name", "x-bot")
+    out = wardgate(idgw, "connect", "nope", env={"WARDGATE_API_KEY": key["key"]}, check=False)
+    assert out.returncode == 1 and "no connection named 'nope'" in out.stderr
+    assert os.environ.get("WARDGATE_API_KEY") is None

@@ -1,0 +1,32 @@
+"""One place that turns a presented bearer secret (OIDC access token or API key) into an Identity."""
+
+from __future__ import annotations
+
+from ..config import Settings
+from ..domain import Identity
+from ..store import API_KEY_PREFIX, NotFound, Store
+from . import AuthenticationError
+from .oidc import Provider, TokenVerifier
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.store = store
+        self.tokens = TokenVerifier([Provider(p) for p in settings.identity_providers])
+
+    def authenticate(self, bearer: str) -> Identity:
+        """Blocking (store look-ups, JWKS fetches): call it from a thread, not the event loop."""
+        bearer = bearer.strip()
+        if not bearer:
+            raise AuthenticationError("no credentials: send `Authorization: Bearer <token or API key>`")
+        if bearer.startswith(API_KEY_PREFIX):
+            try:
+                row, groups = self.store.api_key(bearer)
+            except NotFound as exc:
+                raise AuthenticationError(str(exc)) from None
+            if row.kind == "agent":
+                return Identity(row.user_name, tuple(groups), "agent", row.agent, f"apikey:{row.id}", row.expires_at)
+            return Identity(row.user_name, tuple(groups), "service", None, f"apikey:{row.id}", row.expires_at)
+        if not self.tokens.providers:
+            raise AuthenticationError("no identity provider is configured: use an API key, or add [[identity_providers]]")
+        return self.tokens.verify(bearer)
