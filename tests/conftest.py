@@ -209,6 +209,11 @@ port = {pg.port}
 database = "shop"
 user = "trustuser"
 sslmode = "require"
+
+[[access]]
+name = "engineers"
+groups = ["dev", "ops", "deployers"]
+connections = ["shop*"]
 """
         + tail_toml
     )

@@ -12,6 +12,7 @@ from typing import Any
 from .config import Settings, parse_hostport
 from .engines.postgres.server import PostgresListener
 from .identity.authenticator import Authenticator
+from .policy.gatekeeper import Gatekeeper
 from .recording.recorder import Recorder
 from .store import Store
 from .tls import ensure_self_signed, server_context
@@ -34,7 +35,8 @@ class Gateway:
         self.store = Store.open(settings)
         self.recorder = Recorder(self.store, settings)
         self.tls, self.tls_source = tls_context(settings)
-        self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls)
+        self.gatekeeper = Gatekeeper(settings)
+        self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls, self.gatekeeper)
         self.authenticator = Authenticator(settings, self.store)
         self.started_at = time.time()
         self.ready = False

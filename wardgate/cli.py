@@ -31,7 +31,7 @@ app.add_typer(credentials_app, name="credentials")
 app.add_typer(sessions_app, name="sessions")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class State:
@@ -258,11 +258,20 @@ def credentials_issue(
     json_out: bool = JsonOpt,
 ) -> None:
     """Issue a short-lived credential; it is shown once and used as the password by native clients."""
+    from .domain import Identity
+    from .policy.gatekeeper import Gatekeeper
     from .store import NotFound
 
+    store = open_store()
+    row = store.get_user(user)
+    if row is None or row.disabled:
+        fail(f"no user named {user!r}; add one with `wardgate users add {user}`")
+    decision = Gatekeeper(state.settings).authorize(Identity(user, tuple(row.groups)), connection, "connect")
+    if not decision.allowed:
+        fail(f"{decision.reason}. Add an [[access]] rule to the config to allow it.")
     try:
         seconds = parse_duration(ttl) if ttl else state.settings.default_ttl
-        issued = open_store().issue_credential(user, connection, seconds)
+        issued = store.issue_credential(user, connection, seconds)
     except (NotFound, ConfigError) as exc:
         fail(str(exc))
     host, port = _gateway_host_port()

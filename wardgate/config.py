@@ -116,6 +116,7 @@ class Settings:
     credentials: CredentialSettings = field(default_factory=CredentialSettings)
     connections: list[ConnectionSpec] = field(default_factory=list)
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
+    access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
 
     @property
     def store_url(self) -> str:
@@ -180,6 +181,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             settings.connections = [_connection(c) for c in value]
         elif key == "identity_providers":
             settings.identity_providers = [_identity_provider(p) for p in value]
+        elif key == "access":
+            settings.access = [_access_rule(i, r) for i, r in enumerate(value, 1)]
         elif key == "data_dir":
             settings.data_dir = Path(value)
         elif key == "secret_key":
@@ -229,6 +232,27 @@ def _identity_provider(raw: dict[str, Any]) -> IdentityProviderSpec:
             f"identity provider {spec.name!r}: algorithms must be among {', '.join(ALLOWED_ALGORITHMS)} (got {sorted(bad)})"
         )
     return spec
+
+
+def _access_rule(index: int, raw: dict[str, Any]) -> Any:
+    from .policy.access import DAYS, VERBS, AccessRule, parse_hours
+
+    name = raw.get("name", f"access-{index}")
+    unknown = set(raw) - {"name", "groups", "connections", "verbs", "hours", "days"}
+    if unknown:
+        raise ConfigError(f"access rule {name!r}: unknown keys {sorted(unknown)}")
+    groups, connections = raw.get("groups"), raw.get("connections")
+    if not groups or not connections:
+        raise ConfigError(f"access rule {name!r} needs groups and connections")
+    verbs = tuple(raw.get("verbs", VERBS))
+    days = tuple(d.lower()[:3] for d in raw.get("days", DAYS))
+    if set(verbs) - set(VERBS) or set(days) - set(DAYS):
+        raise ConfigError(f"access rule {name!r}: verbs are {', '.join(VERBS)}; days are {', '.join(DAYS)}")
+    try:
+        hours = parse_hours(raw["hours"]) if raw.get("hours") else None
+    except ValueError as exc:
+        raise ConfigError(f"access rule {name!r}: {exc}") from exc
+    return AccessRule(name, tuple(groups), tuple(connections), verbs, hours, days)
 
 
 def validate_connection(spec: ConnectionSpec) -> None:

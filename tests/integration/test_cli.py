@@ -64,7 +64,11 @@ def test_wrong_secret_key_cannot_read_secrets(tmp_path) -> None:
     assert out.returncode != 0 and "cannot be decrypted" in out.stderr
 
 
+ACCESS = '[[access]]\ngroups = ["dev", "ops"]\nconnections = ["shop"]\n'
+
+
 def test_users_and_credentials(tmp_path) -> None:
+    (tmp_path / "wardgate.toml").write_text(ACCESS)
     run(tmp_path, "connections", "add", "shop", "-d", "shop", "-U", "app")
     assert json.loads(run(tmp_path, "users", "add", "carol", "-g", "dev", "-g", "ops", "--json").stdout)["groups"] == ["dev", "ops"]
     users = json.loads(run(tmp_path, "users", "list", "--json").stdout)
@@ -83,12 +87,15 @@ def test_users_and_credentials(tmp_path) -> None:
     assert len(json.loads(run(tmp_path, "credentials", "list", "--json").stdout)) == 1
     run(tmp_path, "users", "remove", "carol")
     assert json.loads(run(tmp_path, "credentials", "list", "--json").stdout) == []
+    run(tmp_path, "users", "add", "mallory")  # in no group: no rule allows anything
+    denied = run(tmp_path, "credentials", "issue", "--user", "mallory", "--connection", "shop", check=False)
+    assert denied.returncode == 1 and "no access rule allows it" in denied.stderr
 
 
 def test_config_file_and_environment(tmp_path) -> None:
-    (tmp_path / "custom.toml").write_text('[gateway]\nlisten = "127.0.0.1:7000"\n[credentials]\nmax_ttl = "1h"\n')
+    (tmp_path / "custom.toml").write_text('[gateway]\nlisten = "127.0.0.1:7000"\n[credentials]\nmax_ttl = "1h"\n' + ACCESS)
     run(tmp_path, "--config", "custom.toml", "connections", "add", "shop", "-d", "shop", "-U", "app")
-    run(tmp_path, "--config", "custom.toml", "users", "add", "erin")
+    run(tmp_path, "--config", "custom.toml", "users", "add", "erin", "-g", "dev")
     cred = json.loads(run(tmp_path, "--config", "custom.toml", "credentials", "issue", "-u", "erin", "-C", "shop", "--json").stdout)
     assert ":7000/shop" in cred["url"]
     over = run(tmp_path, "--config", "custom.toml", "credentials", "issue", "-u", "erin", "-C", "shop", "--ttl", "2h", check=False)

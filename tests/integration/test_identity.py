@@ -127,7 +127,24 @@ def test_openapi_is_published(idgw) -> None:
 
 
 def test_unknown_connection_is_a_clear_error(idgw) -> None:
-    key = idgw.cli_json("apikeys", "create", "--name", "x-bot")
-    out = wardgate(idgw, "connect", "nope", env={"WARDGATE_API_KEY": key["key"]}, check=False)
-    assert out.returncode == 1 and "no connection named 'nope'" in out.stderr
+    key = idgw.cli_json("apikeys", "create", "--name", "x-bot", "--group", "deployers")
+    out = wardgate(idgw, "connect", "shop_nope", env={"WARDGATE_API_KEY": key["key"]}, check=False)
+    assert out.returncode == 1 and "no connection named 'shop_nope'" in out.stderr
     assert os.environ.get("WARDGATE_API_KEY") is None
+
+
+def test_identity_outside_every_group_is_denied_at_every_door(idgw, idp) -> None:
+    token = idp.forge(idp.claims(sub="nobody", preferred_username="nobody", groups=["interns"]))
+    r = api(idgw, "POST", "/api/credentials", token, json={"connection": "shop"})
+    assert r.status_code == 403 and "no access rule allows it" in r.json()["detail"]
+    key = idgw.cli_json("apikeys", "create", "--name", "stray-bot", "--group", "marketing")
+    out = wardgate(idgw, "connect", "shop", env={"WARDGATE_API_KEY": key["key"]}, check=False)
+    assert out.returncode == 1 and "stray-bot (marketing) may not connect" in out.stderr
+    # A credential that exists anyway (groups changed after it was issued) is refused at the native door.
+    idgw.cli("users", "add", "eve", "--group", "contractors")
+    cred = idgw.store().issue_credential("eve", "shop", 600)
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(f"postgresql://eve:{cred.secret}@127.0.0.1:{idgw.port}/shop?sslmode=require&application_name=t_eve")
+    assert "no access rule allows it" in str(info.value)
+    s = idgw.wait_for_session(lambda s: s["application_name"] == "t_eve")
+    assert s["status"] == "rejected" and s["error_code"] == "28000"

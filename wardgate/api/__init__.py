@@ -50,6 +50,9 @@ def create_app(gateway: "Gateway") -> FastAPI:
     def issue_credential(body: CredentialRequest, caller: Caller) -> dict[str, Any]:
         settings = gateway.settings
         store = gateway.store
+        decision = gateway.gatekeeper.authorize(caller, body.connection, "connect")
+        if not decision.allowed:
+            raise HTTPException(403, decision.reason)
         try:
             ttl = parse_duration(body.ttl) if body.ttl else settings.default_ttl
             if caller.source.startswith("oidc:"):

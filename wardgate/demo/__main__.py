@@ -22,7 +22,16 @@ from ..store import Store
 
 HERE = Path(__file__).parent
 DEMO_PG_PORT = int(os.environ.get("WARDGATE_DEMO_PG_PORT", "54329"))
-CONFIG = """# Written by `make demo`. Edit freely; see README.md for every setting.
+HEADER = "# Written by `make demo`."
+ACCESS_RULE = """
+# Who may reach which connection. No rule, no access.
+[[access]]
+name = "developers"
+groups = ["dev"]
+connections = ["shop"]
+verbs = ["connect", "exec"]
+"""
+CONFIG = HEADER + """ Edit freely; see README.md for every setting.
 data_dir = ".demo/wardgate"
 
 [gateway]
@@ -32,7 +41,7 @@ http_listen = "127.0.0.1:8080"
 [credentials]
 default_ttl = "15m"
 max_ttl = "12h"
-"""
+""" + ACCESS_RULE
 
 console = Console(stderr=True)
 
@@ -61,6 +70,11 @@ def main() -> int:
         config_path.write_text(CONFIG)
         console.print(f"wrote {config_path.name}")
     settings = load(config_path)
+    if not settings.access and config_path.read_text().startswith(HEADER):
+        # A demo config from before access rules existed: give the demo user its access.
+        with open(config_path, "a") as fh:
+            fh.write(ACCESS_RULE)
+        settings = load(config_path)
 
     pg = LocalPostgres(Path(state.get("pg_dir") or _pg_dir(root)), port=DEMO_PG_PORT)
     first = not pg.initialized

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import Settings
+from ...domain import Identity
+from ...policy.gatekeeper import Gatekeeper
 from ...store import CREDENTIAL_PREFIX, Store
 from . import codec, upstream
 from .scram import MECHANISM, ScramError, ScramServer, make_verifier
@@ -48,8 +50,11 @@ class LiveSession:
 
 
 class PostgresListener:
-    def __init__(self, settings: Settings, store: Store, recorder: Any, tls: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, recorder: Any, tls: ssl.SSLContext | None, gatekeeper: Gatekeeper
+    ) -> None:
         self.settings = settings
+        self.gatekeeper = gatekeeper
         self.store = store
         self.recorder = recorder
         self.tls = tls
@@ -230,6 +235,11 @@ class PostgresListener:
             client.write(codec.auth_sasl_final(final))
         record["cred"] = matched
         record["agent"] = agents.get(matched)
+        assert user_row is not None  # a credential matched, so the user exists
+        identity = Identity(user, tuple(user_row.groups), "agent" if record["agent"] else "user", record["agent"])
+        decision = self.gatekeeper.authorize(identity, conn_name, "connect")
+        if not decision.allowed:
+            raise Rejected("28000", decision.reason, hint="ask an administrator for access (an [[access]] rule)")
 
         spec = await asyncio.to_thread(self.store.get_connection, conn_name)
         if spec is None:

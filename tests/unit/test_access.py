@@ -1,0 +1,55 @@
+"""Access rules: deny by default, groups, patterns, verbs, time windows."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from wardgate.config import ConfigError, load
+from wardgate.domain import Identity
+from wardgate.policy.access import AccessPolicy, AccessRule, parse_hours
+
+ALICE = Identity("alice", ("dev",))
+MON_10 = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.UTC)  # a Monday
+SAT_10 = dt.datetime(2026, 11, 28, 10, 0, tzinfo=dt.UTC)
+
+
+def test_no_rules_no_access() -> None:
+    d = AccessPolicy([]).check(ALICE, "shop", "connect", MON_10)
+    assert not d.allowed and "no access rule allows it" in d.reason
+
+
+def test_groups_patterns_and_verbs() -> None:
+    policy = AccessPolicy([AccessRule("r", ("dev",), ("shop", "analytics_*"), ("connect",))])
+    assert policy.check(ALICE, "shop", "connect", MON_10).allowed
+    assert policy.check(ALICE, "analytics_eu", "connect", MON_10).allowed
+    assert not policy.check(ALICE, "billing", "connect", MON_10).allowed
+    assert not policy.check(ALICE, "shop", "exec", MON_10).allowed
+    assert not policy.check(Identity("bob", ("ops",)), "shop", "connect", MON_10).allowed
+
+
+def test_agent_uses_the_persons_groups() -> None:
+    policy = AccessPolicy([AccessRule("r", ("dev",), ("shop",))])
+    assert policy.check(Identity("alice", ("dev",), "agent", "claude-code"), "shop", "connect", MON_10).allowed
+
+
+def test_time_windows() -> None:
+    rule = AccessRule("office", ("dev",), ("shop",), hours=parse_hours("08:00-18:00"), days=("mon", "tue", "wed", "thu", "fri"))
+    policy = AccessPolicy([rule])
+    assert policy.check(ALICE, "shop", "connect", MON_10).allowed
+    assert not policy.check(ALICE, "shop", "connect", MON_10.replace(hour=19)).allowed
+    assert not policy.check(ALICE, "shop", "connect", SAT_10).allowed
+    night = AccessPolicy([AccessRule("night", ("dev",), ("shop",), hours=parse_hours("22:00-06:00"))])
+    assert night.check(ALICE, "shop", "connect", MON_10.replace(hour=23)).allowed
+    assert night.check(ALICE, "shop", "connect", MON_10.replace(hour=5)).allowed
+    assert not night.check(ALICE, "shop", "connect", MON_10).allowed
+
+
+def test_rules_from_config(tmp_path) -> None:
+    (tmp_path / "w.toml").write_text('[[access]]\nname = "devs"\ngroups = ["dev"]\nconnections = ["shop"]\nhours = "08:00-18:00"\n')
+    settings = load(tmp_path / "w.toml", env={})
+    assert settings.access[0].name == "devs" and settings.access[0].hours == (480, 1080)
+    (tmp_path / "bad.toml").write_text('[[access]]\ngroups = ["dev"]\nconnections = ["shop"]\nverbs = ["drop"]\n')
+    with pytest.raises(ConfigError, match="verbs are"):
+        load(tmp_path / "bad.toml", env={})

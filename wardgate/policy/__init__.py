@@ -1,0 +1,1 @@
+"""Decisions: who may reach which connection and how. Pure functions over data; no I/O."""

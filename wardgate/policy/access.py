@@ -1,0 +1,73 @@
+"""Access rules: groups to connections and verbs, with optional time windows. No rule, no access."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+from dataclasses import dataclass, field
+
+from ..domain import Identity
+
+VERBS = ("connect", "exec")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    name: str
+    groups: tuple[str, ...]
+    connections: tuple[str, ...]  # names or shell-style patterns (shop, analytics_*, *)
+    verbs: tuple[str, ...] = VERBS
+    hours: tuple[int, int] | None = None  # [start, end) in minutes after midnight, UTC
+    days: tuple[str, ...] = field(default=DAYS)
+
+    def matches(self, identity: Identity, connection: str, verb: str, now: dt.datetime) -> bool:
+        if verb not in self.verbs or not set(self.groups) & set(identity.groups):
+            return False
+        if not any(fnmatch.fnmatchcase(connection, pattern) for pattern in self.connections):
+            return False
+        if DAYS[now.weekday()] not in self.days:
+            return False
+        if self.hours is not None:
+            minute = now.hour * 60 + now.minute
+            start, end = self.hours
+            inside = start <= minute < end if start <= end else (minute >= start or minute < end)
+            if not inside:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    allowed: bool
+    rule: str | None
+    reason: str
+
+
+def parse_hours(value: str) -> tuple[int, int]:
+    """'08:00-18:30' -> (480, 1110). A window may wrap midnight ('22:00-06:00')."""
+    try:
+        start, end = value.split("-")
+        sh, sm = (int(x) for x in start.strip().split(":"))
+        eh, em = (int(x) for x in end.strip().split(":"))
+    except ValueError as exc:
+        raise ValueError(f"hours {value!r}: use HH:MM-HH:MM (UTC)") from exc
+    if not (0 <= sh < 24 and 0 <= eh <= 24 and 0 <= sm < 60 and 0 <= em < 60):
+        raise ValueError(f"hours {value!r}: out of range")
+    return sh * 60 + sm, eh * 60 + em
+
+
+class AccessPolicy:
+    def __init__(self, rules: list[AccessRule]) -> None:
+        self.rules = rules
+
+    def check(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None) -> AccessDecision:
+        now = now or dt.datetime.now(dt.UTC)
+        for rule in self.rules:
+            if rule.matches(identity, connection, verb, now):
+                return AccessDecision(True, rule.name, f"allowed by access rule {rule.name!r}")
+        groups = ", ".join(identity.groups) or "no groups"
+        return AccessDecision(
+            False, None,
+            f"{identity.display} ({groups}) may not {verb} to connection {connection!r}: no access rule allows it",
+        )
