@@ -280,6 +280,30 @@ class IdP:
         header = {"alg": alg, "kid": kid or jwk.get("kid"), "typ": "at+jwt"}
         return jwt.encode(header, claims, KeySet.import_key_set({"keys": [jwk]}).keys[0])
 
+    def sign_in(self, url: str, login: str, max_steps: int = 12, device: bool = False) -> httpx.Response:
+        """Act as the person's browser: follow the IdP's pages, submit its forms, deliver the code."""
+        import re
+
+        with httpx.Client(timeout=10) as browser:
+            r = browser.get(url)
+            for _ in range(max_steps):
+                if r.status_code in (302, 303) and r.headers.get("location"):
+                    target = httpx.URL(str(r.url)).join(r.headers["location"])
+                    r = browser.get(target)
+                    if not str(target).startswith(self.issuer):
+                        return r  # the loopback redirect of the signing-in program
+                    continue
+                form = re.search(r'<form[^>]*action="([^"]+)"[^>]*>(.*?)</form>', r.text, re.S)
+                if not form and device and r.status_code == 200:
+                    return r  # the device flow ends on the IdP's own "you may close this" page
+                if not form:
+                    raise AssertionError(f"IdP page without a form: {r.status_code} {r.text[:300]}")
+                fields = dict(re.findall(r'<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"', form.group(2)))
+                if 'name="login"' in form.group(2):
+                    fields.update(login=login, password="any")
+                r = browser.post(httpx.URL(str(r.url)).join(form.group(1)), data=fields)
+        raise AssertionError("sign-in did not finish")
+
     def claims(self, **overrides) -> dict:  # noqa: ANN003
         now = int(time.time())
         base = {"iss": self.issuer, "aud": IDP_AUDIENCE, "sub": "alice", "preferred_username": "alice",

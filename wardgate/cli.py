@@ -458,10 +458,17 @@ def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, **
     import httpx
 
     from .config import parse_hostport
+    from .identity import AuthenticationError
+    from .identity.login import current_access_token
 
     bearer = bearer or os.environ.get("WARDGATE_API_KEY") or os.environ.get("WARDGATE_TOKEN")
     if not bearer:
-        fail("not signed in: set WARDGATE_API_KEY (or WARDGATE_TOKEN), or pass --api-key")
+        try:
+            bearer = current_access_token()
+        except AuthenticationError as exc:
+            fail(str(exc))
+    if not bearer:
+        fail("not signed in: run `wardgate login`, or set WARDGATE_API_KEY (or WARDGATE_TOKEN)")
     if not gateway_url:
         settings = state.settings
         host, port = parse_hostport(settings.gateway.http_listen)
@@ -480,6 +487,50 @@ def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, **
 
 ApiKeyOpt = typer.Option(None, "--api-key", help="Bearer secret (default $WARDGATE_API_KEY or $WARDGATE_TOKEN).")
 GatewayOpt = typer.Option(None, "--gateway", envvar="WARDGATE_URL", help="Gateway HTTP URL (default from the config).")
+
+
+@app.command()
+def login(
+    provider: str | None = typer.Option(None, help="Identity provider name from the config (default: the first)."),
+    device: bool = typer.Option(False, "--device", help="Use the device flow (sign in on another device)."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Print the sign-in URL instead of opening a browser."),
+) -> None:
+    """Sign in with the organisation's identity provider; tokens are kept (0600) and refreshed."""
+    import webbrowser
+
+    from .identity import AuthenticationError
+    from .identity.login import login_device, login_pkce, save
+
+    providers = state.settings.identity_providers
+    spec = next((p for p in providers if provider in (None, p.name)), None)
+    if spec is None:
+        fail("no identity provider is configured" if not providers else f"no identity provider named {provider!r}")
+
+    def show_url(url: str) -> None:
+        err.print("Open this URL to sign in:")
+        print(url, flush=True)
+        if not no_browser:
+            webbrowser.open(url)
+
+    def show_code(url: str, code: str) -> None:
+        err.print(f"On any device, open the URL below and enter the code [bold]{code}[/]:")
+        print(url, flush=True)
+
+    try:
+        tokens = login_device(spec, show_code) if device else login_pkce(spec, show_url)
+    except (AuthenticationError, OSError) as exc:
+        fail(str(exc))
+    path = save(tokens)
+    err.print(f"signed in with {spec.name}; tokens saved to {path}")
+
+
+@app.command()
+def logout() -> None:
+    """Forget the stored sign-in."""
+    from .identity.login import token_file
+
+    token_file().unlink(missing_ok=True)
+    err.print("signed out")
 
 
 @app.command()

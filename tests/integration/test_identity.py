@@ -21,6 +21,7 @@ def idgw(tmp_path_factory, pg, idp):  # noqa: ANN001, ANN201
 name = "corp"
 issuer = "{idp.issuer}"
 audience = "{IDP_AUDIENCE}"
+client_id = "wardgate-cli"
 """
     gw = make_gateway(tmp_path_factory.mktemp("idgw"), pg, tail_toml=tail)
     gw.start()
@@ -148,3 +149,67 @@ def test_identity_outside_every_group_is_denied_at_every_door(idgw, idp) -> None
     assert "no access rule allows it" in str(info.value)
     s = idgw.wait_for_session(lambda s: s["application_name"] == "t_eve")
     assert s["status"] == "rejected" and s["error_code"] == "28000"
+
+
+@pytest.fixture
+def signed_in_env(idgw, tmp_path) -> dict:  # noqa: ANN001
+    return {"WARDGATE_TOKEN_FILE": str(tmp_path / "cfg" / "tokens.json")}
+
+
+def test_person_logs_in_with_pkce_and_queries_as_themselves(idgw, idp, signed_in_env) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "login", "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**{k: v for k, v in idgw.env.items() if k != "WARDGATE_API_KEY"}, **signed_in_env})
+    url = proc.stdout.readline().strip()
+    assert url.startswith(f"{idp.issuer}/auth?") and "code_challenge_method=S256" in url
+    callback = idp.sign_in(url, "alice")
+    assert callback.status_code == 200
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    token_file = signed_in_env["WARDGATE_TOKEN_FILE"]
+    assert oct(os.stat(token_file).st_mode & 0o777) == "0o600"
+    saved = json.load(open(token_file))
+    assert saved["refresh_token"] and saved["access_token"]
+    me = json.loads(wardgate(idgw, "whoami", "--json", env=signed_in_env).stdout)
+    assert (me["user"], me["groups"], me["kind"]) == ("alice", ["dev"], "user")
+    out = wardgate(idgw, "connect", "shop", "--exec", "psql -X -At -c 'select current_user'",
+                   env={**signed_in_env, "PGAPPNAME": "t_login"})
+    assert out.stdout.strip() == "app"
+    assert idgw.wait_for_session(lambda s: s["application_name"] == "t_login")["user"] == "alice"
+
+
+def test_expired_access_token_is_refreshed(idgw, idp, signed_in_env) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "login", "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**idgw.env, **signed_in_env})
+    idp.sign_in(proc.stdout.readline().strip(), "alice")
+    assert proc.wait(30) == 0
+    path = signed_in_env["WARDGATE_TOKEN_FILE"]
+    saved = json.load(open(path))
+    saved["expires_at"] = 0  # as if the access token had run out
+    json.dump(saved, open(path, "w"))
+    me = json.loads(wardgate(idgw, "whoami", "--json", env=signed_in_env).stdout)
+    assert me["user"] == "alice"
+    assert json.load(open(path))["access_token"] != saved["access_token"]
+    saved = json.load(open(path))
+    saved.update(expires_at=0, refresh_token="not-a-real-refresh-token")
+    json.dump(saved, open(path, "w"))
+    out = wardgate(idgw, "whoami", env=signed_in_env, check=False)
+    assert out.returncode == 1 and "wardgate login" in out.stderr
+
+
+def test_not_signed_in_says_what_to_do(idgw, signed_in_env) -> None:
+    out = wardgate(idgw, "whoami", env=signed_in_env, check=False)
+    assert out.returncode == 1 and "wardgate login" in out.stderr
+
+
+def test_device_flow_login(idgw, idp, signed_in_env) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "login", "--device"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**idgw.env, **signed_in_env})
+    url = proc.stdout.readline().strip()
+    assert url.startswith(f"{idp.issuer}/device")
+    page = idp.sign_in(url, "olivia", device=True)
+    assert page.status_code == 200
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    me = json.loads(wardgate(idgw, "whoami", "--json", env=signed_in_env).stdout)
+    assert (me["user"], me["groups"]) == ("olivia", ["auditors", "ops"])
