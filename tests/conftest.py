@@ -252,7 +252,7 @@ def psql(dsn: str, *args: str, input: str | None = None, check: bool = True, env
 
 IDP_DIR = ROOT / "tests" / "idp"
 IDP_AUDIENCE = "https://wardgate.test"
-IDP_ACCOUNTS = {"alice": {"groups": ["dev"]}, "olivia": {"groups": ["ops", "auditors"]}, "nobody": {"groups": []}}
+IDP_ACCOUNTS = {"alice": {"groups": ["dev"]}, "dana": {"groups": ["dev"]}, "olivia": {"groups": ["ops", "auditors"]}, "nobody": {"groups": []}}
 
 
 @dataclass

@@ -7,6 +7,7 @@ import logging
 import signal
 import ssl
 import time
+import uuid
 from typing import Any
 
 from .config import Settings, parse_hostport
@@ -44,6 +45,17 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self.http_server: Any = None
 
+    def record_event(self, kind: str, outcome: str, **fields: Any) -> None:
+        """Record a security event; safe to call from any thread (the API's workers)."""
+        record = {"k": "event", "id": uuid.uuid4().hex, "at": time.time(), "kind": kind, "outcome": outcome, **fields}
+        self.loop.call_soon_threadsafe(self._write_event, record)
+
+    def _write_event(self, record: dict[str, Any]) -> None:
+        try:
+            self.recorder.write([record])
+        except OSError:
+            log.exception("cannot record event %s", record["kind"])
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok" if self.ready else "starting",
@@ -69,6 +81,7 @@ class Gateway:
                 self.postgres.end_sessions(dead)
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         recovered = await asyncio.to_thread(self.recorder.recover)
         if recovered:
             log.warning("recovered %d journal records left by a gateway process that ended", recovered)

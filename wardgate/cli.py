@@ -572,6 +572,27 @@ def connect(
         console.print(f'psql "{issued["url"]}"', soft_wrap=True, highlight=False)
 
 
+@app.command("events")
+def events_list(
+    kind: str | None = typer.Option(None, help="Only this kind, e.g. api.authenticate, credential.issue."),
+    outcome: str | None = typer.Option(None, help="ok or denied."),
+    limit: int = typer.Option(100, help="At most this many, newest first."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Security events outside native sessions: API sign-in failures, refusals, credentials issued."""
+    rows = open_store().list_events(kind=kind, outcome=outcome, limit=limit)
+    data = [{"id": e.id, "at": iso(e.at), "kind": e.kind, "outcome": e.outcome, "user": e.user_name, "agent": e.agent,
+             "source": e.source, "client_addr": e.client_addr, "detail": e.detail} for e in rows]
+    if json_out:
+        emit_json(data)
+        return
+    table = Table("time", "kind", "outcome", "who", "client", "detail")
+    for e in rows:
+        who = f"{e.agent} for {e.user_name}" if e.agent else (e.user_name or "-")
+        table.add_row(when(e.at), e.kind, e.outcome, who, e.client_addr or "-", e.detail or "")
+    console.print(table)
+
+
 # ------------------------------------------------------------------------------------ admin
 
 

@@ -162,7 +162,7 @@ def test_person_logs_in_with_pkce_and_queries_as_themselves(idgw, idp, signed_in
                             env={**{k: v for k, v in idgw.env.items() if k != "WARDGATE_API_KEY"}, **signed_in_env})
     url = proc.stdout.readline().strip()
     assert url.startswith(f"{idp.issuer}/auth?") and "code_challenge_method=S256" in url
-    callback = idp.sign_in(url, "alice")
+    callback = idp.sign_in(url, "dana")
     assert callback.status_code == 200
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
@@ -171,24 +171,24 @@ def test_person_logs_in_with_pkce_and_queries_as_themselves(idgw, idp, signed_in
     saved = json.load(open(token_file))
     assert saved["refresh_token"] and saved["access_token"]
     me = json.loads(wardgate(idgw, "whoami", "--json", env=signed_in_env).stdout)
-    assert (me["user"], me["groups"], me["kind"]) == ("alice", ["dev"], "user")
+    assert (me["user"], me["groups"], me["kind"]) == ("dana", ["dev"], "user")
     out = wardgate(idgw, "connect", "shop", "--exec", "psql -X -At -c 'select current_user'",
                    env={**signed_in_env, "PGAPPNAME": "t_login"})
     assert out.stdout.strip() == "app"
-    assert idgw.wait_for_session(lambda s: s["application_name"] == "t_login")["user"] == "alice"
+    assert idgw.wait_for_session(lambda s: s["application_name"] == "t_login")["user"] == "dana"
 
 
 def test_expired_access_token_is_refreshed(idgw, idp, signed_in_env) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "login", "--no-browser"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**idgw.env, **signed_in_env})
-    idp.sign_in(proc.stdout.readline().strip(), "alice")
+    idp.sign_in(proc.stdout.readline().strip(), "dana")
     assert proc.wait(30) == 0
     path = signed_in_env["WARDGATE_TOKEN_FILE"]
     saved = json.load(open(path))
     saved["expires_at"] = 0  # as if the access token had run out
     json.dump(saved, open(path, "w"))
     me = json.loads(wardgate(idgw, "whoami", "--json", env=signed_in_env).stdout)
-    assert me["user"] == "alice"
+    assert me["user"] == "dana"
     assert json.load(open(path))["access_token"] != saved["access_token"]
     saved = json.load(open(path))
     saved.update(expires_at=0, refresh_token="not-a-real-refresh-token")
@@ -213,3 +213,33 @@ def test_device_flow_login(idgw, idp, signed_in_env) -> None:
     assert proc.returncode == 0, err
     me = json.loads(wardgate(idgw, "whoami", "--json", env=signed_in_env).stdout)
     assert (me["user"], me["groups"]) == ("olivia", ["auditors", "ops"])
+
+
+def test_refusals_and_issues_are_recorded_as_events(idgw, idp) -> None:
+    import time
+
+    marker = f"wgk_{int(time.time())}_forged"
+    api(idgw, "GET", "/api/me", marker)
+    stray = idp.forge(idp.claims(sub="carl", preferred_username="carl", groups=["sales"]))
+    api(idgw, "POST", "/api/credentials", stray, json={"connection": "shop"})
+    ok_key = idgw.cli_json("apikeys", "create", "--name", "event-bot", "--group", "deployers")
+    assert api(idgw, "POST", "/api/credentials", ok_key["key"], json={"connection": "shop"}).status_code == 200
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        events = idgw.cli_json("events", "--limit", "50")
+        kinds = {(e["kind"], e["outcome"], e["user"]) for e in events}
+        if {("api.authenticate", "denied", None), ("credential.issue", "denied", "carl"),
+                ("credential.issue", "ok", "event-bot")} <= kinds:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"events not recorded: {kinds}")
+    denied_auth = [e for e in events if e["kind"] == "api.authenticate" and "not valid" in (e["detail"] or "")]
+    assert denied_auth and denied_auth[0]["client_addr"] == "127.0.0.1"
+    assert marker not in json.dumps(events)  # the presented secret itself is never stored
+
+
+def test_a_service_key_cannot_take_over_a_local_users_name(idgw) -> None:
+    key = idgw.cli_json("apikeys", "create", "--name", "alice", "--group", "deployers")
+    r = api(idgw, "POST", "/api/credentials", key["key"], json={"connection": "shop"})
+    assert r.status_code == 400 and "belongs to a local user" in r.json()["detail"]

@@ -26,14 +26,22 @@ class CredentialRequest(BaseModel):
 def create_app(gateway: "Gateway") -> FastAPI:
     app = FastAPI(title="Wardgate", version="0.1.0", description=__doc__)
 
+    def event(request: Request, kind: str, outcome: str, who: Identity | None = None, detail: str | None = None) -> None:
+        gateway.record_event(
+            kind, outcome, detail=detail, addr=request.client.host if request.client else None,
+            user=who.user if who else None, agent=who.agent if who else None, source=who.source if who else None,
+        )
+
     def identity(request: Request) -> Identity:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value:
+            event(request, "api.authenticate", "denied", detail="no bearer credentials")
             raise HTTPException(401, "send `Authorization: Bearer <token or API key>`", headers={"WWW-Authenticate": "Bearer"})
         try:
             return gateway.authenticator.authenticate(value)
         except AuthenticationError as exc:
+            event(request, "api.authenticate", "denied", detail=str(exc))
             raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
 
     Caller = Annotated[Identity, Depends(identity)]
@@ -47,21 +55,24 @@ def create_app(gateway: "Gateway") -> FastAPI:
         return caller.public()
 
     @app.post("/api/credentials", summary="Issue a short-lived native credential for the caller")
-    def issue_credential(body: CredentialRequest, caller: Caller) -> dict[str, Any]:
+    def issue_credential(body: CredentialRequest, caller: Caller, request: Request) -> dict[str, Any]:
         settings = gateway.settings
         store = gateway.store
         decision = gateway.gatekeeper.authorize(caller, body.connection, "connect")
         if not decision.allowed:
+            event(request, "credential.issue", "denied", caller, decision.reason)
             raise HTTPException(403, decision.reason)
         try:
             ttl = parse_duration(body.ttl) if body.ttl else settings.default_ttl
-            if caller.source.startswith("oidc:"):
-                store.ensure_user(caller.user, list(caller.groups), caller.source)
+            if caller.kind != "agent":  # an agent acts for an existing person; others are provisioned
+                origin = caller.source if caller.source.startswith("oidc:") else "apikey"
+                store.ensure_user(caller.user, list(caller.groups), origin)
             issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent)
         except (ConfigError, Conflict) as exc:
             raise HTTPException(400, str(exc)) from None
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
+        event(request, "credential.issue", "ok", caller, f"credential {issued.id} for {issued.connection}, {decision.reason}")
         host, port = parse_hostport(settings.gateway.listen)
         host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         return {

@@ -329,7 +329,10 @@ class Store:
                 s.add(user)
             elif user.disabled:
                 raise Conflict(f"user {name!r} is disabled")
-            elif user.source != "local":
+            elif user.source != source:
+                # The same name from another origin must not borrow this user's credentials or groups.
+                raise Conflict(f"the name {name!r} belongs to a {user.source} user; this identity comes from {source}")
+            else:
                 user.groups = sorted(set(groups))
             return user
 
@@ -429,6 +432,7 @@ class Store:
         stmts: dict[tuple[str, int], dict[str, Any]] = {}
         finished: list[dict[str, Any]] = []
         ends: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
         for r in records:
             kind = r["k"]
             if kind == "stmt":
@@ -455,11 +459,18 @@ class Store:
                 }
             elif kind == "end":
                 ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason")})
+            elif kind == "event":
+                events.append({
+                    "id": r["id"], "at": r["at"], "kind": r["kind"], "outcome": r["outcome"], "user_name": r.get("user"),
+                    "agent": r.get("agent"), "source": r.get("source"), "client_addr": r.get("addr"), "detail": r.get("detail"),
+                })
         st, ss = m.Statement.__table__, m.Session.__table__
         bp = sa.bindparam
         with self.engine.begin() as conn:
             if sessions:
                 conn.execute(self._insert(ss).on_conflict_do_nothing(), list(sessions.values()))
+            if events:
+                conn.execute(self._insert(m.Event.__table__).on_conflict_do_nothing(), events)
             if stmts:
                 # The hot insert goes to the driver as tuples: a statement a row, thousands a second.
                 ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
@@ -487,6 +498,15 @@ class Store:
                     .values(status="aborted", error_message="the session ended before the statement finished"),
                     [{"b_sid": e["b_sid"]} for e in ends],
                 )
+
+    def list_events(self, *, kind: str | None = None, outcome: str | None = None, limit: int = 100) -> list[m.Event]:
+        q = select(m.Event).order_by(m.Event.at.desc()).limit(limit)
+        if kind:
+            q = q.where(m.Event.kind == kind)
+        if outcome:
+            q = q.where(m.Event.outcome == outcome)
+        with self.Session() as s:
+            return list(s.scalars(q))
 
     def close_sessions_of(self, dead: list[tuple[str, int]], reason: str) -> int:
         """Close the sessions still marked active that gateway processes which ended held."""
