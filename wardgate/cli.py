@@ -580,11 +580,11 @@ def events_list(
     json_out: bool = JsonOpt,
 ) -> None:
     """Security events outside native sessions: API sign-in failures, refusals, credentials issued."""
+    from .recording.views import event_view
+
     rows = open_store().list_events(kind=kind, outcome=outcome, limit=limit)
-    data = [{"id": e.id, "at": iso(e.at), "kind": e.kind, "outcome": e.outcome, "user": e.user_name, "agent": e.agent,
-             "source": e.source, "client_addr": e.client_addr, "detail": e.detail} for e in rows]
     if json_out:
-        emit_json(data)
+        emit_json([event_view(e) for e in rows])
         return
     table = Table("time", "kind", "outcome", "who", "client", "detail")
     for e in rows:

@@ -73,6 +73,14 @@ class CredentialSettings:
 
 
 @dataclass
+class RoleSettings:
+    """Groups whose members hold a management role on the HTTP API."""
+
+    admins: list[str] = field(default_factory=list)
+    auditors: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ConnectionSpec:
     name: str
     host: str = "127.0.0.1"
@@ -114,6 +122,7 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     credentials: CredentialSettings = field(default_factory=CredentialSettings)
+    roles: RoleSettings = field(default_factory=RoleSettings)
     connections: list[ConnectionSpec] = field(default_factory=list)
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
@@ -148,6 +157,11 @@ def _apply(obj: Any, values: dict[str, Any], section: str) -> None:
                 value = type(current)(value)
             except ValueError as exc:
                 raise ConfigError(f"[{section}] {key} must be a number, got {value!r}") from exc
+        elif isinstance(current, list):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"[{section}] {key} must be a list of strings, got {value!r}")
         elif isinstance(current, str) and not isinstance(value, str):
             raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
         elif isinstance(current, bool) and not isinstance(value, bool):
@@ -173,7 +187,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
 
     settings = Settings(path=cfg_path.resolve() if cfg_path.exists() else None)
     base = cfg_path.resolve().parent if cfg_path.exists() else Path.cwd()
-    sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials}
+    sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials,
+                "roles": settings.roles}
     for key, value in raw.items():
         if key in sections:
             _apply(sections[key], value, key)

@@ -22,6 +22,10 @@ name = "corp"
 issuer = "{idp.issuer}"
 audience = "{IDP_AUDIENCE}"
 client_id = "wardgate-cli"
+
+[roles]
+admins = ["wardgate-admins"]
+auditors = ["auditors"]
 """
     gw = make_gateway(tmp_path_factory.mktemp("idgw"), pg, tail_toml=tail)
     gw.start()
@@ -243,3 +247,44 @@ def test_a_service_key_cannot_take_over_a_local_users_name(idgw) -> None:
     key = idgw.cli_json("apikeys", "create", "--name", "alice", "--group", "deployers")
     r = api(idgw, "POST", "/api/credentials", key["key"], json={"connection": "shop"})
     assert r.status_code == 400 and "belongs to a local user" in r.json()["detail"]
+
+
+def test_management_roles(idgw, idp) -> None:
+    auditor = idp.forge(idp.claims(sub="olivia", preferred_username="olivia", groups=["ops", "auditors"]))
+    plain = idp.forge(idp.claims(sub="pat", preferred_username="pat", groups=["dev"]))
+    admin = idgw.cli_json("apikeys", "create", "--name", "root-bot", "--group", "wardgate-admins", "--group", "ops")["key"]
+    assert api(idgw, "GET", "/api/me", auditor).json()["roles"] == ["auditor"]
+    assert api(idgw, "GET", "/api/me", plain).json()["roles"] == []
+
+    # pat gets a credential and uses it; olivia may read pat's session, pat may not read others'
+    issued = api(idgw, "POST", "/api/credentials", plain, json={"connection": "shop"}).json()
+    with psycopg.connect(issued["url"], application_name="t_pat") as conn:
+        conn.execute("select 'pat was here'")
+    s = idgw.wait_for_session(lambda s: s["application_name"] == "t_pat" and s["status"] == "closed")
+    assert api(idgw, "GET", f"/api/sessions/{s['id']}", auditor).json()["user"] == "pat"
+    assert api(idgw, "GET", f"/api/sessions/{s['id']}", plain).json()["statements"][1]["text"] == "select 'pat was here'"
+    others = [x for x in api(idgw, "GET", "/api/sessions?limit=200", plain).json() if x["user"] != "pat"]
+    assert others == []
+    assert api(idgw, "GET", "/api/sessions?user=olivia", plain).status_code == 403
+    assert {x["user"] for x in api(idgw, "GET", "/api/sessions?user=pat", auditor).json()} == {"pat"}
+    assert api(idgw, "GET", "/api/events", plain).status_code == 403
+    assert api(idgw, "GET", "/api/events", auditor).status_code == 200
+
+    # connections the caller may use
+    names = {c["name"]: c["verbs"] for c in api(idgw, "GET", "/api/connections", plain).json()}
+    assert names["shop"] == ["connect", "exec"]
+    stray = idp.forge(idp.claims(sub="sam", preferred_username="sam", groups=["sales"]))
+    assert api(idgw, "GET", "/api/connections", stray).json() == []
+
+    # revocation: not someone else's, unless admin; the live session ends
+    second = api(idgw, "POST", "/api/credentials", plain, json={"connection": "shop"}).json()
+    assert api(idgw, "POST", f"/api/credentials/{second['id']}/revoke", auditor).status_code == 404
+    conn = psycopg.connect(second["url"], autocommit=True)
+    assert api(idgw, "POST", f"/api/credentials/{second['id']}/revoke", admin).json()["status"] == "revoked"
+    with pytest.raises(psycopg.OperationalError):
+        for _ in range(40):
+            conn.execute("select 1")
+            __import__("time").sleep(0.1)
+    conn.close()
+    third = api(idgw, "POST", "/api/credentials", plain, json={"connection": "shop"}).json()
+    assert api(idgw, "POST", f"/api/credentials/{third['id']}/revoke", plain).status_code == 200

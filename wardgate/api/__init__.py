@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from ..config import ConfigError, parse_duration, parse_hostport
 from ..domain import Identity
 from ..identity import AuthenticationError
-from ..recording.views import iso
+from ..recording.views import event_view, iso, list_sessions, show_session
 from ..store import Conflict, NotFound
 
 if TYPE_CHECKING:
@@ -50,9 +50,63 @@ def create_app(gateway: "Gateway") -> FastAPI:
     def healthz() -> JSONResponse:
         return JSONResponse(gateway.health(), status_code=200 if gateway.ready else 503)
 
+    def require(caller: Identity, *roles: str) -> None:
+        if not gateway.gatekeeper.roles(caller) & set(roles):
+            raise HTTPException(403, f"this needs the {' or '.join(roles)} role; ask a Wardgate administrator")
+
+    def can_read_all(caller: Identity) -> bool:
+        return bool(gateway.gatekeeper.roles(caller) & {"admin", "auditor"})
+
     @app.get("/api/me", summary="Who the caller is")
     def me(caller: Caller) -> dict[str, Any]:
-        return caller.public()
+        return {**caller.public(), "roles": sorted(gateway.gatekeeper.roles(caller))}
+
+    @app.get("/api/connections", summary="Connections the caller may use, and how")
+    def connections(caller: Caller) -> list[dict[str, Any]]:
+        admin = "admin" in gateway.gatekeeper.roles(caller)
+        out = []
+        for info in gateway.store.list_connections():
+            verbs = [v for v in ("connect", "exec") if gateway.gatekeeper.authorize(caller, info.spec.name, v).allowed]
+            if verbs or admin:
+                entry = {"name": info.spec.name, "type": "postgresql", "verbs": verbs}
+                if admin:
+                    entry.update(info.public())
+                out.append(entry)
+        return out
+
+    @app.get("/api/sessions", summary="Recorded sessions: your own, or any with the auditor or admin role")
+    def sessions(caller: Caller, user: str | None = None, connection: str | None = None, status: str | None = None,
+                 limit: int = 50) -> list[dict[str, Any]]:
+        if not can_read_all(caller):
+            if user not in (None, caller.user):
+                raise HTTPException(403, "you may list only your own sessions (auditor or admin role for others)")
+            user = caller.user
+        return list_sessions(gateway.store, user=user, connection=connection, status=status, limit=min(limit, 1000))
+
+    @app.get("/api/sessions/{session_id}", summary="A session and its statements")
+    def session(session_id: str, caller: Caller) -> dict[str, Any]:
+        try:
+            data = show_session(gateway.store, session_id)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        if data["user"] != caller.user and not can_read_all(caller):
+            raise HTTPException(404, f"no session {session_id!r}")  # do not confirm it exists
+        return data
+
+    @app.post("/api/credentials/{credential_id}/revoke", summary="Revoke a native credential; its sessions end")
+    def revoke_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:
+        state = gateway.store.credential_owner(credential_id)
+        if state is None or (state != caller.user and "admin" not in gateway.gatekeeper.roles(caller)):
+            event(request, "credential.revoke", "denied", caller, f"credential {credential_id}")
+            raise HTTPException(404, f"no credential {credential_id!r} of yours")
+        gateway.store.revoke_credential(credential_id)
+        event(request, "credential.revoke", "ok", caller, f"credential {credential_id} of {state}")
+        return {"id": credential_id, "status": "revoked"}
+
+    @app.get("/api/events", summary="Security events (auditor or admin role)")
+    def events(caller: Caller, kind: str | None = None, outcome: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        require(caller, "auditor", "admin")
+        return [event_view(e) for e in gateway.store.list_events(kind=kind, outcome=outcome, limit=min(limit, 1000))]
 
     @app.post("/api/credentials", summary="Issue a short-lived native credential for the caller")
     def issue_credential(body: CredentialRequest, caller: Caller, request: Request) -> dict[str, Any]:

@@ -12,6 +12,15 @@ from .access import AccessDecision, AccessPolicy
 class Gatekeeper:
     def __init__(self, settings: Settings) -> None:
         self.access = AccessPolicy(list(settings.access))
+        self._admins = set(settings.roles.admins)
+        self._auditors = set(settings.roles.auditors)
+
+    def roles(self, identity: Identity) -> set[str]:
+        """Management roles: admin (change anything), auditor (read every record). An agent never holds one."""
+        if identity.agent:
+            return set()
+        groups = set(identity.groups)
+        return {role for role, members in (("admin", self._admins), ("auditor", self._auditors)) if groups & members}
 
     def authorize(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None) -> AccessDecision:
         """May `identity` use `connection` for `verb` (connect, exec)? Deny unless a rule allows it."""

@@ -40,3 +40,8 @@ def list_sessions(store: "Store", **filters: Any) -> list[dict[str, Any]]:
 def show_session(store: "Store", session_id: str) -> dict[str, Any]:
     s, stmts = store.get_session(session_id)
     return {**session_summary(s), "statements": [statement_view(st) for st in stmts]}
+
+
+def event_view(e: Any) -> dict[str, Any]:
+    return {"id": e.id, "at": iso(e.at), "kind": e.kind, "outcome": e.outcome, "user": e.user_name, "agent": e.agent,
+            "source": e.source, "client_addr": e.client_addr, "detail": e.detail}

@@ -294,9 +294,13 @@ class Store:
             verifiers = [(c.id, Verifier(user.scram_salt, c.iterations, c.stored_key, c.server_key)) for c in rows]
             return user, verifiers, {c.id: c.agent for c in rows if c.agent}
 
-    def credential_state(self, cred_id: str) -> m.Credential | None:
+    def credential_owner(self, cred_id: str) -> str | None:
+        """The user name a credential belongs to, or None if there is no such credential."""
         with self.Session() as s:
-            return s.get(m.Credential, cred_id)
+            row = s.execute(
+                select(m.User.name).join(m.Credential, m.Credential.user_id == m.User.id).where(m.Credential.id == cred_id)
+            ).first()
+            return row[0] if row else None
 
     def dead_credentials(self, ids: Iterable[str], now: float | None = None) -> dict[str, str]:
         """Of `ids`, those revoked or expired, with the reason."""
