@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -454,7 +455,12 @@ def apikeys_revoke(key_id: str = typer.Argument(..., help="Key id (see `apikeys 
 # ------------------------------------------------------------------------- self-service (HTTP)
 
 
-def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, **kwargs: Any) -> Any:
+class ApiError(Exception):
+    pass
+
+
+def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, *, refresh: bool = False,
+         raise_errors: bool = False, **kwargs: Any) -> Any:
     import httpx
 
     from .config import parse_hostport
@@ -464,8 +470,10 @@ def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, **
     bearer = bearer or os.environ.get("WARDGATE_API_KEY") or os.environ.get("WARDGATE_TOKEN")
     if not bearer:
         try:
-            bearer = current_access_token()
+            bearer = current_access_token(force_refresh=refresh)
         except AuthenticationError as exc:
+            if raise_errors:
+                raise ApiError(str(exc)) from None
             fail(str(exc))
     if not bearer:
         fail("not signed in: run `wardgate login`, or set WARDGATE_API_KEY (or WARDGATE_TOKEN)")
@@ -477,11 +485,12 @@ def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, **
         r = httpx.request(method, gateway_url.rstrip("/") + path, headers={"Authorization": f"Bearer {bearer}"}, timeout=30, **kwargs)
     except httpx.HTTPError as exc:
         fail(f"cannot reach the gateway at {gateway_url}: {exc}")
-    if r.status_code == 401:
-        fail(f"the gateway refused your identity: {r.json().get('detail', r.text)}")
     if r.status_code >= 400:
         detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
-        fail(f"{detail}")
+        message = f"the gateway refused your identity: {detail}" if r.status_code == 401 else str(detail)
+        if raise_errors:
+            raise ApiError(message)
+        fail(message)
     return r.json()
 
 
@@ -551,6 +560,7 @@ def connect(
     ttl: str | None = typer.Option(None, help="Credential lifetime, e.g. 30m."),
     exec_: str | None = typer.Option(None, "--exec", help="Run this command (e.g. psql) with PG* variables set."),
     env_out: bool = typer.Option(False, "--env", help="Print `export PG...=` lines instead of a URL."),
+    keep_alive: bool = typer.Option(False, "--keep-alive", help="Stay and renew an IdP-bound credential until Ctrl-C."),
     api_key: str | None = ApiKeyOpt,
     gateway: str | None = GatewayOpt,
     json_out: bool = JsonOpt,
@@ -559,9 +569,14 @@ def connect(
     import shlex
 
     issued = _api("POST", "/api/credentials", api_key, gateway, json={"connection": connection, "ttl": ttl})
+    renew_every = issued.get("renew_every")
     if exec_:
         argv = shlex.split(exec_)
-        os.execvpe(argv[0], argv, {**os.environ, **issued["env"]})  # noqa: S606 - the user asked to run it
+        if not renew_every:
+            os.execvpe(argv[0], argv, {**os.environ, **issued["env"]})  # noqa: S606 - the user asked to run it
+        child = subprocess.Popen(argv, env={**os.environ, **issued["env"]})
+        _renew_while(lambda: child.poll() is None, issued, renew_every, api_key, gateway)
+        raise typer.Exit(child.wait())
     if json_out:
         emit_json(issued)
     elif env_out:
@@ -570,7 +585,30 @@ def connect(
     else:
         err.print(f"credential {issued['id']} for {issued['user']} on {issued['connection']}, expires {issued['expires_at']}")
         console.print(f'psql "{issued["url"]}"', soft_wrap=True, highlight=False)
+    if renew_every and not keep_alive:
+        err.print(f"[yellow]note:[/] this credential is bound to your sign-in and lapses in {int(renew_every * 3)}s "
+                  "unless renewed: use --exec, or --keep-alive to renew from here")
+    elif renew_every:
+        err.print("renewing; press Ctrl-C to stop (sessions then end within a minute)")
+        try:
+            _renew_while(lambda: True, issued, renew_every, api_key, gateway)
+        except KeyboardInterrupt:
+            pass
 
+
+def _renew_while(alive: Any, issued: dict[str, Any], every: float, api_key: str | None, gateway: str | None) -> None:
+    """Renew the credential's lease with a fresh sign-in while `alive()`; stop at the first refusal."""
+    deadline = time.monotonic() + every
+    while alive():
+        time.sleep(0.2)
+        if time.monotonic() < deadline:
+            continue
+        deadline = time.monotonic() + every
+        try:
+            _api("POST", f"/api/credentials/{issued['id']}/renew", api_key, gateway, refresh=True, raise_errors=True)
+        except ApiError as exc:
+            err.print(f"[red]your sign-in is no longer confirmed ({exc}); the gateway will end the session[/]")
+            return
 
 @app.command("events")
 def events_list(

@@ -70,6 +70,9 @@ class StoreSettings:
 class CredentialSettings:
     default_ttl: str = "15m"
     max_ttl: str = "12h"
+    # Credentials of people signed in with an IdP stay valid only while `wardgate connect` renews them
+    # with a fresh sign-in this often; a disabled user or a revoked IdP session ends their sessions.
+    idp_recheck: str = "60s"
 
 
 @dataclass
@@ -142,6 +145,10 @@ class Settings:
     @property
     def max_ttl(self) -> float:
         return parse_duration(self.credentials.max_ttl)
+
+    @property
+    def idp_recheck(self) -> float:
+        return parse_duration(self.credentials.idp_recheck)
 
 
 def _apply(obj: Any, values: dict[str, Any], section: str) -> None:

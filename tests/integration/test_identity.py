@@ -26,6 +26,9 @@ client_id = "wardgate-cli"
 [roles]
 admins = ["wardgate-admins"]
 auditors = ["auditors"]
+
+[credentials]
+idp_recheck = "3s"
 """
     gw = make_gateway(tmp_path_factory.mktemp("idgw"), pg, tail_toml=tail)
     gw.start()
@@ -288,3 +291,48 @@ def test_management_roles(idgw, idp) -> None:
     conn.close()
     third = api(idgw, "POST", "/api/credentials", plain, json={"connection": "shop"}).json()
     assert api(idgw, "POST", f"/api/credentials/{third['id']}/revoke", plain).status_code == 200
+
+
+def _login(idgw, idp, env: dict, who: str) -> dict:  # noqa: ANN001
+    proc = subprocess.Popen([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "login", "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**idgw.env, **env})
+    idp.sign_in(proc.stdout.readline().strip(), who)
+    assert proc.wait(30) == 0
+    return json.load(open(env["WARDGATE_TOKEN_FILE"]))
+
+
+def test_idp_bound_session_lives_while_the_sign_in_holds_and_ends_when_it_does_not(idgw, idp, signed_in_env) -> None:
+    _login(idgw, idp, signed_in_env, "dana")
+    env = {**{k: v for k, v in idgw.env.items() if k not in ("WARDGATE_API_KEY", "WARDGATE_TOKEN")}, **signed_in_env}
+    # outlives several 3 s leases: wardgate connect renews with a fresh sign-in each time
+    ok = subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "connect", "shop", "--exec",
+                         "psql -X -At -c 'select pg_sleep(7)' -c 'select 42'"], capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.split()[-1] == "42", ok.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "connect", "shop", "--exec",
+                             "psql -X -At -c 'select pg_sleep(60)'"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**env, "PGAPPNAME": "t_lease"})
+    idgw.wait_for_session(lambda s: s["application_name"] == "t_lease")
+    # the IdP ends the person's sign-in: the refresh token no longer works
+    tokens = json.load(open(signed_in_env["WARDGATE_TOKEN_FILE"]))
+    r = httpx.post(f"{idp.issuer}/token/revocation", data={"token": tokens["refresh_token"], "client_id": "wardgate-cli"})
+    assert r.status_code == 200
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "no longer confirmed" in err
+    s = idgw.wait_for_session(lambda s: s["application_name"] == "t_lease" and s["status"] == "closed")
+    assert s["end_reason"].startswith("credential not renewed")
+
+
+def test_an_unrenewed_idp_credential_lapses(idgw, idp) -> None:
+    import time
+
+    token = idp.forge(idp.claims(sub="quinn", preferred_username="quinn", groups=["dev"]))
+    issued = api(idgw, "POST", "/api/credentials", token, json={"connection": "shop"}).json()
+    assert issued["renew_every"] == 1.0
+    assert api(idgw, "POST", f"/api/credentials/{issued['id']}/renew", token).status_code == 200
+    time.sleep(3.5)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(issued["url"])
+    r = api(idgw, "POST", f"/api/credentials/{issued['id']}/renew", token)
+    assert r.status_code == 404 and "lapsed" in r.json()["detail"]

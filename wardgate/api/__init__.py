@@ -121,7 +121,8 @@ def create_app(gateway: "Gateway") -> FastAPI:
             if caller.kind != "agent":  # an agent acts for an existing person; others are provisioned
                 origin = caller.source if caller.source.startswith("oidc:") else "apikey"
                 store.ensure_user(caller.user, list(caller.groups), origin)
-            issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent)
+            lease = settings.idp_recheck if caller.source.startswith("oidc:") and caller.kind != "service" else None
+            issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent, lease=lease)
         except (ConfigError, Conflict) as exc:
             raise HTTPException(400, str(exc)) from None
         except NotFound as exc:
@@ -135,6 +136,16 @@ def create_app(gateway: "Gateway") -> FastAPI:
             "url": f"postgresql://{issued.user}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require",
             "env": {"PGHOST": host, "PGPORT": str(port), "PGUSER": issued.user, "PGPASSWORD": issued.secret,
                     "PGDATABASE": issued.connection, "PGSSLMODE": "require"},
+            "renew_every": lease / 3 if lease else None,
         }
+
+    @app.post("/api/credentials/{credential_id}/renew", summary="Keep an IdP-bound credential alive with a fresh sign-in")
+    def renew_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:
+        try:
+            until = gateway.store.renew_lease(credential_id, caller.user, gateway.settings.idp_recheck)
+        except NotFound as exc:
+            event(request, "credential.renew", "denied", caller, str(exc))
+            raise HTTPException(404, str(exc)) from None
+        return {"id": credential_id, "valid_until": iso(until)}
 
     return app

@@ -164,12 +164,13 @@ def load(path: Path | None = None) -> dict[str, Any] | None:
         return None
 
 
-def current_access_token(path: Path | None = None) -> str | None:
-    """The stored access token, refreshed first when it is about to expire. None when not signed in."""
+def current_access_token(path: Path | None = None, *, force_refresh: bool = False) -> str | None:
+    """The stored access token, refreshed first when it is about to expire (or always, with
+    `force_refresh`, which asks the IdP whether the sign-in still holds). None when not signed in."""
     tokens = load(path)
     if tokens is None:
         return None
-    if tokens["expires_at"] - REFRESH_MARGIN > time.time():
+    if not force_refresh and tokens["expires_at"] - REFRESH_MARGIN > time.time():
         return tokens["access_token"]
     if not tokens.get("refresh_token"):
         raise AuthenticationError("your sign-in has expired; run `wardgate login` again")

@@ -224,7 +224,9 @@ class Store:
 
     # ---------------------------------------------------------------------------- credentials
 
-    def issue_credential(self, user_name: str, connection: str, ttl: float, agent: str | None = None) -> IssuedCredential:
+    def issue_credential(
+        self, user_name: str, connection: str, ttl: float, agent: str | None = None, lease: float | None = None
+    ) -> IssuedCredential:
         if ttl <= 0:
             raise ConfigError("the TTL must be positive")
         if ttl > self.settings.max_ttl:
@@ -253,6 +255,7 @@ class Store:
                     created_at=now,
                     expires_at=now + ttl,
                     agent=agent,
+                    lease_until=now + lease if lease else None,
                 )
             )
         return IssuedCredential(cred_id, secret, user_name, connection, now + ttl, agent)
@@ -289,6 +292,7 @@ class Store:
                     m.Credential.connection == connection,
                     m.Credential.revoked_at.is_(None),
                     m.Credential.expires_at > now,
+                    sa.or_(m.Credential.lease_until.is_(None), m.Credential.lease_until > now),
                 )
             ))
             verifiers = [(c.id, Verifier(user.scram_salt, c.iterations, c.stored_key, c.server_key)) for c in rows]
@@ -317,7 +321,26 @@ class Store:
                 out[cred_id] = "revoked"
             elif c.expires_at <= now:
                 out[cred_id] = "expired"
+            elif c.lease_until is not None and c.lease_until <= now:
+                out[cred_id] = "not renewed: the sign-in behind it is no longer confirmed"
         return out
+
+    def renew_lease(self, cred_id: str, user_name: str, lease: float) -> float:
+        """Extend the lease of a live credential of `user_name`; return the new end."""
+        now = time.time()
+        with self.Session.begin() as s:
+            row = s.execute(
+                select(m.Credential).join(m.User, m.User.id == m.Credential.user_id)
+                .where(m.Credential.id == cred_id, m.User.name == user_name)
+            ).scalar_one_or_none()
+            if row is None or row.revoked_at is not None or row.expires_at <= now:
+                raise NotFound(f"no live credential {cred_id!r} of yours")
+            if row.lease_until is None:
+                return row.expires_at
+            if row.lease_until <= now:
+                raise NotFound(f"credential {cred_id} lapsed: its lease was not renewed in time")
+            row.lease_until = min(now + lease, row.expires_at)
+            return row.lease_until
 
     def mark_used(self, cred_id: str) -> None:
         with self.Session.begin() as s:

@@ -50,6 +50,8 @@ class Credential(Base):
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Set for credentials of people signed in with an IdP: valid only while renewed with fresh sign-ins.
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_credentials_user_connection", "user_id", "connection"),)
 
