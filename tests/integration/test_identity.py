@@ -336,3 +336,51 @@ def test_an_unrenewed_idp_credential_lapses(idgw, idp) -> None:
         psycopg.connect(issued["url"])
     r = api(idgw, "POST", f"/api/credentials/{issued['id']}/renew", token)
     assert r.status_code == 404 and "lapsed" in r.json()["detail"]
+
+
+def _forged_variants(idp) -> dict[str, str]:  # noqa: ANN001
+    import base64 as b64
+    import hashlib as hl
+    import hmac as hm
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from joserfc.jwk import KeySet, RSAKey
+
+    def enc(obj: dict) -> str:
+        return b64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    stranger = RSAKey.import_key(rsa.generate_private_key(public_exponent=65537, key_size=2048)).as_dict(private=True)
+    public = KeySet.import_key_set({"keys": [k for k in idp.private_keys if k["alg"] == "RS256"]}).keys[0]
+    head, body = enc({"alg": "HS256", "kid": public.kid}), enc(idp.claims())
+    hs256 = f"{head}.{body}." + b64.urlsafe_b64encode(
+        hm.new(public.as_pem(private=False), f"{head}.{body}".encode(), hl.sha256).digest()).rstrip(b"=").decode()
+    real = idp.client_credentials()
+    h, p, s = real.split(".")
+    claims = json.loads(b64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+    claims["groups"] = ["wardgate-admins"]
+    return {
+        "expired": idp.forge(idp.claims(iat=now - 900, exp=now - 600)),
+        "wrong audience": idp.forge(idp.claims(aud="https://other.example")),
+        "wrong issuer": idp.forge(idp.claims(iss="https://evil.example")),
+        "unknown kid": idp.forge(idp.claims(), key={**stranger, "alg": "RS256", "kid": "not-published"}),
+        "alg none": f"{enc({'alg': 'none'})}.{enc(idp.claims())}.",
+        "HS256 with the public key": hs256,
+        "tampered payload": f"{h}.{enc(claims)}.{s}",
+    }
+
+
+def test_every_forged_token_is_refused_at_the_api_and_recorded(idgw, idp) -> None:
+    import time
+
+    for name, token in _forged_variants(idp).items():
+        r = api(idgw, "POST", "/api/credentials", token, json={"connection": "shop"})
+        assert r.status_code == 401, name
+        assert r.json()["detail"], name
+    time.sleep(1)
+    denied = [e for e in idgw.cli_json("events", "--kind", "api.authenticate", "--outcome", "denied", "--limit", "200")]
+    details = " | ".join(e["detail"] or "" for e in denied)
+    for fragment in ("expired", "aud", "not accepted here", "does not publish", "'none' is not accepted",
+                     "'HS256' is not accepted", "signature"):
+        assert fragment in details, fragment
