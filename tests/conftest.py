@@ -48,11 +48,9 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> LocalPostgres:
     )
     server.start()
     server.ca = ca  # type: ignore[attr-defined]
-    server.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+    server.create_database("app", APP_PASSWORD, "shop", SHOP_SQL)
     server.psql(f"SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD '{MD5_PASSWORD}'")
     server.psql("CREATE ROLE trustuser LOGIN")
-    server.psql("CREATE DATABASE shop OWNER app")
-    server.psql_file(SHOP_SQL, "shop", role="app")
     server.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO md5user, trustuser", database="shop")
     yield server
     server.stop()

@@ -72,6 +72,13 @@ def when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def status(row: Any) -> str:
+    """active, revoked or expired, for anything with revoked_at and expires_at (None: never expires)."""
+    if row.revoked_at:
+        return "revoked"
+    return "expired" if row.expires_at is not None and row.expires_at <= time.time() else "active"
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -296,10 +303,6 @@ def credentials_list(
 ) -> None:
     """List credentials (never their secrets)."""
     rows = open_store().list_credentials(user, include_inactive=all_)
-    now = time.time()
-
-    def status(c: Any) -> str:
-        return "revoked" if c.revoked_at else ("expired" if c.expires_at <= now else "active")
 
     if json_out:
         emit_json(
@@ -387,16 +390,27 @@ def apikeys_create(
     name: str | None = typer.Option(None, help="Service account name (the identity the key carries)."),
     group: list[str] = typer.Option([], "--group", "-g", help="Groups of the service account (repeat for several)."),
     for_agent: str | None = typer.Option(None, "--for-agent", help="Make a key for this agent acting for --user."),
-    user: str | None = typer.Option(None, "--user", "-u", help="With --for-agent: the person the agent acts for."),
+    user: str | None = typer.Option(
+        None, "--user", "-u", help="With --for-agent: the person the agent acts for (administrators, on the store). "
+        "Without it, the key is made through the gateway for you, the signed-in person."
+    ),
     ttl: str | None = typer.Option(None, help="Lifetime, e.g. 90d (default: until revoked)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Create an API key. It is shown once and stored hashed."""
     from .store import NotFound
 
+    if for_agent and not user:
+        made = _api("POST", "/api/apikeys", None, None, json={"for_agent": for_agent, "ttl": ttl})
+        if json_out:
+            emit_json(made)
+        else:
+            console.print(f"API key [bold]{made['id']}[/] for {for_agent} acting for {made['user']}")
+            console.print(f"key: {made['key']}", soft_wrap=True, highlight=False)
+        return
     if for_agent:
-        if not user or group:
-            fail("an agent key acts for a person: give --user (and no --group; the person's groups apply)")
+        if group:
+            fail("an agent key carries the person's groups; drop --group")
         kind, owner, label = "agent", user, f"{for_agent} for {user}"
     else:
         if not name:
@@ -423,10 +437,6 @@ def apikeys_create(
 def apikeys_list(all_: bool = typer.Option(False, "--all", help="Include revoked and expired keys."), json_out: bool = JsonOpt) -> None:
     """List API keys (never the keys themselves)."""
     rows = open_store().list_api_keys(include_inactive=all_)
-    now = time.time()
-
-    def status(k: Any) -> str:
-        return "revoked" if k.revoked_at else ("expired" if k.expires_at and k.expires_at <= now else "active")
 
     if json_out:
         emit_json([{"id": k.id, "name": k.name, "kind": k.kind, "user": k.user_name, "agent": k.agent, "groups": k.groups,

@@ -174,6 +174,14 @@ class LocalPostgres:
         if out.returncode != 0:
             raise LocalPostgresError(f"loading {path} failed: {out.stderr.strip()}")
 
+    def create_database(self, owner: str, password: str, database: str, sql_file: Path | None = None) -> None:
+        """A login role with a password, a database it owns, and optionally SQL loaded as that role."""
+        quoted = password.replace("'", "''")
+        self.psql(f'CREATE ROLE "{owner}" LOGIN PASSWORD \'{quoted}\'')
+        self.psql(f'CREATE DATABASE "{database}" OWNER "{owner}"')
+        if sql_file is not None:
+            self.psql_file(sql_file, database, role=owner)
+
     def dsn(self, user: str = "postgres", password: str | None = None, database: str = "postgres", **extra: str) -> str:
         pw = password if password is not None else self.password
         q = "&".join(f"{k}={v}" for k, v in extra.items())

@@ -384,3 +384,30 @@ def test_every_forged_token_is_refused_at_the_api_and_recorded(idgw, idp) -> Non
     for fragment in ("expired", "aud", "not accepted here", "does not publish", "'none' is not accepted",
                      "'HS256' is not accepted", "signature"):
         assert fragment in details, fragment
+
+
+def test_a_person_makes_a_key_for_their_agent_through_the_api(idgw, idp) -> None:
+    person = idp.forge(idp.claims(sub="rhea", preferred_username="rhea", groups=["dev"]))
+    made = api(idgw, "POST", "/api/apikeys", person, json={"for_agent": "codex", "ttl": "1d"}).json()
+    assert (made["user"], made["agent"], made["kind"]) == ("rhea", "codex", "agent")
+    me = api(idgw, "GET", "/api/me", made["key"]).json()
+    assert (me["user"], me["agent"], me["groups"], me["roles"]) == ("rhea", "codex", ["dev"], [])
+    # the agent cannot mint keys, nor may a non-admin make service accounts
+    assert api(idgw, "POST", "/api/apikeys", made["key"], json={"for_agent": "other"}).status_code == 403
+    assert api(idgw, "POST", "/api/apikeys", person, json={"name": "svc", "groups": ["wardgate-admins"]}).status_code == 403
+    mine = api(idgw, "GET", "/api/apikeys", person).json()
+    assert [k["id"] for k in mine] == [made["id"]] and all("key" not in k for k in mine)
+    other = idp.forge(idp.claims(sub="sol", preferred_username="sol", groups=["dev"]))
+    assert api(idgw, "POST", f"/api/apikeys/{made['id']}/revoke", other).status_code == 404
+    assert api(idgw, "POST", f"/api/apikeys/{made['id']}/revoke", person).json()["status"] == "revoked"
+    assert api(idgw, "GET", "/api/me", made["key"]).status_code == 401
+
+
+def test_signed_in_person_creates_an_agent_key_from_the_cli(idgw, idp, signed_in_env) -> None:
+    _login(idgw, idp, signed_in_env, "dana")
+    env = {**{k: v for k, v in idgw.env.items() if k not in ("WARDGATE_API_KEY", "WARDGATE_TOKEN")}, **signed_in_env}
+    out = subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(idgw.config), "apikeys", "create",
+                          "--for-agent", "claude-code", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    made = json.loads(out.stdout)
+    assert (made["user"], made["agent"]) == ("dana", "claude-code")

@@ -22,9 +22,7 @@ def own_pg():  # noqa: ANN201
     server.initdb()
     server.start()
     server.ca = None  # type: ignore[attr-defined]
-    server.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
-    server.psql("CREATE DATABASE shop OWNER app")
-    server.psql_file(SHOP_SQL, "shop", role="app")
+    server.create_database("app", APP_PASSWORD, "shop", SHOP_SQL)
     yield server
     server.stop()
     shutil.rmtree(server.dir, ignore_errors=True)

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from ..app import Gateway
 
 
+class ApiKeyRequest(BaseModel):
+    for_agent: str | None = Field(default=None, description="Make a key for this agent, acting for you.")
+    name: str | None = Field(default=None, description="Service account name (admin role only).")
+    groups: list[str] = Field(default_factory=list, description="Service account groups (admin role only).")
+    ttl: str | None = Field(default=None, description="Lifetime such as 90d; default: until revoked.")
+
+
 class CredentialRequest(BaseModel):
     connection: str = Field(description="Connection name (the dbname native clients use).")
     ttl: str | None = Field(default=None, description="Lifetime such as 15m or 2h; default from the config.")
@@ -49,6 +56,12 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> JSONResponse:
         return JSONResponse(gateway.health(), status_code=200 if gateway.ready else 503)
+
+    def provision(caller: Identity) -> None:
+        """The store's user for a caller known from a token or a service key (an agent's person exists already)."""
+        if caller.kind != "agent" and caller.source != "local":
+            origin = caller.source if caller.source.startswith("oidc:") else "apikey"
+            gateway.store.ensure_user(caller.user, list(caller.groups), origin)
 
     def require(caller: Identity, *roles: str) -> None:
         if not gateway.gatekeeper.roles(caller) & set(roles):
@@ -103,6 +116,55 @@ def create_app(gateway: "Gateway") -> FastAPI:
         event(request, "credential.revoke", "ok", caller, f"credential {credential_id} of {state}")
         return {"id": credential_id, "status": "revoked"}
 
+    def key_view(k: Any) -> dict[str, Any]:
+        return {"id": k.id, "name": k.name, "kind": k.kind, "user": k.user_name, "agent": k.agent, "groups": k.groups,
+                "created_at": iso(k.created_at), "expires_at": iso(k.expires_at), "revoked_at": iso(k.revoked_at),
+                "last_used_at": iso(k.last_used_at)}
+
+    @app.post("/api/apikeys", summary="Create an API key: for an agent acting for you, or (admin) a service account")
+    def create_api_key(body: ApiKeyRequest, caller: Caller, request: Request) -> dict[str, Any]:
+        if caller.agent:
+            raise HTTPException(403, "an agent cannot create keys; the person it acts for can")
+        try:
+            ttl = parse_duration(body.ttl) if body.ttl else None
+            if body.for_agent:
+                if body.name or body.groups:
+                    raise HTTPException(400, "an agent key carries your groups; give for_agent only")
+                provision(caller)
+                issued = gateway.store.create_api_key(name=f"{body.for_agent} for {caller.user}", kind="agent",
+                                                      user_name=caller.user, agent=body.for_agent, groups=[], ttl=ttl,
+                                                      created_by=caller.user)
+            else:
+                require(caller, "admin")
+                if not body.name:
+                    raise HTTPException(400, "give for_agent, or name (and groups) for a service account")
+                issued = gateway.store.create_api_key(name=body.name, kind="service", user_name=body.name, agent=None,
+                                                      groups=body.groups, ttl=ttl, created_by=caller.user)
+        except (ConfigError, Conflict) as exc:
+            raise HTTPException(400, str(exc)) from None
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        event(request, "apikey.create", "ok", caller, f"API key {issued.row.id} ({issued.row.name})")
+        return {**key_view(issued.row), "key": issued.secret}
+
+    @app.get("/api/apikeys", summary="Your API keys (admin: all)")
+    def list_api_keys(caller: Caller) -> list[dict[str, Any]]:
+        admin = "admin" in gateway.gatekeeper.roles(caller)
+        return [key_view(k) for k in gateway.store.list_api_keys() if admin or k.user_name == caller.user]
+
+    @app.post("/api/apikeys/{key_id}/revoke", summary="Revoke one of your API keys (admin: any)")
+    def revoke_api_key(key_id: str, caller: Caller, request: Request) -> dict[str, Any]:
+        mine = {k.id for k in gateway.store.list_api_keys(include_inactive=True) if k.user_name == caller.user}
+        if key_id not in mine and "admin" not in gateway.gatekeeper.roles(caller):
+            event(request, "apikey.revoke", "denied", caller, f"API key {key_id}")
+            raise HTTPException(404, f"no API key {key_id!r} of yours")
+        try:
+            gateway.store.revoke_api_key(key_id)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        event(request, "apikey.revoke", "ok", caller, f"API key {key_id}")
+        return {"id": key_id, "status": "revoked"}
+
     @app.get("/api/events", summary="Security events (auditor or admin role)")
     def events(caller: Caller, kind: str | None = None, outcome: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         require(caller, "auditor", "admin")
@@ -118,9 +180,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
             raise HTTPException(403, decision.reason)
         try:
             ttl = parse_duration(body.ttl) if body.ttl else settings.default_ttl
-            if caller.kind != "agent":  # an agent acts for an existing person; others are provisioned
-                origin = caller.source if caller.source.startswith("oidc:") else "apikey"
-                store.ensure_user(caller.user, list(caller.groups), origin)
+            provision(caller)
             lease = settings.idp_recheck if caller.source.startswith("oidc:") and caller.kind != "service" else None
             issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent, lease=lease)
         except (ConfigError, Conflict) as exc:
