@@ -641,6 +641,40 @@ def events_list(
     console.print(table)
 
 
+# ----------------------------------------------------------------------------------- policy
+
+policy_app = typer.Typer(no_args_is_help=True, help="Inspect the policy without running anything.")
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("check")
+def policy_check(
+    user: str = typer.Option(..., "--user", "-u", help="Whose rights to use (a known user)."),
+    connection: str = typer.Option(..., "--connection", "-C", help="Connection name."),
+    sql: str = typer.Option(..., "--sql", help="The statement (or statements) to check."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """The decision a statement would get: action, matched rules, reasons."""
+    from .domain import Identity
+    from .policy.gatekeeper import Gatekeeper
+
+    row = open_store().get_user(user)
+    if row is None:
+        fail(f"no user named {user!r}")
+    identity = Identity(user, tuple(row.groups))
+    gk = Gatekeeper(state.settings)
+    access = gk.authorize(identity, connection, "connect")
+    decision = gk.decide(identity, connection, sql)
+    action = decision.action if access.allowed else "deny"
+    if json_out:
+        emit_json({**decision.public(), "action": action, "access": {"allowed": access.allowed, "reason": access.reason}})
+        return
+    colour = {"allow": "green", "deny": "red", "review": "yellow"}[action]
+    console.print(f"[bold {colour}]{action}[/]  ({access.reason})")
+    for m in decision.matches:
+        console.print(f"  {'shadow ' if m.shadow else ''}{m.action} by {m.rule}: {m.reason}" + (f" ({m.message})" if m.message else ""))
+
+
 # ------------------------------------------------------------------------------------ admin
 
 

@@ -129,6 +129,7 @@ class Settings:
     connections: list[ConnectionSpec] = field(default_factory=list)
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
+    guardrails: list[Any] = field(default_factory=list)  # policy.guardrails.Rule
 
     @property
     def store_url(self) -> str:
@@ -205,6 +206,13 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             settings.identity_providers = [_identity_provider(p) for p in value]
         elif key == "access":
             settings.access = [_access_rule(i, r) for i, r in enumerate(value, 1)]
+        elif key == "guardrails":
+            from .policy.guardrails import parse_rules
+
+            try:
+                settings.guardrails = parse_rules(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(str(exc)) from exc
         elif key == "data_dir":
             settings.data_dir = Path(value)
         elif key == "secret_key":

@@ -7,11 +7,13 @@ import datetime as dt
 from ..config import Settings
 from ..domain import Identity
 from .access import AccessDecision, AccessPolicy
+from .guardrails import Decision, StatementPolicy
 
 
 class Gatekeeper:
     def __init__(self, settings: Settings) -> None:
         self.access = AccessPolicy(list(settings.access))
+        self.guardrails = list(settings.guardrails)
         self._admins = set(settings.roles.admins)
         self._auditors = set(settings.roles.auditors)
 
@@ -25,3 +27,11 @@ class Gatekeeper:
     def authorize(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None) -> AccessDecision:
         """May `identity` use `connection` for `verb` (connect, exec)? Deny unless a rule allows it."""
         return self.access.check(identity, connection, verb, now)
+
+    def statement_policy(self, identity: Identity, connection: str) -> StatementPolicy:
+        """The guardrails for one session, resolved once so the hot path only evaluates them."""
+        return StatementPolicy([r for r in self.guardrails if r.applies_to(identity, connection)])
+
+    def decide(self, identity: Identity, connection: str, statement: str) -> Decision:
+        """allow / deny / review for one statement, with the matched rules and reasons."""
+        return self.statement_policy(identity, connection).decide(statement)

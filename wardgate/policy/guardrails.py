@@ -1,0 +1,191 @@
+"""Guardrails: rules over classified statements, scoped to connections and groups.
+
+A rule matches a statement when any of its conditions does. Actions are `deny` and `review`
+(a review is refused until the review workflow exists: fail closed); `shadow = true` records what
+the rule would have done without enforcing it. Statements the parser rejects are always denied.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..domain import Identity
+from ..sql.classify import OPAQUE_KINDS, Classification, classify
+
+DANGEROUS_FUNCTIONS = (
+    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir",
+    "lo_import", "lo_export", "lo_from_bytea", "lo_put", "dblink*", "pg_file_write", "pg_file_rename", "pg_file_unlink",
+    "pg_reload_conf", "pg_rotate_logfile", "pg_terminate_backend", "pg_promote", "query_to_xml*", "cursor_to_xml*",
+    "set_config",
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    action: str = "deny"  # deny or review
+    message: str = ""
+    connections: tuple[str, ...] = ("*",)
+    groups: tuple[str, ...] = ("*",)
+    except_groups: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    relations: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+    unconditional: bool = False
+    writes: bool = False
+    copy_program: bool = False
+    shadow: bool = False
+
+    def applies_to(self, identity: Identity, connection: str) -> bool:
+        if not any(fnmatch.fnmatchcase(connection, c) for c in self.connections):
+            return False
+        groups = set(identity.groups)
+        if groups & set(self.except_groups):
+            return False
+        return "*" in self.groups or bool(groups & set(self.groups))
+
+    def why(self, c: Classification) -> str | None:
+        """The reason this rule matches `c`, or None."""
+        if self.kinds and (hit := sorted(c.kinds & set(self.kinds))):
+            return f"statement kind {', '.join(hit)}"
+        if self.relations:
+            touched = sorted(c.reads | c.writes)
+            for rel in touched:
+                short = rel.rsplit(".", 1)[-1]
+                if any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(short, p) for p in self.relations):
+                    return f"relation {rel}"
+        if self.functions:
+            for fn in sorted(c.functions):
+                short = fn.rsplit(".", 1)[-1]
+                if any(fnmatch.fnmatchcase(short, p) or fnmatch.fnmatchcase(fn, p) for p in self.functions):
+                    return f"function {short}"
+        if self.unconditional and c.unconditional:
+            return f"{', '.join(sorted(c.unconditional)).upper()} without a condition"
+        if self.writes and c.is_write:
+            return "a write on a read-only connection"
+        if self.copy_program and c.copy_program:
+            return "COPY ... PROGRAM"
+        return None
+
+
+def standard_rules(scope: dict[str, Any]) -> list[Rule]:
+    """What a security team starts from: the preset `standard`."""
+    return [
+        Rule("standard:dangerous-functions", functions=DANGEROUS_FUNCTIONS, copy_program=True,
+             message="reads or writes server files, runs programs or reaches other servers", **scope),
+        Rule("standard:destructive-ddl", kinds=("drop", "truncate", "alter_system", "drop_database", "drop_role"),
+             message="destroys data or reconfigures the server", **scope),
+        Rule("standard:unconditional-writes", unconditional=True, message="would change every row; add a WHERE clause", **scope),
+        Rule("standard:opaque-code", kinds=tuple(sorted(OPAQUE_KINDS)), message="DO blocks and procedures cannot be inspected", **scope),
+    ]
+
+
+@dataclass(frozen=True)
+class Match:
+    rule: str
+    action: str
+    reason: str
+    message: str
+    shadow: bool
+
+    def public(self) -> dict[str, Any]:
+        return {"rule": self.rule, "action": self.action, "reason": self.reason, "message": self.message, "shadow": self.shadow}
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # allow, deny or review
+    matches: tuple[Match, ...] = ()
+    classification: Classification = field(default_factory=Classification)
+
+    @property
+    def enforced(self) -> list[Match]:
+        return [m for m in self.matches if not m.shadow]
+
+    @property
+    def error_message(self) -> str:
+        m = self.enforced[0] if self.enforced else None
+        if m is None:
+            return "allowed"
+        verb = "needs review" if m.action == "review" else "denied"
+        text = f"{verb} by rule {m.rule}: {m.reason}"
+        return f"{text} ({m.message})" if m.message else text
+
+    def public(self) -> dict[str, Any]:
+        return {"action": self.action, "matches": [m.public() for m in self.matches],
+                "classification": self.classification.public()}
+
+
+class StatementPolicy:
+    """The rules that apply to one identity on one connection; decisions cached by statement text."""
+
+    def __init__(self, rules: list[Rule], cache_size: int = 2048) -> None:
+        self.rules = rules
+        self._cache: OrderedDict[str, Decision] = OrderedDict()
+        self._cache_size = cache_size
+
+    def decide(self, text: str) -> Decision:
+        hit = self._cache.get(text)
+        if hit is not None:
+            return hit
+        decision = self._decide(text)
+        self._cache[text] = decision
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return decision
+
+    def _decide(self, text: str) -> Decision:
+        c = classify(text)
+        if c.error is not None:
+            m = Match("parser", "deny", f"the statement does not parse: {c.error}", "", False)
+            return Decision("deny", (m,), c)
+        matches = []
+        for rule in self.rules:
+            reason = rule.why(c)
+            if reason is not None:
+                matches.append(Match(rule.name, rule.action, reason, rule.message, rule.shadow))
+        enforced = [m.action for m in matches if not m.shadow]
+        action = "deny" if "deny" in enforced else ("review" if "review" in enforced else "allow")
+        return Decision(action, tuple(matches), c)
+
+
+def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
+    """[[guardrails]] entries from the config: rules, or `preset = "standard"` with a scope."""
+    rules: list[Rule] = []
+    for i, entry in enumerate(raw, 1):
+        entry = dict(entry)
+        scope = {k: tuple(entry.pop(k)) for k in ("connections", "groups", "except_groups") if k in entry}
+        if "shadow" in entry:
+            scope["shadow"] = bool(entry["shadow"])
+        preset = entry.pop("preset", None)
+        if preset is not None:
+            entry.pop("shadow", None)
+            if preset != "standard" or entry:
+                raise ValueError(f"guardrail {i}: preset must be \"standard\" with only connections, groups, except_groups, shadow")
+            rules.extend(standard_rules(scope))
+            continue
+        name = entry.pop("name", f"guardrail-{i}")
+        action = entry.pop("action", "deny")
+        if action not in ("deny", "review"):
+            raise ValueError(f"guardrail {name!r}: action must be deny or review")
+        entry.pop("shadow", None)
+        fields = {}
+        for key in ("kinds", "relations", "functions"):
+            if key in entry:
+                fields[key] = tuple(entry.pop(key))
+        for key in ("unconditional", "writes", "copy_program"):
+            if key in entry:
+                fields[key] = bool(entry.pop(key))
+        if entry.get("dangerous_functions"):
+            entry.pop("dangerous_functions")
+            fields["functions"] = fields.get("functions", ()) + DANGEROUS_FUNCTIONS
+        message = entry.pop("message", "")
+        if entry:
+            raise ValueError(f"guardrail {name!r}: unknown keys {sorted(entry)}")
+        if not fields:
+            raise ValueError(f"guardrail {name!r} matches nothing: give kinds, relations, functions, unconditional, writes or copy_program")
+        rules.append(Rule(name, action, message, **scope, **fields))
+    return rules

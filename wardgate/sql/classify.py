@@ -1,0 +1,151 @@
+"""Statement classification over the real PostgreSQL parser (libpg_query through pglast).
+
+`classify(text)` parses with `parse_sql_json` (the fast path) and walks the tree once, collecting
+statement kinds (inside CTEs, EXPLAIN, PREPARE and multi-statement strings too), relations read
+and written, functions called, conditionless writes and COPY details. Literals and comments are
+data in the tree, so keyword text inside them never looks like a statement. Results are cached
+by statement text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from pglast.parser import ParseError, parse_sql_json
+
+# Kinds that only read (or only touch the session). Anything else counts as a write: unknown = write.
+READ_KINDS = frozenset({
+    "select", "explain", "prepare", "execute", "deallocate", "transaction", "variable_set", "variable_show",
+    "listen", "unlisten", "notify", "fetch", "close_portal", "declare_cursor", "discard", "copy_to", "check_point_noop",
+    "lock",
+})
+OPAQUE_KINDS = frozenset({"do", "call"})
+_NAMES = {
+    "SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete", "MergeStmt": "merge",
+    "DropStmt": "drop", "TruncateStmt": "truncate", "AlterSystemStmt": "alter_system", "DoStmt": "do",
+    "CallStmt": "call", "ExplainStmt": "explain", "PrepareStmt": "prepare", "ExecuteStmt": "execute",
+    "DeallocateStmt": "deallocate", "TransactionStmt": "transaction", "VariableSetStmt": "variable_set",
+    "VariableShowStmt": "variable_show", "DropdbStmt": "drop_database", "CreatedbStmt": "create_database",
+    "ClosePortalStmt": "close_portal", "FetchStmt": "fetch", "DeclareCursorStmt": "declare_cursor",
+    "ListenStmt": "listen", "UnlistenStmt": "unlisten", "NotifyStmt": "notify", "DiscardStmt": "discard",
+    "LockStmt": "lock", "DropRoleStmt": "drop_role", "GrantStmt": "grant", "GrantRoleStmt": "grant_role",
+}
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def _kind_of(node_name: str) -> str:
+    return _NAMES.get(node_name) or _CAMEL.sub("_", node_name.removesuffix("Stmt")).lower()
+
+
+@dataclass(frozen=True)
+class Classification:
+    kinds: frozenset[str] = frozenset()
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+    functions: frozenset[str] = frozenset()
+    unconditional: frozenset[str] = frozenset()  # update/delete/merge that touch every row
+    copy_program: bool = False
+    statements: int = 0
+    error: str | None = None  # the parser's message when the text does not parse
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.kinds - READ_KINDS) or bool(self.writes) or self.copy_program
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "kinds": sorted(self.kinds), "reads": sorted(self.reads), "writes": sorted(self.writes),
+            "functions": sorted(self.functions), "unconditional": sorted(self.unconditional),
+            "copy_program": self.copy_program, "statements": self.statements, "error": self.error,
+        }
+
+
+@dataclass
+class _Walk:
+    kinds: set[str] = field(default_factory=set)
+    reads: set[str] = field(default_factory=set)
+    writes: set[str] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+    unconditional: set[str] = field(default_factory=set)
+    copy_program: bool = False
+
+
+def _relname(rv: dict[str, Any]) -> str:
+    name = rv.get("relname", "?")
+    return f"{rv['schemaname']}.{name}" if rv.get("schemaname") else name
+
+
+def _names(items: list[Any]) -> str:
+    return ".".join(i.get("String", {}).get("sval", "?") for i in items if isinstance(i, dict))
+
+
+def _is_true(node: Any) -> bool:
+    return isinstance(node, dict) and node.get("A_Const", {}).get("boolval", {}).get("boolval") is True
+
+
+def _visit(node: Any, w: _Walk) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _visit(item, w)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key.endswith("Stmt") and isinstance(value, dict):
+            _statement(key, value, w)
+        elif key == "RangeVar" and isinstance(value, dict):
+            w.reads.add(_relname(value))
+        elif key == "FuncCall" and isinstance(value, dict):
+            w.functions.add(_names(value.get("funcname", [])))
+            _visit(value, w)
+        elif isinstance(value, (dict, list)):
+            _visit(value, w)
+
+
+def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
+    kind = _kind_of(name)
+    rest = dict(body)
+    if name in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt") and "relation" in rest:
+        w.writes.add(_relname(rest.pop("relation")))
+        if name in ("UpdateStmt", "DeleteStmt") and (rest.get("whereClause") is None or _is_true(rest.get("whereClause"))):
+            w.unconditional.add(kind)
+        if name == "MergeStmt" and _is_true(rest.get("joinCondition")):
+            w.unconditional.add(kind)
+    elif name == "SelectStmt" and rest.get("intoClause"):
+        w.writes.add(_relname(rest.pop("intoClause").get("rel", {})))
+        kind = "select_into"
+    elif name == "TruncateStmt":
+        for item in rest.pop("relations", []):
+            w.writes.add(_relname(item.get("RangeVar", {})))
+    elif name == "DropStmt":
+        for obj in rest.get("objects", []):
+            if isinstance(obj, dict) and "List" in obj:
+                w.writes.add(_names(obj["List"].get("items", [])))
+    elif name == "CopyStmt":
+        rel = rest.pop("relation", None)
+        kind = "copy_from" if rest.get("is_from") else "copy_to"
+        if rel is not None:
+            (w.writes if rest.get("is_from") else w.reads).add(_relname(rel))
+        if rest.get("is_program"):
+            w.copy_program = True
+    w.kinds.add(kind)
+    _visit(rest, w)
+
+
+@lru_cache(maxsize=8192)
+def classify(text: str) -> Classification:
+    try:
+        tree = json.loads(parse_sql_json(text))
+    except ParseError as exc:
+        return Classification(error=str(exc.args[0]) if exc.args else "syntax error")
+    stmts = tree.get("stmts", [])
+    w = _Walk()
+    _visit([s.get("stmt", {}) for s in stmts], w)
+    return Classification(
+        frozenset(w.kinds), frozenset(w.reads), frozenset(w.writes), frozenset(w.functions),
+        frozenset(w.unconditional), w.copy_program, len(stmts), None,
+    )
