@@ -57,10 +57,11 @@ def main() -> int:
             f'data_dir = "{work / "gw"}"\n[gateway]\nlisten = "127.0.0.1:{port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
             f'[[connections]]\nname = "bench"\nhost = "127.0.0.1"\nport = {pg.port}\ndatabase = "bench"\n'
             f'user = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
+            '[[access]]\ngroups = ["bench"]\nconnections = ["bench"]\n'
         )
         env = {**os.environ, "BENCH_PASSWORD": password}
         cli = [sys.executable, "-m", "wardgate.cli", "--config", str(config)]
-        subprocess.run([*cli, "users", "add", "bench"], check=True, capture_output=True, env=env)
+        subprocess.run([*cli, "users", "add", "bench", "--group", "bench"], check=True, capture_output=True, env=env)
         cred = json.loads(
             subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", "bench", "--ttl", "2h", "--json"],
                            check=True, capture_output=True, text=True, env=env).stdout
