@@ -262,6 +262,7 @@ class PostgresListener:
             session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
+            policy=self.gatekeeper.statement_policy(identity, conn_name),
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live

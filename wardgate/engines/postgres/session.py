@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
+from ...policy.guardrails import StatementPolicy
 from . import codec
 from .framing import Framer
 from .stream import StreamProtocol
-from .tracker import BACKEND_INSPECT, FRONTEND_INSPECT, StatementTracker
+from .tracker import BACKEND_INSPECT, Finished, StatementTracker
 
 log = logging.getLogger("wardgate.session")
 
@@ -26,8 +28,24 @@ def _jstr(value: str | None) -> str:
     return "null" if value is None else _json(value)
 
 
+def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str) -> str:
+    return (f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time()!r},'
+            f'"text":{_json(text)}}}\n')
+
+
+def _done_line(sid: str, seq: int, status: str, ms: str | None, rows: int | None, tag: str | None,
+               code: str | None, msg: str | None) -> str:
+    return (f'{{"k":"done","sid":"{sid}","seq":{seq},"status":"{status}","ms":{ms or "null"},'
+            f'"rows":{"null" if rows is None else rows},"tag":{_jstr(tag)},"code":{_jstr(code)},"msg":{_jstr(msg)}}}\n')
+
+
+
 _TERMINATE = ord("X")
 _ERROR = ord("E")
+_READY = ord("Z")
+_QUERY = ord("Q")
+_PARSE = ord("P")
+_FUNCTION_CALL = ord("F")
 
 
 class Relay:
@@ -43,6 +61,7 @@ class Relay:
         on_end: Callable[["Relay", str], None],
         on_abandon: Callable[["Relay"], None] | None = None,
         max_message: int,
+        policy: StatementPolicy | None = None,
     ) -> None:
         self.session_id = session_id
         self.connection = connection
@@ -53,8 +72,14 @@ class Relay:
         self._on_end = on_end
         self._on_abandon = on_abandon
         self.tracker = StatementTracker()
+        self.policy = policy or StatementPolicy([])
+        self._refusals: dict[str, str] = {}  # marker sent upstream -> the refusal it stands for
+        self._refused_queries: dict[int, str] = {}  # seq -> refusal, for Queries and function calls
+        self.denied = 0
+        self.shadowed = 0
+        # Every frontend message is looked at (they are few and small), except CopyData, which streams.
         self.client_framer = Framer(
-            FRONTEND_INSPECT + b"X",
+            bytes(t for t in codec.FRONTEND_TYPES if t != ord("d")),
             allowed=codec.FRONTEND_TYPES,
             small=codec.SMALL_FRONTEND_TYPES,
             max_inspect=max_message,
@@ -98,21 +123,27 @@ class Relay:
         try:
             fwd, msgs = self.client_framer.feed(data)
             if msgs:
-                records = []
+                records: list[str] = []
+                edits: list[tuple[int, int, bytes]] = []  # (offset, length, replacement) in fwd
                 sid = self.session_id
-                for mtype, body, _ in msgs:
+                for mtype, body, offset in msgs:
                     if mtype == _TERMINATE:
                         self.terminating = True
                         continue
+                    if mtype == _QUERY or mtype == _FUNCTION_CALL or mtype == _PARSE:
+                        decision = self._decide(mtype, body)
+                        if decision is not None:
+                            self._refuse(mtype, body, offset, decision, records, edits)
+                            continue
                     started = self.tracker.frontend(mtype, body)
                     if started is not None:
                         self._starts[started.seq] = time.perf_counter()
-                        records.append(
-                            f'{{"k":"stmt","sid":"{sid}","seq":{started.seq},"kind":"{started.kind}",'
-                            f'"np":{started.param_count},"at":{time.time()!r},"text":{_json(started.text)}}}\n'
-                        )
+                        records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text))
                 if records:
                     self._record(records)
+                if edits:
+                    for offset, length, replacement in reversed(edits):
+                        fwd = fwd[:offset] + replacement + fwd[offset + length:]
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"protocol violation: {exc}", hint="the gateway closed this session; reconnect"), f"protocol violation: {exc}", "08P01")
             return
@@ -130,6 +161,58 @@ class Relay:
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
 
+    def _decide(self, mtype: int, body: bytes) -> str | None:
+        """None to let the message through, else the refusal message."""
+        if mtype == _FUNCTION_CALL:
+            return "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
+        if mtype == _QUERY:
+            text = codec.read_cstr(body, 0)[0]
+        else:
+            _, pos = codec.read_cstr(body, 0)
+            text = codec.read_cstr(body, pos)[0]
+        decision = self.policy.decide(text.decode("utf-8", "replace"))
+        self.shadowed += sum(1 for m in decision.matches if m.shadow)
+        return None if decision.action == "allow" else decision.error_message
+
+    def _refuse(self, mtype: int, body: bytes, offset: int, message: str, records: list[str],
+                edits: list[tuple[int, int, bytes]]) -> None:
+        """Refuse a statement by sending upstream, in its place, text that fails to parse with a marker.
+
+        PostgreSQL then does exactly what it does for any statement that fails: the error comes at that
+        point of the stream (after everything sent before it), the transaction is marked failed, and
+        in the extended protocol the rest of the batch is skipped until Sync. On the way back the
+        gateway swaps the syntax error for its own refusal (SQLSTATE 42501)."""
+        sid = self.session_id
+        self.denied += 1
+        marker = f"wardgate_refused_{secrets.token_hex(8)}"
+        self._refusals[marker] = message
+        if mtype == _PARSE:
+            name, pos = codec.read_cstr(body, 0)
+            text = codec.read_cstr(body, pos)[0].decode("utf-8", "replace")
+            seq = self.tracker.next_seq()
+            records.append(_stmt_line(sid, seq, "extended", 0, text))
+            records.append(_done_line(sid, seq, "denied", None, None, None, "42501", message))
+            self.tracker.frontend(mtype, body)  # its name still maps to the real text, for the records
+            replacement = codec.message(b"P", codec.cstr(name) + codec.cstr(marker) + b"\x00\x00")
+        else:
+            started = self.tracker.frontend(mtype, body)
+            assert started is not None
+            self._refused_queries[started.seq] = message
+            self._starts[started.seq] = time.perf_counter()
+            records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text))
+            replacement = codec.message(b"Q", codec.cstr(marker))
+        edits.append((offset, 5 + len(body), replacement))
+
+    def _refusal_of(self, error_body: bytes) -> tuple[str, str] | None:
+        """(marker, message) when an upstream error is the echo of one of our refusals."""
+        if b"wardgate_refused_" not in error_body:
+            return None
+        text = codec.parse_error_fields(error_body).get("M", "")
+        for marker, message in self._refusals.items():
+            if marker in text:
+                return marker, message
+        return None
+
     # -- upstream -> client
 
     def from_upstream(self, data: bytes) -> None:
@@ -141,21 +224,34 @@ class Relay:
                 records = []
                 sid = self.session_id
                 fatal_at = []
+                edits: list[tuple[int, int, bytes]] = []
                 for mtype, body, offset in msgs:
-                    if mtype == _ERROR and codec.is_fatal(body):
-                        fatal_at.append((offset, body))
+                    refusal = None
+                    if mtype == _ERROR:
+                        refusal = self._refusal_of(body)
+                        if refusal is not None:
+                            edits.append((offset, 5 + len(body), codec.error_response(
+                                "42501", refusal[1], hint="refused by the Wardgate gateway; see `wardgate policy check`")))
+                        elif codec.is_fatal(body):
+                            fatal_at.append((offset, body))
                     for fin in self.tracker.backend(mtype, body):
+                        refused = self._refused_queries.pop(fin.seq, None)
+                        if refused is not None:  # a Query (or function call) refused as a whole
+                            fin = Finished(fin.seq, "denied", fin.tag, fin.rows, "42501", refused)
+                        elif refusal is not None:  # an Execute in the batch of a refused Parse: never ran
+                            fin = Finished(fin.seq, "skipped", fin.tag, fin.rows, "42501", refusal[1])
                         t0 = self._starts.pop(fin.seq, None)
-                        ms = "null" if t0 is None else f"{(time.perf_counter() - t0) * 1000:.3f}"
-                        records.append(
-                            f'{{"k":"done","sid":"{sid}","seq":{fin.seq},"status":"{fin.status}","ms":{ms},'
-                            f'"rows":{"null" if fin.rows is None else fin.rows},"tag":{_jstr(fin.tag)},'
-                            f'"code":{_jstr(fin.error_code)},"msg":{_jstr(fin.error_message)}}}\n'
-                        )
+                        ms = None if t0 is None else f"{(time.perf_counter() - t0) * 1000:.3f}"
+                        records.append(_done_line(sid, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
+                                                  fin.error_message))
                 if records:
                     self._defer(records)
                 if fatal_at:
                     fwd = self._name_the_connection(fwd, fatal_at)
+                for offset, length, replacement in reversed(edits):
+                    fwd = fwd[:offset] + replacement + fwd[offset + length:]
+                if self._refusals and not self.tracker.in_flight:
+                    self._refusals.clear()
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
             return

@@ -102,6 +102,11 @@ class StatementTracker:
             return self._start(F, f"<function call oid={oid}>", 0, "function")
         return None
 
+    def next_seq(self) -> int:
+        """A sequence number for a statement the gateway answers itself (it never reaches upstream)."""
+        self._seq += 1
+        return self._seq
+
     def _start(self, kind: int, text: str, nparams: int, label: str) -> Started:
         self._seq += 1
         self._pending.append(_Pending(self._seq, kind))

@@ -1,0 +1,150 @@
+"""Guardrails on every path: the corpus decides the same through `policy check`, psql, psycopg and asyncpg."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import tomllib
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.conftest import make_gateway
+from wardgate.domain import Identity
+from wardgate.policy.gatekeeper import Gatekeeper
+
+CASES = tomllib.loads((Path(__file__).parent.parent / "corpus" / "guardrails.toml").read_text())["case"]
+IDS = [c["sql"][:50] for c in CASES]
+EXTENDED = [c for c in CASES if not c.get("simple_only")]  # one statement: what the extended protocol can carry
+EXTENDED_IDS = [c["sql"][:50] for c in EXTENDED]
+GUARDRAILS = """
+[[guardrails]]
+preset = "standard"
+connections = ["shop"]
+
+[[guardrails]]
+name = "no-secret-tables"
+relations = ["secret_*"]
+connections = ["shop"]
+
+[[guardrails]]
+name = "watch-customers"
+relations = ["customers"]
+shadow = true
+"""
+
+
+@pytest.fixture(scope="module")
+def ggw(tmp_path_factory, pg):  # noqa: ANN001, ANN201
+    gw = make_gateway(tmp_path_factory.mktemp("guarded"), pg, tail_toml=GUARDRAILS)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def gcred(ggw) -> dict:  # noqa: ANN001
+    return ggw.credential(ttl="1h")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_policy_check(ggw, case) -> None:
+    decision = Gatekeeper(ggw.settings()).decide(Identity("alice", ("dev",)), "shop", case["sql"])
+    assert decision.action == case["action"], decision.public()
+    if "rule" in case:
+        assert case["rule"] in [m.rule for m in decision.enforced]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_psql(ggw, gcred, case) -> None:
+    out = subprocess.run(["psql", "-X", "-v", "VERBOSITY=verbose", ggw.dsn(gcred), "-c", case["sql"]],
+                         capture_output=True, text=True, timeout=30)
+    denied = "42501" in out.stderr and "refused by the Wardgate gateway" in out.stderr
+    assert denied == (case["action"] == "deny"), out.stderr
+    if denied:
+        assert case["rule"] in out.stderr
+
+
+@pytest.mark.parametrize("case", EXTENDED, ids=EXTENDED_IDS)
+def test_psycopg_extended_protocol(ggw, gcred, case) -> None:
+    with psycopg.connect(ggw.dsn(gcred), autocommit=True) as conn:
+        try:
+            conn.execute(case["sql"], prepare=True)
+            refused = None
+        except psycopg.Error as exc:
+            refused = exc if exc.sqlstate == "42501" else None
+        assert (refused is not None) == (case["action"] == "deny"), refused
+        if refused is not None:
+            assert case["rule"] in str(refused)
+        assert conn.execute("select 1").fetchone() == (1,)  # the session carries on
+
+
+@pytest.mark.parametrize("case", EXTENDED, ids=EXTENDED_IDS)
+def test_asyncpg_extended_protocol(ggw, gcred, case) -> None:
+    async def main() -> None:
+        conn = await asyncpg.connect(ggw.dsn(gcred))
+        try:
+            try:
+                await conn.fetch(case["sql"])
+                refused = None
+            except asyncpg.PostgresError as exc:
+                refused = exc if exc.sqlstate == "42501" else None
+            assert (refused is not None) == (case["action"] == "deny"), refused
+            assert await conn.fetchval("select 2") == 2
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+
+
+def test_policy_check_cli(ggw) -> None:
+    out = ggw.cli("policy", "check", "--user", "alice", "--connection", "shop", "--sql", "delete from orders", "--json")
+    decision = json.loads(out.stdout)
+    assert decision["action"] == "deny"
+    assert decision["matches"][0]["rule"] == "standard:unconditional-writes"
+    shadow = json.loads(ggw.cli("policy", "check", "-u", "alice", "-C", "shop", "--sql", "select * from customers", "--json").stdout)
+    assert shadow["action"] == "allow" and shadow["matches"][0] == {
+        "rule": "watch-customers", "action": "deny", "reason": "relation customers", "message": "", "shadow": True}
+
+
+def test_denied_statements_are_recorded_and_transactions_behave(ggw, gcred) -> None:
+    with psycopg.connect(ggw.dsn(gcred, application_name="t_guard"), autocommit=True) as conn:
+        conn.execute("begin")
+        conn.execute("select 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("truncate orders")
+        # like any failed statement, a refused one aborts the transaction (simple and extended alike)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.execute("rollback")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with conn.pipeline():
+                conn.execute("select 10")
+                conn.execute("delete from orders")
+                conn.execute("select 30")  # in the refused statement's batch: skipped, as after any error
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("select 40").fetchone() == (40,)
+    s = ggw.wait_for_session(lambda s: s["application_name"] == "t_guard" and s["status"] == "closed")
+    statements = ggw.session(s["id"])["statements"]
+    denied = [st for st in statements if st["status"] == "denied"]
+    assert {st["text"] for st in denied} == {"truncate orders", "delete from orders"}
+    assert all(st["error_code"] == "42501" and "standard:" in st["error_message"] for st in denied)
+    by_text = {st["text"]: st["status"] for st in statements}
+    assert by_text["select 10"] == "ok" and by_text["select 30"] == "skipped" and by_text["select 40"] == "ok"
+
+
+def test_fast_path_function_calls_are_refused(ggw, gcred) -> None:
+    import struct
+
+    from tests.pgwire import RawClient
+    from wardgate.engines.postgres import codec
+
+    c = RawClient(ggw.port)
+    c.login("alice", gcred["credential"], "shop")
+    # FunctionCall for oid 1 (whatever it is): no SQL to inspect, so refused
+    c.send(codec.message(b"F", struct.pack("!IhhIhh", 1, 0, 1, 0, 0, 0)[:16]))
+    msgs = c.read_until("Z")
+    errors = [codec.parse_error_fields(b) for t, b in msgs if t == "E"]
+    assert errors and errors[0]["C"] == "42501" and "fast-path" in errors[0]["M"]
