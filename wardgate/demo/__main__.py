@@ -30,6 +30,13 @@ name = "developers"
 groups = ["dev"]
 connections = ["shop"]
 verbs = ["connect", "exec"]
+
+# The guardrails a security team starts from: dangerous functions, DROP/TRUNCATE/ALTER SYSTEM,
+# DELETE/UPDATE/MERGE without a condition, DO/CALL. Statements that do not parse are always refused.
+# Try: wardgate policy check --user demo --connection shop --sql "delete from orders"
+[[guardrails]]
+preset = "standard"
+connections = ["shop"]
 """
 CONFIG = HEADER + """ Edit freely; see README.md for every setting.
 data_dir = ".demo/wardgate"
@@ -70,7 +77,7 @@ def main() -> int:
         config_path.write_text(CONFIG)
         console.print(f"wrote {config_path.name}")
     settings = load(config_path)
-    if not settings.access and config_path.read_text().startswith(HEADER):
+    if not (settings.access and settings.guardrails) and config_path.read_text().startswith(HEADER):
         # A demo config from before access rules existed: give the demo user its access.
         with open(config_path, "a") as fh:
             fh.write(ACCESS_RULE)
