@@ -53,3 +53,17 @@ def test_rules_from_config(tmp_path) -> None:
     (tmp_path / "bad.toml").write_text('[[access]]\ngroups = ["dev"]\nconnections = ["shop"]\nverbs = ["drop"]\n')
     with pytest.raises(ConfigError, match="verbs are"):
         load(tmp_path / "bad.toml", env={})
+
+
+def test_guardrail_cache_key_keeps_what_decides() -> None:
+    from wardgate.policy.guardrails import Rule, StatementPolicy, standard_rules
+    from wardgate.sql.classify import cache_key
+
+    assert cache_key("select * from t where id = 42 and x = 1.5") == "select * from t where id = 0 and x = 0"
+    assert cache_key("select * from t2 where a = $3") == "select * from t2 where a = $0"
+    assert cache_key('select * from "secret 1"') == 'select * from "secret 1"'
+    policy = StatementPolicy(standard_rules({}) + [Rule("r", relations=("secret 1",))])
+    assert policy.decide("delete from t where id = 1").action == "allow"
+    assert policy.decide("delete from t where true").action == "deny"  # TRUE is not a number
+    assert policy.decide('select * from "secret 2"').action == "allow"
+    assert policy.decide('select * from "secret 1"').action == "deny"

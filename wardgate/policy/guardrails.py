@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..domain import Identity
-from ..sql.classify import OPAQUE_KINDS, Classification, classify
+from ..sql.classify import OPAQUE_KINDS, Classification, cache_key, classify
 
 DANGEROUS_FUNCTIONS = (
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir",
@@ -128,11 +128,12 @@ class StatementPolicy:
         self._cache_size = cache_size
 
     def decide(self, text: str) -> Decision:
-        hit = self._cache.get(text)
+        key = cache_key(text)
+        hit = self._cache.get(key)
         if hit is not None:
             return hit
-        decision = self._decide(text)
-        self._cache[text] = decision
+        decision = self._decide(key)
+        self._cache[key] = decision
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return decision

@@ -136,6 +136,17 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
     _visit(rest, w)
 
 
+_NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
+
+
+def cache_key(text: str) -> str:
+    """Statements that differ only in numbers classify alike (`WHERE id = 7` and `WHERE id = 8`), so
+    they share one cache entry. Numbers never decide a classification: only TRUE constants and names
+    do, and neither is touched here. Text with quoted identifiers is left whole, since a digit there
+    is part of a name."""
+    return text if '"' in text else _NUMBER.sub("0", text)
+
+
 @lru_cache(maxsize=8192)
 def classify(text: str) -> Classification:
     try:
