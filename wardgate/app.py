@@ -36,7 +36,7 @@ class Gateway:
         self.store = Store.open(settings)
         self.recorder = Recorder(self.store, settings)
         self.tls, self.tls_source = tls_context(settings)
-        self.gatekeeper = Gatekeeper(settings)
+        self.gatekeeper = Gatekeeper(settings, masking_salt=self.store.box.derive("masking"))
         self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls, self.gatekeeper)
         self.authenticator = Authenticator(settings, self.store)
         self.started_at = time.time()

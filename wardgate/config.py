@@ -130,6 +130,7 @@ class Settings:
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
     guardrails: list[Any] = field(default_factory=list)  # policy.guardrails.Rule
+    masking: list[Any] = field(default_factory=list)  # masking.plan.MaskRule
 
     @property
     def store_url(self) -> str:
@@ -206,6 +207,13 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             settings.identity_providers = [_identity_provider(p) for p in value]
         elif key == "access":
             settings.access = [_access_rule(i, r) for i, r in enumerate(value, 1)]
+        elif key == "masking":
+            from .masking.plan import parse_rules as parse_masking
+
+            try:
+                settings.masking = parse_masking(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(str(exc)) from exc
         elif key == "guardrails":
             from .policy.guardrails import parse_rules
 

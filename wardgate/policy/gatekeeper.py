@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 from ..config import Settings
 from ..domain import Identity
+from ..masking.plan import MaskingPolicy
 from .access import AccessDecision, AccessPolicy
 from .guardrails import Decision, StatementPolicy
 
 
 class Gatekeeper:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, masking_salt: bytes | None = None) -> None:
         self.access = AccessPolicy(list(settings.access))
         self.guardrails = list(settings.guardrails)
+        self.masking = list(settings.masking)
+        # Hash-masked values stay equal across sessions (so joins still work), yet cannot be guessed:
+        # the gateway passes a salt derived from its secret key.
+        self.masking_salt = masking_salt or os.urandom(32)
         self._admins = set(settings.roles.admins)
         self._auditors = set(settings.roles.auditors)
 
@@ -31,6 +37,10 @@ class Gatekeeper:
     def statement_policy(self, identity: Identity, connection: str) -> StatementPolicy:
         """The guardrails for one session, resolved once so the hot path only evaluates them."""
         return StatementPolicy([r for r in self.guardrails if r.applies_to(identity, connection)])
+
+    def masking_policy(self, identity: Identity, connection: str) -> MaskingPolicy:
+        """The masking rules for one session (empty when none apply)."""
+        return MaskingPolicy([r for r in self.masking if r.applies_to(identity, connection)], self.masking_salt)
 
     def decide(self, identity: Identity, connection: str, statement: str) -> Decision:
         """allow / deny / review for one statement, with the matched rules and reasons."""

@@ -18,7 +18,7 @@ def session_summary(s: Any, statements: int | None = None) -> dict[str, Any]:
         "id": s.id, "user": s.user_name, "agent": s.agent, "connection": s.connection, "credential_id": s.credential_id,
         "client_addr": s.client_addr, "tls": s.tls, "application_name": s.application_name,
         "started_at": iso(s.started_at), "ended_at": iso(s.ended_at), "status": s.status,
-        "end_reason": s.end_reason, "error_code": s.error_code,
+        "end_reason": s.end_reason, "error_code": s.error_code, "masked": s.masked or {},
     }
     if statements is not None:
         out["statements"] = statements

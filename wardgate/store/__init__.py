@@ -485,7 +485,7 @@ class Store:
                     "agent": r.get("agent"),
                 }
             elif kind == "end":
-                ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason")})
+                ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason"), "b_masked": r.get("masked")})
             elif kind == "event":
                 events.append({
                     "id": r["id"], "at": r["at"], "kind": r["kind"], "outcome": r["outcome"], "user_name": r.get("user"),
@@ -516,7 +516,9 @@ class Store:
                 )
             if ends:
                 conn.execute(
-                    update(ss).where(ss.c.id == bp("b_sid")).values(ended_at=bp("b_at"), status="closed", end_reason=bp("b_reason")),
+                    update(ss).where(ss.c.id == bp("b_sid")).values(
+                        ended_at=bp("b_at"), status="closed", end_reason=bp("b_reason"), masked=bp("b_masked", type_=sa.JSON)
+                    ),
                     ends,
                 )
                 conn.execute(

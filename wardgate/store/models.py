@@ -73,6 +73,7 @@ class Session(Base):
     application_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
     gateway: Mapped[str | None] = mapped_column(String(32), nullable=True)
     agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    masked: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # column -> values masked
 
     __table_args__ = (Index("ix_sessions_started_at", "started_at"),)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -14,6 +16,7 @@ class SecretError(Exception):
 
 class SecretBox:
     def __init__(self, key: str | bytes) -> None:
+        self._key = key.encode() if isinstance(key, str) else bytes(key)
         try:
             self._fernet = Fernet(key)
         except (ValueError, TypeError) as exc:
@@ -35,6 +38,10 @@ class SecretBox:
         with os.fdopen(fd, "wb") as fh:
             fh.write(key + b"\n")
         return cls(key)
+
+    def derive(self, label: str) -> bytes:
+        """A secret of its own for `label`, derived from the key (never the key itself)."""
+        return hmac.new(self._key, b"wardgate:" + label.encode(), hashlib.sha256).digest()
 
     def encrypt(self, plaintext: str) -> bytes:
         return self._fernet.encrypt(plaintext.encode("utf-8"))

@@ -263,6 +263,7 @@ class PostgresListener:
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=self.gatekeeper.statement_policy(identity, conn_name),
+            masking=self.gatekeeper.masking_policy(identity, conn_name),
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live
@@ -315,8 +316,11 @@ class PostgresListener:
         live = self.sessions.pop(relay.session_id, None)
         if live is not None:
             self.by_cancel_key.pop(live.cancel_pid, None)
+        end: dict[str, Any] = {"k": "end", "sid": relay.session_id, "at": time.time(), "reason": reason}
+        if relay.masking is not None and relay.masking.totals:
+            end["masked"] = dict(relay.masking.totals)
         try:
-            self.recorder.write([{"k": "end", "sid": relay.session_id, "at": time.time(), "reason": reason}])
+            self.recorder.write([end])
         except OSError:
             log.exception("cannot record the end of session %s", relay.session_id)
 

@@ -12,7 +12,9 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from ...masking.plan import MaskingPolicy, RowMasker
 from ...policy.guardrails import StatementPolicy
 from . import codec
 from .framing import Framer
@@ -46,6 +48,26 @@ _READY = ord("Z")
 _QUERY = ord("Q")
 _PARSE = ord("P")
 _FUNCTION_CALL = ord("F")
+_EXECUTE = ord("E")
+_CLOSE = ord("C")
+_ROW_DESCRIPTION = ord("T")
+_NO_DATA = ord("n")
+_DATA_ROW = ord("D")
+_COPY_OUT = ord("H")
+_COPY_DATA = ord("d")
+_COMMAND_COMPLETE = ord("C")
+_UNSEEN = object()  # no Describe seen for this result
+
+
+class _Unmaskable(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    portal: bytes
+    statement: bytes | None
+    formats: tuple[int, ...]
 
 
 class Relay:
@@ -62,6 +84,7 @@ class Relay:
         on_abandon: Callable[["Relay"], None] | None = None,
         max_message: int,
         policy: StatementPolicy | None = None,
+        masking: MaskingPolicy | None = None,
     ) -> None:
         self.session_id = session_id
         self.connection = connection
@@ -71,8 +94,11 @@ class Relay:
         self._defer = defer
         self._on_end = on_end
         self._on_abandon = on_abandon
-        self.tracker = StatementTracker()
+        self.masking = masking if masking else None
+        self.tracker = StatementTracker(track_describe=self.masking is not None)
         self.policy = policy or StatementPolicy([])
+        self._plans: dict[tuple[int, bytes], RowMasker | None] = {}  # (S or P, name) -> plan from its Describe
+        self._copy_out = False
         self._refusals: dict[str, str] = {}  # marker sent upstream -> the refusal it stands for
         self._refused_queries: dict[int, str] = {}  # seq -> refusal, for Queries and function calls
         self.denied = 0
@@ -85,7 +111,11 @@ class Relay:
             max_inspect=max_message,
             max_message=max_message,
         )
-        self.server_framer = Framer(BACKEND_INSPECT, max_inspect=1 << 30, max_message=1 << 30)
+        if self.masking is None:
+            self.server_framer = Framer(BACKEND_INSPECT, max_inspect=1 << 30, max_message=1 << 30)
+        else:
+            # Rows are rewritten, so they are looked at whole (bounded like any inspected message).
+            self.server_framer = Framer(BACKEND_INSPECT + b"TnDdHG", max_inspect=max_message, max_message=max_message)
         self._starts: dict[int, float] = {}
         self.ended = False
         self.terminating = False
@@ -139,6 +169,10 @@ class Relay:
                     if started is not None:
                         self._starts[started.seq] = time.perf_counter()
                         records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text))
+                        if mtype == _EXECUTE and self.masking is not None:
+                            self._plan_execute(body)
+                    elif self.masking is not None and (mtype == _PARSE or mtype == _CLOSE):
+                        self._forget_plans(mtype, body)
                 if records:
                     self._record(records)
                 if edits:
@@ -160,6 +194,66 @@ class Relay:
             return
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _plan_execute(self, body: bytes) -> None:
+        """An Execute's rows are masked with the plan of its portal's (or statement's) Describe. The
+        answer to that Describe may still be on its way, so the plan is looked up at the first row."""
+        portal = codec.read_cstr(body, 0)[0]
+        entry = self.tracker.last()
+        if entry is not None:
+            entry.plan = _Lookup(portal, self.tracker.statement_of(portal), self.tracker.result_formats(portal))
+
+    def _resolve(self, lookup: _Lookup) -> RowMasker | None | object:
+        plan = self._plans.get((ord("P"), lookup.portal), _UNSEEN)
+        if plan is _UNSEEN and lookup.statement is not None:
+            plan = self._plans.get((ord("S"), lookup.statement), _UNSEEN)
+        if isinstance(plan, RowMasker):
+            # A statement's RowDescription says "text" for every column: the formats are Bind's.
+            plan = plan.for_formats(lookup.formats)
+        return plan
+
+    def _forget_plans(self, mtype: int, body: bytes) -> None:
+        if mtype == _PARSE:
+            self._plans.pop((ord("S"), codec.read_cstr(body, 0)[0]), None)
+        elif len(body) >= 2:
+            self._plans.pop((body[0], codec.read_cstr(body, 1)[0]), None)
+
+    def _mask(self, mtype: int, body: bytes, offset: int, edits: list[tuple[int, int, bytes]]) -> None:
+        """Masking, on the way back: plans from RowDescriptions, rewritten DataRows and COPY data."""
+        masking = self.masking
+        assert masking is not None
+        if mtype == _ROW_DESCRIPTION or mtype == _NO_DATA:
+            plan = masking.plan(body) if mtype == _ROW_DESCRIPTION else None
+            target = self.tracker.described()
+            if target is not None:
+                self._plans[target] = plan
+            elif (entry := self.tracker.current()) is not None:
+                entry.plan = plan
+        elif mtype == _DATA_ROW:
+            entry = self.tracker.current()
+            plan = entry.plan if entry is not None else _UNSEEN
+            if isinstance(plan, _Lookup):
+                plan = entry.plan = self._resolve(plan)  # type: ignore[union-attr]
+            if plan is _UNSEEN:
+                raise _Unmaskable("a result arrived whose columns the gateway has not seen described")
+            if plan is not None:
+                new = plan.rewrite(body)
+                if new is not None:
+                    edits.append((offset, 5 + len(body), codec.message(b"D", new)))
+        elif mtype == _COPY_OUT:
+            if body[:1] == b"\x01":
+                raise _Unmaskable("binary COPY output cannot be masked; use COPY in text or CSV format")
+            self._copy_out = True
+        elif mtype == _COPY_DATA and self._copy_out:
+            new = masking.mask_copy_line(body)
+            if new is not None:
+                edits.append((offset, 5 + len(body), codec.message(b"d", new)))
+        elif mtype == _COMMAND_COMPLETE:
+            self._copy_out = False
+            entry = self.tracker.current()
+            if entry is not None and isinstance(entry.plan, RowMasker):
+                masking.totals.update(entry.plan.counts)
+                entry.plan.counts.clear()
 
     def _decide(self, mtype: int, body: bytes) -> str | None:
         """None to let the message through, else the refusal message."""
@@ -227,6 +321,8 @@ class Relay:
                 edits: list[tuple[int, int, bytes]] = []
                 for mtype, body, offset in msgs:
                     refusal = None
+                    if self.masking is not None:
+                        self._mask(mtype, body, offset, edits)
                     if mtype == _ERROR:
                         refusal = self._refusal_of(body)
                         if refusal is not None:
@@ -254,6 +350,10 @@ class Relay:
                     self._refusals.clear()
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
+            return
+        except _Unmaskable as exc:
+            # Fail closed: nothing unmasked leaves the gateway.
+            self.fail(codec.fatal("42501", f"the gateway cannot mask this result: {exc}"), f"unmaskable result: {exc}", "42501")
             return
         except Exception:
             self._internal_error()

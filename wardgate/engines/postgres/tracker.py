@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from .codec import ProtocolViolation, parse_error_fields, read_cstr, rows_from_tag
 
 _I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 
-Q, P, B, E, C, S, F = (ord(c) for c in "QPBECSF")
+Q, P, B, E, C, S, F, DESCRIBE = (ord(c) for c in "QPBECSFD")
 CMD_COMPLETE, EMPTY, SUSPENDED, ERROR, READY = (ord(c) for c in "CIsEZ")
 FRONTEND_INSPECT = b"QPBECSF"
 BACKEND_INSPECT = b"CIsEZ"
@@ -44,20 +45,27 @@ class Finished:
 @dataclass(slots=True)
 class _Pending:
     seq: int
-    kind: int  # Q, E, F or S (a Sync boundary with no statement)
+    kind: int  # Q, E, F, S (a Sync boundary with no statement) or DESCRIBE
     tags: list[str] = field(default_factory=list)
     rows: int | None = None
     error: dict[str, str] | None = None
+    plan: object = None  # the relay's masking plan for this statement's rows
+    target: tuple[int, bytes] | None = None  # DESCRIBE: (ord('S') or ord('P'), name)
 
 
 class StatementTracker:
-    __slots__ = ("_seq", "_statements", "_portals", "_pending", "transaction_status")
+    __slots__ = ("_seq", "_statements", "_portals", "_portal_stmt", "_portal_formats", "_pending", "transaction_status",
+                 "track_describe")
 
-    def __init__(self) -> None:
+    def __init__(self, track_describe: bool = False) -> None:
         self._seq = 0
         self._statements: dict[bytes, tuple[str, int]] = {}
         self._portals: dict[bytes, tuple[str, int]] = {}
+        self._portal_stmt: dict[bytes, bytes] = {}
+        self._portal_formats: dict[bytes, tuple[int, ...]] = {}
         self._pending: deque[_Pending] = deque()
+        # Follow Describe answers too (needed to know which result a RowDescription describes).
+        self.track_describe = track_describe
         self.transaction_status = b"I"
 
     # -- frontend
@@ -78,11 +86,20 @@ class StatementTracker:
             nparams = 0
             try:
                 (nformats,) = _I16.unpack_from(body, pos)
-                (nparams,) = _I16.unpack_from(body, pos + 2 + 2 * nformats)
+                pos += 2 + 2 * nformats
+                (nparams,) = _I16.unpack_from(body, pos)
+                pos += 2
+                if self.track_describe:
+                    for _ in range(nparams):
+                        (length,) = _I32.unpack_from(body, pos)
+                        pos += 4 + max(length, 0)
+                    (nresults,) = _I16.unpack_from(body, pos)
+                    self._portal_formats[portal] = struct.unpack_from(f"!{nresults}h", body, pos + 2)
             except struct.error:
                 pass  # upstream will reject the malformed Bind; the statement is still recorded
             text = self._statements.get(stmt, ("<unknown prepared statement>", 0))[0]
             self._portals[portal] = (text, nparams)
+            self._portal_stmt[portal] = stmt
             return None
         if mtype == E:
             portal, _ = read_cstr(body, 0)
@@ -90,6 +107,10 @@ class StatementTracker:
             return self._start(E, text, nparams, "extended")
         if mtype == S:
             self._pending.append(_Pending(-1, S))
+            return None
+        if mtype == DESCRIBE:
+            if self.track_describe and len(body) >= 2:
+                self._pending.append(_Pending(-1, DESCRIBE, target=(body[0], read_cstr(body, 1)[0])))
             return None
         if mtype == C:
             if len(body) < 2:
@@ -100,6 +121,29 @@ class StatementTracker:
         if mtype == F:
             oid = _U32.unpack_from(body, 0)[0] if len(body) >= 4 else 0
             return self._start(F, f"<function call oid={oid}>", 0, "function")
+        return None
+
+    def statement_of(self, portal: bytes) -> bytes | None:
+        return self._portal_stmt.get(portal)
+
+    def result_formats(self, portal: bytes) -> tuple[int, ...]:
+        """The result format codes the client asked for in Bind: () all text, (f,) all f, or one per column."""
+        return self._portal_formats.get(portal, ())
+
+    def last(self) -> _Pending | None:
+        return self._pending[-1] if self._pending else None
+
+    def current(self) -> _Pending | None:
+        """The statement whose results upstream is sending now."""
+        return self._head()
+
+    def described(self) -> tuple[int, bytes] | None:
+        """Upstream sent RowDescription or NoData: which Describe it answers, or None if it belongs
+        to the current statement (a simple Query)."""
+        head = self._head()
+        if head is not None and head.kind == DESCRIBE:
+            self._pending.popleft()
+            return head.target
         return None
 
     def next_seq(self) -> int:
@@ -140,11 +184,12 @@ class StatementTracker:
             if head.kind in (Q, F):
                 head.error = fields
                 return out
-            # Extended protocol: the error voids every Execute up to the next Sync.
-            while pending and pending[0].kind == E:
+            # Extended protocol: the error voids every Execute (and Describe) up to the next Sync.
+            while pending and pending[0].kind in (E, DESCRIBE):
                 p = pending.popleft()
-                status = "error" if not out else "skipped"
-                out.append(Finished(p.seq, status, None, None, fields.get("C"), fields.get("M")))
+                if p.kind == E:
+                    status = "error" if not out else "skipped"
+                    out.append(Finished(p.seq, status, None, None, fields.get("C"), fields.get("M")))
             return out
         if mtype == READY:
             self.transaction_status = body[:1] or b"I"
@@ -156,7 +201,8 @@ class StatementTracker:
                     break
                 if p.kind == S:
                     break
-                out.append(Finished(p.seq, "skipped"))
+                if p.kind == E:
+                    out.append(Finished(p.seq, "skipped"))
             return out
         return []
 
@@ -175,4 +221,4 @@ class StatementTracker:
 
     @property
     def in_flight(self) -> int:
-        return sum(1 for p in self._pending if p.kind != S)
+        return sum(1 for p in self._pending if p.kind in (Q, E, F))

@@ -1,0 +1,1 @@
+"""PII masking of results: detectors, rules, and the per-result plan that rewrites rows."""
