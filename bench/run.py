@@ -57,7 +57,12 @@ def main() -> int:
             f'data_dir = "{work / "gw"}"\n[gateway]\nlisten = "127.0.0.1:{port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
             f'[[connections]]\nname = "bench"\nhost = "127.0.0.1"\nport = {pg.port}\ndatabase = "bench"\n'
             f'user = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
-            '[[access]]\ngroups = ["bench"]\nconnections = ["bench"]\n'
+            '[[access]]\ngroups = ["bench"]\nconnections = ["bench*"]\n'
+            # the same database again, with the demo's policy: standard guardrails and masking of two columns
+            f'[[connections]]\nname = "bench_policy"\nhost = "127.0.0.1"\nport = {pg.port}\ndatabase = "bench"\n'
+            f'user = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
+            '[[guardrails]]\npreset = "standard"\nconnections = ["bench_policy"]\n'
+            '[[masking]]\nname = "two-columns"\ncolumns = ["filler", "abalance"]\nstrategy = "redact"\nconnections = ["bench_policy"]\n'
         )
         env = {**os.environ, "BENCH_PASSWORD": password}
         cli = [sys.executable, "-m", "wardgate.cli", "--config", str(config)]
@@ -78,6 +83,11 @@ def main() -> int:
         relay_proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "relay.py"), str(relay_port), str(pg.port)])
         relay = pg.dsn("bench", password, "bench", sslmode="disable").replace(f":{pg.port}/", f":{relay_port}/")
         gateway = f"postgresql://bench:{cred['credential']}@127.0.0.1:{port}/bench?sslmode=disable"
+        cred2 = json.loads(
+            subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", "bench_policy", "--ttl", "2h", "--json"],
+                           check=True, capture_output=True, text=True, env=env).stdout
+        )
+        policy = f"postgresql://bench:{cred2['credential']}@127.0.0.1:{port}/bench_policy?sslmode=disable"
         gateway_tls = gateway.replace("sslmode=disable", "sslmode=require")
         fetch = work / "fetch.sql"
         fetch.write_text("SELECT * FROM pgbench_accounts WHERE aid <= 1000;\n")
@@ -89,6 +99,8 @@ def main() -> int:
             ("pgbench -S simple, 8 clients, TLS to gateway", ["-S", "-M", "simple", "-c", "8", "-j", "2"], gateway_tls),
             ("1,000-row fetch, 4 clients", ["-f", str(fetch), "-c", "4", "-j", "2"], gateway),
             ("pgbench -S simple, 1 client", ["-S", "-M", "simple", "-c", "1"], gateway),
+            ("policy on: pgbench -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], policy),
+            ("policy on: 1,000-row fetch, 2 masked columns, 4 clients", ["-f", str(fetch), "-c", "4", "-j", "2"], policy),
             ("reference: bare Python byte relay, -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], relay),
         ]
         table = Table(title=f"Wardgate vs direct ({SECONDS}s runs, best of {ROUNDS}, {os.cpu_count()} cores)")

@@ -666,13 +666,19 @@ def policy_check(
     access = gk.authorize(identity, connection, "connect")
     decision = gk.decide(identity, connection, sql)
     action = decision.action if access.allowed else "deny"
+    masking = [{"rule": r.name, "strategy": r.strategy, "columns": list(r.columns), "detectors": list(r.detectors)}
+               for r in gk.masking_policy(identity, connection).rules]
     if json_out:
-        emit_json({**decision.public(), "action": action, "access": {"allowed": access.allowed, "reason": access.reason}})
+        emit_json({**decision.public(), "action": action, "access": {"allowed": access.allowed, "reason": access.reason},
+                   "masking": masking})
         return
     colour = {"allow": "green", "deny": "red", "review": "yellow"}[action]
     console.print(f"[bold {colour}]{action}[/]  ({access.reason})")
     for m in decision.matches:
         console.print(f"  {'shadow ' if m.shadow else ''}{m.action} by {m.rule}: {m.reason}" + (f" ({m.message})" if m.message else ""))
+    for mk in masking:
+        what = ", ".join(mk["columns"] + mk["detectors"])
+        console.print(f"  results masked by {mk['rule']} ({mk['strategy']}): {what}")
 
 
 # ------------------------------------------------------------------------------------ admin

@@ -106,6 +106,7 @@ def test_policy_check_cli(ggw) -> None:
     assert decision["action"] == "deny"
     assert decision["matches"][0]["rule"] == "standard:unconditional-writes"
     shadow = json.loads(ggw.cli("policy", "check", "-u", "alice", "-C", "shop", "--sql", "select * from customers", "--json").stdout)
+    assert shadow["masking"] == []
     assert shadow["action"] == "allow" and shadow["matches"][0] == {
         "rule": "watch-customers", "action": "deny", "reason": "relation customers", "message": "", "shadow": True}
 
@@ -148,3 +149,20 @@ def test_fast_path_function_calls_are_refused(ggw, gcred) -> None:
     msgs = c.read_until("Z")
     errors = [codec.parse_error_fields(b) for t, b in msgs if t == "E"]
     assert errors and errors[0]["C"] == "42501" and "fast-path" in errors[0]["M"]
+
+
+def test_shadow_rules_are_recorded_not_enforced(ggw, gcred) -> None:
+    import time
+
+    with psycopg.connect(ggw.dsn(gcred), autocommit=True) as conn:
+        assert conn.execute("select count(*) from customers where id < 5").fetchone() == (4,)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        shadows = ggw.cli_json("events", "--kind", "guardrail.shadow")
+        if any("customers where id < 5" in (e["detail"] or "") for e in shadows):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the shadow match was not recorded")
+    hit = next(e for e in shadows if "customers where id < 5" in (e["detail"] or ""))
+    assert hit["outcome"] == "would deny" and hit["user"] == "alice" and hit["detail"].startswith("watch-customers:")

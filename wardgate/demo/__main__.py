@@ -37,6 +37,21 @@ verbs = ["connect", "exec"]
 [[guardrails]]
 preset = "standard"
 connections = ["shop"]
+
+# Personal data is masked in every text-like column before it reaches the person or the agent.
+# Members of the "dba" group would see it in clear.
+[[masking]]
+name = "pii"
+detectors = ["email", "card", "ssn", "phone", "iban", "ip"]
+connections = ["shop"]
+except_groups = ["dba"]
+
+[[masking]]
+name = "card-numbers"
+columns = ["card_number"]
+strategy = "partial"
+connections = ["shop"]
+except_groups = ["dba"]
 """
 CONFIG = HEADER + """ Edit freely; see README.md for every setting.
 data_dir = ".demo/wardgate"
@@ -77,7 +92,7 @@ def main() -> int:
         config_path.write_text(CONFIG)
         console.print(f"wrote {config_path.name}")
     settings = load(config_path)
-    if not (settings.access and settings.guardrails) and config_path.read_text().startswith(HEADER):
+    if not (settings.access and settings.guardrails and settings.masking) and config_path.read_text().startswith(HEADER):
         # A demo config from before access rules existed: give the demo user its access.
         with open(config_path, "a") as fh:
             fh.write(ACCESS_RULE)

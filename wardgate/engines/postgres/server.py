@@ -263,7 +263,7 @@ class PostgresListener:
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=self.gatekeeper.statement_policy(identity, conn_name),
-            masking=self.gatekeeper.masking_policy(identity, conn_name),
+            masking=self.gatekeeper.masking_policy(identity, conn_name), user=user, agent=record["agent"],
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live

@@ -85,7 +85,10 @@ class Relay:
         max_message: int,
         policy: StatementPolicy | None = None,
         masking: MaskingPolicy | None = None,
+        user: str | None = None,
+        agent: str | None = None,
     ) -> None:
+        self.user, self.agent = user, agent
         self.session_id = session_id
         self.connection = connection
         self.client = client
@@ -161,7 +164,7 @@ class Relay:
                         self.terminating = True
                         continue
                     if mtype == _QUERY or mtype == _FUNCTION_CALL or mtype == _PARSE:
-                        decision = self._decide(mtype, body)
+                        decision = self._decide(mtype, body, records)
                         if decision is not None:
                             self._refuse(mtype, body, offset, decision, records, edits)
                             continue
@@ -255,8 +258,9 @@ class Relay:
                 masking.totals.update(entry.plan.counts)
                 entry.plan.counts.clear()
 
-    def _decide(self, mtype: int, body: bytes) -> str | None:
-        """None to let the message through, else the refusal message."""
+    def _decide(self, mtype: int, body: bytes, records: list[str]) -> str | None:
+        """None to let the message through, else the refusal message. Shadow rules that matched are
+        recorded as events: what they would have done, enforced by nothing."""
         if mtype == _FUNCTION_CALL:
             return "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
         if mtype == _QUERY:
@@ -264,8 +268,16 @@ class Relay:
         else:
             _, pos = codec.read_cstr(body, 0)
             text = codec.read_cstr(body, pos)[0]
-        decision = self.policy.decide(text.decode("utf-8", "replace"))
-        self.shadowed += sum(1 for m in decision.matches if m.shadow)
+        statement = text.decode("utf-8", "replace")
+        decision = self.policy.decide(statement)
+        for m in decision.matches:
+            if m.shadow:
+                self.shadowed += 1
+                records.append(_json({
+                    "k": "event", "id": secrets.token_hex(16), "at": time.time(), "kind": "guardrail.shadow",
+                    "outcome": f"would {m.action}", "user": self.user, "agent": self.agent, "source": f"session:{self.session_id}",
+                    "detail": f"{m.rule}: {m.reason} in {statement[:500]!r}",
+                }) + "\n")
         return None if decision.action == "allow" else decision.error_message
 
     def _refuse(self, mtype: int, body: bytes, offset: int, message: str, records: list[str],
