@@ -118,3 +118,10 @@ def test_copy_to_stdout_is_masked(mgw) -> None:
         with conn.cursor().copy("copy (select email from customers order by id limit 2) to stdout") as copy:
             got = [bytes(row).decode().strip() for row in copy]
     assert got == ["[email]", "[email]"]
+
+
+def test_masked_non_text_column_becomes_null(mgw, pg) -> None:
+    with psycopg.connect(mgw.dsn(mgw.credential()), autocommit=True) as conn:
+        row = conn.execute("select 4111 as card_number, 'x' as national_id").fetchone()
+        assert row[0] is None  # an integer column cannot carry a mask string
+        assert row[1].startswith("national_id:")

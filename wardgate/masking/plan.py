@@ -141,7 +141,8 @@ class RowMasker:
         """The new length-prefixed value, or None to keep it."""
         if col.whole is not None:
             self.counts[col.name] += 1
-            if col.binary or col.whole.strategy == "null":
+            # A number or a date cannot hold "[card_number]": other types become NULL, valid for every type.
+            if col.binary or col.whole.strategy == "null" or col.type_oid not in TEXT_LIKE_OIDS:
                 return NULL_VALUE
             masked = mask_value(raw.decode("utf-8", "replace"), col.whole.strategy, col.name, self.salt)
             return NULL_VALUE if masked is None else _value(masked)
