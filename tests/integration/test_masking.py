@@ -34,6 +34,11 @@ name = "pii"
 detectors = ["email", "card", "ssn", "phone", "iban", "ip"]
 connections = ["shop"]
 except_groups = ["ops"]
+
+[[guardrails]]
+name = "no-inference"
+masked_filters = true
+connections = ["shop"]
 """
 
 
@@ -125,3 +130,13 @@ def test_masked_non_text_column_becomes_null(mgw, pg) -> None:
         row = conn.execute("select 4111 as card_number, 'x' as national_id").fetchone()
         assert row[0] is None  # an integer column cannot carry a mask string
         assert row[1].startswith("national_id:")
+
+
+def test_filtering_on_a_masked_column_is_refused_to_masked_identities(mgw) -> None:
+    probe = "select id from customers where card_number like '4111 1111 1111 000%' order by id"
+    with psycopg.connect(mgw.dsn(mgw.credential()), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masked column card_number"):
+            conn.execute(probe)
+        assert conn.execute("select card_number from customers where id = 1").fetchone()[0].endswith("0001")
+    with psycopg.connect(mgw.dsn(mgw.credential(user="bob")), autocommit=True) as conn:  # exempt: sees clear data
+        assert conn.execute(probe).fetchall()

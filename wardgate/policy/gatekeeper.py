@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 
@@ -36,7 +37,11 @@ class Gatekeeper:
 
     def statement_policy(self, identity: Identity, connection: str) -> StatementPolicy:
         """The guardrails for one session, resolved once so the hot path only evaluates them."""
-        return StatementPolicy([r for r in self.guardrails if r.applies_to(identity, connection)])
+        rules = [r for r in self.guardrails if r.applies_to(identity, connection)]
+        if any(r.masked_filters for r in rules):
+            masked = tuple(c for m in self.masking_policy(identity, connection).rules for c in m.columns)
+            rules = [dataclasses.replace(r, masked_columns=masked) if r.masked_filters else r for r in rules]
+        return StatementPolicy(rules)
 
     def masking_policy(self, identity: Identity, connection: str) -> MaskingPolicy:
         """The masking rules for one session (empty when none apply)."""

@@ -37,6 +37,8 @@ class Rule:
     unconditional: bool = False
     writes: bool = False
     copy_program: bool = False
+    masked_filters: bool = False  # statements that filter, join, group or sort on a masked column
+    masked_columns: tuple[str, ...] = ()  # filled per session from the masking rules that apply
     shadow: bool = False
 
     def applies_to(self, identity: Identity, connection: str) -> bool:
@@ -68,6 +70,10 @@ class Rule:
             return "a write on a read-only connection"
         if self.copy_program and c.copy_program:
             return "COPY ... PROGRAM"
+        if self.masked_filters and self.masked_columns:
+            for col in sorted(c.filter_columns):
+                if any(fnmatch.fnmatchcase(col, p) for p in self.masked_columns):
+                    return f"filters, joins, groups or sorts on masked column {col} (its values could be inferred)"
         return None
 
 
@@ -177,7 +183,7 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
         for key in ("kinds", "relations", "functions"):
             if key in entry:
                 fields[key] = tuple(entry.pop(key))
-        for key in ("unconditional", "writes", "copy_program"):
+        for key in ("unconditional", "writes", "copy_program", "masked_filters"):
             if key in entry:
                 fields[key] = bool(entry.pop(key))
         if entry.get("dangerous_functions"):
@@ -187,6 +193,7 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
         if entry:
             raise ValueError(f"guardrail {name!r}: unknown keys {sorted(entry)}")
         if not fields:
-            raise ValueError(f"guardrail {name!r} matches nothing: give kinds, relations, functions, unconditional, writes or copy_program")
+            raise ValueError(f"guardrail {name!r} matches nothing: give kinds, relations, functions, unconditional, writes, "
+                             "copy_program or masked_filters")
         rules.append(Rule(name, action, message, **scope, **fields))
     return rules

@@ -51,6 +51,8 @@ class Classification:
     copy_program: bool = False
     statements: int = 0
     error: str | None = None  # the parser's message when the text does not parse
+    # columns that decide which rows come back or their order (WHERE, JOIN ... ON, GROUP BY, HAVING, ORDER BY)
+    filter_columns: frozenset[str] = frozenset()
 
     @property
     def is_write(self) -> bool:
@@ -61,6 +63,7 @@ class Classification:
             "kinds": sorted(self.kinds), "reads": sorted(self.reads), "writes": sorted(self.writes),
             "functions": sorted(self.functions), "unconditional": sorted(self.unconditional),
             "copy_program": self.copy_program, "statements": self.statements, "error": self.error,
+            "filter_columns": sorted(self.filter_columns),
         }
 
 
@@ -72,6 +75,7 @@ class _Walk:
     functions: set[str] = field(default_factory=set)
     unconditional: set[str] = field(default_factory=set)
     copy_program: bool = False
+    filter_columns: set[str] = field(default_factory=set)
 
 
 def _relname(rv: dict[str, Any]) -> str:
@@ -99,6 +103,9 @@ def _visit(node: Any, w: _Walk) -> None:
             _statement(key, value, w)
         elif key == "RangeVar" and isinstance(value, dict):
             w.reads.add(_relname(value))
+        elif key == "JoinExpr" and isinstance(value, dict) and value.get("quals"):
+            _columns(value["quals"], w.filter_columns)
+            _visit(value, w)
         elif key == "FuncCall" and isinstance(value, dict):
             w.functions.add(_names(value.get("funcname", [])))
             _visit(value, w)
@@ -106,9 +113,30 @@ def _visit(node: Any, w: _Walk) -> None:
             _visit(value, w)
 
 
+_FILTER_KEYS = ("whereClause", "havingClause", "groupClause", "sortClause", "quals", "joinCondition")
+
+
+def _columns(node: Any, out: set[str]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _columns(item, out)
+    elif isinstance(node, dict):
+        ref = node.get("ColumnRef")
+        if isinstance(ref, dict):
+            names = [f["String"]["sval"] for f in ref.get("fields", []) if isinstance(f, dict) and "String" in f]
+            if names:
+                out.add(names[-1].lower())
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                _columns(value, out)
+
+
 def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
     kind = _kind_of(name)
     rest = dict(body)
+    for key in _FILTER_KEYS:
+        if rest.get(key):
+            _columns(rest[key], w.filter_columns)
     if name in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt") and "relation" in rest:
         w.writes.add(_relname(rest.pop("relation")))
         if name in ("UpdateStmt", "DeleteStmt") and (rest.get("whereClause") is None or _is_true(rest.get("whereClause"))):
@@ -158,5 +186,5 @@ def classify(text: str) -> Classification:
     _visit([s.get("stmt", {}) for s in stmts], w)
     return Classification(
         frozenset(w.kinds), frozenset(w.reads), frozenset(w.writes), frozenset(w.functions),
-        frozenset(w.unconditional), w.copy_program, len(stmts), None,
+        frozenset(w.unconditional), w.copy_program, len(stmts), None, frozenset(w.filter_columns),
     )
