@@ -666,7 +666,8 @@ def policy_check(
     access = gk.authorize(identity, connection, "connect")
     decision = gk.decide(identity, connection, sql)
     action = decision.action if access.allowed else "deny"
-    masking = [{"rule": r.name, "strategy": r.strategy, "columns": list(r.columns), "detectors": list(r.detectors)}
+    masking = [{"rule": r.name, "strategy": r.strategy, "columns": list(r.columns),
+                "detectors": list(r.detectors) + [f"pattern:{d.kind}" for d in r.patterns]}
                for r in gk.masking_policy(identity, connection).rules]
     if json_out:
         emit_json({**decision.public(), "action": action, "access": {"allowed": access.allowed, "reason": access.reason},

@@ -180,6 +180,9 @@ def _apply(obj: Any, values: dict[str, Any], section: str) -> None:
         setattr(obj, key, value)
 
 
+_LISTS = ("access", "guardrails", "masking", "connections", "identity_providers")
+
+
 def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     """Read settings from `path` (or $WARDGATE_CONFIG, or ./wardgate.toml if present) and the environment."""
     env = dict(os.environ if env is None else env)
@@ -196,6 +199,19 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
 
     settings = Settings(path=cfg_path.resolve() if cfg_path.exists() else None)
     base = cfg_path.resolve().parent if cfg_path.exists() else Path.cwd()
+    for extra in raw.pop("include", []):
+        # Policy files kept apart from the gateway's settings: their rule lists join the main file's.
+        extra_path = base / extra
+        try:
+            included = tomllib.loads(extra_path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{cfg_path}: included file {extra_path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{extra_path}: {exc}") from exc
+        for key, value in included.items():
+            if key not in _LISTS:
+                raise ConfigError(f"{extra_path}: only {', '.join(_LISTS)} may be included, not {key!r}")
+            raw.setdefault(key, []).extend(value)
     sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials,
                 "roles": settings.roles}
     for key, value in raw.items():

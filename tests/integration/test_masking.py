@@ -32,6 +32,7 @@ except_groups = ["ops"]
 [[masking]]
 name = "pii"
 detectors = ["email", "card", "ssn", "phone", "iban", "ip"]
+patterns = { employee_id = "EMP-\\d{6}" }
 connections = ["shop"]
 except_groups = ["ops"]
 
@@ -140,3 +141,35 @@ def test_filtering_on_a_masked_column_is_refused_to_masked_identities(mgw) -> No
         assert conn.execute("select card_number from customers where id = 1").fetchone()[0].endswith("0001")
     with psycopg.connect(mgw.dsn(mgw.credential(user="bob")), autocommit=True) as conn:  # exempt: sees clear data
         assert conn.execute(probe).fetchall()
+
+
+def test_custom_pattern(mgw) -> None:
+    out = psql(mgw.dsn(mgw.credential()), "-At", "-c", "select 'badge EMP-004211 issued'").stdout.strip()
+    assert out == "badge [employee_id] issued"
+
+
+def _corpus_sql() -> str:
+    values = [c["value"] for c in CASES]
+    return "select v from (values " + ", ".join("('" + v.replace("'", "''") + "')" for v in values) + ") as t(v)"
+
+
+def _check_corpus(shown: list[str]) -> None:
+    for case, got in zip(CASES, shown, strict=True):
+        if case["kind"] == "none":
+            assert got == case["value"]
+        else:
+            assert f"[{case['kind']}]" in got and got != case["value"]
+
+
+def test_corpus_through_psycopg_and_asyncpg(mgw) -> None:
+    with psycopg.connect(mgw.dsn(mgw.credential())) as conn:
+        _check_corpus([r[0] for r in conn.cursor(binary=True).execute(_corpus_sql(), prepare=True).fetchall()])
+
+    async def main() -> list[str]:
+        conn = await asyncpg.connect(mgw.dsn(mgw.credential()))
+        try:
+            return [r["v"] for r in await conn.fetch(_corpus_sql())]
+        finally:
+            await conn.close()
+
+    _check_corpus(asyncio.run(main()))

@@ -67,3 +67,16 @@ def test_guardrail_cache_key_keeps_what_decides() -> None:
     assert policy.decide("delete from t where true").action == "deny"  # TRUE is not a number
     assert policy.decide('select * from "secret 2"').action == "allow"
     assert policy.decide('select * from "secret 1"').action == "deny"
+
+
+def test_policy_file_included(tmp_path) -> None:
+    (tmp_path / "policy.toml").write_text(
+        '[[guardrails]]\npreset = "standard"\n[[masking]]\ncolumns = ["email"]\n[[access]]\ngroups = ["dev"]\nconnections = ["*"]\n'
+    )
+    (tmp_path / "w.toml").write_text('include = ["policy.toml"]\n[[access]]\ngroups = ["ops"]\nconnections = ["shop"]\n')
+    s = load(tmp_path / "w.toml", env={})
+    assert len(s.access) == 2 and len(s.guardrails) == 4 and s.masking[0].columns == ("email",)
+    (tmp_path / "bad.toml").write_text('include = ["w2.toml"]\n')
+    (tmp_path / "w2.toml").write_text('[gateway]\nlisten = "1.2.3.4:5"\n')
+    with pytest.raises(ConfigError, match="may be included"):
+        load(tmp_path / "bad.toml", env={})

@@ -83,17 +83,24 @@ ALL_KINDS = tuple(DETECTORS)
 PRIORITY = ("card", "iban", "ssn", "email", "ip", "phone")
 
 
-def find(text: str, raw: bytes, kinds: tuple[str, ...]) -> list[tuple[int, int, str]]:
+def custom(name: str, pattern: str) -> Detector:
+    """A detector from a configured regular expression (no pre-filter: it always runs)."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"pattern {name!r} is not a valid regular expression: {exc}") from exc
+    return Detector(name, lambda raw: True, compiled)
+
+
+def find(text: str, raw: bytes, kinds: tuple[str, ...], extra: tuple[Detector, ...] = ()) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, kind) spans of PII in `text`, in order."""
     accepted: list[tuple[int, int, str]] = []
-    for kind in PRIORITY:
-        if kind not in kinds:
-            continue
-        det = DETECTORS[kind]
+    detectors = [DETECTORS[k] for k in PRIORITY if k in kinds] + list(extra)
+    for det in detectors:
         if not det.prefilter(raw):
             continue
         for s, e in det.spans(text):
             if all(e <= a or s >= b for a, b, _ in accepted):
-                accepted.append((s, e, kind))
+                accepted.append((s, e, det.kind))
     accepted.sort()
     return accepted

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..domain import Identity
-from .detectors import ALL_KINDS, find
+from .detectors import ALL_KINDS, Detector, custom, find
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -33,6 +33,7 @@ class MaskRule:
     strategy: str = "redact"
     columns: tuple[str, ...] = ()  # column names (globs) masked whole
     detectors: tuple[str, ...] = ()  # content kinds masked wherever they appear in text-like columns
+    patterns: tuple[Detector, ...] = ()  # custom regular expressions, masked like the detectors
     connections: tuple[str, ...] = ("*",)
     groups: tuple[str, ...] = ("*",)
     except_groups: tuple[str, ...] = ()
@@ -59,12 +60,16 @@ def parse_rules(raw: list[dict]) -> list[MaskRule]:
         if unknown:
             raise ValueError(f"masking rule {name!r}: unknown detectors {sorted(unknown)}; known: {', '.join(ALL_KINDS)}")
         columns = tuple(c.lower() for c in entry.pop("columns", ()))
+        raw_patterns = entry.pop("patterns", {})
+        if not isinstance(raw_patterns, dict):
+            raise ValueError(f"masking rule {name!r}: patterns is a table of name = \"regular expression\"")
+        patterns = tuple(custom(k, v) for k, v in raw_patterns.items())
         scope = {k: tuple(entry.pop(k)) for k in ("connections", "groups", "except_groups") if k in entry}
         if entry:
             raise ValueError(f"masking rule {name!r}: unknown keys {sorted(entry)}")
-        if not columns and not detectors:
-            raise ValueError(f"masking rule {name!r} masks nothing: give columns or detectors")
-        rules.append(MaskRule(name, strategy, columns, detectors, **scope))
+        if not columns and not detectors and not patterns:
+            raise ValueError(f"masking rule {name!r} masks nothing: give columns, detectors or patterns")
+        rules.append(MaskRule(name, strategy, columns, detectors, patterns, **scope))
     return rules
 
 
@@ -86,7 +91,7 @@ class _Column:
     type_oid: int
     binary: bool
     whole: MaskRule | None
-    detectors: tuple[tuple[str, ...], str] | None  # (kinds, strategy)
+    detectors: tuple[tuple[str, ...], tuple[Detector, ...], str] | None  # (kinds, custom patterns, strategy)
 
 
 class RowMasker:
@@ -146,9 +151,9 @@ class RowMasker:
                 return NULL_VALUE
             masked = mask_value(raw.decode("utf-8", "replace"), col.whole.strategy, col.name, self.salt)
             return NULL_VALUE if masked is None else _value(masked)
-        kinds, strategy = col.detectors  # type: ignore[misc]
+        kinds, patterns, strategy = col.detectors  # type: ignore[misc]
         text = raw.decode("utf-8", "replace")
-        spans = find(text, raw, kinds)
+        spans = find(text, raw, kinds, patterns)
         if not spans:
             return None
         self.counts[col.name] += len(spans)
@@ -193,8 +198,8 @@ class MaskingPolicy:
             detectors = None
             if whole is None and type_oid in TEXT_LIKE_OIDS:
                 for r in self.rules:
-                    if r.detectors:
-                        detectors = (r.detectors, r.strategy)
+                    if r.detectors or r.patterns:
+                        detectors = (r.detectors, r.patterns, r.strategy)
                         break
             if whole is not None or detectors is not None:
                 # Text types are the same bytes in binary format; others can only become NULL.
@@ -205,9 +210,9 @@ class MaskingPolicy:
     def mask_copy_line(self, data: bytes) -> bytes | None:
         """COPY ... TO STDOUT data in text form: detectors apply to the whole line."""
         for r in self.rules:
-            if r.detectors:
+            if r.detectors or r.patterns:
                 text = data.decode("utf-8", "replace")
-                spans = find(text, data, r.detectors)
+                spans = find(text, data, r.detectors, r.patterns)
                 if not spans:
                     return None
                 self.totals["(copy)"] += len(spans)
