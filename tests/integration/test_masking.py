@@ -32,7 +32,7 @@ except_groups = ["ops"]
 [[masking]]
 name = "pii"
 detectors = ["email", "card", "ssn", "phone", "iban", "ip"]
-patterns = { employee_id = "EMP-\\d{6}" }
+patterns = { employee_id = "EMP-[0-9]{6}" }
 connections = ["shop"]
 except_groups = ["ops"]
 

@@ -26,6 +26,17 @@ log = logging.getLogger("wardgate.session")
 _json = json.JSONEncoder(ensure_ascii=False).encode
 
 
+def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """Apply (offset, length, replacement) edits, given in stream order, in one pass."""
+    parts, last = [], 0
+    for offset, length, replacement in edits:
+        parts.append(data[last:offset])
+        parts.append(replacement)
+        last = offset + length
+    parts.append(data[last:])
+    return b"".join(parts)
+
+
 def _jstr(value: str | None) -> str:
     return "null" if value is None else _json(value)
 
@@ -179,8 +190,7 @@ class Relay:
                 if records:
                     self._record(records)
                 if edits:
-                    for offset, length, replacement in reversed(edits):
-                        fwd = fwd[:offset] + replacement + fwd[offset + length:]
+                    fwd = _splice(fwd, edits)
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"protocol violation: {exc}", hint="the gateway closed this session; reconnect"), f"protocol violation: {exc}", "08P01")
             return
@@ -329,7 +339,6 @@ class Relay:
             if msgs:
                 records = []
                 sid = self.session_id
-                fatal_at = []
                 edits: list[tuple[int, int, bytes]] = []
                 for mtype, body, offset in msgs:
                     refusal = None
@@ -341,7 +350,7 @@ class Relay:
                             edits.append((offset, 5 + len(body), codec.error_response(
                                 "42501", refusal[1], hint="refused by the Wardgate gateway; see `wardgate policy check`")))
                         elif codec.is_fatal(body):
-                            fatal_at.append((offset, body))
+                            edits.append((offset, 5 + len(body), self._name_the_connection(body)))
                     for fin in self.tracker.backend(mtype, body):
                         refused = self._refused_queries.pop(fin.seq, None)
                         if refused is not None:  # a Query (or function call) refused as a whole
@@ -354,10 +363,8 @@ class Relay:
                                                   fin.error_message))
                 if records:
                     self._defer(records)
-                if fatal_at:
-                    fwd = self._name_the_connection(fwd, fatal_at)
-                for offset, length, replacement in reversed(edits):
-                    fwd = fwd[:offset] + replacement + fwd[offset + length:]
+                if edits:
+                    fwd = _splice(fwd, edits)
                 if self._refusals and not self.tracker.in_flight:
                     self._refusals.clear()
         except codec.ProtocolViolation as exc:
@@ -373,17 +380,14 @@ class Relay:
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]
 
-    def _name_the_connection(self, fwd: bytes, fatal_at: list[tuple[int, bytes]]) -> bytes:
+    def _name_the_connection(self, body: bytes) -> bytes:
         """Upstream is ending the session: say which connection, so the client's error is clear."""
         self.upstream_fatal = True
-        for offset, body in reversed(fatal_at):
-            fields = codec.parse_error_fields(body)
-            rewritten = codec.error_response(
-                fields.get("C", "08006"), f"connection {self.connection!r}: {fields.get('M', 'closed by the server')}",
-                severity="FATAL", detail=fields.get("D"), hint=fields.get("H"),
-            )
-            fwd = fwd[:offset] + rewritten + fwd[offset + 1 + len(body) + 4 :]
-        return fwd
+        fields = codec.parse_error_fields(body)
+        return codec.error_response(
+            fields.get("C", "08006"), f"connection {self.connection!r}: {fields.get('M', 'closed by the server')}",
+            severity="FATAL", detail=fields.get("D"), hint=fields.get("H"),
+        )
 
     # -- endings
 
