@@ -13,6 +13,7 @@ import hmac
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..domain import Identity
 from .detectors import ALL_KINDS, Detector, custom, find
@@ -149,6 +150,8 @@ class RowMasker:
             # A number or a date cannot hold "[card_number]": other types become NULL, valid for every type.
             if col.binary or col.whole.strategy == "null" or col.type_oid not in TEXT_LIKE_OIDS:
                 return NULL_VALUE
+            if col.whole.strategy == "redact":
+                return _redacted(col.name)  # the same bytes for every row
             masked = mask_value(raw.decode("utf-8", "replace"), col.whole.strategy, col.name, self.salt)
             return NULL_VALUE if masked is None else _value(masked)
         kinds, patterns, strategy = col.detectors  # type: ignore[misc]
@@ -166,6 +169,11 @@ class RowMasker:
             last = e
         out.append(text[last:])
         return _value("".join(out))
+
+
+@lru_cache(maxsize=1024)
+def _redacted(name: str) -> bytes:
+    return _value(f"[{name}]")
 
 
 def _value(text: str) -> bytes:
