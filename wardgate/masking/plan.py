@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..domain import Identity
+from ..policy.scope import in_scope
 from .detectors import ALL_KINDS, Detector, custom, find
 
 _I16 = struct.Struct("!h")
@@ -40,12 +41,7 @@ class MaskRule:
     except_groups: tuple[str, ...] = ()
 
     def applies_to(self, identity: Identity, connection: str) -> bool:
-        if not any(fnmatch.fnmatchcase(connection, c) for c in self.connections):
-            return False
-        groups = set(identity.groups)
-        if groups & set(self.except_groups):
-            return False
-        return "*" in self.groups or bool(groups & set(self.groups))
+        return in_scope(identity, connection, self.connections, self.groups, self.except_groups)
 
 
 def parse_rules(raw: list[dict]) -> list[MaskRule]:

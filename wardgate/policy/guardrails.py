@@ -14,6 +14,7 @@ from typing import Any
 
 from ..domain import Identity
 from ..sql.classify import OPAQUE_KINDS, Classification, cache_key, classify
+from .scope import in_scope
 
 DANGEROUS_FUNCTIONS = (
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir",
@@ -42,12 +43,7 @@ class Rule:
     shadow: bool = False
 
     def applies_to(self, identity: Identity, connection: str) -> bool:
-        if not any(fnmatch.fnmatchcase(connection, c) for c in self.connections):
-            return False
-        groups = set(identity.groups)
-        if groups & set(self.except_groups):
-            return False
-        return "*" in self.groups or bool(groups & set(self.groups))
+        return in_scope(identity, connection, self.connections, self.groups, self.except_groups)
 
     def why(self, c: Classification) -> str | None:
         """The reason this rule matches `c`, or None."""
