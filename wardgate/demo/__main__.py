@@ -32,7 +32,8 @@ connections = ["shop"]
 verbs = ["connect", "exec"]
 
 # The guardrails a security team starts from: dangerous functions, DROP/TRUNCATE/ALTER SYSTEM,
-# DELETE/UPDATE/MERGE without a condition, DO/CALL. Statements that do not parse are always refused.
+# DELETE/UPDATE/MERGE without a condition, DO/CALL, stored code (CREATE FUNCTION, TRIGGER, RULE,
+# EXTENSION, LOAD). Statements that do not parse are always refused.
 # Try: wardgate policy check --user demo --connection shop --sql "delete from orders"
 [[guardrails]]
 preset = "standard"

@@ -82,6 +82,11 @@ def standard_rules(scope: dict[str, Any]) -> list[Rule]:
              message="destroys data or reconfigures the server", **scope),
         Rule("standard:unconditional-writes", unconditional=True, message="would change every row; add a WHERE clause", **scope),
         Rule("standard:opaque-code", kinds=tuple(sorted(OPAQUE_KINDS)), message="DO blocks and procedures cannot be inspected", **scope),
+        # Code stored in the server runs later, out of the gateway's sight: a function body is a string
+        # to the parser, so creating one would be a way around every rule above.
+        Rule("standard:server-code", kinds=("create_function", "create_trig", "create_event_trig", "rule", "load",
+                                            "create_extension", "alter_extension"),
+             message="creates code or loads libraries that would run out of the gateway's sight", **scope),
     ]
 
 
