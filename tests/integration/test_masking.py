@@ -23,6 +23,12 @@ connections = ["shop"]
 except_groups = ["ops"]
 
 [[masking]]
+name = "order-status"
+columns = ["orders.status"]
+connections = ["shop"]
+except_groups = ["ops"]
+
+[[masking]]
 name = "national-ids"
 columns = ["national_id"]
 strategy = "hash"
@@ -173,3 +179,16 @@ def test_corpus_through_psycopg_and_asyncpg(mgw) -> None:
             await conn.close()
 
     _check_corpus(asyncio.run(main()))
+
+
+def test_table_qualified_rules_and_aliases(mgw) -> None:
+    with psycopg.connect(mgw.dsn(mgw.credential()), autocommit=True) as conn:
+        assert conn.execute("select status from orders where id = 1").fetchone() == ("[status]",)
+        # an alias does not hide a masked column: the gateway knows where each result column comes from
+        assert conn.execute("select status as s, o.id from orders o where id = 1").fetchone() == ("[s]", 1)
+        assert conn.execute("select card_number as c from customers where id = 1").fetchone()[0].endswith("0001")
+        assert "4111" not in conn.execute("select card_number as c from customers where id = 1").fetchone()[0]
+        # the same name elsewhere is not the masked column
+        assert conn.execute("select 'paid' as status").fetchone() == ("paid",)
+    with psycopg.connect(mgw.dsn(mgw.credential(user="bob")), autocommit=True) as conn:
+        assert conn.execute("select status from orders where id = 1").fetchone()[0] in ("paid", "shipped", "refunded")

@@ -180,10 +180,27 @@ def _value(text: str) -> bytes:
 class MaskingPolicy:
     """The masking rules for one session; resolves a RowMasker per RowDescription."""
 
+    # Real table and column names for RowDescription's (table OID, attribute number), read from the
+    # catalog when the session starts: aliases cannot hide a masked column, and rules can say table.column.
+    CATALOG_SQL = (
+        "select a.attrelid, a.attnum, n.nspname, c.relname, a.attname from pg_attribute a "
+        "join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace "
+        "where a.attnum > 0 and not a.attisdropped and c.relkind in ('r', 'p', 'v', 'm', 'f') "
+        "and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')"
+    )
+
     def __init__(self, rules: list[MaskRule], salt: bytes) -> None:
         self.rules = rules
         self.salt = salt
         self.totals: Counter[str] = Counter()
+        self.catalog: dict[tuple[int, int], tuple[str, str, str]] = {}
+
+    @property
+    def needs_catalog(self) -> bool:
+        return any(r.columns for r in self.rules)
+
+    def load_catalog(self, rows: list[tuple[str | None, ...]]) -> None:
+        self.catalog = {(int(r[0]), int(r[1])): (str(r[2]), str(r[3]), str(r[4]).lower()) for r in rows if None not in r}
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -196,9 +213,14 @@ class MaskingPolicy:
             end = row_description.index(b"\x00", pos)
             name = row_description[pos:end].decode("utf-8", "replace")
             pos = end + 1
-            _table, _attnum, type_oid, _size, _mod, fmt = struct.unpack_from("!IhIhih", row_description, pos)
+            table, attnum, type_oid, _size, _mod, fmt = struct.unpack_from("!IhIhih", row_description, pos)
             pos += 18
-            whole = next((r for r in self.rules if any(fnmatch.fnmatchcase(name.lower(), c) for c in r.columns)), None)
+            names = [name.lower()]
+            source = self.catalog.get((table, attnum)) if table else None
+            if source is not None:
+                schema, rel, column = source
+                names += [column, f"{rel}.{column}", f"{schema}.{rel}.{column}"]
+            whole = next((r for r in self.rules if any(fnmatch.fnmatchcase(n, c) for n in names for c in r.columns)), None)
             detectors = None
             if whole is None and type_oid in TEXT_LIKE_OIDS:
                 for r in self.rules:

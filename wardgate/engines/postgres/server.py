@@ -252,6 +252,14 @@ class PostgresListener:
                            hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
         self._background(asyncio.to_thread(self.store.mark_used, matched))
 
+        masking = self.gatekeeper.masking_policy(identity, conn_name)
+        if masking.needs_catalog:
+            try:
+                masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))
+            except (upstream.UpstreamError, TimeoutError, PeerClosed) as exc:
+                up.protocol.close()
+                raise Rejected("08001", f"cannot read the catalog of {conn_name!r} to plan masking: {exc}") from None
+
         # The session is recorded before the client can send its first statement.
         self.recorder.write([record])
         cancel_pid = secrets.randbelow(2**31 - 1) + 1
@@ -263,7 +271,7 @@ class PostgresListener:
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=self.gatekeeper.statement_policy(identity, conn_name),
-            masking=self.gatekeeper.masking_policy(identity, conn_name), user=user, agent=record["agent"],
+            masking=masking, user=user, agent=record["agent"],
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live

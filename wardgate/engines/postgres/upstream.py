@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import ssl
+import struct
 from dataclasses import dataclass, field
 
 from ...config import ConnectionSpec
@@ -183,3 +184,35 @@ async def cancel(spec: ConnectionSpec, process_id: int, secret_key: bytes, timeo
         pass
     finally:
         proto.close()
+
+
+async def simple_query(up: Upstream, sql: str, timeout: float = 10.0) -> list[tuple[str | None, ...]]:
+    """Run one query on an upstream connection before it is handed to a client (text results)."""
+    proto = up.protocol
+    proto.write(codec.message(b"Q", codec.cstr(sql)))
+    rows: list[tuple[str | None, ...]] = []
+    error: dict[str, str] | None = None
+
+    async def read() -> None:
+        nonlocal error
+        while True:
+            mtype, body = await proto.read_message()
+            if mtype == ord("D"):
+                (n,) = struct.unpack_from("!h", body, 0)
+                pos, row = 2, []
+                for _ in range(n):
+                    (length,) = struct.unpack_from("!i", body, pos)
+                    pos += 4
+                    row.append(None if length < 0 else body[pos:pos + length].decode("utf-8", "replace"))
+                    pos += max(length, 0)
+                rows.append(tuple(row))
+            elif mtype == ord("E"):
+                error = codec.parse_error_fields(body)
+            elif mtype == ord("Z"):
+                up.transaction_status = body[:1] or b"I"
+                return
+
+    await asyncio.wait_for(read(), timeout)
+    if error is not None:
+        raise UpstreamError(f"catalog query failed: {error.get('M')}", error.get("C", "XX000"))
+    return rows
