@@ -157,8 +157,3 @@ class Recorder:
             await asyncio.to_thread(apply_ready, self.store, self.journal.dir)
         except Exception:  # noqa: BLE001
             log.exception("journal left for the next start")
-
-    async def sync(self) -> None:
-        """Make everything written so far visible in the store (used by shutdown and tests)."""
-        self.rotate()
-        await asyncio.to_thread(apply_ready, self.store, self.journal.dir)

@@ -29,9 +29,7 @@ SMALL_FRONTEND_TYPES = {ord("S"): 4, ord("H"): 4, ord("X"): 4, ord("c"): 4}
 
 
 class ProtocolViolation(Exception):
-    """The peer sent bytes that are not valid protocol. The session cannot continue."""
-
-    sqlstate = "08P01"
+    """The peer sent bytes that are not valid protocol (SQLSTATE 08P01). The session cannot continue."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,10 +287,6 @@ def password_message(data: bytes) -> bytes:
 
 def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
     return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
-
-
-def terminate() -> bytes:
-    return message(b"X")
 
 
 def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:

@@ -63,7 +63,6 @@ class PostgresListener:
         self.server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._fake_salt_key = secrets.token_bytes(32)
-        self.handshakes_failed = 0
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -286,7 +285,6 @@ class PostgresListener:
         return live
 
     def _reject(self, client: StreamProtocol, record: dict[str, Any], exc: Rejected) -> None:
-        self.handshakes_failed += 1
         client.write(codec.fatal(exc.code, str(exc), hint=exc.hint, detail=exc.detail))
         client.close()
         record.update(status="rejected", reason=str(exc), code=exc.code, ended=time.time())

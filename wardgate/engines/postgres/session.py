@@ -7,6 +7,7 @@ before it is recorded. Outcomes are handed to the recorder's deferred batch (see
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -24,6 +25,13 @@ from .tracker import BACKEND_INSPECT, Finished, StatementTracker
 log = logging.getLogger("wardgate.session")
 
 _json = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _set_reading(peer: StreamProtocol, paused: bool) -> None:
+    """Backpressure: stop (or resume) reading from `peer` while the other side cannot take more."""
+    t = peer.transport
+    if t is not None and not t.is_closing():
+        t.pause_reading() if paused else t.resume_reading()
 
 
 def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
@@ -115,8 +123,6 @@ class Relay:
         self._copy_out = False
         self._refusals: dict[str, str] = {}  # marker sent upstream -> the refusal it stands for
         self._refused_queries: dict[int, str] = {}  # seq -> refusal, for Queries and function calls
-        self.denied = 0
-        self.shadowed = 0
         # Every frontend message is looked at (they are few and small), except CopyData, which streams.
         self.client_framer = Framer(
             bytes(t for t in codec.FRONTEND_TYPES if t != ord("d")),
@@ -139,8 +145,8 @@ class Relay:
         self.client.on_lost = self._client_lost
         self.upstream.on_lost = self._upstream_lost
         # Backpressure: a peer that does not read stops us reading from the other side.
-        self.client.on_pause = self._pause_upstream
-        self.upstream.on_pause = self._pause_client
+        self.client.on_pause = functools.partial(_set_reading, self.upstream)
+        self.upstream.on_pause = functools.partial(_set_reading, self.client)
         self.upstream.start_relay(self.from_upstream)
         self.client.start_relay(self.from_client)
         # Either side may have gone while the session was being set up.
@@ -148,16 +154,6 @@ class Relay:
             self._upstream_lost(self.upstream.close_exc)
         elif self.client.closed:
             self._client_lost(self.client.close_exc)
-
-    def _pause_upstream(self, paused: bool) -> None:
-        t = self.upstream.transport
-        if t is not None and not t.is_closing():
-            t.pause_reading() if paused else t.resume_reading()
-
-    def _pause_client(self, paused: bool) -> None:
-        t = self.client.transport
-        if t is not None and not t.is_closing():
-            t.pause_reading() if paused else t.resume_reading()
 
     # -- client -> upstream
 
@@ -282,7 +278,6 @@ class Relay:
         decision = self.policy.decide(statement)
         for m in decision.matches:
             if m.shadow:
-                self.shadowed += 1
                 records.append(_json({
                     "k": "event", "id": secrets.token_hex(16), "at": time.time(), "kind": "guardrail.shadow",
                     "outcome": f"would {m.action}", "user": self.user, "agent": self.agent, "source": f"session:{self.session_id}",
@@ -299,7 +294,6 @@ class Relay:
         in the extended protocol the rest of the batch is skipped until Sync. On the way back the
         gateway swaps the syntax error for its own refusal (SQLSTATE 42501)."""
         sid = self.session_id
-        self.denied += 1
         marker = f"wardgate_refused_{secrets.token_hex(8)}"
         self._refusals[marker] = message
         if mtype == _PARSE:
