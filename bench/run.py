@@ -2,7 +2,8 @@
 
 Starts a local PostgreSQL and a gateway, then runs pgbench -S (simple, extended, prepared; 8
 clients), a 1,000-row fetch, and a one-client latency probe, alternating direct and gateway runs.
-BENCH_SECONDS sets the length of each run (default 10), BENCH_ROUNDS the alternations (default 2).
+BENCH_SECONDS sets the length of each run (default 10), BENCH_ROUNDS the alternations (default 2),
+BENCH_ONLY a text that selects the workloads to run by name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from wardgate.localpg import LocalPostgres, free_port
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+ONLY = os.environ.get("BENCH_ONLY", "")  # run only the workloads whose name contains this text
 console = Console(width=int(os.environ.get("COLUMNS", "110")))
 
 
@@ -108,6 +110,8 @@ def main() -> int:
             table.add_column(col, justify="right" if col != "workload" else "left")
         with console.status("benchmarking...") as status:
             for name, args, target in cases:
+                if ONLY and ONLY not in name:
+                    continue
                 best_direct, best_gw = (0.0, 0.0), (0.0, 0.0)
                 for r in range(ROUNDS):
                     status.update(f"{name}: round {r + 1}/{ROUNDS}")

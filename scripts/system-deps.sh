@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs what Wardgate's demo, tests and benchmarks need from the system: the PostgreSQL server
 # and client tools (psql, pgbench), and Node.js for the tests' OpenID provider. Does nothing when
-# they are already there.
+# they are already there; and a C compiler with the Python headers for the relay's C part.
 set -euo pipefail
 
 have_server() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_clients() { command -v psql >/dev/null 2>&1 && command -v pgbench >/dev/null 2>&1; }
 have_node() { command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; }
+have_cc() { command -v gcc >/dev/null 2>&1; }
+have_headers() { test -f "$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h"; }
 
-if have_server && have_clients && have_node && id postgres >/dev/null 2>&1; then
+if have_server && have_clients && have_node && have_cc && have_headers && id postgres >/dev/null 2>&1; then
   exit 0
 fi
 
@@ -17,11 +19,13 @@ if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; the
   exit 1
 fi
 
-echo "installing PostgreSQL server and client tools, and Node.js for the tests' identity provider (apt-get)..." >&2
+echo "installing PostgreSQL server and client tools, a C compiler, and Node.js for the tests' identity provider (apt-get)..." >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 packages="postgresql postgresql-contrib postgresql-client"
 have_node || packages="$packages nodejs npm"
+have_cc || packages="$packages gcc libc6-dev"
+have_headers || packages="$packages python3-dev"
 $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
 # The Debian package starts a cluster of its own on 5432; Wardgate starts its own servers instead.
 $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || $SUDO service postgresql stop >/dev/null 2>&1 || true

@@ -8,6 +8,7 @@ column in binary format becomes NULL, which is valid for every type.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import struct
@@ -21,6 +22,7 @@ from .detectors import ALL_KINDS, Detector, custom, find
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
 STRATEGIES = ("redact", "partial", "hash", "null")
 # Types whose text form may carry PII found by content: text, varchar, bpchar, name, json, jsonb, xml, unknown,
 # and arrays of text-like types.
@@ -91,14 +93,23 @@ class _Column:
     detectors: tuple[tuple[str, ...], tuple[Detector, ...], str] | None  # (kinds, custom patterns, strategy)
 
 
-class RowMasker:
-    """The plan for one result: which columns to mask and how."""
+# The least a value needs for a detector of each kind to match: an "@", this many digits, or the dots
+# and colons of an address. Values without them skip the detectors (and the interpreter) entirely.
+_MIN_DIGITS = {"card": 13, "iban": 10, "ssn": 9, "phone": 7}
 
-    def __init__(self, columns: list[_Column], salt: bytes) -> None:
+Action = bytes | tuple | None  # see mask_rows in engines/postgres/_wire.c
+
+
+class RowMasker:
+    """The plan for one result: which columns to mask and how, as one action per column index."""
+
+    def __init__(self, columns: list[_Column], salt: bytes, hits: list[int] | None = None) -> None:
         self.columns = columns
-        self.by_index = {c.index: c for c in columns}
         self.salt = salt
-        self.counts: Counter[str] = Counter()
+        width = max((c.index for c in columns), default=-1) + 1
+        self.hits = hits if hits is not None else [0] * width  # values masked, per column index
+        by_index = {c.index: c for c in columns}
+        self.actions: tuple[Action, ...] = tuple(self._action(by_index.get(i)) for i in range(width))
 
     def for_formats(self, formats: tuple[int, ...]) -> RowMasker:
         """This plan for rows in the result formats a Bind asked for."""
@@ -109,53 +120,52 @@ class RowMasker:
             _Column(c.index, c.name, c.type_oid, fmt(c.index) == 1 and c.type_oid not in PLAIN_TEXT_OIDS, c.whole, c.detectors)
             for c in self.columns
         ]
-        masker = RowMasker(columns, self.salt)
-        masker.counts = self.counts  # one tally per result description
-        return masker
+        return RowMasker(columns, self.salt, self.hits)  # one tally per result description
+
+    def take_counts(self) -> Counter[str]:
+        """Values masked per column name since the last call."""
+        out: Counter[str] = Counter()
+        for c in self.columns:
+            if self.hits[c.index]:
+                out[c.name] += self.hits[c.index]
+                self.hits[c.index] = 0
+        return out
+
+    def mask_run(self, data: bytes, start: int, end: int) -> bytes | None:
+        """data[start:end], a run of whole DataRows, masked; None when nothing changed."""
+        return mask_rows(data, start, end, self.actions, self.hits)
 
     def rewrite(self, body: bytes) -> bytes | None:
-        """The DataRow body masked, or None when nothing changed."""
-        (n,) = _I16.unpack_from(body, 0)
-        pos = 2
-        parts: list[bytes] | None = None
-        start = 0
-        by_index = self.by_index
-        for i in range(n):
-            (length,) = _I32.unpack_from(body, pos)
-            value_at = pos + 4
-            end = value_at + (length if length > 0 else 0)
-            col = by_index.get(i)
-            if col is not None and length >= 0:
-                new = self._mask(col, body[value_at:end])
-                if new is not None:
-                    if parts is None:
-                        parts = []
-                    parts.append(body[start:pos])
-                    parts.append(new)
-                    start = end
-            pos = end
-        if parts is None:
-            return None
-        parts.append(body[start:])
-        return b"".join(parts)
+        """One DataRow body masked, or None when nothing changed."""
+        new = self.mask_run(b"D" + _U32.pack(len(body) + 4) + body, 0, len(body) + 5)
+        return None if new is None else new[5:]
 
-    def _mask(self, col: _Column, raw: bytes) -> bytes | None:
-        """The new length-prefixed value, or None to keep it."""
+    def _action(self, col: _Column | None) -> Action:
+        if col is None:
+            return None
         if col.whole is not None:
-            self.counts[col.name] += 1
             # A number or a date cannot hold "[card_number]": other types become NULL, valid for every type.
             if col.binary or col.whole.strategy == "null" or col.type_oid not in TEXT_LIKE_OIDS:
                 return NULL_VALUE
             if col.whole.strategy == "redact":
                 return _redacted(col.name)  # the same bytes for every row
-            masked = mask_value(raw.decode("utf-8", "replace"), col.whole.strategy, col.name, self.salt)
-            return NULL_VALUE if masked is None else _value(masked)
+            return (functools.partial(self._mask_whole, col), False, 0, False, True)
+        kinds, patterns, _ = col.detectors  # type: ignore[misc]
+        min_digits = min((_MIN_DIGITS[k] for k in kinds if k in _MIN_DIGITS), default=0)
+        return (functools.partial(self._mask_content, col), "email" in kinds, min_digits, "ip" in kinds, bool(patterns))
+
+    def _mask_whole(self, col: _Column, raw: bytes) -> bytes:
+        self.hits[col.index] += 1
+        masked = mask_value(raw.decode("utf-8", "replace"), col.whole.strategy, col.name, self.salt)  # type: ignore[union-attr]
+        return NULL_VALUE if masked is None else _value(masked)
+
+    def _mask_content(self, col: _Column, raw: bytes) -> bytes | None:
         kinds, patterns, strategy = col.detectors  # type: ignore[misc]
         text = raw.decode("utf-8", "replace")
         spans = find(text, raw, kinds, patterns)
         if not spans:
             return None
-        self.counts[col.name] += len(spans)
+        self.hits[col.index] += len(spans)
         if strategy == "null" or col.binary:
             return NULL_VALUE
         out, last = [], 0
@@ -165,6 +175,88 @@ class RowMasker:
             last = e
         out.append(text[last:])
         return _value("".join(out))
+
+
+def _worth_a_look(raw: bytes, at: bool, min_digits: int, ip: bool) -> bool:
+    """Could a detector match? When this says no, none can (the same test as in _wire.c)."""
+    if at and b"@" in raw:
+        return True
+    if min_digits and len(raw) - len(raw.translate(None, b"0123456789")) >= min_digits:
+        return True
+    return ip and (raw.count(b".") >= 3 or raw.count(b":") >= 2)
+
+
+def mask_rows_py(data: bytes, start: int, end: int, actions: tuple[Action, ...], counts: list[int]) -> bytes | None:
+    """The reference for mask_rows in _wire.c: the same contract, one DataRow at a time."""
+    if start < 0 or end > len(data) or start > end or len(counts) < len(actions):
+        raise ValueError("mask_rows: bad arguments")
+    out: list[bytes] = []
+    changed = False
+    pos = start
+    while pos < end:
+        if end - pos < 7 or data[pos] != 0x44:
+            raise ValueError("malformed DataRow")
+        (length,) = _U32.unpack_from(data, pos + 1)
+        if length < 6 or length > end - pos - 1:
+            raise ValueError("malformed DataRow")
+        row_end = pos + 1 + length
+        (ncols,) = _I16.unpack_from(data, pos + 5)
+        if ncols < 0:
+            raise ValueError("malformed DataRow")
+        q = pos + 7
+        parts: list[bytes] = []
+        last = pos + 5
+        for i in range(ncols):
+            if row_end - q < 4:
+                raise ValueError("malformed DataRow")
+            (vlen,) = _I32.unpack_from(data, q)
+            if vlen < -1 or vlen > row_end - q - 4:
+                raise ValueError("malformed DataRow")
+            vend = q + 4 + max(vlen, 0)
+            action = actions[i] if i < len(actions) else None
+            if action is not None and vlen >= 0:
+                new = None
+                if isinstance(action, bytes):
+                    new = action
+                    counts[i] += 1
+                else:
+                    fn, at, min_digits, ip, always = action
+                    raw = data[q + 4 : vend]
+                    if always or _worth_a_look(raw, at, min_digits, ip):
+                        new = fn(raw)
+                if new is not None:
+                    if not _valid_value(new):
+                        raise ValueError("a masking replacement is not a length-prefixed value")
+                    parts.append(data[last:q])
+                    parts.append(new)
+                    last = vend
+            q = vend
+        if q != row_end:
+            raise ValueError("malformed DataRow")
+        if parts:
+            if not changed:
+                changed = True
+                out.append(data[start:pos])
+            parts.append(data[last:row_end])
+            row = b"".join(parts)
+            out.append(b"D" + _U32.pack(len(row) + 4) + row)
+        elif changed:
+            out.append(data[pos:row_end])
+        pos = row_end
+    return b"".join(out) if changed else None
+
+
+def _valid_value(v: bytes) -> bool:
+    if not isinstance(v, bytes) or len(v) < 4:
+        return False
+    (n,) = _I32.unpack_from(v, 0)
+    return (n == -1 and len(v) == 4) or (n >= 0 and n == len(v) - 4)
+
+
+try:
+    from ..engines.postgres._wire import mask_rows
+except ImportError:  # built without a C compiler: the same contract, slower
+    mask_rows = mask_rows_py
 
 
 @lru_cache(maxsize=1024)
@@ -194,6 +286,9 @@ class MaskingPolicy:
         self.salt = salt
         self.totals: Counter[str] = Counter()
         self.catalog: dict[tuple[int, int], tuple[str, str, str]] = {}
+        self._plans: dict[bytes, RowMasker | None] = {}  # by RowDescription: a session repeats the same few
+
+    PLAN_CACHE = 256
 
     @property
     def needs_catalog(self) -> bool:
@@ -201,11 +296,23 @@ class MaskingPolicy:
 
     def load_catalog(self, rows: list[tuple[str | None, ...]]) -> None:
         self.catalog = {(int(r[0]), int(r[1])): (str(r[2]), str(r[3]), str(r[4]).lower()) for r in rows if None not in r}
+        self._plans.clear()
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
     def plan(self, row_description: bytes) -> RowMasker | None:
+        try:
+            return self._plans[row_description]
+        except KeyError:
+            pass
+        plan = self._plan(row_description)
+        if len(self._plans) >= self.PLAN_CACHE:
+            self._plans.clear()
+        self._plans[row_description] = plan
+        return plan
+
+    def _plan(self, row_description: bytes) -> RowMasker | None:
         (n,) = _I16.unpack_from(row_description, 0)
         pos = 2
         columns = []

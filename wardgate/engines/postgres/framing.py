@@ -4,10 +4,14 @@ A `Framer` finds message boundaries in what one read returned. Messages of the t
 to inspect are returned whole (buffered across reads, bounded); every other message streams
 through as it arrives, so a 1 GB DataRow or CopyData never sits in memory. When a read is consumed
 whole, the read's own buffer is forwarded unchanged.
+
+The per-message loop is `scan`, in C (`_wire.c`) when it is built, else the Python reference below;
+both have the same contract and the tests hold them to it.
 """
 
 from __future__ import annotations
 
+import array
 import struct
 
 from .codec import ProtocolViolation
@@ -15,9 +19,61 @@ from .codec import ProtocolViolation
 _U32 = struct.Struct("!I")
 _unpack_len = _U32.unpack_from
 
+ROWS = 0x100  # flag on a message type: a run of whole messages of that type, (type | ROWS, end, start)
+DONE, HOLD, SKIP, BAD = range(4)
+
+
+def scan_py(data: bytes, pos: int, limits: bytes, inspect: bytes, rows: int) -> tuple[int, int, int, list]:
+    """Frame `data` from `pos`: (pos, state, extra, messages). See `_wire.c` for the contract."""
+    n = len(data)
+    msgs: list = []
+    lim = array.array("I", limits)
+    run_start = run_end = -1
+    state, extra = DONE, 0
+    while pos < n:
+        if n - pos < 5:
+            state = HOLD
+            break
+        mtype = data[pos]
+        (length,) = _unpack_len(data, pos + 1)
+        if length < 4 or length > lim[mtype]:
+            state, extra = BAD, length
+            break
+        end = pos + 1 + length
+        if inspect[mtype]:
+            if end > n:
+                state = HOLD
+                break
+            if mtype == rows:
+                if run_start >= 0 and run_end == pos:
+                    run_end = end
+                else:
+                    if run_start >= 0:
+                        msgs.append((rows | ROWS, run_end, run_start))
+                    run_start, run_end = pos, end
+            else:
+                if run_start >= 0:
+                    msgs.append((rows | ROWS, run_end, run_start))
+                    run_start = -1
+                msgs.append((mtype, data[pos + 5 : end], pos))
+        elif end > n:
+            state, extra, pos = SKIP, end - n, n
+            break
+        pos = end
+    if run_start >= 0:
+        msgs.append((rows | ROWS, run_end, run_start))
+    return pos, state, extra, msgs
+
+
+try:
+    from ._wire import scan
+except ImportError:  # built without a C compiler: the same contract, slower
+    scan = scan_py
+
 
 class Framer:
-    __slots__ = ("_inspect", "_allowed", "_small", "_max_inspect", "_max_message", "_limits", "_buf", "_skip")
+    __slots__ = ("_inspect", "_allowed", "_small", "_max_inspect", "_max_message", "_limits", "_buf", "_skip",
+                 "_limits_raw", "_inspect_raw", "_rows")
 
     def __init__(
         self,
@@ -27,6 +83,7 @@ class Framer:
         small: dict[int, int] | None = None,
         max_inspect: int = 1 << 20,
         max_message: int = 1 << 30,
+        rows: int = 0,
     ) -> None:
         self._inspect = frozenset(inspect)
         self._allowed = allowed
@@ -37,6 +94,10 @@ class Framer:
         self._skip = 0
         # Largest valid length per message type (0: type not allowed), so the hot loop checks with one lookup.
         self._limits = [self._limit(t) for t in range(256)]
+        self._limits_raw = array.array("I", self._limits).tobytes()
+        self._inspect_raw = bytes(1 if t in self._inspect else 0 for t in range(256))
+        # Consecutive whole messages of this type come back as one run: (type | ROWS, end, start).
+        self._rows = rows
 
     def _limit(self, mtype: int) -> int:
         if self._allowed is not None and mtype not in self._allowed:
@@ -48,43 +109,28 @@ class Framer:
         """Return (bytes that may be forwarded now, inspected messages as (type, body, offset)).
 
         `offset` is where the message starts in the returned bytes, for the rare caller that rewrites one.
+        With `rows` set, a run of those messages is one entry (type | ROWS, end, offset).
         """
         if self._buf:
             data = self._buf + data
             self._buf = b""
-        n = len(data)
-        msgs: list[tuple[int, bytes, int]] = []
         pos = 0
         skip = self._skip
         if skip:
-            if skip >= n:
-                self._skip = skip - n
-                return data, msgs
+            if skip >= len(data):
+                self._skip = skip - len(data)
+                return data, []
             pos = skip
             self._skip = 0
-        inspect = self._inspect
-        limits = self._limits
-        while pos < n:
-            if n - pos < 5:
-                self._buf = data[pos:]
-                break
-            mtype = data[pos]
-            (length,) = _unpack_len(data, pos + 1)
-            if length < 4 or length > limits[mtype]:
-                self._check(mtype, length)
-            end = pos + 1 + length
-            if mtype in inspect:
-                if end > n:
-                    self._buf = data[pos:]
-                    break
-                msgs.append((mtype, data[pos + 5 : end], pos))
-            elif end > n:
-                self._skip = end - n
-                pos = n
-                break
-            pos = end
-        if self._buf:
+        pos, state, extra, msgs = scan(data, pos, self._limits_raw, self._inspect_raw, self._rows)
+        if state == HOLD:
+            self._buf = data[pos:]
             return data[:pos], msgs
+        if state == SKIP:
+            self._skip = extra
+        elif state == BAD:
+            self._check(data[pos], extra)
+            raise ProtocolViolation(f"invalid message length {extra} for message type {chr(data[pos])!r}")
         return data, msgs
 
     def _check(self, mtype: int, length: int) -> None:

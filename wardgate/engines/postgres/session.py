@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ...masking.plan import MaskingPolicy, RowMasker
 from ...policy.guardrails import StatementPolicy
 from . import codec
-from .framing import Framer
+from .framing import ROWS, Framer
 from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, Finished, StatementTracker
 
@@ -72,6 +72,7 @@ _CLOSE = ord("C")
 _ROW_DESCRIPTION = ord("T")
 _NO_DATA = ord("n")
 _DATA_ROW = ord("D")
+_ROW_RUN = _DATA_ROW | ROWS  # consecutive DataRows, framed as one entry: (_ROW_RUN, end, start)
 _COPY_OUT = ord("H")
 _COPY_DATA = ord("d")
 _COMMAND_COMPLETE = ord("C")
@@ -135,7 +136,8 @@ class Relay:
             self.server_framer = Framer(BACKEND_INSPECT, max_inspect=1 << 30, max_message=1 << 30)
         else:
             # Rows are rewritten, so they are looked at whole (bounded like any inspected message).
-            self.server_framer = Framer(BACKEND_INSPECT + b"TnDdHG", max_inspect=max_message, max_message=max_message)
+            self.server_framer = Framer(BACKEND_INSPECT + b"TnDdHG", max_inspect=max_message, max_message=max_message,
+                                        rows=_DATA_ROW)
         self._starts: dict[int, float] = {}
         self.ended = False
         self.terminating = False
@@ -227,8 +229,9 @@ class Relay:
         elif len(body) >= 2:
             self._plans.pop((body[0], codec.read_cstr(body, 1)[0]), None)
 
-    def _mask(self, mtype: int, body: bytes, offset: int, edits: list[tuple[int, int, bytes]]) -> None:
-        """Masking, on the way back: plans from RowDescriptions, rewritten DataRows and COPY data."""
+    def _mask(self, mtype: int, body: bytes | int, offset: int, edits: list[tuple[int, int, bytes]], data: bytes) -> None:
+        """Masking, on the way back: plans from RowDescriptions, rewritten DataRows and COPY data.
+        DataRows come as runs (`body` is then the run's end in `data`), masked in one call."""
         masking = self.masking
         assert masking is not None
         if mtype == _ROW_DESCRIPTION or mtype == _NO_DATA:
@@ -238,7 +241,7 @@ class Relay:
                 self._plans[target] = plan
             elif (entry := self.tracker.current()) is not None:
                 entry.plan = plan
-        elif mtype == _DATA_ROW:
+        elif mtype == _ROW_RUN:
             entry = self.tracker.current()
             plan = entry.plan if entry is not None else _UNSEEN
             if isinstance(plan, _Lookup):
@@ -246,9 +249,12 @@ class Relay:
             if plan is _UNSEEN:
                 raise _Unmaskable("a result arrived whose columns the gateway has not seen described")
             if plan is not None:
-                new = plan.rewrite(body)
+                try:
+                    new = plan.mask_run(data, offset, body)
+                except ValueError as exc:
+                    raise codec.ProtocolViolation(str(exc)) from None
                 if new is not None:
-                    edits.append((offset, 5 + len(body), codec.message(b"D", new)))
+                    edits.append((offset, body - offset, new))
         elif mtype == _COPY_OUT:
             if body[:1] == b"\x01":
                 raise _Unmaskable("binary COPY output cannot be masked; use COPY in text or CSV format")
@@ -261,8 +267,7 @@ class Relay:
             self._copy_out = False
             entry = self.tracker.current()
             if entry is not None and isinstance(entry.plan, RowMasker):
-                masking.totals.update(entry.plan.counts)
-                entry.plan.counts.clear()
+                masking.totals.update(entry.plan.take_counts())
 
     def _decide(self, mtype: int, body: bytes, records: list[str]) -> str | None:
         """None to let the message through, else the refusal message. Shadow rules that matched are
@@ -337,7 +342,9 @@ class Relay:
                 for mtype, body, offset in msgs:
                     refusal = None
                     if self.masking is not None:
-                        self._mask(mtype, body, offset, edits)
+                        self._mask(mtype, body, offset, edits, fwd)
+                        if mtype == _ROW_RUN:
+                            continue
                     if mtype == _ERROR:
                         refusal = self._refusal_of(body)
                         if refusal is not None:
