@@ -122,14 +122,14 @@ class RowMasker:
         ]
         return RowMasker(columns, self.salt, self.hits)  # one tally per result description
 
-    def take_counts(self) -> Counter[str]:
-        """Values masked per column name since the last call."""
-        out: Counter[str] = Counter()
+    def take_counts(self, into: Counter[str]) -> None:
+        """Add the values masked per column name since the last call to `into`."""
+        hits = self.hits
         for c in self.columns:
-            if self.hits[c.index]:
-                out[c.name] += self.hits[c.index]
-                self.hits[c.index] = 0
-        return out
+            n = hits[c.index]
+            if n:
+                into[c.name] += n
+                hits[c.index] = 0
 
     def mask_run(self, data: bytes, start: int, end: int) -> bytes | None:
         """data[start:end], a run of whole DataRows, masked; None when nothing changed."""

@@ -25,6 +25,7 @@ from .tracker import BACKEND_INSPECT, Finished, StatementTracker
 log = logging.getLogger("wardgate.session")
 
 _json = json.JSONEncoder(ensure_ascii=False).encode
+_jstring = json.encoder.encode_basestring  # a str as a JSON string, in C
 
 
 def _set_reading(peer: StreamProtocol, paused: bool) -> None:
@@ -46,12 +47,12 @@ def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
 
 
 def _jstr(value: str | None) -> str:
-    return "null" if value is None else _json(value)
+    return "null" if value is None else _jstring(value)
 
 
 def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str) -> str:
     return (f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time()!r},'
-            f'"text":{_json(text)}}}\n')
+            f'"text":{_jstring(text)}}}\n')
 
 
 def _done_line(sid: str, seq: int, status: str, ms: str | None, rows: int | None, tag: str | None,
@@ -76,6 +77,7 @@ _ROW_RUN = _DATA_ROW | ROWS  # consecutive DataRows, framed as one entry: (_ROW_
 _COPY_OUT = ord("H")
 _COPY_DATA = ord("d")
 _COMMAND_COMPLETE = ord("C")
+_MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _UNSEEN = object()  # no Describe seen for this result
 
 
@@ -169,11 +171,21 @@ class Relay:
                 edits: list[tuple[int, int, bytes]] = []  # (offset, length, replacement) in fwd
                 sid = self.session_id
                 for mtype, body, offset in msgs:
+                    if mtype == _QUERY:  # the common case, in one place
+                        text = codec.read_cstr(body, 0)[0].decode("utf-8", "replace")
+                        refusal = self._decide(text, records)
+                        if refusal is not None:
+                            self._refuse(mtype, body, offset, refusal, records, edits)
+                            continue
+                        seq = self.tracker.start_query(text)
+                        self._starts[seq] = time.perf_counter()
+                        records.append(_stmt_line(sid, seq, "simple", 0, text))
+                        continue
                     if mtype == _TERMINATE:
                         self.terminating = True
                         continue
-                    if mtype == _QUERY or mtype == _FUNCTION_CALL or mtype == _PARSE:
-                        decision = self._decide(mtype, body, records)
+                    if mtype == _FUNCTION_CALL or mtype == _PARSE:
+                        decision = self._refusal_for(mtype, body, records)
                         if decision is not None:
                             self._refuse(mtype, body, offset, decision, records, edits)
                             continue
@@ -229,9 +241,24 @@ class Relay:
         elif len(body) >= 2:
             self._plans.pop((body[0], codec.read_cstr(body, 1)[0]), None)
 
-    def _mask(self, mtype: int, body: bytes | int, offset: int, edits: list[tuple[int, int, bytes]], data: bytes) -> None:
-        """Masking, on the way back: plans from RowDescriptions, rewritten DataRows and COPY data.
-        DataRows come as runs (`body` is then the run's end in `data`), masked in one call."""
+    def _mask_rows(self, end: int, start: int, edits: list[tuple[int, int, bytes]], data: bytes) -> None:
+        """data[start:end], a run of DataRows, masked in one call with the plan of their result."""
+        entry = self.tracker.current()
+        plan = entry.plan if entry is not None else _UNSEEN
+        if isinstance(plan, _Lookup):
+            plan = entry.plan = self._resolve(plan)  # type: ignore[union-attr]
+        if plan is _UNSEEN:
+            raise _Unmaskable("a result arrived whose columns the gateway has not seen described")
+        if plan is not None:
+            try:
+                new = plan.mask_run(data, start, end)  # type: ignore[union-attr]
+            except ValueError as exc:
+                raise codec.ProtocolViolation(str(exc)) from None
+            if new is not None:
+                edits.append((start, end - start, new))
+
+    def _mask(self, mtype: int, body: bytes, offset: int, edits: list[tuple[int, int, bytes]]) -> None:
+        """Masking, on the way back: plans from RowDescriptions, and COPY data."""
         masking = self.masking
         assert masking is not None
         if mtype == _ROW_DESCRIPTION or mtype == _NO_DATA:
@@ -241,20 +268,6 @@ class Relay:
                 self._plans[target] = plan
             elif (entry := self.tracker.current()) is not None:
                 entry.plan = plan
-        elif mtype == _ROW_RUN:
-            entry = self.tracker.current()
-            plan = entry.plan if entry is not None else _UNSEEN
-            if isinstance(plan, _Lookup):
-                plan = entry.plan = self._resolve(plan)  # type: ignore[union-attr]
-            if plan is _UNSEEN:
-                raise _Unmaskable("a result arrived whose columns the gateway has not seen described")
-            if plan is not None:
-                try:
-                    new = plan.mask_run(data, offset, body)
-                except ValueError as exc:
-                    raise codec.ProtocolViolation(str(exc)) from None
-                if new is not None:
-                    edits.append((offset, body - offset, new))
         elif mtype == _COPY_OUT:
             if body[:1] == b"\x01":
                 raise _Unmaskable("binary COPY output cannot be masked; use COPY in text or CSV format")
@@ -267,20 +280,21 @@ class Relay:
             self._copy_out = False
             entry = self.tracker.current()
             if entry is not None and isinstance(entry.plan, RowMasker):
-                masking.totals.update(entry.plan.take_counts())
+                entry.plan.take_counts(masking.totals)
 
-    def _decide(self, mtype: int, body: bytes, records: list[str]) -> str | None:
-        """None to let the message through, else the refusal message. Shadow rules that matched are
-        recorded as events: what they would have done, enforced by nothing."""
+    def _refusal_for(self, mtype: int, body: bytes, records: list[str]) -> str | None:
+        """`_decide` for a FunctionCall or a Parse."""
         if mtype == _FUNCTION_CALL:
             return "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
-        if mtype == _QUERY:
-            text = codec.read_cstr(body, 0)[0]
-        else:
-            _, pos = codec.read_cstr(body, 0)
-            text = codec.read_cstr(body, pos)[0]
-        statement = text.decode("utf-8", "replace")
+        _, pos = codec.read_cstr(body, 0)
+        return self._decide(codec.read_cstr(body, pos)[0].decode("utf-8", "replace"), records)
+
+    def _decide(self, statement: str, records: list[str]) -> str | None:
+        """None to let the statement through, else the refusal message. Shadow rules that matched are
+        recorded as events: what they would have done, enforced by nothing."""
         decision = self.policy.decide(statement)
+        if decision.action == "allow" and not decision.matches:
+            return None
         for m in decision.matches:
             if m.shadow:
                 records.append(_json({
@@ -339,21 +353,35 @@ class Relay:
                 records = []
                 sid = self.session_id
                 edits: list[tuple[int, int, bytes]] = []
+                masking = self.masking
+                tracker = self.tracker
                 for mtype, body, offset in msgs:
-                    refusal = None
-                    if self.masking is not None:
-                        self._mask(mtype, body, offset, edits, fwd)
+                    if masking is not None:
                         if mtype == _ROW_RUN:
+                            self._mask_rows(body, offset, edits, fwd)  # type: ignore[arg-type]
                             continue
-                    if mtype == _ERROR:
+                        if mtype in _MASK_TYPES:
+                            self._mask(mtype, body, offset, edits)
+                    refusal = None
+                    if mtype == _READY:
+                        finished = tracker.ready(body)
+                    elif mtype == _COMMAND_COMPLETE:
+                        fin = tracker.complete(body)
+                        if fin is None:
+                            continue
+                        finished = [fin]
+                    elif mtype == _ERROR:
                         refusal = self._refusal_of(body)
                         if refusal is not None:
                             edits.append((offset, 5 + len(body), codec.error_response(
                                 "42501", refusal[1], hint="refused by the Wardgate gateway; see `wardgate policy check`")))
                         elif codec.is_fatal(body):
                             edits.append((offset, 5 + len(body), self._name_the_connection(body)))
-                    for fin in self.tracker.backend(mtype, body):
-                        refused = self._refused_queries.pop(fin.seq, None)
+                        finished = tracker.backend(mtype, body)
+                    else:
+                        finished = tracker.backend(mtype, body)
+                    for fin in finished:
+                        refused = self._refused_queries.pop(fin.seq, None) if self._refused_queries else None
                         if refused is not None:  # a Query (or function call) refused as a whole
                             fin = Finished(fin.seq, "denied", fin.tag, fin.rows, "42501", refused)
                         elif refusal is not None:  # an Execute in the batch of a refused Parse: never ran

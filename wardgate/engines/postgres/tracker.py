@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .codec import ProtocolViolation, parse_error_fields, read_cstr, rows_from_tag
 
@@ -46,7 +46,7 @@ class Finished:
 class _Pending:
     seq: int
     kind: int  # Q, E, F, S (a Sync boundary with no statement) or DESCRIBE
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] | None = None
     rows: int | None = None
     error: dict[str, str] | None = None
     plan: object = None  # the relay's masking plan for this statement's rows
@@ -151,6 +151,12 @@ class StatementTracker:
         self._seq += 1
         return self._seq
 
+    def start_query(self, text: str) -> int:
+        """A simple Query the relay has decoded already: its sequence number."""
+        self._seq += 1
+        self._pending.append(_Pending(self._seq, Q))
+        return self._seq
+
     def _start(self, kind: int, text: str, nparams: int, label: str) -> Started:
         self._seq += 1
         self._pending.append(_Pending(self._seq, kind))
@@ -159,52 +165,69 @@ class StatementTracker:
     # -- backend
 
     def backend(self, mtype: int, body: bytes) -> list[Finished]:
-        pending = self._pending
-        if mtype == CMD_COMPLETE or mtype == EMPTY or mtype == SUSPENDED:
-            head = self._head()
-            if head is None:
-                return []
-            tag = read_cstr(body, 0)[0].decode("utf-8", "replace") if mtype == CMD_COMPLETE else (
-                "EMPTY" if mtype == EMPTY else "SUSPENDED"
-            )
-            rows = rows_from_tag(tag)
-            if head.kind == E:
-                pending.popleft()
-                return [Finished(head.seq, "ok", tag, rows)]
-            head.tags.append(tag)
-            if rows is not None:
-                head.rows = (head.rows or 0) + rows
-            return []
-        if mtype == ERROR:
-            fields = parse_error_fields(body)
-            out: list[Finished] = []
-            head = self._head()
-            if head is None:
-                return out
-            if head.kind in (Q, F):
-                head.error = fields
-                return out
-            # Extended protocol: the error voids every Execute (and Describe) up to the next Sync.
-            while pending and pending[0].kind in (E, DESCRIBE):
-                p = pending.popleft()
-                if p.kind == E:
-                    status = "error" if not out else "skipped"
-                    out.append(Finished(p.seq, status, None, None, fields.get("C"), fields.get("M")))
-            return out
         if mtype == READY:
-            self.transaction_status = body[:1] or b"I"
-            out = []
-            while pending:
-                p = pending.popleft()
-                if p.kind in (Q, F):
-                    out.append(self._finish(p))
-                    break
-                if p.kind == S:
-                    break
-                if p.kind == E:
-                    out.append(Finished(p.seq, "skipped"))
-            return out
+            return self.ready(body)
+        if mtype == CMD_COMPLETE or mtype == EMPTY or mtype == SUSPENDED:
+            fin = self.complete(body, mtype)
+            return [] if fin is None else [fin]
+        if mtype == ERROR:
+            return self.error(body)
         return []
+
+    def complete(self, body: bytes, mtype: int = CMD_COMPLETE) -> Finished | None:
+        """CommandComplete (or EmptyQueryResponse, PortalSuspended): an Execute is finished by it."""
+        head = self._head()
+        if head is None:
+            return None
+        if mtype == CMD_COMPLETE:
+            end = body.find(b"\x00")
+            tag = (body if end < 0 else body[:end]).decode("utf-8", "replace")
+        else:
+            tag = "EMPTY" if mtype == EMPTY else "SUSPENDED"
+        rows = rows_from_tag(tag)
+        if head.kind == E:
+            self._pending.popleft()
+            return Finished(head.seq, "ok", tag, rows)
+        if head.tags is None:
+            head.tags = [tag]
+        else:
+            head.tags.append(tag)
+        if rows is not None:
+            head.rows = (head.rows or 0) + rows
+        return None
+
+    def error(self, body: bytes) -> list[Finished]:
+        pending = self._pending
+        fields = parse_error_fields(body)
+        out: list[Finished] = []
+        head = self._head()
+        if head is None:
+            return out
+        if head.kind in (Q, F):
+            head.error = fields
+            return out
+        # Extended protocol: the error voids every Execute (and Describe) up to the next Sync.
+        while pending and pending[0].kind in (E, DESCRIBE):
+            p = pending.popleft()
+            if p.kind == E:
+                status = "error" if not out else "skipped"
+                out.append(Finished(p.seq, status, None, None, fields.get("C"), fields.get("M")))
+        return out
+
+    def ready(self, body: bytes) -> list[Finished]:
+        self.transaction_status = body[:1] or b"I"
+        pending = self._pending
+        out = []
+        while pending:
+            p = pending.popleft()
+            if p.kind == Q or p.kind == F:
+                out.append(self._finish(p))
+                break
+            if p.kind == S:
+                break
+            if p.kind == E:
+                out.append(Finished(p.seq, "skipped"))
+        return out
 
     def _head(self) -> _Pending | None:
         """The statement the backend is answering now; None while it answers a bare Sync."""
@@ -214,7 +237,7 @@ class StatementTracker:
 
     @staticmethod
     def _finish(p: _Pending) -> Finished:
-        tag = ";".join(p.tags) or None
+        tag = ";".join(p.tags) if p.tags else None
         if p.error is not None:
             return Finished(p.seq, "error", tag, p.rows, p.error.get("C"), p.error.get("M"))
         return Finished(p.seq, "ok", tag, p.rows)
