@@ -10,7 +10,13 @@ from ..config import Settings
 from ..domain import Identity
 from ..masking.plan import MaskingPolicy
 from .access import AccessDecision, AccessPolicy
-from .guardrails import Decision, StatementPolicy
+from .guardrails import Decision, Rule, StatementPolicy
+
+COPY_OUT_RULE = Rule(
+    "masking:copy-out", kinds=("copy_to",),
+    message="column masking applies to you on this connection, and COPY output cannot be masked by column; "
+            "use SELECT, whose result columns the gateway masks",
+)
 
 
 class Gatekeeper:
@@ -38,9 +44,12 @@ class Gatekeeper:
     def statement_policy(self, identity: Identity, connection: str) -> StatementPolicy:
         """The guardrails for one session, resolved once so the hot path only evaluates them."""
         rules = [r for r in self.guardrails if r.applies_to(identity, connection)]
-        if any(r.masked_filters for r in rules):
-            masked = tuple(c for m in self.masking_policy(identity, connection).rules for c in m.columns)
+        masked = tuple(c for m in self.masking_policy(identity, connection).rules for c in m.columns)
+        if masked:
             rules = [dataclasses.replace(r, masked_columns=masked) if r.masked_filters else r for r in rules]
+            # COPY output names no columns, so column rules cannot apply to it: without this rule,
+            # COPY (SELECT masked_column ...) TO STDOUT would be a way around them.
+            rules.append(COPY_OUT_RULE)
         return StatementPolicy(rules)
 
     def masking_policy(self, identity: Identity, connection: str) -> MaskingPolicy:

@@ -25,6 +25,7 @@ from .journal import READY_SUFFIX, Journal, encode, read_records
 log = logging.getLogger("wardgate.recording")
 
 OUTCOME_DELAY = 0.02
+DRAINER_NICENESS = 10
 
 
 def _close_open_sessions(records: list[dict[str, Any]], at: float) -> list[dict[str, Any]]:
@@ -47,6 +48,12 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
     """Entry point of the drainer process."""
     # Ctrl-C reaches the whole process group; the gateway decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The journal already holds every record durably; moving them into the store can wait while the
+    # relay (and the database behind it) need the CPU, and catches up as soon as they do not.
+    try:
+        os.nice(DRAINER_NICENESS)
+    except OSError:  # noqa: S110 - not allowed here: run at the normal priority
+        pass
     store = Store(settings)
     directory = settings.journal_dir
     failures = 0
