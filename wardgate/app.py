@@ -13,9 +13,11 @@ from typing import Any
 
 from .config import Settings, parse_hostport
 from .engines.postgres.server import PostgresListener
+from .exec import ExecRunner
 from .identity.authenticator import Authenticator
 from .policy.gatekeeper import Gatekeeper
 from .recording.recorder import Recorder
+from .reviews import Reviews
 from .store import Store
 from .tls import ensure_self_signed, server_context
 
@@ -40,6 +42,8 @@ class Gateway:
         self.gatekeeper = Gatekeeper(settings, masking_salt=self.store.box.derive("masking"))
         self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls, self.gatekeeper)
         self.authenticator = Authenticator(settings, self.store)
+        self.exec = ExecRunner(self)
+        self.reviews = Reviews(self)
         self.started_at = time.time()
         self.ready = False
         self._stop = asyncio.Event()
@@ -91,6 +95,7 @@ class Gateway:
         await self.postgres.start(host, port)
         self._tasks.append(asyncio.create_task(self.recorder.run(), name="recorder"))
         self._tasks.append(asyncio.create_task(self.watch_credentials(), name="credentials"))
+        self._tasks.append(asyncio.create_task(self.reviews.run(), name="reviews"))
         await self._start_http()
         self.ready = True
 

@@ -76,6 +76,36 @@ class CredentialSettings:
 
 
 @dataclass
+class ExecSettings:
+    """One-shot exec (HTTP API, CLI, MCP, web console)."""
+
+    wait: str = "50s"  # how long a caller waits before the answer is `running`
+    max_rows: int = 1000  # rows returned per exec; more are counted and flagged as truncated
+    max_bytes: int = 4 * 1024 * 1024
+    keep: str = "15m"  # how long a finished exec's result stays for long-polls
+
+    @property
+    def wait_seconds(self) -> float:
+        return parse_duration(self.wait)
+
+    @property
+    def keep_seconds(self) -> float:
+        return parse_duration(self.keep)
+
+
+@dataclass
+class ReviewSettings:
+    """Reviews of statements that a guardrail with `action = "review"` holds for a person's approval."""
+
+    ttl: str = "24h"  # a pending review expires after this; an approved one must run before it too
+    url: str = ""  # base URL of the web console, for links in answers and notifications
+
+    @property
+    def ttl_seconds(self) -> float:
+        return parse_duration(self.ttl)
+
+
+@dataclass
 class RoleSettings:
     """Groups whose members hold a management role on the HTTP API."""
 
@@ -126,6 +156,8 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     credentials: CredentialSettings = field(default_factory=CredentialSettings)
     roles: RoleSettings = field(default_factory=RoleSettings)
+    exec: ExecSettings = field(default_factory=ExecSettings)
+    reviews: ReviewSettings = field(default_factory=ReviewSettings)
     connections: list[ConnectionSpec] = field(default_factory=list)
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
@@ -213,7 +245,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
                 raise ConfigError(f"{extra_path}: only {', '.join(_LISTS)} may be included, not {key!r}")
             raw.setdefault(key, []).extend(value)
     sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials,
-                "roles": settings.roles}
+                "roles": settings.roles, "exec": settings.exec, "reviews": settings.reviews}
     for key, value in raw.items():
         if key in sections:
             _apply(sections[key], value, key)

@@ -2,6 +2,7 @@
 (an OIDC access token from a configured provider, or a Wardgate API key)."""
 
 
+import asyncio
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -12,6 +13,7 @@ from ..config import ConfigError, parse_duration, parse_hostport
 from ..domain import Identity
 from ..identity import AuthenticationError
 from ..recording.views import event_view, iso, list_sessions, show_session
+from ..reviews import ReviewError
 from ..store import Conflict, NotFound
 
 if TYPE_CHECKING:
@@ -23,6 +25,39 @@ class ApiKeyRequest(BaseModel):
     name: str | None = Field(default=None, description="Service account name (admin role only).")
     groups: list[str] = Field(default_factory=list, description="Service account groups (admin role only).")
     ttl: str | None = Field(default=None, description="Lifetime such as 90d; default: until revoked.")
+
+
+class ExecRequest(BaseModel):
+    connection: str = Field(description="Connection name.", examples=["shop"])
+    sql: str = Field(description="One statement, or several separated by `;` (without params).",
+                     examples=["select id, email from customers where id = $1"])
+    params: list[str | None] | None = Field(default=None, description="Text values for $1, $2, ... (one statement only).",
+                                            examples=[["1"]])
+    wait: float | None = Field(default=None, description="Seconds to wait before answering `running` (default from the config).")
+
+    model_config = {"json_schema_extra": {"examples": [{"connection": "shop", "sql": "select count(*) from orders"}]}}
+
+
+class DecisionRequest(BaseModel):
+    reason: str | None = Field(default=None, description="Why; required to reject.", examples=["no DELETE during the freeze"])
+
+
+class ExecuteRequest(BaseModel):
+    wait: float | None = Field(default=None, description="Seconds to wait before answering `running`.")
+
+
+EXEC_EXAMPLES = {
+    "completed": {"status": "completed", "session_id": "4f1c...", "connection": "shop", "columns": ["id", "email"],
+                  "rows": [["1", "[email]"]], "row_count": 1, "command_tags": ["SELECT 1"], "duration_ms": 2.1,
+                  "truncated": False, "masked": {"email": 1}},
+    "denied": {"status": "denied", "connection": "shop", "session_id": "9a0b...",
+               "reason": "denied by rule standard:unconditional-writes: DELETE without a condition",
+               "rules": [{"rule": "standard:unconditional-writes", "action": "deny"}], "next": "change the statement..."},
+    "pending_approval": {"status": "pending_approval", "review_id": "c3d2...", "review_url": "http://.../api/reviews/c3d2...",
+                         "approvers": ["dba"], "min_approvals": 1, "next": "ask dba to approve review c3d2..."},
+    "running": {"status": "running", "session_id": "77e1...", "next": "GET /api/sessions/77e1.../wait?timeout=60"},
+    "failed": {"status": "failed", "session_id": "5b6c...", "code": "42P01", "error": "relation \"nope\" does not exist"},
+}
 
 
 class CredentialRequest(BaseModel):
@@ -207,5 +242,78 @@ def create_app(gateway: "Gateway") -> FastAPI:
             event(request, "credential.renew", "denied", caller, str(exc))
             raise HTTPException(404, str(exc)) from None
         return {"id": credential_id, "valid_until": iso(until)}
+
+    def addr(request: Request) -> str | None:
+        return request.client.host if request.client else None
+
+    envelope_doc = {200: {"description": "An exec envelope; `status` says what happened and `next` what to do.",
+                          "content": {"application/json": {"examples": {k: {"value": v} for k, v in EXEC_EXAMPLES.items()}}}}}
+
+    @app.post("/api/exec", summary="Run a statement through the gateway's policy, masking and recording",
+              responses=envelope_doc)
+    async def exec_(body: ExecRequest, caller: Caller, request: Request) -> dict[str, Any]:
+        try:
+            await asyncio.to_thread(provision, caller)
+        except Conflict as exc:
+            raise HTTPException(403, str(exc)) from None
+        return await gateway.exec.run(caller, body.connection, body.sql, body.params, wait=body.wait, addr=addr(request))
+
+    @app.get("/api/sessions/{session_id}/wait", summary="Long-poll an exec session until it finishes",
+             responses=envelope_doc)
+    async def wait_session(session_id: str, caller: Caller, timeout: float = 60) -> dict[str, Any]:
+        timeout = min(max(timeout, 0.0), 300.0)
+        owner = await asyncio.to_thread(_session_owner, session_id)
+        if owner is None or (owner != caller.user and not can_read_all(caller)):
+            raise HTTPException(404, f"no session {session_id!r}")
+        envelope = await gateway.exec.wait(session_id, timeout)
+        if envelope is None:  # not a live exec: the record is the answer
+            return {"status": "recorded", "session_id": session_id, "session": await asyncio.to_thread(show_session, gateway.store, session_id)}
+        return envelope
+
+    def _session_owner(session_id: str) -> str | None:
+        try:
+            return gateway.store.get_session(session_id)[0].user_name
+        except NotFound:
+            return None
+
+    def review_error(exc: ReviewError) -> HTTPException:
+        return HTTPException(exc.status, str(exc))
+
+    @app.get("/api/reviews", summary="Reviews you asked for or may decide (auditor, admin: all)")
+    async def reviews(caller: Caller, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return await gateway.reviews.list(caller, status, limit)
+
+    @app.get("/api/reviews/{review_id}", summary="A review, with its statement and history")
+    async def review(review_id: str, caller: Caller) -> dict[str, Any]:
+        try:
+            return await gateway.reviews.get(caller, review_id)
+        except ReviewError as exc:
+            raise review_error(exc) from None
+
+    @app.get("/api/reviews/{review_id}/wait", summary="Long-poll a review until it is decided (timeout clamped to 2..300 s)")
+    async def wait_review(review_id: str, caller: Caller, timeout: float = 60) -> dict[str, Any]:
+        try:
+            return await gateway.reviews.wait(caller, review_id, min(max(timeout, 2.0), 300.0))
+        except ReviewError as exc:
+            raise review_error(exc) from None
+
+    for verb in ("approve", "reject", "revoke"):
+        def decide_route(verb: str = verb) -> Any:
+            async def decide(review_id: str, caller: Caller, body: DecisionRequest | None = None) -> dict[str, Any]:
+                try:
+                    return await gateway.reviews.decide(caller, review_id, verb, body.reason if body else None)
+                except ReviewError as exc:
+                    raise review_error(exc) from None
+            return decide
+        app.post(f"/api/reviews/{{review_id}}/{verb}", summary=f"{verb.capitalize()} a review (approvers only; never your own)",
+                 name=f"review_{verb}")(decide_route())
+
+    @app.post("/api/reviews/{review_id}/execute", summary="Run an approved review's stored statement, once (requester only)",
+              responses=envelope_doc)
+    async def execute_review(review_id: str, caller: Caller, request: Request, body: ExecuteRequest | None = None) -> dict[str, Any]:
+        try:
+            return await gateway.reviews.execute(caller, review_id, wait=body.wait if body else None, addr=addr(request))
+        except ReviewError as exc:
+            raise review_error(exc) from None
 
     return app

@@ -41,6 +41,8 @@ class Rule:
     masked_filters: bool = False  # statements that filter, join, group or sort on a masked column
     masked_columns: tuple[str, ...] = ()  # filled per session from the masking rules that apply
     shadow: bool = False
+    approvers: tuple[str, ...] = ()  # review: groups whose members may approve (none: the admins)
+    min_approvals: int = 1  # review: approvals needed, each from a different person, never the requester
 
     def applies_to(self, identity: Identity, connection: str) -> bool:
         return in_scope(identity, connection, self.connections, self.groups, self.except_groups)
@@ -191,9 +193,16 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
             entry.pop("dangerous_functions")
             fields["functions"] = fields.get("functions", ()) + DANGEROUS_FUNCTIONS
         message = entry.pop("message", "")
+        if "approvers" in entry or "min_approvals" in entry:
+            if action != "review":
+                raise ValueError(f"guardrail {name!r}: approvers and min_approvals go with action = \"review\"")
+            fields["approvers"] = tuple(entry.pop("approvers", ()))
+            fields["min_approvals"] = int(entry.pop("min_approvals", 1))
+            if fields["min_approvals"] < 1:
+                raise ValueError(f"guardrail {name!r}: min_approvals must be at least 1")
         if entry:
             raise ValueError(f"guardrail {name!r}: unknown keys {sorted(entry)}")
-        if not fields:
+        if not set(fields) - {"approvers", "min_approvals"}:
             raise ValueError(f"guardrail {name!r} matches nothing: give kinds, relations, functions, unconditional, writes, "
                              "copy_program or masked_filters")
         rules.append(Rule(name, action, message, **scope, **fields))

@@ -552,3 +552,65 @@ class Store:
                     .values(status="aborted", error_message=reason)
                 )
             return len(ids)
+
+    # ---------------------------------------------------------------------------------- reviews
+
+    def create_review(self, review: m.Review) -> m.Review:
+        with self.Session.begin() as s:
+            s.add(review)
+        return review
+
+    def get_review(self, review_id: str) -> tuple[m.Review, list[m.ReviewDecision]]:
+        with self.Session() as s:
+            review = s.get(m.Review, review_id)
+            if review is None:
+                raise NotFound(f"no review {review_id!r}")
+            steps = list(s.scalars(select(m.ReviewDecision).where(m.ReviewDecision.review_id == review_id)
+                                   .order_by(m.ReviewDecision.id)))
+            return review, steps
+
+    def list_reviews(self, *, status: str | None = None, requester: str | None = None, limit: int = 100) -> list[m.Review]:
+        with self.Session() as s:
+            q = select(m.Review).order_by(m.Review.created_at.desc()).limit(limit)
+            if status:
+                q = q.where(m.Review.status == status)
+            if requester:
+                q = q.where(m.Review.requester == requester)
+            return list(s.scalars(q))
+
+    def decide_review(self, review_id: str, by: str, decision: str, reason: str | None, new_status: str | None,
+                      expect: tuple[str, ...], now: float) -> bool:
+        """Record one person's step and, with `new_status`, move the review on; False when the review is
+        no longer in one of the `expect`ed states (someone else got there first)."""
+        with self.Session.begin() as s:
+            if new_status is not None:
+                done = s.execute(update(m.Review).where(m.Review.id == review_id, m.Review.status.in_(expect))
+                                 .values(status=new_status, decided_at=now))
+                if done.rowcount != 1:
+                    return False
+            elif s.scalar(select(m.Review.status).where(m.Review.id == review_id)) not in expect:
+                return False
+            s.add(m.ReviewDecision(review_id=review_id, by=by, decision=decision, reason=reason, at=now))
+        return True
+
+    def claim_review(self, review_id: str, requester: str, now: float) -> bool:
+        """Approved, unexpired, the requester's, never run: mark it executed in one step (at most once)."""
+        with self.Session.begin() as s:
+            done = s.execute(update(m.Review).where(
+                m.Review.id == review_id, m.Review.status == "approved", m.Review.requester == requester,
+                m.Review.expires_at > now,
+            ).values(status="executed", executed_at=now))
+            return done.rowcount == 1
+
+    def set_review_session(self, review_id: str, session_id: str) -> None:
+        with self.Session.begin() as s:
+            s.execute(update(m.Review).where(m.Review.id == review_id).values(session_id=session_id))
+
+    def expire_reviews(self, now: float) -> list[str]:
+        with self.Session.begin() as s:
+            ids = list(s.scalars(select(m.Review.id).where(m.Review.status.in_(("pending", "approved")),
+                                                          m.Review.expires_at <= now)))
+            if ids:
+                s.execute(update(m.Review).where(m.Review.id.in_(ids), m.Review.status.in_(("pending", "approved")))
+                          .values(status="expired"))
+            return ids

@@ -126,3 +126,39 @@ class Event(Base):
     source: Mapped[str | None] = mapped_column(String(128), nullable=True)
     client_addr: Mapped[str | None] = mapped_column(String(64), nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Review(Base):
+    """A statement held for approval. Binds the requester, the connection and the exact input (its SHA-256)."""
+
+    __tablename__ = "reviews"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # statement
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending, approved, rejected, revoked, executed, expired
+    requester: Mapped[str] = mapped_column(String(128), index=True)
+    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    connection: Mapped[str] = mapped_column(String(128))
+    statement: Mapped[str] = mapped_column(Text)
+    params: Mapped[list] = mapped_column(JSON, default=list)
+    sha256: Mapped[str] = mapped_column(String(64))
+    policy_version: Mapped[str] = mapped_column(String(64))
+    rules: Mapped[list] = mapped_column(JSON, default=list)  # the rules that asked for review, with reasons
+    approvers: Mapped[list] = mapped_column(JSON, default=list)  # groups
+    min_approvals: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    executed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    session_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the session that ran it
+
+
+class ReviewDecision(Base):
+    """One step of a review by a person: approve, reject (with a reason) or revoke."""
+
+    __tablename__ = "review_decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    review_id: Mapped[str] = mapped_column(String(32), ForeignKey("reviews.id"), index=True)
+    by: Mapped[str] = mapped_column(String(128))
+    decision: Mapped[str] = mapped_column(String(16))  # approve, reject, revoke
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,217 @@
+"""One-shot exec and reviews over the HTTP API, with real PostgreSQL and tokens of a real OpenID provider.
+
+People: amy (dev) asks; olivia (ops, dba) approves; dana (dev) is neither requester nor approver.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import APP_PASSWORD, IDP_AUDIENCE, make_gateway
+
+TAIL = """
+[[identity_providers]]
+name = "corp"
+issuer = "{issuer}"
+audience = "{audience}"
+
+[exec]
+wait = "20s"
+
+[[guardrails]]
+preset = "standard"
+connections = ["shop"]
+
+[[guardrails]]
+name = "deletes-need-review"
+kinds = ["delete"]
+action = "review"
+approvers = ["dba"]
+message = "deleting orders needs a DBA's approval"
+connections = ["shop"]
+
+[[masking]]
+name = "emails"
+columns = ["email"]
+connections = ["shop"]
+except_groups = ["ops"]
+"""
+
+
+CREATED: list[int] = []  # orders the tests add, removed at the end: other modules count the shop's rows
+
+
+@pytest.fixture(scope="module")
+def xgw(tmp_path_factory, pg, idp):  # noqa: ANN001, ANN201
+    gw = make_gateway(tmp_path_factory.mktemp("exec"), pg, tail_toml=TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE))
+    gw.start()
+    yield gw
+    gw.stop()
+    with psycopg.connect(pg.dsn("app", APP_PASSWORD, "shop"), autocommit=True) as conn:
+        conn.execute("delete from orders where id = any(%s)", (CREATED,))
+
+
+@pytest.fixture(scope="module")
+def people(idp):  # noqa: ANN001, ANN201
+    def token(user: str, groups: list[str], **extra) -> str:  # noqa: ANN003
+        claims = idp.claims(sub=user, preferred_username=user, groups=groups, exp=int(time.time()) + 3600, **extra)
+        return idp.forge(claims)
+    return {
+        "amy": token("amy", ["dev"]),
+        "olivia": token("olivia", ["ops", "dba"]),
+        "dana": token("dana", ["dev"]),
+        "agent": token("amy", ["dev"], act={"sub": "claude-code"}),
+    }
+
+
+def call(gw, method: str, path: str, token: str, **kw) -> httpx.Response:  # noqa: ANN001, ANN003
+    return httpx.request(method, f"http://127.0.0.1:{gw.http_port}{path}", headers={"Authorization": f"Bearer {token}"},
+                         timeout=60, **kw)
+
+
+def exec_(gw, token: str, sql: str, **kw) -> dict:  # noqa: ANN001, ANN003
+    r = call(gw, "POST", "/api/exec", token, json={"connection": "shop", "sql": sql, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_completed_results_are_masked_and_recorded(xgw, people) -> None:
+    out = exec_(xgw, people["amy"], "select id, email from customers order by id limit 2")
+    assert out["status"] == "completed", out
+    assert out["columns"] == ["id", "email"] and out["rows"] == [["1", "[email]"], ["2", "[email]"]]
+    assert out["row_count"] == 2 and out["command_tags"] == ["SELECT 2"] and out["truncated"] is False
+    assert out["masked"] == {"email": 2}
+    # ops are exempt from the email rule
+    assert "@" in exec_(xgw, people["olivia"], "select email from customers where id = 1")["rows"][0][0]
+    s = xgw.wait_for_session(lambda s: s["id"] == out["session_id"] and s["status"] == "closed")
+    assert s["user"] == "amy" and s["application_name"] == "wardgate exec"
+    recorded = call(xgw, "GET", f"/api/sessions/{out['session_id']}", people["amy"]).json()
+    assert [(st["text"], st["status"], st["rows"]) for st in recorded["statements"]] == [
+        ("select id, email from customers order by id limit 2", "ok", 2)]
+
+
+def test_params_and_agent_identity(xgw, people) -> None:
+    out = exec_(xgw, people["agent"], "select $1::int + 1 as answer, $2::text is null as missing", params=["41", None])
+    assert out["status"] == "completed" and out["rows"] == [["42", "t"]]
+    s = xgw.wait_for_session(lambda s: s["id"] == out["session_id"])
+    assert (s["user"], s["agent"]) == ("amy", "claude-code")
+
+
+def test_denied_failed_and_access(xgw, people) -> None:
+    out = exec_(xgw, people["amy"], "delete from orders")
+    assert out["status"] == "denied" and out["rules"][0]["rule"] == "standard:unconditional-writes"
+    recorded = xgw.wait_for_session(lambda s: s["id"] == out["session_id"] and s["status"] == "closed")
+    assert recorded["user"] == "amy"
+    out = exec_(xgw, people["amy"], "select * from no_such_table")
+    assert out["status"] == "failed" and out["code"] == "42P01" and "no_such_table" in out["error"]
+    r = call(xgw, "POST", "/api/exec", people["amy"], json={"connection": "not_there", "sql": "select 1"})
+    assert r.json()["status"] == "denied"
+    assert call(xgw, "POST", "/api/exec", "not-a-token", json={"connection": "shop", "sql": "select 1"}).status_code == 401
+
+
+def test_slow_statement_answers_running_then_completes_through_the_long_poll(xgw, people) -> None:
+    out = exec_(xgw, people["amy"], "select pg_sleep(3), 'done' as word", wait=1)
+    assert out["status"] == "running" and out["session_id"]
+    assert "wait" in out["next"]
+    # another person cannot wait on it
+    assert call(xgw, "GET", f"/api/sessions/{out['session_id']}/wait?timeout=1", people["dana"]).status_code == 404
+    final = call(xgw, "GET", f"/api/sessions/{out['session_id']}/wait?timeout=30", people["amy"]).json()
+    assert final["status"] == "completed" and final["rows"] == [["", "done"]]
+
+
+def test_truncation_flag(xgw, people) -> None:
+    out = exec_(xgw, people["olivia"], "select g from generate_series(1, 1500) g")
+    assert out["status"] == "completed" and len(out["rows"]) == 1000 and out["row_count"] == 1500 and out["truncated"]
+
+
+def _new_order(pg) -> int:  # noqa: ANN001
+    with psycopg.connect(pg.dsn("app", APP_PASSWORD, "shop"), autocommit=True) as conn:
+        order_id = conn.execute("insert into orders (customer_id, total_cents) values (1, 100) returning id").fetchone()[0]
+    CREATED.append(order_id)
+    return order_id
+
+
+def _exists(pg, order_id: int) -> bool:  # noqa: ANN001
+    with psycopg.connect(pg.dsn("app", APP_PASSWORD, "shop"), autocommit=True) as conn:
+        return conn.execute("select count(*) from orders where id = %s", (order_id,)).fetchone()[0] == 1
+
+
+def test_review_graceful_path(xgw, pg, people) -> None:
+    order = _new_order(pg)
+    sql = f"delete from orders where id = {order}"
+    out = exec_(xgw, people["agent"], sql)
+    assert out["status"] == "pending_approval", out
+    rid = out["review_id"]
+    assert out["approvers"] == ["dba"] and rid in out["review_url"] and rid in out["next"]
+    assert _exists(pg, order)
+
+    review = call(xgw, "GET", f"/api/reviews/{rid}", people["olivia"]).json()
+    assert (review["status"], review["requester"], review["agent"], review["statement"]) == ("pending", "amy", "claude-code", sql)
+    assert review["rules"][0]["rule"] == "deletes-need-review" and len(review["sha256"]) == 64
+    assert rid in {r["id"] for r in call(xgw, "GET", "/api/reviews?status=pending", people["olivia"]).json()}
+
+    # not yet approved: nothing runs
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).status_code == 409
+    # no self-approval, no approval by an agent or by someone outside the approver group
+    assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["amy"]).status_code == 403
+    assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["agent"]).status_code == 403
+    assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["dana"]).status_code == 404  # not even visible
+
+    # the requester waits; the approver approves; the wait returns at once
+    waited: dict = {}
+    waiter = threading.Thread(target=lambda: waited.update(call(xgw, "GET", f"/api/reviews/{rid}/wait?timeout=60",
+                                                                 people["agent"]).json()))
+    waiter.start()
+    time.sleep(0.5)
+    t0 = time.time()
+    approved = call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"], json={"reason": "customer asked"})
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    waiter.join(30)
+    assert waited["status"] == "approved" and waited["timed_out"] is False and time.time() - t0 < 5
+
+    # only the requester runs it, once, and only the stored statement
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["dana"]).status_code == 403
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["olivia"]).status_code == 403
+    ran = call(xgw, "POST", f"/api/reviews/{rid}/execute", people["agent"]).json()
+    assert ran["status"] == "completed" and ran["command_tags"] == ["DELETE 1"] and ran["review_id"] == rid
+    assert not _exists(pg, order)
+    again = call(xgw, "POST", f"/api/reviews/{rid}/execute", people["agent"])
+    assert again.status_code == 409 and "executed" in again.json()["detail"]
+
+    # the approval covers that statement only: the same delete of another row asks again
+    other = _new_order(pg)
+    assert exec_(xgw, people["amy"], f"delete from orders where id = {other}")["status"] == "pending_approval"
+    assert _exists(pg, other)
+
+    final = call(xgw, "GET", f"/api/reviews/{rid}", people["amy"]).json()
+    assert final["status"] == "executed" and final["session_id"] == ran["session_id"]
+    assert [(h["by"], h["decision"]) for h in final["history"]] == [("olivia", "approve")]
+    s = xgw.wait_for_session(lambda s: s["id"] == ran["session_id"] and s["status"] == "closed")
+    assert s["application_name"] == f"wardgate exec (review {rid})"
+
+
+def test_rejection_needs_a_reason_and_stops_the_review(xgw, pg, people) -> None:
+    order = _new_order(pg)
+    rid = exec_(xgw, people["amy"], f"delete from orders where id = {order}")["review_id"]
+    assert call(xgw, "POST", f"/api/reviews/{rid}/reject", people["olivia"]).status_code == 422
+    r = call(xgw, "POST", f"/api/reviews/{rid}/reject", people["olivia"], json={"reason": "not during the freeze"})
+    assert r.status_code == 200 and r.json()["status"] == "rejected"
+    assert r.json()["history"][0]["reason"] == "not during the freeze"
+    assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"]).status_code == 409
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).status_code == 409
+    waited = call(xgw, "GET", f"/api/reviews/{rid}/wait?timeout=5", people["amy"]).json()
+    assert waited["status"] == "rejected" and waited["timed_out"] is False
+    assert _exists(pg, order)
+
+
+def test_wait_times_out_without_error(xgw, pg, people) -> None:
+    rid = exec_(xgw, people["amy"], f"delete from orders where id = {_new_order(pg)}")["review_id"]
+    t0 = time.time()
+    r = call(xgw, "GET", f"/api/reviews/{rid}/wait?timeout=0", people["amy"])  # clamped to 2 s
+    assert r.status_code == 200 and r.json()["timed_out"] is True and r.json()["status"] == "pending"
+    assert 1.5 < time.time() - t0 < 10

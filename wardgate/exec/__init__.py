@@ -1,0 +1,282 @@
+"""One-shot execution: one statement batch, through the same Gatekeeper, masking and recording as a
+native session, answered with an envelope whose `status` tells the caller what to do next.
+
+  completed         columns, rows (masked), row count, command tags, duration, session_id, truncated
+  failed            the database's or the gateway's error, with its SQLSTATE
+  denied            the rules and reasons
+  pending_approval  a review holds the statement: review_id, its URL, and how to go on
+  running           still executing after the wait threshold: poll or long-poll the session
+
+The HTTP API, the CLI, the MCP server and the web console all call `ExecRunner.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..domain import Identity
+from ..engines.postgres import codec, upstream
+from ..engines.postgres.stream import PeerClosed
+from ..masking.plan import MaskingPolicy
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+log = logging.getLogger("wardgate.exec")
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+
+
+@dataclass
+class _Result:
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[str | None]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    row_count: int = 0
+    size: int = 0
+    truncated: bool = False
+    error: dict[str, str] | None = None
+
+
+def _columns(row_description: bytes) -> list[str]:
+    (n,) = _I16.unpack_from(row_description, 0)
+    pos, names = 2, []
+    for _ in range(n):
+        end = row_description.index(b"\x00", pos)
+        names.append(row_description[pos:end].decode("utf-8", "replace"))
+        pos = end + 19
+    return names
+
+
+def _values(data_row: bytes) -> list[str | None]:
+    (n,) = _I16.unpack_from(data_row, 0)
+    pos, out = 2, []
+    for _ in range(n):
+        (length,) = _I32.unpack_from(data_row, pos)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(data_row[pos : pos + length].decode("utf-8", "replace"))
+            pos += length
+    return out
+
+
+class ExecRunner:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings.exec
+        self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._finished: dict[str, tuple[float, dict[str, Any]]] = {}  # session id -> (at, envelope)
+
+    # -- the door
+
+    async def run(self, caller: Identity, connection: str, sql: str, params: list[str | None] | None = None, *,
+                  wait: float | None = None, addr: str | None = None, review_id: str | None = None) -> dict[str, Any]:
+        """Decide, then run (or refuse, or hold for review) one statement batch for `caller`."""
+        gk = self.gateway.gatekeeper
+        access = gk.authorize(caller, connection, "exec")
+        if not access.allowed:
+            self.gateway.record_event("exec.access", "denied", user=caller.user, agent=caller.agent, addr=addr,
+                                      source=caller.source, detail=f"{connection}: {access.reason}")
+            return {"status": "denied", "connection": connection, "reason": access.reason,
+                    "rules": [], "next": "ask an administrator for exec access to this connection"}
+        decision = gk.decide(caller, connection, sql)
+        if decision.action == "review" and review_id is None:
+            return await self.gateway.reviews.request(caller, connection, sql, params or [], decision, addr=addr)
+        if decision.action == "deny":
+            sid = self._open_session(caller, connection, addr)
+            message = decision.error_message
+            self._record(sid, sql, len(params or []), "denied", code="42501", msg=message)
+            self._close_session(sid, "exec denied")
+            return {"status": "denied", "connection": connection, "session_id": sid, "reason": message,
+                    "rules": [m.public() for m in decision.enforced],
+                    "next": "change the statement, or ask for the rule to be changed; see `wardgate policy check`"}
+        sid = self._open_session(caller, connection, addr, review_id=review_id)
+        task = asyncio.get_running_loop().create_task(self._execute(sid, caller, connection, sql, params))
+        self._running[sid] = task
+        task.add_done_callback(lambda t, sid=sid: self._done(sid, t))
+        threshold = self.settings.wait_seconds if wait is None else max(0.0, wait)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), threshold)
+        except TimeoutError:
+            return self._running_envelope(sid, connection)
+
+    async def wait(self, session_id: str, timeout: float) -> dict[str, Any] | None:
+        """The final envelope of an exec session, waiting up to `timeout`; None if it is not an exec
+        this gateway knows (the session record is then the answer)."""
+        task = self._running.get(session_id)
+        if task is not None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                envelope = self._running_envelope(session_id, "")
+                envelope["timed_out"] = True
+                return envelope
+        done = self._finished.get(session_id)
+        return None if done is None else done[1]
+
+    def _running_envelope(self, sid: str, connection: str) -> dict[str, Any]:
+        return {"status": "running", "session_id": sid, "connection": connection,
+                "next": f"GET /api/sessions/{sid}/wait?timeout=60 returns the result when it finishes "
+                        f"(or `wardgate sessions wait {sid}`)"}
+
+    def _done(self, sid: str, task: asyncio.Task[dict[str, Any]]) -> None:
+        self._running.pop(sid, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        envelope = task.result() if exc is None else {"status": "failed", "session_id": sid, "code": "XX000",
+                                                      "error": "internal gateway error"}
+        now = time.time()
+        self._finished[sid] = (now, envelope)
+        # Results stay for long-polls for a while; the session record keeps the rest for good.
+        for old in [k for k, (at, _) in self._finished.items() if now - at > self.settings.keep_seconds]:
+            del self._finished[old]
+
+    # -- recording
+
+    def _open_session(self, caller: Identity, connection: str, addr: str | None, review_id: str | None = None) -> str:
+        sid = uuid.uuid4().hex
+        self.gateway.recorder.write([{
+            "k": "session", "sid": sid, "user": caller.user, "conn": connection, "addr": addr or "http",
+            "at": time.time(), "tls": False, "app": "wardgate exec" + (f" (review {review_id})" if review_id else ""),
+            "gw": self.gateway.recorder.instance, "agent": caller.agent,
+        }])
+        return sid
+
+    def _record(self, sid: str, sql: str, nparams: int, status: str, *, ms: float | None = None, rows: int | None = None,
+                tag: str | None = None, code: str | None = None, msg: str | None = None) -> None:
+        self.gateway.recorder.write([
+            {"k": "stmt", "sid": sid, "seq": 1, "kind": "exec", "np": nparams, "at": time.time(), "text": sql},
+            {"k": "done", "sid": sid, "seq": 1, "status": status, "ms": None if ms is None else f"{ms:.3f}", "rows": rows,
+             "tag": tag, "code": code, "msg": msg},
+        ])
+
+    def _close_session(self, sid: str, reason: str, masked: Counter[str] | None = None) -> None:
+        end: dict[str, Any] = {"k": "end", "sid": sid, "at": time.time(), "reason": reason}
+        if masked:
+            end["masked"] = dict(masked)
+        self.gateway.recorder.write([end])
+
+    # -- running
+
+    async def _execute(self, sid: str, caller: Identity, connection: str, sql: str,
+                       params: list[str | None] | None) -> dict[str, Any]:
+        gw = self.gateway
+        nparams = len(params or [])
+        started = time.time()
+        # The statement is durable before it reaches the database.
+        gw.recorder.write([{"k": "stmt", "sid": sid, "seq": 1, "kind": "exec", "np": nparams, "at": started, "text": sql}])
+        masking = gw.gatekeeper.masking_policy(caller, connection)
+        try:
+            return await self._run_upstream(sid, connection, sql, params, masking, started)
+        except Exception:
+            log.exception("exec session %s failed", sid)
+            self._close_session(sid, "internal gateway error")
+            raise
+
+    async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
+                            masking: MaskingPolicy, started: float) -> dict[str, Any]:
+        gw = self.gateway
+        up = None
+        try:
+            spec = await asyncio.to_thread(gw.store.get_connection, connection)
+            if spec is None:
+                raise upstream.UpstreamError(f"connection {connection!r} does not exist", "3D000")
+            up = await upstream.connect(spec, {"application_name": "wardgate exec"}, gw.settings.gateway.upstream_connect_timeout)
+            if masking and masking.needs_catalog:
+                masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))
+            result = await self._query(up, sql, params, masking if masking else None)
+        except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
+            code = getattr(exc, "code", "08006")
+            message = str(exc) or "the connection to the database was lost"
+            gw.recorder.write([{"k": "done", "sid": sid, "seq": 1, "status": "error", "ms": None, "rows": None,
+                                "tag": None, "code": code, "msg": message}])
+            self._close_session(sid, "exec failed")
+            return {"status": "failed", "session_id": sid, "connection": connection, "code": code, "error": message}
+        finally:
+            if up is not None:
+                up.protocol.write(codec.message(b"X", b""))
+                up.protocol.close()
+        ms = (time.time() - started) * 1000
+        tag = ";".join(result.tags) or None
+        if result.error is not None:
+            code, message = result.error.get("C", "XX000"), result.error.get("M", "error")
+            gw.recorder.write([{"k": "done", "sid": sid, "seq": 1, "status": "error", "ms": f"{ms:.3f}", "rows": None,
+                                "tag": tag, "code": code, "msg": message}])
+            self._close_session(sid, "exec finished", masking.totals if masking else None)
+            envelope = {"status": "failed", "session_id": sid, "connection": connection, "code": code, "error": message}
+            for key, letter in (("detail", "D"), ("hint", "H")):
+                if result.error.get(letter):
+                    envelope[key] = result.error[letter]
+            return envelope
+        gw.recorder.write([{"k": "done", "sid": sid, "seq": 1, "status": "ok", "ms": f"{ms:.3f}", "rows": result.row_count,
+                            "tag": tag, "code": None, "msg": None}])
+        self._close_session(sid, "exec finished", masking.totals if masking else None)
+        return {
+            "status": "completed", "session_id": sid, "connection": connection, "columns": result.columns,
+            "rows": result.rows, "row_count": result.row_count, "command_tags": result.tags, "duration_ms": round(ms, 3),
+            "truncated": result.truncated, "masked": dict(masking.totals) if masking else {},
+        }
+
+    async def _query(self, up: upstream.Upstream, sql: str, params: list[str | None] | None,
+                     masking: MaskingPolicy | None) -> _Result:
+        proto = up.protocol
+        if params is None:
+            proto.write(codec.message(b"Q", codec.cstr(sql)))
+        else:
+            bind = codec.cstr("") + codec.cstr("") + _I16.pack(0) + _I16.pack(len(params))
+            for p in params:
+                if p is None:
+                    bind += _I32.pack(-1)
+                else:
+                    raw = p.encode("utf-8")
+                    bind += _I32.pack(len(raw)) + raw
+            bind += _I16.pack(0)  # all results in text
+            proto.write(b"".join([
+                codec.message(b"P", codec.cstr("") + codec.cstr(sql) + _I16.pack(0)),
+                codec.message(b"B", bind),
+                codec.message(b"D", b"P" + codec.cstr("")),
+                codec.message(b"E", codec.cstr("") + _I32.pack(0)),
+                codec.message(b"S", b""),
+            ]))
+        result = _Result()
+        plan = None
+        max_rows, max_bytes = self.settings.max_rows, self.settings.max_bytes
+        while True:
+            mtype, body = await proto.read_message()
+            if mtype == 0x54:  # RowDescription: a new result set; the last one is returned
+                result.columns, result.rows, result.truncated, result.size = _columns(body), [], False, 0
+                plan = masking.plan(body) if masking is not None else None
+            elif mtype == 0x44:  # DataRow
+                result.row_count += 1
+                if len(result.rows) >= max_rows or result.size + len(body) > max_bytes:
+                    result.truncated = True
+                    continue
+                if plan is not None:
+                    masked = plan.rewrite(body)
+                    if masked is not None:
+                        body = masked
+                result.size += len(body)
+                result.rows.append(_values(body))
+            elif mtype == 0x43:  # CommandComplete
+                result.tags.append(codec.read_cstr(body, 0)[0].decode("utf-8", "replace"))
+                if plan is not None and masking is not None:
+                    plan.take_counts(masking.totals)
+            elif mtype == 0x45:  # ErrorResponse
+                result.error = codec.parse_error_fields(body)
+            elif mtype == 0x47:  # CopyInResponse: there is no data to send over exec
+                proto.write(codec.message(b"f", codec.cstr("COPY FROM STDIN is not available over exec")))
+            elif mtype == 0x5A:  # ReadyForQuery
+                if not result.columns and result.tags:
+                    result.row_count = codec.rows_from_tag(result.tags[-1]) or 0
+                return result
