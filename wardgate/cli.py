@@ -470,7 +470,7 @@ class ApiError(Exception):
 
 
 def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, *, refresh: bool = False,
-         raise_errors: bool = False, **kwargs: Any) -> Any:
+         raise_errors: bool = False, timeout: float = 30, **kwargs: Any) -> Any:
     import httpx
 
     from .config import parse_hostport
@@ -492,7 +492,8 @@ def _api(method: str, path: str, bearer: str | None, gateway_url: str | None, *,
         host, port = parse_hostport(settings.gateway.http_listen)
         gateway_url = f"{'https' if settings.gateway.http_tls else 'http'}://{host}:{port}"
     try:
-        r = httpx.request(method, gateway_url.rstrip("/") + path, headers={"Authorization": f"Bearer {bearer}"}, timeout=30, **kwargs)
+        r = httpx.request(method, gateway_url.rstrip("/") + path, headers={"Authorization": f"Bearer {bearer}"}, timeout=timeout,
+                          **kwargs)
     except httpx.HTTPError as exc:
         fail(f"cannot reach the gateway at {gateway_url}: {exc}")
     if r.status_code >= 400:
@@ -619,6 +620,172 @@ def _renew_while(alive: Any, issued: dict[str, Any], every: float, api_key: str 
         except ApiError as exc:
             err.print(f"[red]your sign-in is no longer confirmed ({exc}); the gateway will end the session[/]")
             return
+
+# ------------------------------------------------------------------------- exec and reviews (HTTP)
+
+EXIT_FAILED, EXIT_DENIED, EXIT_PENDING, EXIT_RUNNING = 1, 3, 4, 5
+
+
+def show_envelope(out: dict[str, Any], json_out: bool) -> None:
+    """Print an exec envelope and exit with the code its status stands for."""
+    if json_out:
+        emit_json(out)
+    else:
+        st = out["status"]
+        if st == "completed":
+            table = Table(*out["columns"], box=None, header_style="bold") if out["columns"] else None
+            for row in out["rows"]:
+                table.add_row(*["[dim]NULL[/]" if v is None else escape(v) for v in row])  # type: ignore[union-attr]
+            if table is not None:
+                console.print(table)
+            masked = ", ".join(f"{k}: {v}" for k, v in out.get("masked", {}).items())
+            err.print(f"{'; '.join(out['command_tags']) or 'done'}  {out['row_count']} rows"
+                      f"{' (truncated)' if out['truncated'] else ''}  {out['duration_ms']:.1f} ms"
+                      f"{'  masked ' + masked if masked else ''}  session {out['session_id']}")
+        elif st == "failed":
+            err.print(f"[red]failed[/] ({out.get('code')}): {escape(out.get('error', ''))}")
+            for key in ("detail", "hint"):
+                if out.get(key):
+                    err.print(f"{key}: {escape(out[key])}")
+        elif st == "denied":
+            err.print(f"[red]denied[/]: {escape(out.get('reason', ''))}")
+            err.print(out.get("next", ""))
+        elif st == "pending_approval":
+            err.print(f"[yellow]pending approval[/]: review {out['review_id']}  ({out['review_url']})")
+            err.print(f"next: {out['next']}")
+        elif st == "running":
+            err.print(f"[yellow]still running[/] in session {out['session_id']}")
+            err.print(f"next: {out['next']}")
+    code = {"completed": 0, "recorded": 0, "failed": EXIT_FAILED, "denied": EXIT_DENIED, "pending_approval": EXIT_PENDING,
+            "running": EXIT_RUNNING}.get(out["status"], EXIT_FAILED)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("exec")
+def exec_command(
+    connection: str = typer.Argument(..., help="Connection name."),
+    command: str | None = typer.Option(None, "-c", "--command", help="SQL to run (default: read from stdin)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="A value for $1, $2, ... (repeat; one statement only)."),
+    wait: float | None = typer.Option(None, help="Seconds to wait before the answer is `running`."),
+    api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt,
+) -> None:
+    """Run SQL through the gateway's policy, masking and recording, as you.
+
+    Exit codes: 0 completed, 1 failed, 3 denied, 4 pending approval (see `wardgate reviews`), 5 still running.
+    """
+    sql = command if command is not None else sys.stdin.read()
+    if not sql.strip():
+        fail("no SQL given: use -c 'select ...' or pipe it on stdin", 2)
+    body: dict[str, Any] = {"connection": connection, "sql": sql, "params": param or None}
+    if wait is not None:
+        body["wait"] = wait
+    show_envelope(_api("POST", "/api/exec", api_key, gateway, json=body, timeout=(wait or 300) + 30), json_out)
+
+
+@sessions_app.command("wait")
+def sessions_wait(
+    session_id: str = typer.Argument(..., help="Session id from a `running` answer."),
+    timeout: float = typer.Option(60, help="Seconds to wait (at most 300)."),
+    api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt,
+) -> None:
+    """Wait for a running exec to finish and show its result."""
+    show_envelope(_api("GET", f"/api/sessions/{session_id}/wait", api_key, gateway, params={"timeout": timeout},
+                       timeout=timeout + 30), json_out)
+
+
+reviews_app = typer.Typer(no_args_is_help=True, help="Statements held for approval: list, decide, wait, run.")
+app.add_typer(reviews_app, name="reviews")
+
+
+def show_review(r: dict[str, Any]) -> None:
+    who = f"{r['agent']} acting for {r['requester']}" if r.get("agent") else r["requester"]
+    console.print(f"[bold]review {r['id']}[/]  {r['status']}  ({r['approvals']}/{r['min_approvals']} approvals)")
+    console.print(f"requested by {who} on {r['connection']} at {r['created_at']}; expires {r['expires_at']}")
+    console.print(f"approvers: {', '.join(r['approvers']) or 'admins'}")
+    for rule in r["rules"]:
+        console.print(f"rule {rule['rule']}: {escape(rule['reason'])}")
+    console.print(f"[dim]sha256 {r['sha256']}[/]")
+    console.print(escape(r["statement"]))
+    if r.get("params"):
+        console.print(f"params: {r['params']}")
+    for step in r.get("history", []):
+        console.print(f"  {step['at']}  {step['by']} {step['decision']}" + (f": {escape(step['reason'])}" if step["reason"] else ""))
+
+
+@reviews_app.command("list")
+def reviews_list(
+    status_: str | None = typer.Option(None, "--status", help="pending, approved, rejected, revoked, executed, expired."),
+    api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt,
+) -> None:
+    """Reviews you asked for, or may decide."""
+    rows = _api("GET", "/api/reviews", api_key, gateway, params={"status": status_} if status_ else None)
+    if json_out:
+        emit_json(rows)
+        return
+    table = Table("id", "status", "requester", "connection", "statement", "created")
+    for r in rows:
+        who = f"{r['agent']} for {r['requester']}" if r.get("agent") else r["requester"]
+        text = r["statement"] if len(r["statement"]) < 60 else r["statement"][:57] + "..."
+        table.add_row(r["id"], r["status"], who, r["connection"], escape(text), r["created_at"])
+    console.print(table)
+
+
+@reviews_app.command("show")
+def reviews_show(review_id: str, api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt,
+                 json_out: bool = JsonOpt) -> None:
+    """One review: the exact statement, the rules, and its history."""
+    r = _api("GET", f"/api/reviews/{review_id}", api_key, gateway)
+    emit_json(r) if json_out else show_review(r)
+
+
+def _decide(review_id: str, verb: str, reason: str | None, api_key: str | None, gateway: str | None, json_out: bool) -> None:
+    r = _api("POST", f"/api/reviews/{review_id}/{verb}", api_key, gateway, json={"reason": reason})
+    emit_json(r) if json_out else err.print(f"review {review_id} is {r['status']}")
+
+
+@reviews_app.command("approve")
+def reviews_approve(review_id: str, reason: str | None = typer.Option(None, help="Why (optional)."),
+                    api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt) -> None:
+    """Approve a review (approvers only; never your own)."""
+    _decide(review_id, "approve", reason, api_key, gateway, json_out)
+
+
+@reviews_app.command("reject")
+def reviews_reject(review_id: str, reason: str = typer.Option(..., help="Why; the requester sees it."),
+                   api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt) -> None:
+    """Reject a review, with a reason."""
+    _decide(review_id, "reject", reason, api_key, gateway, json_out)
+
+
+@reviews_app.command("revoke")
+def reviews_revoke(review_id: str, reason: str | None = typer.Option(None, help="Why (optional)."),
+                   api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt) -> None:
+    """Withdraw a pending or approved review before it runs."""
+    _decide(review_id, "revoke", reason, api_key, gateway, json_out)
+
+
+@reviews_app.command("wait")
+def reviews_wait(review_id: str, timeout: float = typer.Option(60, help="Seconds to wait (2 to 300)."),
+                 api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt) -> None:
+    """Wait until a review is decided. Exit 0 approved, 4 still pending, 3 anything else."""
+    r = _api("GET", f"/api/reviews/{review_id}/wait", api_key, gateway, params={"timeout": timeout}, timeout=timeout + 30)
+    if json_out:
+        emit_json(r)
+    else:
+        err.print(f"review {review_id} is {r['status']}" + (" (timed out waiting)" if r["timed_out"] else ""))
+    if r["status"] != "approved":
+        raise typer.Exit(EXIT_PENDING if r["status"] == "pending" else EXIT_DENIED)
+
+
+@reviews_app.command("execute")
+def reviews_execute(review_id: str, wait: float | None = typer.Option(None, help="Seconds to wait before `running`."),
+                    api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt) -> None:
+    """Run the approved statement of your review, exactly as stored, once."""
+    body = {"wait": wait} if wait is not None else None
+    show_envelope(_api("POST", f"/api/reviews/{review_id}/execute", api_key, gateway, json=body,
+                       timeout=(wait or 300) + 30), json_out)
+
 
 @app.command("events")
 def events_list(

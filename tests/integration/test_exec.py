@@ -5,6 +5,9 @@ People: amy (dev) asks; olivia (ops, dba) approves; dana (dev) is neither reques
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -215,3 +218,47 @@ def test_wait_times_out_without_error(xgw, pg, people) -> None:
     r = call(xgw, "GET", f"/api/reviews/{rid}/wait?timeout=0", people["amy"])  # clamped to 2 s
     assert r.status_code == 200 and r.json()["timed_out"] is True and r.json()["status"] == "pending"
     assert 1.5 < time.time() - t0 < 10
+
+
+def cli(gw, token: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    env = {k: v for k, v in gw.env.items() if k not in ("WARDGATE_API_KEY", "WARDGATE_TOKEN")}
+    env.update(WARDGATE_TOKEN=token, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(gw.config), *args],
+                          capture_output=True, text=True, env=env, timeout=120, input=stdin)
+
+
+def test_cli_exec_and_reviews(xgw, pg, people) -> None:
+    out = cli(xgw, people["amy"], "exec", "shop", "-c", "select id, email from customers order by id limit 2")
+    assert out.returncode == 0, out.stderr
+    assert "[email]" in out.stdout and "@" not in out.stdout and "2 rows" in out.stderr
+    out = cli(xgw, people["amy"], "exec", "shop", "--json", stdin="select $1::int * 2 as twice")
+    assert out.returncode == 1 and json.loads(out.stdout)["status"] == "failed"  # $1 without a value
+    out = cli(xgw, people["amy"], "exec", "shop", "-c", "select $1::int * 2 as twice", "-p", "21", "--json")
+    assert json.loads(out.stdout)["rows"] == [["42"]]
+    out = cli(xgw, people["amy"], "exec", "shop", "-c", "truncate orders")
+    assert out.returncode == 3 and "standard:destructive-ddl" in out.stderr
+
+    order = _new_order(pg)
+    out = cli(xgw, people["amy"], "exec", "shop", "-c", f"delete from orders where id = {order}", "--json")
+    assert out.returncode == 4
+    rid = json.loads(out.stdout)["review_id"]
+    assert rid in cli(xgw, people["olivia"], "reviews", "list", "--status", "pending").stdout
+    shown = cli(xgw, people["olivia"], "reviews", "show", rid)
+    assert f"delete from orders where id = {order}" in shown.stdout and "deletes-need-review" in shown.stdout
+    assert cli(xgw, people["amy"], "reviews", "wait", rid, "--timeout", "2").returncode == 4
+    refused = cli(xgw, people["amy"], "reviews", "approve", rid)
+    assert refused.returncode == 1 and "only members of dba" in refused.stderr
+    assert cli(xgw, people["olivia"], "reviews", "approve", rid, "--reason", "ok").returncode == 0
+    assert cli(xgw, people["amy"], "reviews", "wait", rid).returncode == 0
+    ran = cli(xgw, people["amy"], "reviews", "execute", rid)
+    assert ran.returncode == 0 and "DELETE 1" in ran.stderr
+    assert not _exists(pg, order)
+    again = cli(xgw, people["amy"], "reviews", "execute", rid)
+    assert again.returncode == 1 and "executed" in again.stderr
+
+
+def test_an_approver_cannot_approve_their_own_request(xgw, pg, people) -> None:
+    rid = exec_(xgw, people["olivia"], f"delete from orders where id = {_new_order(pg)}")["review_id"]
+    r = call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"])
+    assert r.status_code == 403 and "your own review" in r.json()["detail"]
+    assert call(xgw, "GET", f"/api/reviews/{rid}", people["olivia"]).json()["status"] == "pending"
