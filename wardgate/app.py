@@ -44,6 +44,7 @@ class Gateway:
         self.authenticator = Authenticator(settings, self.store)
         self.exec = ExecRunner(self)
         self.reviews = Reviews(self)
+        self.postgres.reviews = self.reviews
         self.started_at = time.time()
         self.ready = False
         self._stop = asyncio.Event()

@@ -262,3 +262,40 @@ def test_an_approver_cannot_approve_their_own_request(xgw, pg, people) -> None:
     r = call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"])
     assert r.status_code == 403 and "your own review" in r.json()["detail"]
     assert call(xgw, "GET", f"/api/reviews/{rid}", people["olivia"]).json()["status"] == "pending"
+
+
+def test_native_client_gets_the_review_and_reruns_the_exact_statement_after_approval(xgw, pg, people) -> None:
+    """psql as alice (a local user): the DELETE is held; after approval the identical statement runs once."""
+    from tests.conftest import psql
+
+    order = _new_order(pg)
+    sql = f"delete from orders where id = {order}"
+    dsn = xgw.dsn(xgw.credential("alice"))
+    held = psql(dsn, "-c", sql, check=False)
+    assert held.returncode != 0 and "needs review by rule deletes-need-review" in held.stderr
+    assert "run this exact statement again once it is approved" in held.stderr
+    rid = next(r["id"] for r in call(xgw, "GET", "/api/reviews?status=pending", people["olivia"]).json()
+               if r["statement"] == sql)
+    # asking again before approval names the same review, not a new one
+    assert rid in psql(dsn, "-c", sql, check=False).stderr
+    assert _exists(pg, order)
+
+    assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"]).json()["status"] == "approved"
+    # another statement is not covered, and neither is another person's session
+    other = _new_order(pg)
+    assert "needs review" in psql(dsn, "-c", f"delete from orders where id = {other}", check=False).stderr
+    bob = psql(xgw.dsn(xgw.credential("bob")), "-c", sql, check=False)
+    assert bob.returncode != 0 and "needs review" in bob.stderr and _exists(pg, order)
+    # the requester's re-run executes it, once; the rest of the session carries on
+    ran = psql(dsn, "-c", sql, "-c", "select 1")
+    assert "DELETE 1" in ran.stdout and not _exists(pg, order)
+    assert "needs review" in psql(dsn, "-c", sql, check=False).stderr  # used up: a new review
+    assert call(xgw, "GET", f"/api/reviews/{rid}", people["olivia"]).json()["status"] == "executed"
+
+
+def test_extended_protocol_with_parameters_is_sent_to_exec(xgw, pg) -> None:
+    order = _new_order(pg)
+    with psycopg.connect(xgw.dsn(xgw.credential("alice")), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="wardgate exec"):
+            conn.execute("delete from orders where id = %s", (order,))
+    assert _exists(pg, order)

@@ -70,6 +70,18 @@ class Reviews:
 
     async def request(self, caller: Identity, connection: str, statement: str, params: list[str | None],
                       decision: Decision, addr: str | None = None) -> dict[str, Any]:
+        review = await asyncio.to_thread(self._create, caller, connection, statement, params, decision)
+        who = ", ".join(review.approvers) if review.approvers else "the admins"
+        return {
+            "status": "pending_approval", "review_id": review.id, "review_url": self.url(review.id),
+            "connection": connection, "rules": review.rules, "approvers": review.approvers,
+            "min_approvals": review.min_approvals, "expires_at": iso(review.expires_at),
+            "next": f"ask {who} to approve review {review.id}; wait with GET /api/reviews/{review.id}/wait?timeout=60 "
+                    f"(or `wardgate reviews wait {review.id}`), then run it with POST /api/reviews/{review.id}/execute",
+        }
+
+    def _create(self, caller: Identity, connection: str, statement: str, params: list[str | None],
+                decision: Decision) -> m.Review:
         asking = [mt for mt in decision.enforced if mt.action == "review"]
         rules = {r.name: r for r in self.gateway.settings.guardrails}
         approvers = sorted({g for mt in asking for g in getattr(rules.get(mt.rule), "approvers", ())})
@@ -81,17 +93,31 @@ class Reviews:
             policy_version=self.policy_version, rules=[mt.public() for mt in asking], approvers=approvers,
             min_approvals=need, created_at=now, expires_at=now + self.settings.ttl_seconds,
         )
-        await asyncio.to_thread(self.store.create_review, review)
+        self.store.create_review(review)
         self._event("review.requested", "ok", caller, review.id,
                     f"{connection}: {', '.join(mt.rule for mt in asking)}; sha256 {review.sha256}")
-        who = ", ".join(approvers) if approvers else "the admins"
-        return {
-            "status": "pending_approval", "review_id": review.id, "review_url": self.url(review.id),
-            "connection": connection, "rules": review.rules, "approvers": approvers, "min_approvals": need,
-            "expires_at": iso(review.expires_at),
-            "next": f"ask {who} to approve review {review.id}; wait with GET /api/reviews/{review.id}/wait?timeout=60 "
-                    f"(or `wardgate reviews wait {review.id}`), then run it with POST /api/reviews/{review.id}/execute",
-        }
+        return review
+
+    def native(self, caller: Identity, connection: str, statement: str, decision: Decision,
+               session_id: str) -> str | None:
+        """For a native session: None to run `statement` now (an approved review of exactly this text, by
+        this person, on this connection, used up by this run), else the refusal that names the review.
+
+        Runs on the event loop: reviews are rare, and these are two small queries."""
+        now = time.time()
+        sha = input_hash(connection, statement, [])
+        review_id = self.store.claim_approved(caller.user, connection, sha, self.policy_version, now)
+        if review_id is not None:
+            self.store.set_review_session(review_id, session_id)
+            self._event("review.executed", "ok", caller, review_id, f"{connection}: native session {session_id}")
+            self.gateway.loop.call_soon(self._wake, review_id)
+            return None
+        review = self.store.pending_review(caller.user, connection, sha, now) or \
+            self._create(caller, connection, statement, [], decision)
+        rule = review.rules[0] if review.rules else {"rule": "?", "reason": ""}
+        who = ", ".join(review.approvers) if review.approvers else "an admin"
+        return (f"needs review by rule {rule['rule']}: {rule['reason']}. Review {review.id} is waiting for {who} "
+                f"({self.url(review.id)}); run this exact statement again once it is approved")
 
     # -- reading
 

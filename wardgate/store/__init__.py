@@ -614,3 +614,24 @@ class Store:
                 s.execute(update(m.Review).where(m.Review.id.in_(ids), m.Review.status.in_(("pending", "approved")))
                           .values(status="expired"))
             return ids
+
+    def claim_approved(self, requester: str, connection: str, sha256: str, policy_version: str, now: float) -> str | None:
+        """An approved, unexpired review of exactly this input, marked executed in the same step; its id."""
+        with self.Session.begin() as s:
+            ids = list(s.scalars(select(m.Review.id).where(
+                m.Review.requester == requester, m.Review.connection == connection, m.Review.sha256 == sha256,
+                m.Review.status == "approved", m.Review.expires_at > now, m.Review.policy_version == policy_version,
+            ).order_by(m.Review.created_at)))
+            for review_id in ids:
+                done = s.execute(update(m.Review).where(m.Review.id == review_id, m.Review.status == "approved")
+                                 .values(status="executed", executed_at=now))
+                if done.rowcount == 1:
+                    return review_id
+            return None
+
+    def pending_review(self, requester: str, connection: str, sha256: str, now: float) -> m.Review | None:
+        with self.Session() as s:
+            return s.scalar(select(m.Review).where(
+                m.Review.requester == requester, m.Review.connection == connection, m.Review.sha256 == sha256,
+                m.Review.status == "pending", m.Review.expires_at > now,
+            ).order_by(m.Review.created_at.desc()).limit(1))

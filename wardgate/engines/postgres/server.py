@@ -60,6 +60,7 @@ class PostgresListener:
         self.tls = tls
         self.sessions: dict[str, LiveSession] = {}
         self.by_cancel_key: dict[int, LiveSession] = {}
+        self.reviews: Any = None  # the review workflow, when the gateway has one (reviews.Reviews)
         self.server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._fake_salt_key = secrets.token_bytes(32)
@@ -271,6 +272,8 @@ class PostgresListener:
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=self.gatekeeper.statement_policy(identity, conn_name),
             masking=masking, user=user, agent=record["agent"],
+            review=None if self.reviews is None else (
+                lambda statement, decision, sid=record["sid"]: self.reviews.native(identity, conn_name, statement, decision, sid)),
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ...masking.plan import MaskingPolicy, RowMasker
 from ...policy.guardrails import StatementPolicy
@@ -77,6 +79,7 @@ _ROW_RUN = _DATA_ROW | ROWS  # consecutive DataRows, framed as one entry: (_ROW_
 _COPY_OUT = ord("H")
 _COPY_DATA = ord("d")
 _COMMAND_COMPLETE = ord("C")
+_PLACEHOLDER = re.compile(r"\$[0-9]")
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _UNSEEN = object()  # no Describe seen for this result
 
@@ -109,8 +112,11 @@ class Relay:
         masking: MaskingPolicy | None = None,
         user: str | None = None,
         agent: str | None = None,
+        review: Callable[[str, Any], str | None] | None = None,
     ) -> None:
         self.user, self.agent = user, agent
+        # For statements a rule holds for review: None to run it (approved), else the refusal naming the review.
+        self._review = review
         self.session_id = session_id
         self.connection = connection
         self.client = client
@@ -287,9 +293,9 @@ class Relay:
         if mtype == _FUNCTION_CALL:
             return "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
         _, pos = codec.read_cstr(body, 0)
-        return self._decide(codec.read_cstr(body, pos)[0].decode("utf-8", "replace"), records)
+        return self._decide(codec.read_cstr(body, pos)[0].decode("utf-8", "replace"), records, extended=True)
 
-    def _decide(self, statement: str, records: list[str]) -> str | None:
+    def _decide(self, statement: str, records: list[str], extended: bool = False) -> str | None:
         """None to let the statement through, else the refusal message. Shadow rules that matched are
         recorded as events: what they would have done, enforced by nothing."""
         decision = self.policy.decide(statement)
@@ -302,6 +308,12 @@ class Relay:
                     "outcome": f"would {m.action}", "user": self.user, "agent": self.agent, "source": f"session:{self.session_id}",
                     "detail": f"{m.rule}: {m.reason} in {statement[:500]!r}",
                 }) + "\n")
+        if decision.action == "review" and self._review is not None:
+            if extended and _PLACEHOLDER.search(statement):
+                # An approval binds the exact input; here the values come later, in Bind, unseen by the approver.
+                return (f"{decision.error_message}; a statement with parameters that needs review runs through "
+                        "`wardgate exec` (or POST /api/exec with params), where the review binds the values too")
+            return self._review(statement, decision)
         return None if decision.action == "allow" else decision.error_message
 
     def _refuse(self, mtype: int, body: bytes, offset: int, message: str, records: list[str],
