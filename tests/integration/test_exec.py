@@ -196,6 +196,17 @@ def test_review_graceful_path(xgw, pg, people) -> None:
     assert [(h["by"], h["decision"]) for h in final["history"]] == [("olivia", "approve")]
     s = xgw.wait_for_session(lambda s: s["id"] == ran["session_id"] and s["status"] == "closed")
     assert s["application_name"] == f"wardgate exec (review {rid})"
+    # the audit trail has the whole chain: who asked, who approved, who ran it, and the refusals between
+    deadline, chain = time.time() + 10, []
+    while time.time() < deadline:
+        events = [e for e in xgw.cli_json("events", "--limit", "1000") if e.get("source") == f"review:{rid}"]
+        chain = [(e["kind"], e["outcome"], e["user"]) for e in sorted(events, key=lambda e: e["at"])]
+        if ("review.executed", "ok", "amy") in chain:
+            break
+        time.sleep(0.2)
+    assert chain[0] == ("review.requested", "ok", "amy")
+    assert ("review.approve", "ok", "olivia") in chain and ("review.executed", "ok", "amy") in chain
+    assert ("review.approve", "denied", "amy") in chain and ("review.execute", "denied", "dana") in chain
 
 
 def test_rejection_needs_a_reason_and_stops_the_review(xgw, pg, people) -> None:
@@ -299,3 +310,25 @@ def test_extended_protocol_with_parameters_is_sent_to_exec(xgw, pg) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="wardgate exec"):
             conn.execute("delete from orders where id = %s", (order,))
     assert _exists(pg, order)
+
+
+def test_reviews_expire(tmp_path, pg, idp, people) -> None:
+    tail = TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE) + '\n[reviews]\nttl = "2s"\n'
+    gw = make_gateway(tmp_path / "gw", pg, tail_toml=tail)
+    gw.start()
+    try:
+        order = _new_order(pg)
+        rid = exec_(gw, people["amy"], f"delete from orders where id = {order}")["review_id"]
+        approved = exec_(gw, people["amy"], f"delete from orders where id = {order} and true")["review_id"]
+        assert call(gw, "POST", f"/api/reviews/{approved}/approve", people["olivia"]).status_code == 200
+        time.sleep(2.5)
+        assert call(gw, "GET", f"/api/reviews/{rid}", people["amy"]).json()["status"] == "expired"
+        r = call(gw, "POST", f"/api/reviews/{rid}/approve", people["olivia"])
+        assert r.status_code == 409 and "expired" in r.json()["detail"]
+        waited = call(gw, "GET", f"/api/reviews/{rid}/wait?timeout=30", people["amy"]).json()
+        assert waited["status"] == "expired" and waited["timed_out"] is False
+        # approved in time, but not run in time: it does not run
+        late = call(gw, "POST", f"/api/reviews/{approved}/execute", people["amy"])
+        assert late.status_code == 409 and "expired" in late.json()["detail"] and _exists(pg, order)
+    finally:
+        gw.stop()
