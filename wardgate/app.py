@@ -97,6 +97,7 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self.recorder.run(), name="recorder"))
         self._tasks.append(asyncio.create_task(self.watch_credentials(), name="credentials"))
         self._tasks.append(asyncio.create_task(self.reviews.run(), name="reviews"))
+        self._tasks.append(asyncio.create_task(self.reviews.notifier.run(), name="notifications"))
         await self._start_http()
         self.ready = True
 

@@ -99,6 +99,9 @@ class ReviewSettings:
 
     ttl: str = "24h"  # a pending review expires after this; an approved one must run before it too
     url: str = ""  # base URL of the web console, for links in answers and notifications
+    webhook_url: str = ""  # JSON of every review step, POSTed here (signed when webhook_secret_env is set)
+    webhook_secret_env: str = ""  # environment variable holding the HMAC secret for the webhook
+    slack_webhook_url: str = ""  # a Slack incoming webhook: a message with a link to each review step
 
     @property
     def ttl_seconds(self) -> float:

@@ -332,3 +332,65 @@ def test_reviews_expire(tmp_path, pg, idp, people) -> None:
         assert late.status_code == 409 and "expired" in late.json()["detail"] and _exists(pg, order)
     finally:
         gw.stop()
+
+
+class _Receiver:
+    """An HTTP endpoint that records what it is sent; it answers 500 to the first request, to test retries."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        received = self.received = []
+        failed_once = self.failed_once = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if not failed_once:
+                    failed_once.append(True)
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                received.append((self.path, dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_review_steps_are_notified_signed_and_retried(tmp_path, pg, idp, people) -> None:
+    from wardgate.reviews.notify import signature
+
+    rx = _Receiver()
+    tail = TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE) + (
+        f'\n[reviews]\nurl = "https://wardgate.example"\nwebhook_url = "http://127.0.0.1:{rx.port}/hook"\n'
+        f'webhook_secret_env = "REVIEW_HOOK_SECRET"\nslack_webhook_url = "http://127.0.0.1:{rx.port}/slack"\n')
+    gw = make_gateway(tmp_path / "gw", pg, tail_toml=tail)
+    gw.env["REVIEW_HOOK_SECRET"] = "hook-secret-123"
+    gw.start()
+    try:
+        order = _new_order(pg)
+        rid = exec_(gw, people["amy"], f"delete from orders where id = {order}")["review_id"]
+        call(gw, "POST", f"/api/reviews/{rid}/approve", people["olivia"])
+        assert call(gw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).json()["status"] == "completed"
+        deadline = time.time() + 20
+        while time.time() < deadline and len([r for r in rx.received if r[0] == "/hook"]) < 3:
+            time.sleep(0.2)
+        hooks = [r for r in rx.received if r[0] == "/hook"]
+        kinds = [json.loads(body)["kind"] for _, _, body in hooks]
+        assert kinds == ["review.requested", "review.approved", "review.executed"]  # the first, after a retry
+        for _, headers, body in hooks:
+            assert headers["x-wardgate-signature"] == signature(b"hook-secret-123", headers["x-wardgate-timestamp"], body)
+            assert signature(b"wrong", headers["x-wardgate-timestamp"], body) != headers["x-wardgate-signature"]
+        assert json.loads(hooks[0][2])["review"]["statement"] == f"delete from orders where id = {order}"
+        slack = [json.loads(body)["text"] for path, _, body in rx.received if path == "/slack"]
+        assert any(f"<https://wardgate.example/api/reviews/{rid}|Review {rid}>" in t for t in slack)
+        assert "hook-secret-123" not in gw.log.read_text()
+    finally:
+        gw.stop()
+        rx.server.shutdown()

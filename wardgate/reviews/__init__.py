@@ -23,6 +23,7 @@ from ..policy.guardrails import Decision
 from ..recording.views import iso
 from ..store import NotFound
 from ..store import models as m
+from .notify import Notifier
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -52,6 +53,8 @@ class Reviews:
         self.settings = gateway.settings.reviews
         self.policy_version = hashlib.sha256(repr(gateway.settings.guardrails).encode()).hexdigest()[:16]
         self._changed: dict[str, asyncio.Event] = {}
+        self.notifier = Notifier(self.settings)
+        self._pending_notes: set[asyncio.Task[None]] = set()
 
     def url(self, review_id: str) -> str:
         base = self.settings.url or f"http://{self.gateway.settings.gateway.http_listen}"
@@ -96,6 +99,7 @@ class Reviews:
         self.store.create_review(review)
         self._event("review.requested", "ok", caller, review.id,
                     f"{connection}: {', '.join(mt.rule for mt in asking)}; sha256 {review.sha256}")
+        self.notifier.send("review.requested", self.view(review, []))
         return review
 
     def native(self, caller: Identity, connection: str, statement: str, decision: Decision,
@@ -111,6 +115,7 @@ class Reviews:
             self.store.set_review_session(review_id, session_id)
             self._event("review.executed", "ok", caller, review_id, f"{connection}: native session {session_id}")
             self.gateway.loop.call_soon(self._wake, review_id)
+            self._notify_later("review.executed", review_id)
             return None
         review = self.store.pending_review(caller.user, connection, sha, now) or \
             self._create(caller, connection, statement, [], decision)
@@ -223,7 +228,11 @@ class Reviews:
             raise ReviewError(f"review {review_id} is {current.status} now; nothing was changed", 409)
         self._event(f"review.{decision}", "ok", caller, review_id, reason or "")
         self._wake(review_id)
-        return await self.get(caller, review_id)
+        view = await self.get(caller, review_id)
+        step = {"approve": "review.approved" if view["status"] == "approved" else "review.approval",
+                "reject": "review.rejected", "revoke": "review.revoked"}[decision]
+        self.notifier.send(step, view)
+        return view
 
     async def execute(self, caller: Identity, review_id: str, *, wait: float | None = None,
                       addr: str | None = None) -> dict[str, Any]:
@@ -255,7 +264,17 @@ class Reviews:
                                                review.params or None, wait=wait, addr=addr, review_id=review_id)
         if envelope.get("session_id"):
             await asyncio.to_thread(self.store.set_review_session, review_id, envelope["session_id"])
+        self._notify_later("review.executed", review_id)
         return {**envelope, "review_id": review_id}
+
+    def _notify_later(self, kind: str, review_id: str) -> None:
+        if self.notifier.enabled:
+            async def send() -> None:
+                review, steps = await asyncio.to_thread(self.store.get_review, review_id)
+                self.notifier.send(kind, self.view(review, steps))
+            task = self.gateway.loop.create_task(send())
+            self._pending_notes.add(task)
+            task.add_done_callback(self._pending_notes.discard)
 
     async def expire(self) -> None:
         """Mark reviews past their expiry, with a record of each."""
