@@ -362,6 +362,14 @@ def validate(settings: Settings) -> None:
         raise ConfigError("[gateway] tls_cert and tls_key go together: set both or neither")
     if settings.default_ttl > settings.max_ttl:
         raise ConfigError("[credentials] default_ttl is longer than max_ttl")
+    for section, name in (("exec", "wait"), ("exec", "keep"), ("reviews", "ttl")):
+        value = getattr(getattr(settings, section), name)
+        try:
+            parse_duration(value)
+        except ConfigError as exc:
+            raise ConfigError(f"[{section}] {name}: {exc}") from None
+    if settings.exec.max_rows < 1 or settings.exec.max_bytes < 1:
+        raise ConfigError("[exec] max_rows and max_bytes must be positive")
     names = [c.name for c in settings.connections]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
