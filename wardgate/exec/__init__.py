@@ -56,20 +56,6 @@ def _columns(row_description: bytes) -> list[str]:
     return names
 
 
-def _values(data_row: bytes) -> list[str | None]:
-    (n,) = _I16.unpack_from(data_row, 0)
-    pos, out = 2, []
-    for _ in range(n):
-        (length,) = _I32.unpack_from(data_row, pos)
-        pos += 4
-        if length < 0:
-            out.append(None)
-        else:
-            out.append(data_row[pos : pos + length].decode("utf-8", "replace"))
-            pos += length
-    return out
-
-
 class ExecRunner:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -267,7 +253,7 @@ class ExecRunner:
                     if masked is not None:
                         body = masked
                 result.size += len(body)
-                result.rows.append(_values(body))
+                result.rows.append(codec.data_row_values(body))
             elif mtype == 0x43:  # CommandComplete
                 result.tags.append(codec.read_cstr(body, 0)[0].decode("utf-8", "replace"))
                 if plan is not None and masking is not None:

@@ -324,6 +324,21 @@ def is_fatal(error_body: bytes) -> bool:
     return fields.get("V", fields.get("S")) in ("FATAL", "PANIC")
 
 
+def data_row_values(body: bytes) -> list[str | None]:
+    """A DataRow's values in text format, decoded (NULL as None)."""
+    (n,) = struct.unpack_from("!h", body, 0)
+    pos, out = 2, []
+    for _ in range(n):
+        (length,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(body[pos : pos + length].decode("utf-8", "replace"))
+            pos += length
+    return out
+
+
 def rows_from_tag(tag: str) -> int | None:
     """Rows affected or returned, from a CommandComplete tag such as 'INSERT 0 5' or 'SELECT 3'."""
     parts = tag.split(" ")

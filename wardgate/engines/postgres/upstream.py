@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import ssl
-import struct
 from dataclasses import dataclass, field
 
 from ...config import ConnectionSpec
@@ -198,14 +197,7 @@ async def simple_query(up: Upstream, sql: str, timeout: float = 10.0) -> list[tu
         while True:
             mtype, body = await proto.read_message()
             if mtype == ord("D"):
-                (n,) = struct.unpack_from("!h", body, 0)
-                pos, row = 2, []
-                for _ in range(n):
-                    (length,) = struct.unpack_from("!i", body, pos)
-                    pos += 4
-                    row.append(None if length < 0 else body[pos:pos + length].decode("utf-8", "replace"))
-                    pos += max(length, 0)
-                rows.append(tuple(row))
+                rows.append(tuple(codec.data_row_values(body)))
             elif mtype == ord("E"):
                 error = codec.parse_error_fields(body)
             elif mtype == ord("Z"):
