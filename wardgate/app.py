@@ -40,6 +40,7 @@ class Gateway:
         self.recorder = Recorder(self.store, settings)
         self.tls, self.tls_source = tls_context(settings)
         self.gatekeeper = Gatekeeper(settings, masking_salt=self.store.box.derive("masking"))
+        self.gatekeeper.grants = self.store.active_grants
         self.postgres = PostgresListener(settings, self.store, self.recorder, self.tls, self.gatekeeper)
         self.authenticator = Authenticator(settings, self.store)
         self.exec = ExecRunner(self)

@@ -274,11 +274,15 @@ def credentials_issue(
     row = store.get_user(user)
     if row is None or row.disabled:
         fail(f"no user named {user!r}; add one with `wardgate users add {user}`")
-    decision = Gatekeeper(state.settings).authorize(Identity(user, tuple(row.groups)), connection, "connect")
+    gatekeeper = Gatekeeper(state.settings)
+    gatekeeper.grants = store.active_grants
+    decision = gatekeeper.authorize(Identity(user, tuple(row.groups)), connection, "connect")
     if not decision.allowed:
         fail(f"{decision.reason}. Add an [[access]] rule to the config to allow it.")
     try:
         seconds = parse_duration(ttl) if ttl else state.settings.default_ttl
+        if decision.until is not None:  # a grant's credential ends with its window
+            seconds = min(seconds, decision.until - time.time())
         issued = store.issue_credential(user, connection, seconds)
     except (NotFound, ConfigError) as exc:
         fail(str(exc))
@@ -692,6 +696,41 @@ def sessions_wait(
     """Wait for a running exec to finish and show its result."""
     show_envelope(_api("GET", f"/api/sessions/{session_id}/wait", api_key, gateway, params={"timeout": timeout},
                        timeout=timeout + 30), json_out)
+
+
+grants_app = typer.Typer(no_args_is_help=True, help="Just-in-time access: ask for a window on a connection.")
+app.add_typer(grants_app, name="grants")
+
+
+@grants_app.command("request")
+def grants_request(
+    connection: str = typer.Argument(..., help="Connection name."),
+    duration: str = typer.Option("1h", help="How long, from approval (at most the access rule's max_duration)."),
+    reason: str = typer.Option(..., help="Why you need it; approvers see it."),
+    api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt,
+) -> None:
+    """Ask for access under a just-in-time access rule; approvers decide with `wardgate reviews approve`."""
+    out = _api("POST", "/api/grants", api_key, gateway, json={"connection": connection, "duration": duration, "reason": reason})
+    if json_out:
+        emit_json(out)
+    else:
+        err.print(f"[yellow]pending approval[/]: review {out['review_id']}  ({out['review_url']})")
+        err.print(f"next: {out['next']}")
+
+
+@grants_app.command("list")
+def grants_list(api_key: str | None = ApiKeyOpt, gateway: str | None = GatewayOpt, json_out: bool = JsonOpt) -> None:
+    """Your grants, and the ones you may decide."""
+    rows = _api("GET", "/api/grants", api_key, gateway)
+    if json_out:
+        emit_json(rows)
+        return
+    table = Table("review", "status", "requester", "connection", "window", "ends", "reason")
+    for r in rows:
+        state_ = "active" if r.get("active") else r["status"]
+        table.add_row(r["id"], state_, r["requester"], r["connection"], f"{int(r['duration_seconds'] or 0)}s",
+                      r.get("window_end") or "-", escape(r.get("reason") or ""))
+    console.print(table)
 
 
 reviews_app = typer.Typer(no_args_is_help=True, help="Statements held for approval: list, decide, wait, run.")

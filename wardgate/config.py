@@ -327,7 +327,8 @@ def _access_rule(index: int, raw: dict[str, Any]) -> Any:
     from .policy.access import DAYS, VERBS, AccessRule, parse_hours
 
     name = raw.get("name", f"access-{index}")
-    unknown = set(raw) - {"name", "groups", "connections", "verbs", "hours", "days"}
+    unknown = set(raw) - {"name", "groups", "connections", "verbs", "hours", "days", "approvers", "max_duration",
+                          "min_approvals"}
     if unknown:
         raise ConfigError(f"access rule {name!r}: unknown keys {sorted(unknown)}")
     groups, connections = raw.get("groups"), raw.get("connections")
@@ -341,7 +342,14 @@ def _access_rule(index: int, raw: dict[str, Any]) -> Any:
         hours = parse_hours(raw["hours"]) if raw.get("hours") else None
     except ValueError as exc:
         raise ConfigError(f"access rule {name!r}: {exc}") from exc
-    return AccessRule(name, tuple(groups), tuple(connections), verbs, hours, days)
+    approvers = tuple(raw.get("approvers", ()))
+    if ("max_duration" in raw or "min_approvals" in raw) and not approvers:
+        raise ConfigError(f"access rule {name!r}: max_duration and min_approvals go with approvers (a grant rule)")
+    max_duration = parse_duration(raw.get("max_duration", "1h"))
+    min_approvals = int(raw.get("min_approvals", 1))
+    if max_duration <= 0 or min_approvals < 1:
+        raise ConfigError(f"access rule {name!r}: max_duration must be positive and min_approvals at least 1")
+    return AccessRule(name, tuple(groups), tuple(connections), verbs, hours, days, approvers, max_duration, min_approvals)
 
 
 def validate_connection(spec: ConnectionSpec) -> None:

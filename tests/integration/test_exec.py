@@ -43,6 +43,22 @@ name = "emails"
 columns = ["email"]
 connections = ["shop"]
 except_groups = ["ops"]
+
+[[connections]]
+name = "prod"
+host = "127.0.0.1"
+port = {pg_port}
+database = "shop"
+user = "app"
+password_env = "SHOP_PASSWORD"
+sslmode = "disable"
+
+[[access]]
+name = "prod-break-glass"
+groups = ["dev"]
+connections = ["prod"]
+approvers = ["dba"]
+max_duration = "2h"
 """
 
 
@@ -51,7 +67,7 @@ CREATED: list[int] = []  # orders the tests add, removed at the end: other modul
 
 @pytest.fixture(scope="module")
 def xgw(tmp_path_factory, pg, idp):  # noqa: ANN001, ANN201
-    gw = make_gateway(tmp_path_factory.mktemp("exec"), pg, tail_toml=TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE))
+    gw = make_gateway(tmp_path_factory.mktemp("exec"), pg, tail_toml=TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE, pg_port=pg.port))
     gw.start()
     yield gw
     gw.stop()
@@ -313,7 +329,7 @@ def test_extended_protocol_with_parameters_is_sent_to_exec(xgw, pg) -> None:
 
 
 def test_reviews_expire(tmp_path, pg, idp, people) -> None:
-    tail = TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE) + '\n[reviews]\nttl = "2s"\n'
+    tail = TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE, pg_port=pg.port) + '\n[reviews]\nttl = "2s"\n'
     gw = make_gateway(tmp_path / "gw", pg, tail_toml=tail)
     gw.start()
     try:
@@ -367,7 +383,7 @@ def test_review_steps_are_notified_signed_and_retried(tmp_path, pg, idp, people)
     from wardgate.reviews.notify import signature
 
     rx = _Receiver()
-    tail = TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE) + (
+    tail = TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE, pg_port=pg.port) + (
         f'\n[reviews]\nurl = "https://wardgate.example"\nwebhook_url = "http://127.0.0.1:{rx.port}/hook"\n'
         f'webhook_secret_env = "REVIEW_HOOK_SECRET"\nslack_webhook_url = "http://127.0.0.1:{rx.port}/slack"\n')
     gw = make_gateway(tmp_path / "gw", pg, tail_toml=tail)
@@ -394,3 +410,76 @@ def test_review_steps_are_notified_signed_and_retried(tmp_path, pg, idp, people)
     finally:
         gw.stop()
         rx.server.shutdown()
+
+
+def test_just_in_time_access_grant(xgw, pg, people) -> None:
+    """alice (dev) may reach prod only inside an approved window; revoking the grant ends her session."""
+    from tests.conftest import psql
+
+    def issue(user: str = "alice", ttl: str = "2h") -> subprocess.CompletedProcess[str]:
+        return xgw.cli("credentials", "issue", "-u", user, "-C", "prod", "--ttl", ttl, "--json", check=False)
+
+    refused = issue()
+    assert refused.returncode != 0 and "only with an approved grant" in refused.stderr and "grants request" in refused.stderr
+    assert exec_(xgw, people["amy"], "select 1", connection="prod")["status"] == "denied"
+
+    out = cli(xgw, people["amy"], "grants", "request", "prod", "--duration", "3h", "--reason", "incident")
+    assert out.returncode == 1 and "at most 7200 seconds" in out.stderr
+    asked = call(xgw, "POST", "/api/grants", people["amy"], json={"connection": "prod", "duration": "30m",
+                                                                 "reason": "incident 4211"}).json()
+    assert asked["status"] == "pending_approval" and asked["approvers"] == ["dba"]
+    rid = asked["review_id"]
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).status_code == 409  # a grant does not run
+    assert exec_(xgw, people["amy"], "select 1", connection="prod")["status"] == "denied"  # not before approval
+    assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["amy"]).status_code == 403  # not by herself
+    approved = call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"], json={"reason": "go"}).json()
+    assert approved["status"] == "approved" and approved["active"] and approved["window_end"]
+    mine = cli(xgw, people["amy"], "grants", "list", "--json")
+    assert [g["id"] for g in json.loads(mine.stdout) if g["active"]] == [rid]
+
+    # inside the window: exec works, and credentials end with the window (30 minutes, not the 2 h asked)
+    assert exec_(xgw, people["amy"], "select 41 + 1", connection="prod")["rows"] == [["42"]]
+    assert issue("bob").returncode != 0  # bob (ops) is not under the rule at all
+
+    # a native session under the grant, for a local user with the same rule: alice asks as well
+    alice = xgw.cli_json("apikeys", "create", "--for-agent", "psql-helper", "--user", "alice")["key"]
+    asked = call(xgw, "POST", "/api/grants", alice, json={"connection": "prod", "duration": "30m", "reason": "same incident"})
+    assert asked.status_code == 200, asked.text
+    arid = asked.json()["review_id"]
+    assert call(xgw, "POST", f"/api/reviews/{arid}/approve", people["olivia"]).json()["status"] == "approved"
+    issued = json.loads(issue().stdout)
+    left = time.mktime(time.strptime(issued["expires_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.mktime(time.gmtime())
+    assert 25 * 60 < left <= 30 * 60 + 5
+    dsn = xgw.dsn(issued)
+    assert psql(dsn, "-At", "-c", "select 1").stdout.strip() == "1"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("select 2").fetchone() == (2,)
+        assert call(xgw, "POST", f"/api/reviews/{arid}/revoke", people["olivia"], json={"reason": "done"}).json()["status"] == "revoked"
+        deadline = time.time() + 10
+        ended = False
+        while time.time() < deadline and not ended:
+            try:
+                conn.execute("select 3")
+                time.sleep(0.2)
+            except psycopg.OperationalError:
+                ended = True
+        assert ended, "revoking the grant must end the live session"
+    assert issue().returncode != 0  # and no new credential
+
+
+def test_a_grant_window_ends_the_sessions_in_it(xgw, people) -> None:
+    key = xgw.cli_json("apikeys", "create", "--for-agent", "short-window", "--user", "alice")["key"]
+    rid = call(xgw, "POST", "/api/grants", key, json={"connection": "prod", "duration": "4s", "reason": "quick look"}).json()["review_id"]
+    assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"]).json()["status"] == "approved"
+    issued = xgw.cli_json("credentials", "issue", "-u", "alice", "-C", "prod", "--ttl", "1h")
+    with psycopg.connect(xgw.dsn(issued), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        deadline, ended = time.time() + 15, False
+        while time.time() < deadline and not ended:
+            try:
+                conn.execute("select 1")
+                time.sleep(0.2)
+            except psycopg.OperationalError:
+                ended = True
+        assert ended, "the session must end with the grant's window"
+    assert xgw.cli("credentials", "issue", "-u", "alice", "-C", "prod", check=False).returncode != 0

@@ -3,6 +3,7 @@
 
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -40,6 +41,13 @@ class ExecRequest(BaseModel):
 
 class DecisionRequest(BaseModel):
     reason: str | None = Field(default=None, description="Why; required to reject.", examples=["no DELETE during the freeze"])
+
+
+class GrantRequest(BaseModel):
+    connection: str = Field(description="Connection name.", examples=["prod"])
+    duration: str = Field(default="1h", description="How long, from approval (at most the rule's max_duration).",
+                          examples=["30m"])
+    reason: str = Field(description="Why; approvers see it.", examples=["incident 4211: fix the stuck orders"])
 
 
 class ExecuteRequest(BaseModel):
@@ -215,6 +223,8 @@ def create_app(gateway: "Gateway") -> FastAPI:
             raise HTTPException(403, decision.reason)
         try:
             ttl = parse_duration(body.ttl) if body.ttl else settings.default_ttl
+            if decision.until is not None:  # a grant's credential ends with its window
+                ttl = min(ttl, decision.until - time.time())
             provision(caller)
             lease = settings.idp_recheck if caller.source.startswith("oidc:") and caller.kind != "service" else None
             issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent, lease=lease)
@@ -307,6 +317,27 @@ def create_app(gateway: "Gateway") -> FastAPI:
             return decide
         app.post(f"/api/reviews/{{review_id}}/{verb}", summary=f"{verb.capitalize()} a review (approvers only; never your own)",
                  name=f"review_{verb}")(decide_route())
+
+    @app.post("/api/grants", summary="Ask for just-in-time access to a connection (an access review)",
+              responses={200: {"description": "pending_approval with the review id",
+                               "content": {"application/json": {"example": {
+                                   "status": "pending_approval", "review_id": "1c9e...", "connection": "prod",
+                                   "approvers": ["sre"], "min_approvals": 1, "next": "ask sre to approve review 1c9e..."}}}}})
+    async def request_grant(body: GrantRequest, caller: Caller) -> dict[str, Any]:
+        try:
+            await asyncio.to_thread(provision, caller)
+            duration = parse_duration(body.duration)
+            return await gateway.reviews.request_access(caller, body.connection, duration, body.reason)
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except Conflict as exc:
+            raise HTTPException(403, str(exc)) from None
+        except ReviewError as exc:
+            raise review_error(exc) from None
+
+    @app.get("/api/grants", summary="Your access grants (approvers: the ones you may decide)")
+    async def grants(caller: Caller) -> list[dict[str, Any]]:
+        return [r for r in await gateway.reviews.list(caller) if r["kind"] == "access"]
 
     @app.post("/api/reviews/{review_id}/execute", summary="Run an approved review's stored statement, once (requester only)",
               responses=envelope_doc)

@@ -69,7 +69,7 @@ class ExecRunner:
                   wait: float | None = None, addr: str | None = None, review_id: str | None = None) -> dict[str, Any]:
         """Decide, then run (or refuse, or hold for review) one statement batch for `caller`."""
         gk = self.gateway.gatekeeper
-        access = gk.authorize(caller, connection, "exec")
+        access = await asyncio.to_thread(gk.authorize, caller, connection, "exec")
         if not access.allowed:
             self.gateway.record_event("exec.access", "denied", user=caller.user, agent=caller.agent, addr=addr,
                                       source=caller.source, detail=f"{connection}: {access.reason}")

@@ -20,6 +20,14 @@ class AccessRule:
     verbs: tuple[str, ...] = VERBS
     hours: tuple[int, int] | None = None  # [start, end) in minutes after midnight, UTC
     days: tuple[str, ...] = field(default=DAYS)
+    # Just-in-time: with approvers, the rule allows only within an approved grant's window.
+    approvers: tuple[str, ...] = ()
+    max_duration: float = 3600.0  # the longest window a grant may ask for, in seconds
+    min_approvals: int = 1
+
+    @property
+    def just_in_time(self) -> bool:
+        return bool(self.approvers)
 
     def matches(self, identity: Identity, connection: str, verb: str, now: dt.datetime) -> bool:
         if verb not in self.verbs or not set(self.groups) & set(identity.groups):
@@ -42,6 +50,7 @@ class AccessDecision:
     allowed: bool
     rule: str | None
     reason: str
+    until: float | None = None  # allowed by a grant: its window ends then (epoch seconds)
 
 
 def parse_hours(value: str) -> tuple[int, int]:
@@ -60,14 +69,38 @@ def parse_hours(value: str) -> tuple[int, int]:
 class AccessPolicy:
     def __init__(self, rules: list[AccessRule]) -> None:
         self.rules = rules
+        self.has_grant_rules = any(r.just_in_time for r in rules)
 
-    def check(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None) -> AccessDecision:
+    def check(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None,
+              grants: dict[str, float] | None = None) -> AccessDecision:
+        """`grants`: the identity's approved grant windows, connection -> end (epoch seconds)."""
         now = now or dt.datetime.now(dt.UTC)
+        waiting: AccessRule | None = None
         for rule in self.rules:
             if rule.matches(identity, connection, verb, now):
-                return AccessDecision(True, rule.name, f"allowed by access rule {rule.name!r}")
+                if not rule.just_in_time:
+                    return AccessDecision(True, rule.name, f"allowed by access rule {rule.name!r}")
+                end = (grants or {}).get(connection)
+                if end is not None and end > now.timestamp():
+                    until = dt.datetime.fromtimestamp(end, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                    return AccessDecision(True, rule.name, f"allowed by a grant under access rule {rule.name!r} until {until}",
+                                          until=end)
+                waiting = waiting or rule
+        if waiting is not None:
+            return AccessDecision(
+                False, waiting.name,
+                f"{identity.display} may {verb} to connection {connection!r} only with an approved grant (access rule "
+                f"{waiting.name!r}, approvers: {', '.join(waiting.approvers)}); ask with "
+                f"`wardgate grants request {connection} --duration 1h --reason ...`",
+            )
         groups = ", ".join(identity.groups) or "no groups"
         return AccessDecision(
             False, None,
             f"{identity.display} ({groups}) may not {verb} to connection {connection!r}: no access rule allows it",
         )
+
+    def grant_rule(self, identity: Identity, connection: str, now: dt.datetime | None = None) -> AccessRule | None:
+        """The just-in-time rule under which `identity` may ask for a grant on `connection`."""
+        now = now or dt.datetime.now(dt.UTC)
+        return next((r for r in self.rules if r.just_in_time and any(r.matches(identity, connection, v, now) for v in r.verbs)),
+                    None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+from collections.abc import Callable
 
 from ..config import Settings
 from ..domain import Identity
@@ -27,6 +28,8 @@ class Gatekeeper:
         # Hash-masked values stay equal across sessions (so joins still work), yet cannot be guessed:
         # the gateway passes a salt derived from its secret key.
         self.masking_salt = masking_salt or os.urandom(32)
+        # The caller's approved grant windows (connection -> end); the gateway sets it to a store lookup.
+        self.grants: Callable[[str], dict[str, float]] | None = None
         self._admins = set(settings.roles.admins)
         self._auditors = set(settings.roles.auditors)
 
@@ -39,7 +42,8 @@ class Gatekeeper:
 
     def authorize(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None) -> AccessDecision:
         """May `identity` use `connection` for `verb` (connect, exec)? Deny unless a rule allows it."""
-        return self.access.check(identity, connection, verb, now)
+        grants = self.grants(identity.user) if self.grants is not None and self.access.has_grant_rules else None
+        return self.access.check(identity, connection, verb, now, grants)
 
     def statement_policy(self, identity: Identity, connection: str) -> StatementPolicy:
         """The guardrails for one session, resolved once so the hot path only evaluates them."""

@@ -102,6 +102,36 @@ class Reviews:
         self.notifier.send("review.requested", self.view(review, []))
         return review
 
+    async def request_access(self, caller: Identity, connection: str, duration: float, reason: str) -> dict[str, Any]:
+        """Ask for a just-in-time grant: `connection` for `duration` seconds from approval."""
+        rule = self.gateway.gatekeeper.access.grant_rule(caller, connection)
+        if rule is None:
+            raise ReviewError(f"no access rule lets {caller.display} ask for a grant on {connection!r}", 403)
+        if not reason.strip():
+            raise ReviewError("say why you need access (--reason); approvers see it", 422)
+        if not 0 < duration <= rule.max_duration:
+            raise ReviewError(f"a grant on {connection!r} lasts at most {int(rule.max_duration)} seconds "
+                              f"(access rule {rule.name!r})", 422)
+        now = time.time()
+        text = f"access to {connection} for {int(duration)}s"
+        review = m.Review(
+            id=uuid.uuid4().hex, kind="access", status="pending", requester=caller.user, agent=caller.agent,
+            connection=connection, statement=text, params=[], sha256=input_hash(connection, text, []),
+            policy_version=self.policy_version, rules=[{"rule": rule.name, "action": "review", "reason": "just-in-time access",
+                                                        "message": "", "shadow": False}],
+            approvers=list(rule.approvers), min_approvals=rule.min_approvals, created_at=now,
+            expires_at=now + self.settings.ttl_seconds, duration=duration, reason=reason,
+        )
+        await asyncio.to_thread(self.store.create_review, review)
+        self._event("grant.requested", "ok", caller, review.id, f"{text}: {reason}")
+        self.notifier.send("review.requested", self.view(review, []))
+        return {
+            "status": "pending_approval", "review_id": review.id, "review_url": self.url(review.id), "connection": connection,
+            "approvers": review.approvers, "min_approvals": review.min_approvals, "expires_at": iso(review.expires_at),
+            "next": f"ask {', '.join(review.approvers)} to approve review {review.id}; the window of {int(duration)}s starts "
+                    f"at approval; then `wardgate connect {connection}` or issue a credential",
+        }
+
     def native(self, caller: Identity, connection: str, statement: str, decision: Decision,
                session_id: str) -> str | None:
         """For a native session: None to run `statement` now (an approved review of exactly this text, by
@@ -128,9 +158,15 @@ class Reviews:
 
     def view(self, review: m.Review, steps: list[m.ReviewDecision]) -> dict[str, Any]:
         status = review.status
-        if status in ("pending", "approved") and review.expires_at <= time.time():
+        now = time.time()
+        if (status == "pending" or (status == "approved" and review.kind == "statement")) and review.expires_at <= now:
             status = "expired"
-        return {
+        grant = {}
+        if review.kind == "access":
+            grant = {"duration_seconds": review.duration, "reason": review.reason,
+                     "window_end": iso(review.window_end) if review.window_end else None,
+                     "active": status == "approved" and (review.window_end or 0) > now}
+        return {**grant,
             "id": review.id, "kind": review.kind, "status": status, "requester": review.requester, "agent": review.agent,
             "connection": review.connection, "statement": review.statement, "params": review.params,
             "sha256": review.sha256, "policy_version": review.policy_version, "rules": review.rules,
@@ -213,8 +249,9 @@ class Reviews:
                 raise ReviewError("you have approved this review already; it needs another approver", 409)
             approvals = len({s.by for s in steps if s.decision == "approve"}) + 1
             new_status = "approved" if approvals >= review.min_approvals else None
+            extra = {"window_end": now + (review.duration or 0)} if review.kind == "access" and new_status else {}
             ok = await asyncio.to_thread(self.store.decide_review, review_id, caller.user, "approve", reason, new_status,
-                                         ("pending",), now)
+                                         ("pending",), now, **extra)
         elif decision == "reject":
             if not reason:
                 raise ReviewError("a rejection needs a reason, for the requester", 422)
@@ -227,6 +264,12 @@ class Reviews:
             current, _ = await asyncio.to_thread(self.store.get_review, review_id)
             raise ReviewError(f"review {review_id} is {current.status} now; nothing was changed", 409)
         self._event(f"review.{decision}", "ok", caller, review_id, reason or "")
+        if review.kind == "access" and decision == "revoke" and review.status == "approved" and review.decided_at:
+            # The grant ends now: credentials issued under it are revoked, which ends their live sessions.
+            ended = await asyncio.to_thread(self.store.revoke_credentials_since, review.requester, review.connection,
+                                            review.decided_at)
+            if ended:
+                self._event("credential.revoke", "ok", caller, review_id, f"grant revoked: {', '.join(ended)}")
         self._wake(review_id)
         view = await self.get(caller, review_id)
         step = {"approve": "review.approved" if view["status"] == "approved" else "review.approval",
@@ -241,6 +284,8 @@ class Reviews:
             review, _ = await asyncio.to_thread(self.store.get_review, review_id)
         except NotFound:
             raise ReviewError(f"no review {review_id!r}", 404) from None
+        if review.kind != "statement":
+            raise ReviewError("an access review is not executed: once approved, it grants a window on the connection", 409)
         if review.requester != caller.user:
             self._event("review.execute", "denied", caller, review_id, "not the requester")
             raise ReviewError("only the person who asked for this review may run it", 403)

@@ -579,13 +579,13 @@ class Store:
             return list(s.scalars(q))
 
     def decide_review(self, review_id: str, by: str, decision: str, reason: str | None, new_status: str | None,
-                      expect: tuple[str, ...], now: float) -> bool:
+                      expect: tuple[str, ...], now: float, **values: Any) -> bool:
         """Record one person's step and, with `new_status`, move the review on; False when the review is
         no longer in one of the `expect`ed states (someone else got there first)."""
         with self.Session.begin() as s:
             if new_status is not None:
                 done = s.execute(update(m.Review).where(m.Review.id == review_id, m.Review.status.in_(expect))
-                                 .values(status=new_status, decided_at=now))
+                                 .values(status=new_status, decided_at=now, **values))
                 if done.rowcount != 1:
                     return False
             elif s.scalar(select(m.Review.status).where(m.Review.id == review_id)) not in expect:
@@ -597,8 +597,8 @@ class Store:
         """Approved, unexpired, the requester's, never run: mark it executed in one step (at most once)."""
         with self.Session.begin() as s:
             done = s.execute(update(m.Review).where(
-                m.Review.id == review_id, m.Review.status == "approved", m.Review.requester == requester,
-                m.Review.expires_at > now,
+                m.Review.id == review_id, m.Review.kind == "statement", m.Review.status == "approved",
+                m.Review.requester == requester, m.Review.expires_at > now,
             ).values(status="executed", executed_at=now))
             return done.rowcount == 1
 
@@ -608,19 +608,20 @@ class Store:
 
     def expire_reviews(self, now: float) -> list[str]:
         with self.Session.begin() as s:
-            ids = list(s.scalars(select(m.Review.id).where(m.Review.status.in_(("pending", "approved")),
-                                                          m.Review.expires_at <= now)))
+            # An approved grant is governed by its window, not by the review's expiry.
+            open_ = sa.or_(m.Review.status == "pending", sa.and_(m.Review.status == "approved", m.Review.kind == "statement"))
+            ids = list(s.scalars(select(m.Review.id).where(open_, m.Review.expires_at <= now)))
             if ids:
-                s.execute(update(m.Review).where(m.Review.id.in_(ids), m.Review.status.in_(("pending", "approved")))
-                          .values(status="expired"))
+                s.execute(update(m.Review).where(m.Review.id.in_(ids), open_).values(status="expired"))
             return ids
 
     def claim_approved(self, requester: str, connection: str, sha256: str, policy_version: str, now: float) -> str | None:
         """An approved, unexpired review of exactly this input, marked executed in the same step; its id."""
         with self.Session.begin() as s:
             ids = list(s.scalars(select(m.Review.id).where(
-                m.Review.requester == requester, m.Review.connection == connection, m.Review.sha256 == sha256,
-                m.Review.status == "approved", m.Review.expires_at > now, m.Review.policy_version == policy_version,
+                m.Review.kind == "statement", m.Review.requester == requester, m.Review.connection == connection,
+                m.Review.sha256 == sha256, m.Review.status == "approved", m.Review.expires_at > now,
+                m.Review.policy_version == policy_version,
             ).order_by(m.Review.created_at)))
             for review_id in ids:
                 done = s.execute(update(m.Review).where(m.Review.id == review_id, m.Review.status == "approved")
@@ -632,6 +633,34 @@ class Store:
     def pending_review(self, requester: str, connection: str, sha256: str, now: float) -> m.Review | None:
         with self.Session() as s:
             return s.scalar(select(m.Review).where(
-                m.Review.requester == requester, m.Review.connection == connection, m.Review.sha256 == sha256,
-                m.Review.status == "pending", m.Review.expires_at > now,
+                m.Review.kind == "statement", m.Review.requester == requester, m.Review.connection == connection,
+                m.Review.sha256 == sha256, m.Review.status == "pending", m.Review.expires_at > now,
             ).order_by(m.Review.created_at.desc()).limit(1))
+
+    def active_grants(self, user: str, now: float | None = None) -> dict[str, float]:
+        """The user's approved access windows that have not ended: connection -> end."""
+        now = time.time() if now is None else now
+        with self.Session() as s:
+            rows = s.execute(select(m.Review.connection, m.Review.window_end).where(
+                m.Review.kind == "access", m.Review.requester == user, m.Review.status == "approved",
+                m.Review.window_end > now,
+            ))
+            out: dict[str, float] = {}
+            for connection, end in rows:
+                out[connection] = max(end, out.get(connection, 0.0))
+            return out
+
+    def revoke_credentials_since(self, user: str, connection: str, since: float) -> list[str]:
+        """Revoke the user's live credentials for `connection` issued at or after `since`; their ids."""
+        now = time.time()
+        with self.Session.begin() as s:
+            user_id = s.scalar(select(m.User.id).where(m.User.name == user))
+            if user_id is None:
+                return []
+            ids = list(s.scalars(select(m.Credential.id).where(
+                m.Credential.user_id == user_id, m.Credential.connection == connection, m.Credential.created_at >= since,
+                m.Credential.revoked_at.is_(None), m.Credential.expires_at > now,
+            )))
+            if ids:
+                s.execute(update(m.Credential).where(m.Credential.id.in_(ids)).values(revoked_at=now))
+            return ids

@@ -133,7 +133,7 @@ class Review(Base):
 
     __tablename__ = "reviews"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # statement
+    kind: Mapped[str] = mapped_column(String(16))  # statement, or access (a just-in-time grant)
     status: Mapped[str] = mapped_column(String(16), index=True)  # pending, approved, rejected, revoked, executed, expired
     requester: Mapped[str] = mapped_column(String(128), index=True)
     agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -150,6 +150,9 @@ class Review(Base):
     decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     executed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     session_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the session that ran it
+    duration: Mapped[float | None] = mapped_column(Float, nullable=True)  # access: the window asked for, seconds
+    window_end: Mapped[float | None] = mapped_column(Float, nullable=True)  # access: set when approved
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # the requester's justification
 
 
 class ReviewDecision(Base):

@@ -237,7 +237,7 @@ class PostgresListener:
         record["agent"] = agents.get(matched)
         assert user_row is not None  # a credential matched, so the user exists
         identity = Identity(user, tuple(user_row.groups), "agent" if record["agent"] else "user", record["agent"])
-        decision = self.gatekeeper.authorize(identity, conn_name, "connect")
+        decision = await asyncio.to_thread(self.gatekeeper.authorize, identity, conn_name, "connect")
         if not decision.allowed:
             raise Rejected("28000", decision.reason, hint="ask an administrator for access (an [[access]] rule)")
 
