@@ -38,6 +38,14 @@ approvers = ["dba"]
 message = "deleting orders needs a DBA's approval"
 connections = ["shop"]
 
+[[guardrails]]
+name = "updates-need-two"
+kinds = ["update"]
+action = "review"
+approvers = ["dba"]
+min_approvals = 2
+connections = ["shop"]
+
 [[masking]]
 name = "emails"
 columns = ["email"]
@@ -84,6 +92,7 @@ def people(idp):  # noqa: ANN001, ANN201
         "amy": token("amy", ["dev"]),
         "olivia": token("olivia", ["ops", "dba"]),
         "dana": token("dana", ["dev"]),
+        "oscar": token("oscar", ["dba"]),
         "agent": token("amy", ["dev"], act={"sub": "claude-code"}),
     }
 
@@ -134,13 +143,17 @@ def test_denied_failed_and_access(xgw, people) -> None:
 
 
 def test_slow_statement_answers_running_then_completes_through_the_long_poll(xgw, people) -> None:
-    out = exec_(xgw, people["amy"], "select pg_sleep(3), 'done' as word", wait=1)
+    out = exec_(xgw, people["amy"], "select pg_sleep(5), 'done' as word", wait=1)
     assert out["status"] == "running" and out["session_id"]
     assert "wait" in out["next"]
     # another person cannot wait on it
     assert call(xgw, "GET", f"/api/sessions/{out['session_id']}/wait?timeout=1", people["dana"]).status_code == 404
     final = call(xgw, "GET", f"/api/sessions/{out['session_id']}/wait?timeout=30", people["amy"]).json()
     assert final["status"] == "completed" and final["rows"] == [["", "done"]]
+    # the session itself carries the final result too
+    xgw.wait_for_session(lambda s: s["id"] == out["session_id"] and s["status"] == "closed")
+    recorded = call(xgw, "GET", f"/api/sessions/{out['session_id']}", people["amy"]).json()
+    assert recorded["result"]["status"] == "completed" and recorded["statements"][0]["status"] == "ok"
 
 
 def test_truncation_flag(xgw, people) -> None:
@@ -483,3 +496,34 @@ def test_a_grant_window_ends_the_sessions_in_it(xgw, people) -> None:
                 ended = True
         assert ended, "the session must end with the grant's window"
     assert xgw.cli("credentials", "issue", "-u", "alice", "-C", "prod", check=False).returncode != 0
+
+
+def test_min_approvals_counts_different_people(xgw, people) -> None:
+    rid = exec_(xgw, people["amy"], "update orders set status = status where id = 1")["review_id"]
+    first = call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"]).json()
+    assert (first["status"], first["approvals"], first["min_approvals"]) == ("pending", 1, 2)
+    again = call(xgw, "POST", f"/api/reviews/{rid}/approve", people["olivia"])
+    assert again.status_code == 409 and "another approver" in again.json()["detail"]
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).status_code == 409
+    second = call(xgw, "POST", f"/api/reviews/{rid}/approve", people["oscar"]).json()
+    assert (second["status"], second["approvals"]) == ("approved", 2)
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).json()["command_tags"] == ["UPDATE 1"]
+
+
+def test_openapi_describes_every_route_with_examples(xgw) -> None:
+    spec = httpx.get(f"http://127.0.0.1:{xgw.http_port}/openapi.json").json()
+    missing = []
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            content = op["responses"]["200"].get("content", {}).get("application/json", {})
+            if not (content.get("example") or content.get("examples")):
+                missing.append(f"{method.upper()} {path}")
+            body = op.get("requestBody")
+            if body is not None:
+                schema_ = body["content"]["application/json"]["schema"]
+                ref = schema_.get("$ref") or next((a["$ref"] for a in schema_.get("anyOf", []) if "$ref" in a), "")
+                schema = spec["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else {}
+                if not any("examples" in prop for prop in schema.get("properties", {}).values()):
+                    missing.append(f"{method.upper()} {path} (request body)")
+            assert op.get("summary"), f"{method} {path} has no summary"
+    assert missing == [], missing

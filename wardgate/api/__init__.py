@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 
 
 class ApiKeyRequest(BaseModel):
-    for_agent: str | None = Field(default=None, description="Make a key for this agent, acting for you.")
+    for_agent: str | None = Field(default=None, description="Make a key for this agent, acting for you.",
+                                  examples=["claude-code"])
     name: str | None = Field(default=None, description="Service account name (admin role only).")
     groups: list[str] = Field(default_factory=list, description="Service account groups (admin role only).")
-    ttl: str | None = Field(default=None, description="Lifetime such as 90d; default: until revoked.")
+    ttl: str | None = Field(default=None, description="Lifetime such as 90d; default: until revoked.", examples=["90d"])
 
 
 class ExecRequest(BaseModel):
@@ -51,7 +52,7 @@ class GrantRequest(BaseModel):
 
 
 class ExecuteRequest(BaseModel):
-    wait: float | None = Field(default=None, description="Seconds to wait before answering `running`.")
+    wait: float | None = Field(default=None, description="Seconds to wait before answering `running`.", examples=[10])
 
 
 EXEC_EXAMPLES = {
@@ -69,8 +70,8 @@ EXEC_EXAMPLES = {
 
 
 class CredentialRequest(BaseModel):
-    connection: str = Field(description="Connection name (the dbname native clients use).")
-    ttl: str | None = Field(default=None, description="Lifetime such as 15m or 2h; default from the config.")
+    connection: str = Field(description="Connection name (the dbname native clients use).", examples=["shop"])
+    ttl: str | None = Field(default=None, description="Lifetime such as 15m or 2h; default from the config.", examples=["2h"])
 
 
 def create_app(gateway: "Gateway") -> FastAPI:
@@ -147,6 +148,9 @@ def create_app(gateway: "Gateway") -> FastAPI:
             raise HTTPException(404, str(exc)) from None
         if data["user"] != caller.user and not can_read_all(caller):
             raise HTTPException(404, f"no session {session_id!r}")  # do not confirm it exists
+        result = gateway.exec.result(session_id)
+        if result is not None:
+            data["result"] = result  # an exec session: its final envelope, while the gateway keeps it
         return data
 
     @app.post("/api/credentials/{credential_id}/revoke", summary="Revoke a native credential; its sessions end")
@@ -347,4 +351,59 @@ def create_app(gateway: "Gateway") -> FastAPI:
         except ReviewError as exc:
             raise review_error(exc) from None
 
+    # Every route's answer, by example, in the OpenAPI document.
+    for route in app.routes:
+        example = ROUTE_EXAMPLES.get((next(iter(getattr(route, "methods", {"?"}))), getattr(route, "path", "")))
+        if example is not None and 200 not in route.responses:  # type: ignore[attr-defined]
+            route.responses[200] = {"description": "Successful Response",  # type: ignore[attr-defined]
+                                    "content": {"application/json": {"example": example}}}
     return app
+
+
+_SESSION = {"id": "4f1c2a...", "user": "alice", "agent": None, "connection": "shop", "client_addr": "10.0.0.7",
+            "started_at": "2026-11-22T10:00:00Z", "ended_at": "2026-11-22T10:05:00Z", "status": "closed",
+            "end_reason": "client terminated", "tls": True, "application_name": "psql", "statements": 3, "masked": {"email": 12}}
+_REVIEW = {"id": "c3d2...", "kind": "statement", "status": "pending", "requester": "alice", "agent": "claude-code",
+           "connection": "shop", "statement": "delete from orders where id = 7", "params": [], "sha256": "9f2c...",
+           "policy_version": "a1b2c3d4e5f60718", "rules": [{"rule": "deletes-need-review", "action": "review",
+                                                             "reason": "statement kind delete"}],
+           "approvers": ["dba"], "min_approvals": 1, "approvals": 0, "created_at": "2026-11-22T10:00:00Z",
+           "expires_at": "2026-11-23T10:00:00Z", "decided_at": None, "executed_at": None, "session_id": None,
+           "url": "https://wardgate.example.com/api/reviews/c3d2...", "history": []}
+ROUTE_EXAMPLES: dict[tuple[str, str], Any] = {
+    ("GET", "/api/me"): {"user": "alice", "groups": ["dev"], "kind": "agent", "agent": "claude-code", "source": "oidc:corp",
+                         "expires_at": "2026-11-22T11:00:00Z", "roles": []},
+    ("GET", "/api/connections"): [{"name": "shop", "type": "postgresql", "verbs": ["connect", "exec"]}],
+    ("GET", "/api/sessions"): [_SESSION],
+    ("GET", "/api/sessions/{session_id}"): {**_SESSION, "statements": [
+        {"seq": 1, "kind": "simple", "text": "select id, email from customers limit 5", "param_count": 0,
+         "started_at": "2026-11-22T10:00:01Z", "duration_ms": 0.8, "status": "ok", "rows": 5, "command_tag": "SELECT 5",
+         "error_code": None, "error_message": None}]},
+    ("POST", "/api/credentials/{credential_id}/revoke"): {"id": "a1b2c3d4e5f6", "status": "revoked"},
+    ("POST", "/api/apikeys"): {"id": "7d1e...", "name": "claude-code for alice", "kind": "agent", "user": "alice",
+                               "agent": "claude-code", "groups": ["dev"], "key": "wgk_7d1e..._(shown once)"},
+    ("GET", "/api/apikeys"): [{"id": "7d1e...", "name": "claude-code for alice", "kind": "agent", "user": "alice",
+                               "agent": "claude-code", "groups": ["dev"], "created_at": "2026-11-22T09:00:00Z",
+                               "expires_at": None, "revoked_at": None, "last_used_at": "2026-11-22T10:00:00Z"}],
+    ("POST", "/api/apikeys/{key_id}/revoke"): {"id": "7d1e...", "status": "revoked"},
+    ("GET", "/api/events"): [{"id": "e0f1...", "at": "2026-11-22T10:00:00Z", "kind": "review.approve", "outcome": "ok",
+                              "user": "olivia", "agent": None, "source": "review:c3d2...", "client_addr": None,
+                              "detail": "customer asked"}],
+    ("POST", "/api/credentials"): {"id": "a1b2c3d4e5f6", "user": "alice", "agent": None, "connection": "shop",
+                                   "credential": "wgc_a1b2c3d4e5f6_(shown once)", "expires_at": "2026-11-22T10:15:00Z",
+                                   "url": "postgresql://alice:wgc_...@gateway:6432/shop?sslmode=require",
+                                   "env": {"PGHOST": "gateway", "PGPORT": "6432"}, "renew_every": None},
+    ("POST", "/api/credentials/{credential_id}/renew"): {"id": "a1b2c3d4e5f6", "valid_until": "2026-11-22T10:01:00Z"},
+    ("GET", "/api/reviews"): [_REVIEW],
+    ("GET", "/api/reviews/{review_id}"): _REVIEW,
+    ("GET", "/api/reviews/{review_id}/wait"): {**_REVIEW, "status": "approved", "approvals": 1, "timed_out": False},
+    ("POST", "/api/reviews/{review_id}/approve"): {**_REVIEW, "status": "approved", "approvals": 1,
+                                                  "history": [{"by": "olivia", "decision": "approve", "reason": None,
+                                                               "at": "2026-11-22T10:02:00Z"}]},
+    ("POST", "/api/reviews/{review_id}/reject"): {**_REVIEW, "status": "rejected", "history": [
+        {"by": "olivia", "decision": "reject", "reason": "not during the freeze", "at": "2026-11-22T10:02:00Z"}]},
+    ("POST", "/api/reviews/{review_id}/revoke"): {**_REVIEW, "status": "revoked"},
+    ("GET", "/api/grants"): [{**_REVIEW, "kind": "access", "status": "approved", "statement": "access to prod for 1800s",
+                              "duration_seconds": 1800, "reason": "incident 4211", "window_end": "2026-11-22T10:32:00Z",
+                              "active": True}],
+}

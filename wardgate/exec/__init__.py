@@ -110,6 +110,11 @@ class ExecRunner:
         done = self._finished.get(session_id)
         return None if done is None else done[1]
 
+    def result(self, session_id: str) -> dict[str, Any] | None:
+        """The final envelope of a finished exec session, while it is kept; else None."""
+        done = self._finished.get(session_id)
+        return None if done is None else done[1]
+
     def _running_envelope(self, sid: str, connection: str) -> dict[str, Any]:
         return {"status": "running", "session_id": sid, "connection": connection,
                 "next": f"GET /api/sessions/{sid}/wait?timeout=60 returns the result when it finishes "
