@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -51,6 +52,8 @@ class Gateway:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.http_server: Any = None
+        self.mcp: Any = None
+        self._exit = contextlib.AsyncExitStack()
 
     def record_event(self, kind: str, outcome: str, **fields: Any) -> None:
         """Record a security event; safe to call from any thread (the API's workers)."""
@@ -113,7 +116,15 @@ class Gateway:
             cert = self.settings.gateway.tls_cert or str(self.settings.data_dir / "tls" / "server.crt")
             key = self.settings.gateway.tls_key or str(self.settings.data_dir / "tls" / "server.key")
             kwargs = {"ssl_certfile": cert, "ssl_keyfile": key}
-        config = uvicorn.Config(create_app(self), host=host, port=port, log_level="warning", lifespan="off", access_log=False, **kwargs)
+        app = create_app(self)
+        if self.settings.mcp.enabled:
+            from .mcp import create_server
+
+            self.mcp = create_server(self, self.settings.mcp_resource_url)
+            app.mount("/", self.mcp.streamable_http_app(streamable_http_path="/mcp", host=host))
+            # uvicorn runs without lifespan here, so the MCP session manager is started by hand.
+            await self._exit.enter_async_context(self.mcp.session_manager.run())
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, **kwargs)
         self.http_server = uvicorn.Server(config)
         self.http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._tasks.append(asyncio.create_task(self.http_server.serve(), name="http"))
@@ -137,6 +148,10 @@ class Gateway:
             if task.get_name() != "http":
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self._exit.aclose()
+        except Exception:  # noqa: BLE001 - closing the MCP sessions must not stop the shutdown
+            log.exception("closing the MCP server")
         await self.recorder.close()
         self.store.close()
 

@@ -109,6 +109,14 @@ class ReviewSettings:
 
 
 @dataclass
+class McpSettings:
+    """The MCP server for AI agents, at /mcp on the HTTP listener."""
+
+    enabled: bool = True
+    resource_url: str = ""  # the URL agents reach it at (tokens' audience); default http(s)://<http_listen>/mcp
+
+
+@dataclass
 class RoleSettings:
     """Groups whose members hold a management role on the HTTP API."""
 
@@ -161,6 +169,7 @@ class Settings:
     roles: RoleSettings = field(default_factory=RoleSettings)
     exec: ExecSettings = field(default_factory=ExecSettings)
     reviews: ReviewSettings = field(default_factory=ReviewSettings)
+    mcp: McpSettings = field(default_factory=McpSettings)
     connections: list[ConnectionSpec] = field(default_factory=list)
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
@@ -170,6 +179,12 @@ class Settings:
     @property
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{(self.data_dir / 'wardgate.db').resolve()}"
+
+    @property
+    def mcp_resource_url(self) -> str:
+        if self.mcp.resource_url:
+            return self.mcp.resource_url.rstrip("/")
+        return f"{'https' if self.gateway.http_tls else 'http'}://{self.gateway.http_listen}/mcp"
 
     @property
     def journal_dir(self) -> Path:
@@ -248,7 +263,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
                 raise ConfigError(f"{extra_path}: only {', '.join(_LISTS)} may be included, not {key!r}")
             raw.setdefault(key, []).extend(value)
     sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials,
-                "roles": settings.roles, "exec": settings.exec, "reviews": settings.reviews}
+                "roles": settings.roles, "exec": settings.exec, "reviews": settings.reviews,
+                "mcp": settings.mcp}
     for key, value in raw.items():
         if key in sections:
             _apply(sections[key], value, key)

@@ -14,8 +14,9 @@ class Authenticator:
         self.store = store
         self.tokens = TokenVerifier([Provider(p) for p in settings.identity_providers])
 
-    def authenticate(self, bearer: str) -> Identity:
-        """Blocking (store look-ups, JWKS fetches): call it from a thread, not the event loop."""
+    def authenticate(self, bearer: str, audience: str | None = None) -> Identity:
+        """Blocking (store look-ups, JWKS fetches): call it from a thread, not the event loop.
+        `audience`: the audience a token must carry, when not the provider's (the MCP resource URL)."""
         bearer = bearer.strip()
         if not bearer:
             raise AuthenticationError("no credentials: send `Authorization: Bearer <token or API key>`")
@@ -29,4 +30,4 @@ class Authenticator:
             return Identity(row.user_name, tuple(groups), "service", None, f"apikey:{row.id}", row.expires_at)
         if not self.tokens.providers:
             raise AuthenticationError("no identity provider is configured: use an API key, or add [[identity_providers]]")
-        return self.tokens.verify(bearer)
+        return self.tokens.verify(bearer, audience)

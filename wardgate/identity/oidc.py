@@ -76,7 +76,7 @@ class Provider:
             assert self._keys is not None
             return self._keys
 
-    def verify(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
+    def verify(self, token: str, header: dict[str, Any], audience: str | None = None) -> dict[str, Any]:
         s = self.settings
         keys = self.keys_for(header.get("kid"))
         try:
@@ -86,7 +86,7 @@ class Provider:
         registry = jwt.JWTClaimsRegistry(
             leeway=s.leeway,
             iss={"essential": True, "value": s.issuer},
-            aud={"essential": True, "value": s.audience},
+            aud={"essential": True, "value": audience or s.audience},
             exp={"essential": True},
         )
         try:
@@ -117,16 +117,18 @@ class TokenVerifier:
 
     def __init__(self, providers: list[Provider], cache_size: int = 4096) -> None:
         self.providers = {p.settings.issuer: p for p in providers}
-        self._cache: OrderedDict[str, Identity] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Identity] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def verify(self, token: str) -> Identity:
+    def verify(self, token: str, audience: str | None = None) -> Identity:
+        """`audience`: the one the token must carry, when not the provider's own (the MCP resource URL)."""
         now = time.time()
+        key = (audience or "", token)
         with self._lock:
-            hit = self._cache.get(token)
+            hit = self._cache.get(key)
             if hit is not None and (hit.expires_at or 0) > now:
-                self._cache.move_to_end(token)
+                self._cache.move_to_end(key)
                 return hit
         parts = token.split(".")
         if len(parts) != 3:
@@ -139,9 +141,9 @@ class TokenVerifier:
             raise AuthenticationError(f"tokens from issuer {payload.get('iss')!r} are not accepted here")
         if header["alg"] not in provider.settings.algorithms:
             raise AuthenticationError(f"token algorithm {header['alg']!r} is not accepted for {provider.settings.name!r}")
-        identity = provider.identity(provider.verify(token, header))
+        identity = provider.identity(provider.verify(token, header, audience))
         with self._lock:
-            self._cache[token] = identity
+            self._cache[key] = identity
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return identity
