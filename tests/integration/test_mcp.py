@@ -27,6 +27,9 @@ audience = "{audience}"
 [roles]
 admins = ["wardgate-admins"]
 
+[exec]
+wait = "2s"
+
 [[guardrails]]
 preset = "standard"
 connections = ["shop"]
@@ -180,7 +183,7 @@ def test_guarded_delete_waits_for_approval_then_runs_once(mgw, pg, tokens) -> No
         return pending, waited, ran, again
 
     pending, waited, ran, again = run(mgw, tokens["agent"], steps)
-    assert pending["status"] == "pending_approval"
+    assert pending["status"] == "pending_approval" and "reviews_wait" in pending["next"]
     assert waited["status"] == "approved" and waited["timed_out"] is False
     assert ran["status"] == "completed" and ran["command_tags"] == ["DELETE 1"]
     assert again.is_error and "executed" in again.content[0].text
@@ -206,16 +209,54 @@ def test_reviews_wait_reports_progress_while_pending(mgw, pg, tokens) -> None:
 
 def test_running_exec_then_the_result(mgw, tokens) -> None:
     async def steps(s: ClientSession) -> tuple:
-        # the wait threshold is the config's; a long statement is checked through its session instead
-        out = data(await s.call_tool("exec", {"connection": "shop", "sql": "select pg_sleep(1), 'ok' as word"}))
+        out = data(await s.call_tool("exec", {"connection": "shop", "sql": "select pg_sleep(4), 'ok' as word"}))
+        final = data(await s.call_tool("sessions_wait_result", {"session_id": out["session_id"], "timeout_seconds": 30}))
         content = data(await s.call_tool("sessions_get_content", {"session_id": out["session_id"]}))
         analysis = data(await s.call_tool("sessions_get_analysis", {"session_id": out["session_id"]}))
-        return out, content, analysis
+        return out, final, content, analysis
 
-    out, content, analysis = run(mgw, tokens["agent"], steps)
-    assert out["status"] == "completed" and out["rows"] == [["", "ok"]]
+    out, final, content, analysis = run(mgw, tokens["agent"], steps)
+    assert out["status"] == "running" and "sessions_wait_result" in out["next"]
+    assert final["status"] == "completed" and final["rows"] == [["", "ok"]]
     assert content["result"]["status"] == "completed" and content["user"] == "amy"
     assert analysis["status"] == "unavailable"
+
+
+def test_admin_creates_and_updates_connections_without_seeing_secrets(mgw, pg, tokens) -> None:
+    async def admin(s: ClientSession) -> tuple:
+        made = data(await s.call_tool("connections_create", {
+            "name": "shop_extra", "host": "127.0.0.1", "port": pg.port, "database": "shop", "user": "app",
+            "password": APP_PASSWORD, "sslmode": "disable"}))
+        broken = data(await s.call_tool("connections_update", {"name": "shop_extra", "port": 1}))
+        dup = await s.call_tool("connections_create", {"name": "shop_extra", "host": "x", "database": "d", "user": "u"})
+        return made, broken, dup
+
+    made, broken, dup = run(mgw, tokens["admin"], admin)
+    assert made["password"] == "set" and APP_PASSWORD not in json.dumps(made)
+    assert broken["port"] == 1 and dup.is_error and "already exists" in dup.content[0].text
+    assert APP_PASSWORD.encode() not in (mgw.dir / "data" / "wardgate.db").read_bytes()
+
+    async def agent(s: ClientSession) -> tuple:
+        failed = data(await s.call_tool("exec", {"connection": "shop_extra", "sql": "select 1"}))
+        refused = await s.call_tool("connections_update", {"name": "shop_extra", "port": pg.port})
+        return failed, refused
+
+    failed, refused = run(mgw, tokens["agent"], agent)
+    assert failed["status"] == "failed" and refused.is_error and "admin role" in refused.content[0].text
+
+    async def fix(s: ClientSession) -> dict:
+        return data(await s.call_tool("connections_update", {"name": "shop_extra", "port": pg.port}))
+
+    assert run(mgw, tokens["admin"], fix)["port"] == pg.port
+
+    async def again(s: ClientSession) -> tuple:
+        ok = data(await s.call_tool("exec", {"connection": "shop_extra", "sql": "select count(*) from orders"}))
+        wrong_db = await s.call_tool("connection_tables", {"connection": "shop_extra", "database": "postgres"})
+        return ok, wrong_db
+
+    ok, wrong_db = run(mgw, tokens["agent"], again)
+    assert ok["status"] == "completed"
+    assert wrong_db.is_error and "reaches database 'shop'" in wrong_db.content[0].text
 
 
 def test_wrong_audience_and_missing_token_get_401_with_resource_metadata(mgw, tokens) -> None:

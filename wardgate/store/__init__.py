@@ -186,6 +186,29 @@ class Store:
                 )
             )
 
+    def update_connection(self, name: str, changes: dict[str, Any]) -> ConnectionInfo:
+        """Change a stored connection in place (its credentials stay valid); `password` is encrypted."""
+        if name in self._config_connections:
+            raise Conflict(f"connection {name!r} is declared in the config file; edit it there")
+        with self.Session.begin() as s:
+            row = s.scalar(select(m.Connection).where(m.Connection.name == name))
+            if row is None:
+                raise NotFound(f"no connection named {name!r}")
+            spec = self._spec(row)
+            for key, value in changes.items():
+                if not hasattr(spec, key) or key == "name":
+                    raise ConfigError(f"a connection has no setting {key!r} to change")
+                setattr(spec, key, value)
+            if "password" in changes and changes["password"]:
+                spec.password_env = changes.get("password_env")
+            if "password_env" in changes and changes["password_env"]:
+                spec.password = changes.get("password")
+            validate_connection(spec)
+            row.host, row.port, row.database, row.username = spec.host, spec.port, spec.database, spec.user
+            row.password_enc = self.box.encrypt(spec.password) if spec.password else None
+            row.password_env, row.sslmode, row.sslrootcert = spec.password_env, spec.sslmode, spec.sslrootcert
+        return ConnectionInfo(spec, "store")
+
     def remove_connection(self, name: str) -> None:
         if name in self._config_connections:
             raise Conflict(f"connection {name!r} is declared in the config file; remove it there")
