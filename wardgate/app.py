@@ -118,10 +118,12 @@ class Gateway:
             kwargs = {"ssl_certfile": cert, "ssl_keyfile": key}
         app = create_app(self)
         if self.settings.mcp.enabled:
-            from .mcp import create_server
+            from .mcp import create_server, transport_security
 
             self.mcp = create_server(self, self.settings.mcp_resource_url)
-            app.mount("/", self.mcp.streamable_http_app(streamable_http_path="/mcp", host=host))
+            app.mount("/", self.mcp.streamable_http_app(
+                streamable_http_path="/mcp", host=host,
+                transport_security=transport_security(self.settings.mcp_resource_url, host, port)))
             # uvicorn runs without lifespan here, so the MCP session manager is started by hand.
             await self._exit.enter_async_context(self.mcp.session_manager.run())
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, **kwargs)

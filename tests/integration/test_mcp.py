@@ -290,3 +290,11 @@ def test_agent_api_key_works_and_admin_tools_need_admin(mgw, tokens) -> None:
 
     checked = run(mgw, tokens["admin"], admin_steps)
     assert checked["action"] == "deny" and checked["matches"][0]["rule"] == "standard:unconditional-writes"
+
+
+def test_requests_naming_another_host_are_refused(mgw, tokens) -> None:
+    """DNS rebinding: a page on another name cannot drive the agent's MCP server."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    r = httpx.post(mcp_url(mgw), json=body, headers={"Host": "evil.example", "accept": "application/json, text/event-stream",
+                                                     "Authorization": f"Bearer {tokens['agent']}"})
+    assert r.status_code in (403, 421), r.status_code

@@ -13,12 +13,14 @@ import json
 import re
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import ToolAnnotations
 
 from ..config import ConfigError, ConnectionSpec
@@ -79,6 +81,19 @@ def caller() -> Identity:
         raise ToolError("not authenticated")
     w = token.claims["wardgate"]
     return Identity(w["user"], tuple(w["groups"]), w["kind"], w["agent"], w["source"], w["expires_at"])
+
+
+def transport_security(resource_url: str, host: str, port: int) -> TransportSecuritySettings | None:
+    """Requests must name this server (DNS rebinding protection): its public URL, or the listen address.
+    None on a loopback listener, where the SDK's own localhost protection applies."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    public = urlsplit(resource_url)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[public.netloc, f"{host}:{port}"],
+        allowed_origins=[f"{public.scheme}://{public.netloc}"],
+    )
 
 
 def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
