@@ -826,6 +826,32 @@ def reviews_execute(review_id: str, wait: float | None = typer.Option(None, help
                        timeout=(wait or 300) + 30), json_out)
 
 
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log: verify it, export its key.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(json_out: bool = JsonOpt) -> None:
+    """Check the whole hash chain and every signed checkpoint; name the first broken event. Exit 1 if broken."""
+    verdict = open_store().audit_verify()
+    if json_out:
+        emit_json(verdict.public())
+    elif verdict.ok:
+        console.print(f"[green]audit log intact[/]: {verdict.events} events, {verdict.checkpoints} signed checkpoints, "
+                      f"head at seq {verdict.head_seq}")
+    else:
+        where = f" at seq {verdict.seq}" + (f" (event {verdict.event_id})" if verdict.event_id else "") if verdict.seq else ""
+        err.print(f"[red]audit log broken{where}[/]: {verdict.problem}")
+    if not verdict.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("pubkey")
+def audit_pubkey() -> None:
+    """Print the public key that verifies the checkpoints (PEM), to keep outside the gateway."""
+    print(open_store().signer.public_pem, end="")
+
+
 @app.command("events")
 def events_list(
     kind: str | None = typer.Option(None, help="Only this kind, e.g. api.authenticate, credential.issue."),

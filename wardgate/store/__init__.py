@@ -23,6 +23,7 @@ from sqlalchemy.orm import sessionmaker
 
 from ..config import ConfigError, ConnectionSpec, Settings, validate_connection
 from ..engines.postgres.scram import DEFAULT_ITERATIONS, Verifier, make_verifier
+from ..recording import audit
 from . import models as m
 from .secretbox import SecretBox
 
@@ -109,6 +110,7 @@ class Store:
         self.box = SecretBox.from_settings(settings.secret_key, settings.data_dir / "secret.key")
         self._insert = (sqlite.insert if self.engine.dialect.name == "sqlite" else postgresql.insert)
         self._config_connections = {c.name: c for c in settings.connections}
+        self._signer: audit.Signer | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> "Store":
@@ -520,7 +522,7 @@ class Store:
             if sessions:
                 conn.execute(self._insert(ss).on_conflict_do_nothing(), list(sessions.values()))
             if events:
-                conn.execute(self._insert(m.Event.__table__).on_conflict_do_nothing(), events)
+                self._append_events(conn, events)
             if stmts:
                 # The hot insert goes to the driver as tuples: a statement a row, thousands a second.
                 ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
@@ -550,6 +552,42 @@ class Store:
                     .values(status="aborted", error_message="the session ended before the statement finished"),
                     [{"b_sid": e["b_sid"]} for e in ends],
                 )
+
+    @property
+    def signer(self) -> audit.Signer:
+        if self._signer is None:
+            path = self.settings.data_dir / "audit-ed25519.pem"
+            try:
+                self._signer = audit.Signer(path)
+            except FileExistsError:  # another process made it a moment ago
+                self._signer = audit.Signer(path)
+        return self._signer
+
+    def _append_events(self, conn: sa.Connection, events: list[dict[str, Any]]) -> None:
+        """Chain and insert events not yet recorded (a replayed journal repeats some), then sign the new head."""
+        ev, head = m.Event.__table__, m.AuditHead.__table__
+        known = set(conn.execute(select(ev.c.id).where(ev.c.id.in_([e["id"] for e in events]))).scalars())
+        new = [e for e in events if e["id"] not in known]
+        if not new:
+            return
+        # Taking the head's row lock first makes concurrent writers append one after the other.
+        conn.execute(update(head).where(head.c.id == 1).values(seq=head.c.seq))
+        row = conn.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1)).one()
+        seq, last = audit.chain(new, row.seq, row.hash)
+        conn.execute(sa.insert(ev), new)
+        conn.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=last))
+        signer = self.signer
+        conn.execute(sa.insert(m.AuditCheckpoint.__table__),
+                     {"seq": seq, "hash": last, "at": time.time(), "signature": signer.sign(seq, last), "key_id": signer.key_id})
+
+    def audit_verify(self) -> audit.Verdict:
+        ev = m.Event.__table__
+        cols = [ev.c[c] for c in (*audit.FIELDS, "seq", "prev_hash", "hash")]
+        with self.engine.connect() as conn:
+            checkpoints = [dict(r._mapping) for r in conn.execute(select(m.AuditCheckpoint.__table__).order_by("seq"))]
+            head = conn.execute(select(m.AuditHead.seq, m.AuditHead.hash).where(m.AuditHead.id == 1)).one_or_none()
+            rows = conn.execute(select(*cols).order_by(ev.c.seq)).mappings()
+            return audit.verify((dict(r) for r in rows), checkpoints, tuple(head) if head else None, self.signer.public_pem)
 
     def list_events(self, *, kind: str | None = None, outcome: str | None = None, limit: int = 100) -> list[m.Event]:
         q = select(m.Event).order_by(m.Event.at.desc()).limit(limit)

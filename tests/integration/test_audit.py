@@ -1,0 +1,97 @@
+"""The audit log's hash chain and signed checkpoints: intact after real traffic, and every kind of
+tampering with the store's rows is detected and located."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import make_gateway
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, pg):  # noqa: ANN001, ANN201
+    gw = make_gateway(tmp_path_factory.mktemp("audit"), pg)
+    gw.start()
+    try:
+        for i in range(8):  # each refused sign-in is a security event
+            httpx.get(f"http://127.0.0.1:{gw.http_port}/api/me", headers={"Authorization": f"Bearer not-a-token-{i}"})
+        gw.cli("credentials", "issue", "-u", "alice", "-C", "shop", "--json")
+        deadline = time.time() + 20
+        while time.time() < deadline and len(gw.cli_json("events", "--limit", "100")) < 8:
+            time.sleep(0.2)
+    finally:
+        gw.stop()
+    return gw
+
+
+def verify(gw, base) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    return subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(base / "wardgate.toml"), "audit", "verify",
+                           "--json"], capture_output=True, text=True, env=gw.env, timeout=60)
+
+
+def tampered(gw, tmp_path, *sql: str) -> dict:  # noqa: ANN001
+    """A copy of the gateway's data, changed with `sql` as an attacker with write access to the store would."""
+    base = tmp_path / "copy"
+    shutil.copytree(gw.dir, base, ignore=shutil.ignore_patterns("*.sock", "journal"))
+    with sqlite3.connect(base / "data" / "wardgate.db") as db:
+        for statement in sql:
+            db.execute(statement)
+    out = verify(gw, base)
+    assert out.returncode == 1, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def test_intact_log_verifies(recorded, tmp_path) -> None:
+    out = verify(recorded, recorded.dir)
+    verdict = json.loads(out.stdout)
+    assert out.returncode == 0 and verdict["ok"] and verdict["events"] >= 8 and verdict["checkpoints"] >= 1
+    assert verdict["head_seq"] == verdict["events"]
+    pem = subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(recorded.config), "audit", "pubkey"],
+                         capture_output=True, text=True, env=recorded.env).stdout
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----")
+    assert oct((recorded.dir / "data" / "audit-ed25519.pem").stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_edited_event_is_found(recorded, tmp_path) -> None:
+    v = tampered(recorded, tmp_path, "UPDATE events SET detail = 'nothing happened' WHERE seq = 3")
+    assert (v["ok"], v["seq"]) == (False, 3) and "content was changed" in v["problem"]
+
+
+def test_an_edited_event_with_a_recomputed_hash_is_found(recorded, tmp_path) -> None:
+    """Editing the row and its own hash breaks the link to the next event."""
+    v = tampered(recorded, tmp_path, "UPDATE events SET outcome = 'ok', hash = 'f' || substr(hash, 2) WHERE seq = 3")
+    assert v["ok"] is False and v["seq"] in (3, 4)
+
+
+def test_a_deleted_event_is_found(recorded, tmp_path) -> None:
+    v = tampered(recorded, tmp_path, "DELETE FROM events WHERE seq = 4")
+    assert v["ok"] is False and "seq 4 is missing" in v["problem"]
+
+
+def test_reordered_events_are_found(recorded, tmp_path) -> None:
+    v = tampered(recorded, tmp_path,
+                 "UPDATE events SET seq = -1 WHERE seq = 2", "UPDATE events SET seq = 2 WHERE seq = 3",
+                 "UPDATE events SET seq = 3 WHERE seq = -1")
+    assert v["ok"] is False and v["seq"] == 2 and "does not follow" in v["problem"]
+
+
+def test_a_cut_off_tail_is_found(recorded, tmp_path) -> None:
+    """Removing the newest events and rewinding the head is caught by the signed checkpoint."""
+    v = tampered(recorded, tmp_path,
+                 "DELETE FROM events WHERE seq = (SELECT max(seq) FROM events)",
+                 "UPDATE audit_head SET seq = (SELECT max(seq) FROM events), "
+                 "hash = (SELECT hash FROM events WHERE seq = (SELECT max(seq) FROM events))")
+    assert v["ok"] is False and "events were removed" in v["problem"]
+
+
+def test_a_forged_checkpoint_is_found(recorded, tmp_path) -> None:
+    v = tampered(recorded, tmp_path, "UPDATE audit_checkpoints SET hash = 'f' || substr(hash, 2)")
+    assert v["ok"] is False and "invalid signature" in v["problem"]

@@ -1,0 +1,128 @@
+"""The tamper-evident audit log: a hash chain over security events, with signed checkpoints.
+
+Each event gets the next sequence number and `hash = SHA-256(prev_hash + "\\n" + canonical(event))`,
+where the canonical form is the event's fields as JSON with sorted keys. Checkpoints sign
+`"<seq>:<hash>"` of the chain head with the gateway's Ed25519 key, so the head cannot be rewound
+or rewritten without the key. `verify` walks the whole chain and names the first broken event.
+
+Sans-IO: the store feeds rows in and persists what comes out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS = "0" * 64
+FIELDS = ("id", "at", "kind", "outcome", "user_name", "agent", "source", "client_addr", "detail")
+
+
+def canonical(event: dict[str, Any]) -> bytes:
+    return json.dumps({k: event.get(k) for k in FIELDS}, sort_keys=True, ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def link(prev_hash: str, event: dict[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + canonical(event)).hexdigest()
+
+
+def chain(events: list[dict[str, Any]], head_seq: int, head_hash: str) -> tuple[int, str]:
+    """Give `events` (in order) their seq, prev_hash and hash after the head; return the new head."""
+    for e in events:
+        head_seq += 1
+        e["seq"], e["prev_hash"] = head_seq, head_hash
+        head_hash = e["hash"] = link(head_hash, e)
+    return head_seq, head_hash
+
+
+class Signer:
+    """The gateway's Ed25519 key for checkpoints, kept in a 0600 file beside the data."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            assert isinstance(key, Ed25519PrivateKey)
+        else:
+            key = Ed25519PrivateKey.generate()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, pem)
+            finally:
+                os.close(fd)
+        self.key = key
+        self.public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        self.key_id = hashlib.sha256(self.public_pem.encode()).hexdigest()[:16]
+
+    def sign(self, seq: int, head_hash: str) -> str:
+        return base64.b64encode(self.key.sign(f"{seq}:{head_hash}".encode())).decode()
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    events: int
+    checkpoints: int
+    head_seq: int
+    problem: str | None = None
+    event_id: str | None = None
+    seq: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"ok": self.ok, "events": self.events, "checkpoints": self.checkpoints, "head_seq": self.head_seq,
+                "problem": self.problem, "event_id": self.event_id, "seq": self.seq}
+
+
+def verify(events: Iterable[dict[str, Any]], checkpoints: list[dict[str, Any]], head: tuple[int, str] | None,
+           public_pem: str) -> Verdict:
+    """Check the chain in seq order, every checkpoint's signature and place, and the recorded head."""
+    public = serialization.load_pem_public_key(public_pem.encode())
+    assert isinstance(public, Ed25519PublicKey)
+    by_seq = {}
+    for c in checkpoints:
+        try:
+            public.verify(base64.b64decode(c["signature"]), f"{c['seq']}:{c['hash']}".encode())
+        except (InvalidSignature, ValueError):
+            return Verdict(False, 0, len(checkpoints), 0, f"checkpoint at seq {c['seq']} has an invalid signature",
+                           seq=c["seq"])
+        by_seq[c["seq"]] = c["hash"]
+    expected_seq, prev, n = 1, GENESIS, 0
+    for e in events:
+        n += 1
+        if e["seq"] != expected_seq:
+            missing = "missing" if e["seq"] > expected_seq else "repeated or out of order"
+            return Verdict(False, n, len(checkpoints), expected_seq - 1,
+                           f"event seq {expected_seq} is {missing} (found seq {e['seq']} next)", e["id"], e["seq"])
+        if e["prev_hash"] != prev:
+            return Verdict(False, n, len(checkpoints), e["seq"], "the event does not follow the one before it "
+                           "(an event before it was removed, added or reordered)", e["id"], e["seq"])
+        if link(prev, e) != e["hash"]:
+            return Verdict(False, n, len(checkpoints), e["seq"], "the event's content was changed after it was recorded",
+                           e["id"], e["seq"])
+        if e["seq"] in by_seq and by_seq[e["seq"]] != e["hash"]:
+            return Verdict(False, n, len(checkpoints), e["seq"], "the chain differs from the signed checkpoint here",
+                           e["id"], e["seq"])
+        prev = e["hash"]
+        expected_seq += 1
+    last = expected_seq - 1
+    beyond = [s for s in by_seq if s > last]
+    if beyond:
+        return Verdict(False, n, len(checkpoints), last,
+                       f"a signed checkpoint covers seq {max(beyond)}, but the log ends at seq {last}: events were removed")
+    if head is not None and (head[0] != last or (last and head[1] != prev)):
+        return Verdict(False, n, len(checkpoints), last,
+                       f"the recorded head (seq {head[0]}) does not match the log's end (seq {last})")
+    return Verdict(True, n, len(checkpoints), last)
