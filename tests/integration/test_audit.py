@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import make_gateway
+from tests.conftest import make_gateway, psql
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,13 @@ def recorded(tmp_path_factory, pg):  # noqa: ANN001, ANN201
     try:
         for i in range(8):  # each refused sign-in is a security event
             httpx.get(f"http://127.0.0.1:{gw.http_port}/api/me", headers={"Authorization": f"Bearer not-a-token-{i}"})
-        gw.cli("credentials", "issue", "-u", "alice", "-C", "shop", "--json")
+        dsn = gw.dsn(gw.credential())
+        psql(dsn, "-c", "select 1")
+        psql(dsn, "-c", "selec 1", check=False)  # refused: it does not parse
         deadline = time.time() + 20
-        while time.time() < deadline and len(gw.cli_json("events", "--limit", "100")) < 8:
+        while time.time() < deadline and not any(e["kind"] == "statement.refused" for e in gw.cli_json("events", "--limit", "100")):
             time.sleep(0.2)
+        gw.wait_for_session(lambda s: s["status"] == "closed" and s["statements"] == 1 and s["user"] == "alice")
     finally:
         gw.stop()
     return gw
@@ -95,3 +98,12 @@ def test_a_cut_off_tail_is_found(recorded, tmp_path) -> None:
 def test_a_forged_checkpoint_is_found(recorded, tmp_path) -> None:
     v = tampered(recorded, tmp_path, "UPDATE audit_checkpoints SET hash = 'f' || substr(hash, 2)")
     assert v["ok"] is False and "invalid signature" in v["problem"]
+
+
+def test_sessions_and_refusals_are_audit_events(recorded) -> None:
+    events = recorded.cli_json("events", "--limit", "1000")
+    kinds = {(e["kind"], e["outcome"]) for e in events}
+    assert {("session.start", "ok"), ("session.end", "ok"), ("statement.refused", "denied"),
+            ("api.authenticate", "denied")} <= kinds
+    refused = next(e for e in events if e["kind"] == "statement.refused")
+    assert refused["user"] == "alice" and "selec 1" in refused["detail"] and refused["source"].startswith("session:")

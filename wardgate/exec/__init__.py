@@ -82,6 +82,8 @@ class ExecRunner:
             sid = self._open_session(caller, connection, addr)
             message = decision.error_message
             self._record(sid, sql, len(params or []), "denied", code="42501", msg=message)
+            self.gateway.record_event("statement.refused", "denied", user=caller.user, agent=caller.agent, addr=addr,
+                                      source=f"session:{sid}", detail=f"{message} in {sql[:500]!r}")
             self._close_session(sid, "exec denied")
             return {"status": "denied", "connection": connection, "session_id": sid, "reason": message,
                     "rules": [m.public() for m in decision.enforced],

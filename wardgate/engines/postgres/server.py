@@ -37,6 +37,13 @@ class Rejected(Exception):
         self.code, self.hint, self.detail = code, hint, detail
 
 
+def _event(kind: str, outcome: str, session: dict[str, Any], detail: str) -> dict[str, Any]:
+    """An audit event about a native session (see recording/audit.py)."""
+    return {"k": "event", "id": uuid.uuid4().hex, "at": time.time(), "kind": kind, "outcome": outcome,
+            "user": session.get("user"), "agent": session.get("agent"), "source": f"session:{session['sid']}",
+            "addr": session.get("addr"), "detail": detail}
+
+
 @dataclass
 class LiveSession:
     relay: Relay
@@ -261,7 +268,8 @@ class PostgresListener:
                 raise Rejected("08001", f"cannot read the catalog of {conn_name!r} to plan masking: {exc}") from None
 
         # The session is recorded before the client can send its first statement.
-        self.recorder.write([record])
+        self.recorder.write([record, _event("session.start", "ok", record, f"{conn_name} from {record['addr']}"
+                                            f"{' over TLS' if record.get('tls') else ''}")])
         cancel_pid = secrets.randbelow(2**31 - 1) + 1
         while cancel_pid in self.by_cancel_key:
             cancel_pid = secrets.randbelow(2**31 - 1) + 1
@@ -292,7 +300,7 @@ class PostgresListener:
         client.close()
         record.update(status="rejected", reason=str(exc), code=exc.code, ended=time.time())
         try:
-            self.recorder.write([record])
+            self.recorder.write([record, _event("session.start", "denied", record, f"{exc.code}: {exc}")])
         except OSError:
             log.exception("cannot record a rejected connection attempt")
         log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc)
@@ -326,10 +334,13 @@ class PostgresListener:
         if live is not None:
             self.by_cancel_key.pop(live.cancel_pid, None)
         end: dict[str, Any] = {"k": "end", "sid": relay.session_id, "at": time.time(), "reason": reason}
+        detail = reason
         if relay.masking is not None and relay.masking.totals:
             end["masked"] = dict(relay.masking.totals)
+            detail += "; masked " + ", ".join(f"{k}: {v}" for k, v in sorted(relay.masking.totals.items()))
+        who = {"sid": relay.session_id, "user": relay.user, "agent": relay.agent, "addr": None}
         try:
-            self.recorder.write([end])
+            self.recorder.write([end, _event("session.end", "ok", who, detail)])
         except OSError:
             log.exception("cannot record the end of session %s", relay.session_id)
 

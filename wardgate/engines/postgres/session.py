@@ -341,8 +341,13 @@ class Relay:
             self._refused_queries[started.seq] = message
             self._starts[started.seq] = time.perf_counter()
             records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text))
+            text = started.text
             replacement = codec.message(b"Q", codec.cstr(marker))
         edits.append((offset, 5 + len(body), replacement))
+        records.append(_json({
+            "k": "event", "id": secrets.token_hex(16), "at": time.time(), "kind": "statement.refused", "outcome": "denied",
+            "user": self.user, "agent": self.agent, "source": f"session:{sid}", "detail": f"{message} in {text[:500]!r}",
+        }) + "\n")
 
     def _refusal_of(self, error_body: bytes) -> tuple[str, str] | None:
         """(marker, message) when an upstream error is the echo of one of our refusals."""
