@@ -383,6 +383,42 @@ def sessions_show(session_id: str = typer.Argument(..., help="Session id or a un
     console.print(table)
 
 
+@sessions_app.command("replay")
+def sessions_replay(
+    session_id: str = typer.Argument(..., help="Session id or a unique prefix."),
+    speed: float = typer.Option(1.0, help="Replay this many times faster than it happened."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Print the whole timeline at once."),
+    max_pause: float = typer.Option(10.0, help="Never pause longer than this many seconds between statements."),
+) -> None:
+    """Replay a session's timeline in the terminal, with its timing: who ran what, and how it ended."""
+    from .store import NotFound
+
+    try:
+        s, stmts = open_store().get_session(session_id)
+    except NotFound as exc:
+        fail(str(exc))
+    who = f"{s.agent} acting for {s.user_name}" if s.agent else s.user_name
+    console.print(f"[bold]session {s.id}[/]  {who} -> {s.connection}  from {s.client_addr}  ({s.application_name or '-'})")
+    console.print(f"[dim]{when(s.started_at)}[/]  connected")
+    last = s.started_at
+    for st in stmts:
+        pause = max(0.0, (st.started_at - last) / max(speed, 0.001))
+        if not no_wait and pause > 0:
+            time.sleep(min(pause, max_pause))
+        last = st.started_at
+        offset = st.started_at - s.started_at
+        colour = {"ok": "green", "denied": "red", "error": "red", "skipped": "yellow"}.get(st.status, "yellow")
+        outcome = st.command_tag or st.status
+        if st.error_code:
+            outcome = f"{st.status} {st.error_code}: {st.error_message or ''}"
+        took = f"{st.duration_ms:.1f} ms" if st.duration_ms is not None else "-"
+        console.print(f"[dim]+{offset:8.3f}s[/]  [bold]{escape(st.text)}[/]")
+        console.print(f"            [{colour}]{escape(outcome)}[/]  {'' if st.rows is None else f'{st.rows} rows  '}{took}")
+    if s.ended_at:
+        console.print(f"[dim]+{s.ended_at - s.started_at:8.3f}s[/]  ended: {s.end_reason or s.status}"
+                      + (f"  masked {', '.join(f'{k}: {v}' for k, v in s.masked.items())}" if s.masked else ""))
+
+
 # ---------------------------------------------------------------------------------- api keys
 
 apikeys_app = typer.Typer(no_args_is_help=True, help="API keys for machines and for agents acting for a user.")
@@ -844,6 +880,44 @@ def audit_verify(json_out: bool = JsonOpt) -> None:
         err.print(f"[red]audit log broken{where}[/]: {verdict.problem}")
     if not verdict.ok:
         raise typer.Exit(1)
+
+
+def _cef(e: Any) -> str:
+    def esc(v: Any) -> str:
+        return str(v).replace("\\", "\\\\").replace("=", "\\=").replace("\n", " ")
+
+    severity = 7 if e.outcome == "denied" else 3
+    head = "|".join(x.replace("|", "\\|") for x in ("CEF:0", "Wardgate", "Wardgate", "0.1.0", e.kind, e.kind, str(severity)))
+    ext = {"rt": int(e.at * 1000), "suser": e.user_name, "suid": e.agent, "src": e.client_addr, "outcome": e.outcome,
+           "cs1Label": "source", "cs1": e.source, "msg": e.detail, "cn1Label": "seq", "cn1": e.seq, "cs2Label": "hash",
+           "cs2": e.hash, "externalId": e.id}
+    return head + "|" + " ".join(f"{k}={esc(v)}" for k, v in ext.items() if v is not None)
+
+
+@audit_app.command("export")
+def audit_export(
+    since: str | None = typer.Option(None, help="Only events after this: an ISO time (2026-11-01T00:00) or an age (24h)."),
+    format_: str = typer.Option("jsonl", "--format", help="jsonl (one JSON object a line) or cef (ArcSight CEF)."),
+) -> None:
+    """Write audit events to stdout, oldest first, with their chain positions and hashes."""
+    from .recording.views import event_view
+
+    if format_ not in ("jsonl", "cef"):
+        fail("--format is jsonl or cef", 2)
+    start = 0.0
+    if since:
+        try:
+            start = time.time() - parse_duration(since)
+        except ConfigError:
+            try:
+                start = dt.datetime.fromisoformat(since).replace(tzinfo=dt.UTC).timestamp()
+            except ValueError:
+                fail(f"--since {since!r}: give an ISO time (2026-11-01T00:00, UTC) or an age such as 24h", 2)
+    for e in open_store().iter_events(since=start):
+        if format_ == "cef":
+            print(_cef(e))
+        else:
+            print(json.dumps({**event_view(e), "seq": e.seq, "prev_hash": e.prev_hash, "hash": e.hash}, ensure_ascii=False))
 
 
 @audit_app.command("pubkey")

@@ -107,3 +107,27 @@ def test_sessions_and_refusals_are_audit_events(recorded) -> None:
             ("api.authenticate", "denied")} <= kinds
     refused = next(e for e in events if e["kind"] == "statement.refused")
     assert refused["user"] == "alice" and "selec 1" in refused["detail"] and refused["source"].startswith("session:")
+
+
+def test_export_jsonl_and_cef(recorded) -> None:
+    lines = recorded.cli("audit", "export").stdout.splitlines()
+    events = [json.loads(x) for x in lines]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)) and len(events) >= 8
+    assert all(len(e["hash"]) == 64 for e in events)
+    assert recorded.cli("audit", "export", "--since", "1h").stdout.splitlines() == lines
+    assert recorded.cli("audit", "export", "--since", "2999-01-01T00:00").stdout == ""
+    cef = recorded.cli("audit", "export", "--format", "cef").stdout.splitlines()
+    assert len(cef) == len(lines) and all(x.startswith("CEF:0|Wardgate|Wardgate|") for x in cef)
+    refused = next(x for x in cef if "|statement.refused|" in x)
+    assert "suser=alice" in refused and "outcome=denied" in refused and "|7|" in refused
+    bad = recorded.cli("audit", "export", "--format", "xml", check=False)
+    assert bad.returncode == 2
+
+
+def test_replay_shows_the_timeline(recorded) -> None:
+    refused = next(e for e in recorded.cli_json("events", "--limit", "1000") if e["kind"] == "statement.refused")
+    sid = refused["source"].split(":", 1)[1]
+    out = recorded.cli("sessions", "replay", sid, "--no-wait").stdout
+    assert "alice -> shop" in out and "selec 1" in out and "denied 42501" in out and "ended:" in out
+    timed = recorded.cli("sessions", "replay", sid, "--speed", "1000").stdout
+    assert "selec 1" in timed

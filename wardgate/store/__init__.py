@@ -589,6 +589,18 @@ class Store:
             rows = conn.execute(select(*cols).order_by(ev.c.seq)).mappings()
             return audit.verify((dict(r) for r in rows), checkpoints, tuple(head) if head else None, self.signer.public_pem)
 
+    def iter_events(self, since: float = 0.0, batch: int = 1000) -> Iterable[m.Event]:
+        """Events in chain order (oldest first) after `since`, read in batches."""
+        after = 0
+        while True:
+            with self.Session() as s:
+                rows = list(s.scalars(select(m.Event).where(m.Event.seq > after, m.Event.at >= since)
+                                      .order_by(m.Event.seq).limit(batch)))
+            yield from rows
+            if len(rows) < batch:
+                return
+            after = rows[-1].seq
+
     def list_events(self, *, kind: str | None = None, outcome: str | None = None, limit: int = 100) -> list[m.Event]:
         q = select(m.Event).order_by(m.Event.at.desc()).limit(limit)
         if kind:
