@@ -188,14 +188,19 @@ class Store:
                 )
             )
 
+    def _stored_connection(self, s: Any, name: str, verb: str) -> m.Connection:
+        """The store's row for a connection `verb` (edit, remove) may change; config ones are the file's."""
+        if name in self._config_connections:
+            raise Conflict(f"connection {name!r} is declared in the config file; {verb} it there")
+        row = s.scalar(select(m.Connection).where(m.Connection.name == name))
+        if row is None:
+            raise NotFound(f"no connection named {name!r}")
+        return row
+
     def update_connection(self, name: str, changes: dict[str, Any]) -> ConnectionInfo:
         """Change a stored connection in place (its credentials stay valid); `password` is encrypted."""
-        if name in self._config_connections:
-            raise Conflict(f"connection {name!r} is declared in the config file; edit it there")
         with self.Session.begin() as s:
-            row = s.scalar(select(m.Connection).where(m.Connection.name == name))
-            if row is None:
-                raise NotFound(f"no connection named {name!r}")
+            row = self._stored_connection(s, name, "edit")
             spec = self._spec(row)
             for key, value in changes.items():
                 if not hasattr(spec, key) or key == "name":
@@ -212,12 +217,8 @@ class Store:
         return ConnectionInfo(spec, "store")
 
     def remove_connection(self, name: str) -> None:
-        if name in self._config_connections:
-            raise Conflict(f"connection {name!r} is declared in the config file; remove it there")
         with self.Session.begin() as s:
-            row = s.scalar(select(m.Connection).where(m.Connection.name == name))
-            if row is None:
-                raise NotFound(f"no connection named {name!r}")
+            row = self._stored_connection(s, name, "remove")
             s.delete(row)
             s.execute(update(m.Credential).where(m.Credential.connection == name, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
 
