@@ -156,3 +156,41 @@ def test_client_vanishing_mid_copy(own_gateway, own_pg) -> None:
     time.sleep(1)
     with psycopg.connect(gw.dsn(gw.credential())) as conn:
         assert conn.execute("select count(*) from copy_target").fetchone() == (0,)
+
+
+def _drainers(gw) -> list[int]:  # noqa: ANN001
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "spawn_main"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_recorder_process_killed_is_restarted_and_stop_does_not_hang(tmp_path, own_pg) -> None:
+    """The recorder process dies (SIGKILL, or a SIGTERM to the whole process group): the gateway starts
+    a new one, records still arrive, and stopping the gateway does not wait on the dead one."""
+    import os
+
+    gw = make_gateway(tmp_path / "gw", own_pg)
+    gw.start()
+    try:
+        first = _drainers(gw)
+        assert len(first) == 1
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.time() + 10
+        while time.time() < deadline and (not _drainers(gw) or _drainers(gw) == first):
+            time.sleep(0.1)
+        assert _drainers(gw) and _drainers(gw) != first
+        with psycopg.connect(gw.dsn(gw.credential(), application_name="t_after_kill"), autocommit=True) as conn:
+            conn.execute("select 1")
+        gw.wait_for_session(lambda s: s["application_name"] == "t_after_kill" and s["status"] == "closed")
+        pid = _drainers(gw)[0]
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert _drainers(gw) == [pid], "the recorder process ignores SIGTERM: the gateway decides when it stops"
+        # the recorder dies just as the gateway is told to stop: the stop must not wait on it
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.time()
+        gw.stop(signal.SIGTERM)
+        assert time.time() - t0 < 20
+    finally:
+        gw.stop()

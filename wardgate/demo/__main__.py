@@ -138,6 +138,8 @@ def main() -> int:
             out.print(
                 f"\nThe credential is for user [bold]demo[/] (id {issued.id}) and expires in 8 hours."
                 f"\nHealth: http://{settings.gateway.http_listen}/healthz"
+                f"\nAI agents (MCP): http://{settings.gateway.http_listen}/mcp with a key from "
+                "[bold].venv/bin/wardgate apikeys create --for-agent claude-code --user demo[/]"
                 "\nIn another terminal: [bold].venv/bin/wardgate sessions list[/], "
                 "[bold].venv/bin/wardgate credentials issue --user demo --connection shop[/]"
                 "\nPress Ctrl-C to stop the gateway and the database.\n",

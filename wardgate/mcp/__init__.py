@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,8 @@ def transport_security(resource_url: str, host: str, port: int) -> TransportSecu
 
 
 def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
+    # The SDK announces each session manager start at INFO; the gateway's own log says what matters.
+    logging.getLogger("mcp.server.streamable_http_manager").setLevel(logging.WARNING)
     settings = gateway.settings
     issuer = settings.identity_providers[0].issuer if settings.identity_providers else resource_url.rsplit("/mcp", 1)[0]
     server = MCPServer(

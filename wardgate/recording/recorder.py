@@ -45,9 +45,11 @@ def apply_ready(store: Store, directory: Path) -> int:
 
 
 def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any) -> None:
-    """Entry point of the drainer process."""
-    # Ctrl-C reaches the whole process group; the gateway decides when this process stops.
+    """Entry point of the drainer process. `stop` is the reading end of a pipe from the gateway: a
+    message, or its end (the gateway is gone), tells it to finish."""
+    # Ctrl-C and a SIGTERM to the process group reach this process too; the gateway decides when it stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The journal already holds every record durably; moving them into the store can wait while the
     # relay (and the database behind it) need the CPU, and catches up as soon as they do not.
     try:
@@ -58,7 +60,7 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
     directory = settings.journal_dir
     failures = 0
     while True:
-        stopping = stop.is_set() or os.getppid() != parent_pid
+        stopping = stop.poll(0) or os.getppid() != parent_pid
         try:
             apply_ready(store, directory)
             failures = 0
@@ -68,7 +70,7 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
                 log.exception("cannot apply the journal to the store (attempt %d); will retry", failures)
         if stopping:
             return
-        stop.wait(interval)
+        stop.poll(interval)
 
 
 class Recorder:
@@ -131,13 +133,17 @@ class Recorder:
         return count
 
     def start(self) -> None:
+        if self._stop is not None:
+            self._stop.close()  # the writer for a drainer that ended
         ctx = multiprocessing.get_context("spawn")
-        self._stop = ctx.Event()
+        # A pipe, not a multiprocessing.Event: setting an Event blocks for ever if its waiter was killed.
+        reader, self._stop = ctx.Pipe(duplex=False)
         self._drainer = ctx.Process(
-            target=drainer_main, args=(self.settings, os.getpid(), self.flush_interval / 2, self._stop),
+            target=drainer_main, args=(self.settings, os.getpid(), self.flush_interval / 2, reader),
             name="wardgate-recorder", daemon=True,
         )
         self._drainer.start()
+        reader.close()
 
     def rotate(self) -> None:
         self._write_deferred()
@@ -157,8 +163,14 @@ class Recorder:
         self._write_deferred()
         self.journal.close()
         if self._drainer is not None:
-            self._stop.set()
+            try:
+                self._stop.send_bytes(b"stop")
+            except OSError:
+                pass  # the drainer is gone already
             await asyncio.to_thread(self._drainer.join, 30)
+            if self._drainer.is_alive():
+                log.error("the recorder process did not stop; ending it")
+                self._drainer.kill()
         # Whatever the drainer could not apply is applied here, or by the next start.
         try:
             await asyncio.to_thread(apply_ready, self.store, self.journal.dir)
