@@ -527,3 +527,12 @@ def test_openapi_describes_every_route_with_examples(xgw) -> None:
                     missing.append(f"{method.upper()} {path} (request body)")
             assert op.get("summary"), f"{method} {path} has no summary"
     assert missing == [], missing
+
+
+def test_long_poll_right_after_running_is_answered(xgw, people) -> None:
+    """The exec's owner is known at once, before the recorder has put the session in the store."""
+    out = exec_(xgw, people["amy"], "select pg_sleep(1), 'later' as word", wait=0)
+    assert out["status"] == "running"
+    assert call(xgw, "GET", f"/api/sessions/{out['session_id']}/wait?timeout=1", people["dana"]).status_code == 404
+    final = call(xgw, "GET", f"/api/sessions/{out['session_id']}/wait?timeout=30", people["amy"]).json()
+    assert final["status"] == "completed" and final["rows"] == [["", "later"]]

@@ -276,7 +276,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
              responses=envelope_doc)
     async def wait_session(session_id: str, caller: Caller, timeout: float = 60) -> dict[str, Any]:
         timeout = min(max(timeout, 0.0), 300.0)
-        owner = await asyncio.to_thread(_session_owner, session_id)
+        owner = gateway.exec.owner(session_id) or await asyncio.to_thread(_session_owner, session_id)
         if owner is None or (owner != caller.user and not can_read_all(caller)):
             raise HTTPException(404, f"no session {session_id!r}")
         envelope = await gateway.exec.wait(session_id, timeout)

@@ -62,6 +62,7 @@ class ExecRunner:
         self.settings = gateway.settings.exec
         self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._finished: dict[str, tuple[float, dict[str, Any]]] = {}  # session id -> (at, envelope)
+        self._owners: dict[str, str] = {}  # session id -> user, for execs running or kept
 
     # -- the door
 
@@ -89,6 +90,7 @@ class ExecRunner:
                     "rules": [m.public() for m in decision.enforced],
                     "next": "change the statement, or ask for the rule to be changed; see `wardgate policy check`"}
         sid = self._open_session(caller, connection, addr, review_id=review_id)
+        self._owners[sid] = caller.user
         task = asyncio.get_running_loop().create_task(self._execute(sid, caller, connection, sql, params))
         self._running[sid] = task
         task.add_done_callback(lambda t, sid=sid: self._done(sid, t))
@@ -134,6 +136,11 @@ class ExecRunner:
         # Results stay for long-polls for a while; the session record keeps the rest for good.
         for old in [k for k, (at, _) in self._finished.items() if now - at > self.settings.keep_seconds]:
             del self._finished[old]
+            self._owners.pop(old, None)
+
+    def owner(self, session_id: str) -> str | None:
+        """Whose exec this is, while it runs or its result is kept (the store may not have it yet)."""
+        return self._owners.get(session_id)
 
     # -- recording
 

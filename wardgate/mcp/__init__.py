@@ -159,7 +159,7 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
     @server.tool(annotations=READ, description="Wait for a `running` exec to finish and return its result.")
     async def sessions_wait_result(session_id: str, timeout_seconds: float = 60) -> dict[str, Any]:
         who = caller()
-        owner = await asyncio.to_thread(_owner, session_id)
+        owner = gateway.exec.owner(session_id) or await asyncio.to_thread(_owner, session_id)
         if owner != who.user:
             raise ToolError(f"no session {session_id!r} of yours")
         out = await gateway.exec.wait(session_id, min(max(timeout_seconds, 0.0), 300.0))
