@@ -9,7 +9,6 @@ import logging
 import signal
 import ssl
 import time
-import uuid
 from typing import Any
 
 from .config import Settings, parse_hostport
@@ -17,6 +16,7 @@ from .engines.postgres.server import PostgresListener
 from .exec import ExecRunner
 from .identity.authenticator import Authenticator
 from .policy.gatekeeper import Gatekeeper
+from .recording.journal import event
 from .recording.recorder import Recorder
 from .reviews import Reviews
 from .store import Store
@@ -57,8 +57,7 @@ class Gateway:
 
     def record_event(self, kind: str, outcome: str, **fields: Any) -> None:
         """Record a security event; safe to call from any thread (the API's workers)."""
-        record = {"k": "event", "id": uuid.uuid4().hex, "at": time.time(), "kind": kind, "outcome": outcome, **fields}
-        self.loop.call_soon_threadsafe(self._write_event, record)
+        self.loop.call_soon_threadsafe(self._write_event, event(kind, outcome, **fields))
 
     def _write_event(self, record: dict[str, Any]) -> None:
         try:

@@ -20,6 +20,12 @@ READY_SUFFIX = ".ready"
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+def event(kind: str, outcome: str, **fields: Any) -> dict[str, Any]:
+    """A security-event record (it joins the audit chain when applied to the store); `fields` are
+    user, agent, source, addr and detail."""
+    return {"k": "event", "id": secrets.token_hex(16), "at": time.time(), "kind": kind, "outcome": outcome, **fields}
+
+
 def encode(records: list[dict[str, Any]]) -> str:
     return "".join([_dumps(r) + "\n" for r in records])
 

@@ -18,6 +18,7 @@ from typing import Any
 from ...config import Settings
 from ...domain import Identity
 from ...policy.gatekeeper import Gatekeeper
+from ...recording.journal import event
 from ...store import CREDENTIAL_PREFIX, Store
 from . import codec, upstream
 from .scram import MECHANISM, ScramError, ScramServer, make_verifier
@@ -38,10 +39,9 @@ class Rejected(Exception):
 
 
 def _event(kind: str, outcome: str, session: dict[str, Any], detail: str) -> dict[str, Any]:
-    """An audit event about a native session (see recording/audit.py)."""
-    return {"k": "event", "id": uuid.uuid4().hex, "at": time.time(), "kind": kind, "outcome": outcome,
-            "user": session.get("user"), "agent": session.get("agent"), "source": f"session:{session['sid']}",
-            "addr": session.get("addr"), "detail": detail}
+    """An audit event about a native session."""
+    return event(kind, outcome, user=session.get("user"), agent=session.get("agent"), source=f"session:{session['sid']}",
+                 addr=session.get("addr"), detail=detail)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 
 from ...masking.plan import MaskingPolicy, RowMasker
 from ...policy.guardrails import StatementPolicy
+from ...recording.journal import event
 from . import codec
 from .framing import ROWS, Framer
 from .stream import StreamProtocol
@@ -303,11 +304,8 @@ class Relay:
             return None
         for m in decision.matches:
             if m.shadow:
-                records.append(_json({
-                    "k": "event", "id": secrets.token_hex(16), "at": time.time(), "kind": "guardrail.shadow",
-                    "outcome": f"would {m.action}", "user": self.user, "agent": self.agent, "source": f"session:{self.session_id}",
-                    "detail": f"{m.rule}: {m.reason} in {statement[:500]!r}",
-                }) + "\n")
+                records.append(self._event_line("guardrail.shadow", f"would {m.action}",
+                                                f"{m.rule}: {m.reason} in {statement[:500]!r}"))
         if decision.action == "review" and self._review is not None:
             if extended and _PLACEHOLDER.search(statement):
                 # An approval binds the exact input; here the values come later, in Bind, unseen by the approver.
@@ -344,10 +342,12 @@ class Relay:
             text = started.text
             replacement = codec.message(b"Q", codec.cstr(marker))
         edits.append((offset, 5 + len(body), replacement))
-        records.append(_json({
-            "k": "event", "id": secrets.token_hex(16), "at": time.time(), "kind": "statement.refused", "outcome": "denied",
-            "user": self.user, "agent": self.agent, "source": f"session:{sid}", "detail": f"{message} in {text[:500]!r}",
-        }) + "\n")
+        records.append(self._event_line("statement.refused", "denied", f"{message} in {text[:500]!r}"))
+
+    def _event_line(self, kind: str, outcome: str, detail: str) -> str:
+        """An audit event about this session, as a journal line."""
+        return _json(event(kind, outcome, user=self.user, agent=self.agent, source=f"session:{self.session_id}",
+                           detail=detail)) + "\n"
 
     def _refusal_of(self, error_body: bytes) -> tuple[str, str] | None:
         """(marker, message) when an upstream error is the echo of one of our refusals."""
