@@ -111,8 +111,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
         if not gateway.gatekeeper.roles(caller) & set(roles):
             raise HTTPException(403, f"this needs the {' or '.join(roles)} role; ask a Wardgate administrator")
 
-    def can_read_all(caller: Identity) -> bool:
-        return bool(gateway.gatekeeper.roles(caller) & {"admin", "auditor"})
+    can_read_all = gateway.gatekeeper.can_read_all
 
     @app.get("/api/me", summary="Who the caller is")
     def me(caller: Caller) -> dict[str, Any]:
@@ -143,15 +142,9 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/api/sessions/{session_id}", summary="A session and its statements")
     def session(session_id: str, caller: Caller) -> dict[str, Any]:
         try:
-            data = show_session(gateway.store, session_id)
+            return gateway.exec.session(caller, session_id)
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
-        if data["user"] != caller.user and not can_read_all(caller):
-            raise HTTPException(404, f"no session {session_id!r}")  # do not confirm it exists
-        result = gateway.exec.result(session_id)
-        if result is not None:
-            data["result"] = result  # an exec session: its final envelope, while the gateway keeps it
-        return data
 
     @app.post("/api/credentials/{credential_id}/revoke", summary="Revoke a native credential; its sessions end")
     def revoke_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:
@@ -276,19 +269,13 @@ def create_app(gateway: "Gateway") -> FastAPI:
              responses=envelope_doc)
     async def wait_session(session_id: str, caller: Caller, timeout: float = 60) -> dict[str, Any]:
         timeout = min(max(timeout, 0.0), 300.0)
-        owner = gateway.exec.owner(session_id) or await asyncio.to_thread(_session_owner, session_id)
+        owner = await asyncio.to_thread(gateway.exec.owner, session_id)
         if owner is None or (owner != caller.user and not can_read_all(caller)):
             raise HTTPException(404, f"no session {session_id!r}")
         envelope = await gateway.exec.wait(session_id, timeout)
         if envelope is None:  # not a live exec: the record is the answer
             return {"status": "recorded", "session_id": session_id, "session": await asyncio.to_thread(show_session, gateway.store, session_id)}
         return envelope
-
-    def _session_owner(session_id: str) -> str | None:
-        try:
-            return gateway.store.get_session(session_id)[0].user_name
-        except NotFound:
-            return None
 
     def review_error(exc: ReviewError) -> HTTPException:
         return HTTPException(exc.status, str(exc))

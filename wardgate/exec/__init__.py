@@ -25,6 +25,8 @@ from ..domain import Identity
 from ..engines.postgres import codec, upstream
 from ..engines.postgres.stream import PeerClosed
 from ..masking.plan import MaskingPolicy
+from ..recording.views import show_session
+from ..store import NotFound
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -139,8 +141,26 @@ class ExecRunner:
             self._owners.pop(old, None)
 
     def owner(self, session_id: str) -> str | None:
-        """Whose exec this is, while it runs or its result is kept (the store may not have it yet)."""
-        return self._owners.get(session_id)
+        """Whose session this is: known at once for an exec (the store may not have it yet), else from
+        the store (blocking: call it from a thread)."""
+        known = self._owners.get(session_id)
+        if known is not None:
+            return known
+        try:
+            return self.gateway.store.get_session(session_id)[0].user_name
+        except NotFound:
+            return None
+
+    def session(self, caller: Identity, session_id: str) -> dict[str, Any]:
+        """A recorded session the caller may read, with an exec's final envelope while it is kept.
+        NotFound also when it is someone else's (not confirming it exists). Blocking."""
+        data = show_session(self.gateway.store, session_id)
+        if data["user"] != caller.user and not self.gateway.gatekeeper.can_read_all(caller):
+            raise NotFound(f"no session {session_id!r}")
+        result = self.result(session_id)
+        if result is not None:
+            data["result"] = result
+        return data
 
     # -- recording
 

@@ -27,7 +27,6 @@ from mcp_types import ToolAnnotations
 from ..config import ConfigError, ConnectionSpec
 from ..domain import Identity
 from ..identity import AuthenticationError
-from ..recording.views import show_session
 from ..reviews import ReviewError
 from ..store import Conflict, ConnectionInfo, NotFound
 
@@ -159,17 +158,11 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
     @server.tool(annotations=READ, description="Wait for a `running` exec to finish and return its result.")
     async def sessions_wait_result(session_id: str, timeout_seconds: float = 60) -> dict[str, Any]:
         who = caller()
-        owner = gateway.exec.owner(session_id) or await asyncio.to_thread(_owner, session_id)
+        owner = await asyncio.to_thread(gateway.exec.owner, session_id)
         if owner != who.user:
             raise ToolError(f"no session {session_id!r} of yours")
         out = await gateway.exec.wait(session_id, min(max(timeout_seconds, 0.0), 300.0))
         return out if out is not None else {"status": "recorded", "session_id": session_id}
-
-    def _owner(session_id: str) -> str | None:
-        try:
-            return gateway.store.get_session(session_id)[0].user_name
-        except NotFound:
-            return None
 
     async def catalog(who: Identity, connection: str, sql: str, params: list[str | None]) -> list[list[str | None]]:
         out = await gateway.exec.run(who, connection, sql, params, addr="mcp")
@@ -216,17 +209,10 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
 
     @server.tool(annotations=READ, description="Statements and outcomes of a past session of the user (admins, auditors: any).")
     async def sessions_get_content(session_id: str) -> dict[str, Any]:
-        who = caller()
         try:
-            data = await asyncio.to_thread(show_session, gateway.store, session_id)
+            return await asyncio.to_thread(gateway.exec.session, caller(), session_id)
         except NotFound:
             raise ToolError(f"no session {session_id!r}") from None
-        if data["user"] != who.user and not gk.roles(who) & {"admin", "auditor"}:
-            raise ToolError(f"no session {session_id!r}")
-        result = gateway.exec.result(session_id)
-        if result is not None:
-            data["result"] = result
-        return data
 
     @server.tool(annotations=READ, description="The risk analysis of a session.")
     async def sessions_get_analysis(session_id: str) -> dict[str, Any]:

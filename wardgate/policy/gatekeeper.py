@@ -40,6 +40,10 @@ class Gatekeeper:
         groups = set(identity.groups)
         return {role for role, members in (("admin", self._admins), ("auditor", self._auditors)) if groups & members}
 
+    def can_read_all(self, identity: Identity) -> bool:
+        """Auditors and admins read every record (sessions, reviews); everyone else their own."""
+        return bool(self.roles(identity) & {"admin", "auditor"})
+
     def authorize(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None) -> AccessDecision:
         """May `identity` use `connection` for `verb` (connect, exec)? Deny unless a rule allows it."""
         grants = self.grants(identity.user) if self.grants is not None and self.access.has_grant_rules else None
