@@ -281,9 +281,7 @@ def credentials_issue(
         fail(f"{decision.reason}. Add an [[access]] rule to the config to allow it.")
     try:
         seconds = parse_duration(ttl) if ttl else state.settings.default_ttl
-        if decision.until is not None:  # a grant's credential ends with its window
-            seconds = min(seconds, decision.until - time.time())
-        issued = store.issue_credential(user, connection, seconds)
+        issued = store.issue_credential(user, connection, seconds, not_after=decision.until)
     except (NotFound, ConfigError) as exc:
         fail(str(exc))
     host, port = _gateway_host_port()

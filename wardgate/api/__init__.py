@@ -3,7 +3,6 @@
 
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -220,11 +219,10 @@ def create_app(gateway: "Gateway") -> FastAPI:
             raise HTTPException(403, decision.reason)
         try:
             ttl = parse_duration(body.ttl) if body.ttl else settings.default_ttl
-            if decision.until is not None:  # a grant's credential ends with its window
-                ttl = min(ttl, decision.until - time.time())
             provision(caller)
             lease = settings.idp_recheck if caller.source.startswith("oidc:") and caller.kind != "service" else None
-            issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent, lease=lease)
+            issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent, lease=lease,
+                                            not_after=decision.until)
         except (ConfigError, Conflict) as exc:
             raise HTTPException(400, str(exc)) from None
         except NotFound as exc:

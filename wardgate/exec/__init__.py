@@ -48,16 +48,6 @@ class _Result:
     error: dict[str, str] | None = None
 
 
-def _columns(row_description: bytes) -> list[str]:
-    (n,) = _I16.unpack_from(row_description, 0)
-    pos, names = 2, []
-    for _ in range(n):
-        end = row_description.index(b"\x00", pos)
-        names.append(row_description[pos:end].decode("utf-8", "replace"))
-        pos = end + 19
-    return names
-
-
 class ExecRunner:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -275,7 +265,8 @@ class ExecRunner:
         while True:
             mtype, body = await proto.read_message()
             if mtype == 0x54:  # RowDescription: a new result set; the last one is returned
-                result.columns, result.rows, result.truncated, result.size = _columns(body), [], False, 0
+                result.columns = [f.name for f in codec.row_description(body)]
+                result.rows, result.truncated, result.size = [], False, 0
                 plan = masking.plan(body) if masking is not None else None
             elif mtype == 0x44:  # DataRow
                 result.row_count += 1

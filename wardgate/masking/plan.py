@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..domain import Identity
+from ..engines.postgres.codec import row_description as row_description_fields
 from ..policy.scope import in_scope
 from .detectors import ALL_KINDS, Detector, custom, find
 
@@ -313,15 +314,9 @@ class MaskingPolicy:
         return plan
 
     def _plan(self, row_description: bytes) -> RowMasker | None:
-        (n,) = _I16.unpack_from(row_description, 0)
-        pos = 2
         columns = []
-        for i in range(n):
-            end = row_description.index(b"\x00", pos)
-            name = row_description[pos:end].decode("utf-8", "replace")
-            pos = end + 1
-            table, attnum, type_oid, _size, _mod, fmt = struct.unpack_from("!IhIhih", row_description, pos)
-            pos += 18
+        for i, field in enumerate(row_description_fields(row_description)):
+            name, table, attnum, type_oid, fmt = field.name, field.table_oid, field.attnum, field.type_oid, field.format
             names = [name.lower()]
             source = self.catalog.get((table, attnum)) if table else None
             if source is not None:

@@ -251,8 +251,12 @@ class Store:
     # ---------------------------------------------------------------------------- credentials
 
     def issue_credential(
-        self, user_name: str, connection: str, ttl: float, agent: str | None = None, lease: float | None = None
+        self, user_name: str, connection: str, ttl: float, agent: str | None = None, lease: float | None = None,
+        not_after: float | None = None,
     ) -> IssuedCredential:
+        """`not_after`: the credential ends then at the latest (the end of a grant's window)."""
+        if not_after is not None:
+            ttl = min(ttl, not_after - time.time())
         if ttl <= 0:
             raise ConfigError("the TTL must be positive")
         if ttl > self.settings.max_ttl:

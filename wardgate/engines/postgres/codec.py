@@ -324,6 +324,30 @@ def is_fatal(error_body: bytes) -> bool:
     return fields.get("V", fields.get("S")) in ("FATAL", "PANIC")
 
 
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One column of a RowDescription."""
+
+    name: str
+    table_oid: int
+    attnum: int
+    type_oid: int
+    format: int
+
+
+def row_description(body: bytes) -> list[Field]:
+    """A RowDescription's columns, in order."""
+    (n,) = struct.unpack_from("!h", body, 0)
+    pos, out = 2, []
+    for _ in range(n):
+        end = body.index(b"\x00", pos)
+        name = body[pos:end].decode("utf-8", "replace")
+        table, attnum, type_oid, _size, _mod, fmt = struct.unpack_from("!IhIhih", body, end + 1)
+        out.append(Field(name, table, attnum, type_oid, fmt))
+        pos = end + 19
+    return out
+
+
 def data_row_values(body: bytes) -> list[str | None]:
     """A DataRow's values in text format, decoded (NULL as None)."""
     (n,) = struct.unpack_from("!h", body, 0)
