@@ -99,6 +99,8 @@ class Match:
     reason: str
     message: str
     shadow: bool
+    approvers: tuple[str, ...] = ()  # review: from the rule that matched
+    min_approvals: int = 1
 
     def public(self) -> dict[str, Any]:
         return {"rule": self.rule, "action": self.action, "reason": self.reason, "message": self.message, "shadow": self.shadow}
@@ -156,7 +158,8 @@ class StatementPolicy:
         for rule in self.rules:
             reason = rule.why(c)
             if reason is not None:
-                matches.append(Match(rule.name, rule.action, reason, rule.message, rule.shadow))
+                matches.append(Match(rule.name, rule.action, reason, rule.message, rule.shadow, rule.approvers,
+                                     rule.min_approvals))
         enforced = [m.action for m in matches if not m.shadow]
         action = "deny" if "deny" in enforced else ("review" if "review" in enforced else "allow")
         return Decision(action, tuple(matches), c)

@@ -86,9 +86,8 @@ class Reviews:
     def _create(self, caller: Identity, connection: str, statement: str, params: list[str | None],
                 decision: Decision) -> m.Review:
         asking = [mt for mt in decision.enforced if mt.action == "review"]
-        rules = {r.name: r for r in self.gateway.settings.guardrails}
-        approvers = sorted({g for mt in asking for g in getattr(rules.get(mt.rule), "approvers", ())})
-        need = max([getattr(rules.get(mt.rule), "min_approvals", 1) for mt in asking] or [1])
+        approvers = sorted({g for mt in asking for g in mt.approvers})
+        need = max([mt.min_approvals for mt in asking] or [1])
         now = time.time()
         review = m.Review(
             id=uuid.uuid4().hex, kind="statement", status="pending", requester=caller.user, agent=caller.agent,
