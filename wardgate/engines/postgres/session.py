@@ -80,6 +80,7 @@ _ROW_RUN = _DATA_ROW | ROWS  # consecutive DataRows, framed as one entry: (_ROW_
 _COPY_OUT = ord("H")
 _COPY_DATA = ord("d")
 _COMMAND_COMPLETE = ord("C")
+_FAST_PATH_REFUSED = "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
 _PLACEHOLDER = re.compile(r"\$[0-9]")
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _UNSEEN = object()  # no Describe seen for this result
@@ -191,19 +192,29 @@ class Relay:
                     if mtype == _TERMINATE:
                         self.terminating = True
                         continue
-                    if mtype == _FUNCTION_CALL or mtype == _PARSE:
-                        decision = self._refusal_for(mtype, body, records)
-                        if decision is not None:
-                            self._refuse(mtype, body, offset, decision, records, edits)
+                    if mtype == _PARSE:  # decided on its text, which is read once
+                        name, pos = codec.read_cstr(body, 0)
+                        raw, pos = codec.read_cstr(body, pos)
+                        text = raw.decode("utf-8", "replace")
+                        refusal = self._decide(text, records, extended=True)
+                        if refusal is not None:
+                            self._refuse(mtype, body, offset, refusal, records, edits)
                             continue
+                        self.tracker.parsed(name, text, body, pos)
+                        if self.masking is not None:
+                            self._plans.pop((ord("S"), name), None)
+                        continue
+                    if mtype == _FUNCTION_CALL:
+                        self._refuse(mtype, body, offset, _FAST_PATH_REFUSED, records, edits)
+                        continue
                     started = self.tracker.frontend(mtype, body)
                     if started is not None:
                         self._starts[started.seq] = time.perf_counter()
                         records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text))
                         if mtype == _EXECUTE and self.masking is not None:
                             self._plan_execute(body)
-                    elif self.masking is not None and (mtype == _PARSE or mtype == _CLOSE):
-                        self._forget_plans(mtype, body)
+                    elif self.masking is not None and mtype == _CLOSE and len(body) >= 2:
+                        self._plans.pop((body[0], codec.read_cstr(body, 1)[0]), None)
                 if records:
                     self._record(records)
                 if edits:
@@ -241,12 +252,6 @@ class Relay:
             # A statement's RowDescription says "text" for every column: the formats are Bind's.
             plan = plan.for_formats(lookup.formats)
         return plan
-
-    def _forget_plans(self, mtype: int, body: bytes) -> None:
-        if mtype == _PARSE:
-            self._plans.pop((ord("S"), codec.read_cstr(body, 0)[0]), None)
-        elif len(body) >= 2:
-            self._plans.pop((body[0], codec.read_cstr(body, 1)[0]), None)
 
     def _mask_rows(self, end: int, start: int, edits: list[tuple[int, int, bytes]], data: bytes) -> None:
         """data[start:end], a run of DataRows, masked in one call with the plan of their result."""
@@ -288,13 +293,6 @@ class Relay:
             entry = self.tracker.current()
             if entry is not None and isinstance(entry.plan, RowMasker):
                 entry.plan.take_counts(masking.totals)
-
-    def _refusal_for(self, mtype: int, body: bytes, records: list[str]) -> str | None:
-        """`_decide` for a FunctionCall or a Parse."""
-        if mtype == _FUNCTION_CALL:
-            return "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
-        _, pos = codec.read_cstr(body, 0)
-        return self._decide(codec.read_cstr(body, pos)[0].decode("utf-8", "replace"), records, extended=True)
 
     def _decide(self, statement: str, records: list[str], extended: bool = False) -> str | None:
         """None to let the statement through, else the refusal message. Shadow rules that matched are

@@ -77,8 +77,7 @@ class StatementTracker:
         if mtype == P:
             name, pos = read_cstr(body, 0)
             text, pos = read_cstr(body, pos)
-            nparams = _I16.unpack_from(body, pos)[0] if len(body) >= pos + 2 else 0
-            self._statements[name] = (text.decode("utf-8", "replace"), nparams)
+            self.parsed(name, text.decode("utf-8", "replace"), body, pos)
             return None
         if mtype == B:
             portal, pos = read_cstr(body, 0)
@@ -122,6 +121,11 @@ class StatementTracker:
             oid = _U32.unpack_from(body, 0)[0] if len(body) >= 4 else 0
             return self._start(F, f"<function call oid={oid}>", 0, "function")
         return None
+
+    def parsed(self, name: bytes, text: str, body: bytes, pos: int) -> None:
+        """A Parse whose name and text the caller has read already; `pos` is where its parameter types start."""
+        nparams = _I16.unpack_from(body, pos)[0] if len(body) >= pos + 2 else 0
+        self._statements[name] = (text, nparams)
 
     def statement_of(self, portal: bytes) -> bytes | None:
         return self._portal_stmt.get(portal)
