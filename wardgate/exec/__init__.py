@@ -74,7 +74,8 @@ class ExecRunner:
         if decision.action == "deny":
             sid = self._open_session(caller, connection, addr)
             message = decision.error_message
-            self._record(sid, sql, len(params or []), "denied", code="42501", msg=message)
+            self.gateway.recorder.write([self._stmt(sid, sql, len(params or []), time.time()),
+                                         self._outcome(sid, "denied", code="42501", msg=message)])
             self.gateway.record_event("statement.refused", "denied", user=caller.user, agent=caller.agent, addr=addr,
                                       source=f"session:{sid}", detail=f"{message} in {sql[:500]!r}")
             self._close_session(sid, "exec denied")
@@ -163,13 +164,17 @@ class ExecRunner:
         }])
         return sid
 
-    def _record(self, sid: str, sql: str, nparams: int, status: str, *, ms: float | None = None, rows: int | None = None,
-                tag: str | None = None, code: str | None = None, msg: str | None = None) -> None:
-        self.gateway.recorder.write([
-            {"k": "stmt", "sid": sid, "seq": 1, "kind": "exec", "np": nparams, "at": time.time(), "text": sql},
-            {"k": "done", "sid": sid, "seq": 1, "status": status, "ms": None if ms is None else f"{ms:.3f}", "rows": rows,
-             "tag": tag, "code": code, "msg": msg},
-        ])
+    @staticmethod
+    def _stmt(sid: str, sql: str, nparams: int, at: float) -> dict[str, Any]:
+        """The record of the exec's statement (an exec session holds one, seq 1)."""
+        return {"k": "stmt", "sid": sid, "seq": 1, "kind": "exec", "np": nparams, "at": at, "text": sql}
+
+    @staticmethod
+    def _outcome(sid: str, status: str, ms: float | None = None, rows: int | None = None, tag: str | None = None,
+              code: str | None = None, msg: str | None = None) -> dict[str, Any]:
+        """Its outcome."""
+        return {"k": "done", "sid": sid, "seq": 1, "status": status, "ms": None if ms is None else f"{ms:.3f}",
+                "rows": rows, "tag": tag, "code": code, "msg": msg}
 
     def _close_session(self, sid: str, reason: str, masked: Counter[str] | None = None) -> None:
         end: dict[str, Any] = {"k": "end", "sid": sid, "at": time.time(), "reason": reason}
@@ -185,7 +190,7 @@ class ExecRunner:
         nparams = len(params or [])
         started = time.time()
         # The statement is durable before it reaches the database.
-        gw.recorder.write([{"k": "stmt", "sid": sid, "seq": 1, "kind": "exec", "np": nparams, "at": started, "text": sql}])
+        gw.recorder.write([self._stmt(sid, sql, nparams, started)])
         masking = gw.gatekeeper.masking_policy(caller, connection)
         try:
             return await self._run_upstream(sid, connection, sql, params, masking, started)
@@ -209,8 +214,7 @@ class ExecRunner:
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
             code = getattr(exc, "code", "08006")
             message = str(exc) or "the connection to the database was lost"
-            gw.recorder.write([{"k": "done", "sid": sid, "seq": 1, "status": "error", "ms": None, "rows": None,
-                                "tag": None, "code": code, "msg": message}])
+            gw.recorder.write([self._outcome(sid, "error", code=code, msg=message)])
             self._close_session(sid, "exec failed")
             return {"status": "failed", "session_id": sid, "connection": connection, "code": code, "error": message}
         finally:
@@ -221,16 +225,14 @@ class ExecRunner:
         tag = ";".join(result.tags) or None
         if result.error is not None:
             code, message = result.error.get("C", "XX000"), result.error.get("M", "error")
-            gw.recorder.write([{"k": "done", "sid": sid, "seq": 1, "status": "error", "ms": f"{ms:.3f}", "rows": None,
-                                "tag": tag, "code": code, "msg": message}])
+            gw.recorder.write([self._outcome(sid, "error", ms, tag=tag, code=code, msg=message)])
             self._close_session(sid, "exec finished", masking.totals if masking else None)
             envelope = {"status": "failed", "session_id": sid, "connection": connection, "code": code, "error": message}
             for key, letter in (("detail", "D"), ("hint", "H")):
                 if result.error.get(letter):
                     envelope[key] = result.error[letter]
             return envelope
-        gw.recorder.write([{"k": "done", "sid": sid, "seq": 1, "status": "ok", "ms": f"{ms:.3f}", "rows": result.row_count,
-                            "tag": tag, "code": None, "msg": None}])
+        gw.recorder.write([self._outcome(sid, "ok", ms, result.row_count, tag)])
         self._close_session(sid, "exec finished", masking.totals if masking else None)
         return {
             "status": "completed", "session_id": sid, "connection": connection, "columns": result.columns,
