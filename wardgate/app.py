@@ -18,6 +18,7 @@ from .identity.authenticator import Authenticator
 from .policy.gatekeeper import Gatekeeper
 from .recording.journal import event
 from .recording.recorder import Recorder
+from .recording.sinks import Shipper
 from .reviews import Reviews
 from .store import Store
 from .tls import ensure_self_signed, server_context
@@ -47,6 +48,7 @@ class Gateway:
         self.exec = ExecRunner(self)
         self.reviews = Reviews(self)
         self.postgres.reviews = self.reviews
+        self.shipper = Shipper(self.store, settings.audit_sinks, settings.data_dir) if settings.audit_sinks else None
         self.started_at = time.time()
         self.ready = False
         self._stop = asyncio.Event()
@@ -72,6 +74,9 @@ class Gateway:
             "live_sessions": len(self.postgres.sessions),
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "recorder": "running" if self.recorder.drainer_alive else "stopped",
+            # Delivery position only: a sink's error can name internal hosts, and this endpoint is public.
+            "audit_sinks": {name: {"delivered_seq": st["delivered"], "healthy": st["error"] is None}
+                            for name, st in (self.shipper.state.items() if self.shipper is not None else ())},
         }
 
     async def watch_credentials(self, interval: float = 0.5) -> None:
@@ -101,6 +106,8 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self.watch_credentials(), name="credentials"))
         self._tasks.append(asyncio.create_task(self.reviews.run(), name="reviews"))
         self._tasks.append(asyncio.create_task(self.reviews.notifier.run(), name="notifications"))
+        if self.shipper is not None:
+            self._tasks.append(asyncio.create_task(self.shipper.run(), name="audit-sinks"))
         await self._start_http()
         self.ready = True
 

@@ -897,8 +897,8 @@ def audit_export(
     since: str | None = typer.Option(None, help="Only events after this: an ISO time (2026-11-01T00:00) or an age (24h)."),
     format_: str = typer.Option("jsonl", "--format", help="jsonl (one JSON object a line) or cef (ArcSight CEF)."),
 ) -> None:
-    """Write audit events to stdout, oldest first, with their chain positions and hashes."""
-    from .recording.views import event_view
+    """Write audit events to stdout, oldest first, with their chain positions and hashes (schema: docs/audit.md)."""
+    from .recording.views import siem_event
 
     if format_ not in ("jsonl", "cef"):
         fail("--format is jsonl or cef", 2)
@@ -915,7 +915,28 @@ def audit_export(
         if format_ == "cef":
             print(_cef(e))
         else:
-            print(json.dumps({**event_view(e), "seq": e.seq, "prev_hash": e.prev_hash, "hash": e.hash}, ensure_ascii=False))
+            print(json.dumps(siem_event(e), ensure_ascii=False))
+
+
+@audit_app.command("sinks")
+def audit_sinks(json_out: bool = JsonOpt) -> None:
+    """How far each streaming sink of wardgate.toml has delivered the audit log."""
+    store = open_store()
+    head, cursors = store.audit_head(), store.sink_cursors()
+    rows = [{"name": spec.name, "type": spec.type, "delivered_seq": cursors.get(spec.name, (0, 0.0))[0],
+             "behind": head - cursors.get(spec.name, (0, 0.0))[0],
+             "last_delivery": when(cursors[spec.name][1]) if spec.name in cursors else None}
+            for spec in state.settings.audit_sinks]
+    if json_out:
+        emit_json({"head_seq": head, "sinks": rows})
+        return
+    if not rows:
+        console.print("no audit sinks configured; add [[audit_sinks]] to wardgate.toml (see docs/audit.md)")
+        return
+    table = Table("sink", "type", "delivered up to", "behind", "last delivery", title=f"audit log head: seq {head}")
+    for r in rows:
+        table.add_row(r["name"], r["type"], str(r["delivered_seq"]), str(r["behind"]), r["last_delivery"] or "never")
+    console.print(table)
 
 
 @audit_app.command("pubkey")

@@ -175,6 +175,7 @@ class Settings:
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
     guardrails: list[Any] = field(default_factory=list)  # policy.guardrails.Rule
     masking: list[Any] = field(default_factory=list)  # masking.plan.MaskRule
+    audit_sinks: list[Any] = field(default_factory=list)  # recording.sinks.SinkSpec
 
     @property
     def store_url(self) -> str:
@@ -288,6 +289,10 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
                 settings.guardrails = parse_rules(value)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(str(exc)) from exc
+        elif key == "audit_sinks":
+            from .recording.sinks import parse_sinks
+
+            settings.audit_sinks = parse_sinks(value)
         elif key == "data_dir":
             settings.data_dir = Path(value)
         elif key == "secret_key":

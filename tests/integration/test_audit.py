@@ -112,8 +112,11 @@ def test_sessions_and_refusals_are_audit_events(recorded) -> None:
 def test_export_jsonl_and_cef(recorded) -> None:
     lines = recorded.cli("audit", "export").stdout.splitlines()
     events = [json.loads(x) for x in lines]
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)) and len(events) >= 8
-    assert all(len(e["hash"]) == 64 for e in events)
+    assert [e["event"]["sequence"] for e in events] == list(range(1, len(events) + 1)) and len(events) >= 8
+    assert all(len(e["wardgate"]["hash"]) == 64 for e in events)
+    refused = next(e for e in events if e["event"]["action"] == "statement.refused")
+    assert refused["user"]["name"] == "alice" and refused["event"]["outcome"] == "failure"
+    assert refused["event"]["category"] == ["database"] and "selec 1" in refused["message"]
     assert recorded.cli("audit", "export", "--since", "1h").stdout.splitlines() == lines
     assert recorded.cli("audit", "export", "--since", "2999-01-01T00:00").stdout == ""
     cef = recorded.cli("audit", "export", "--format", "cef").stdout.splitlines()

@@ -45,3 +45,32 @@ def show_session(store: "Store", session_id: str) -> dict[str, Any]:
 def event_view(e: Any) -> dict[str, Any]:
     return {"id": e.id, "at": iso(e.at), "kind": e.kind, "outcome": e.outcome, "user": e.user_name, "agent": e.agent,
             "source": e.source, "client_addr": e.client_addr, "detail": e.detail}
+
+
+_CATEGORY = (("authenticate", "authentication"), ("session.", "session"), ("statement.", "database"),
+             ("guardrail.", "database"), ("masking.", "database"), ("exec.", "database"), ("credential.", "iam"),
+             ("apikey.", "iam"), ("grant.", "iam"), ("review.", "iam"), ("connection.", "configuration"),
+             ("policy.", "configuration"), ("retention.", "configuration"))
+_SUCCESS = frozenset(("ok", "allow", "shadow"))
+_FAILURE = frozenset(("denied", "deny", "error"))
+
+
+def siem_event(e: Any) -> dict[str, Any]:
+    """An audit event in the export schema (docs/audit.md): Elastic Common Schema field names where
+    one fits, Wardgate's own under `wardgate`, and the chain position and hashes to check it by."""
+    from .. import __version__
+
+    category = next((c for prefix, c in _CATEGORY if prefix in e.kind), "process")
+    outcome = "success" if e.outcome in _SUCCESS else "failure" if e.outcome in _FAILURE else "unknown"
+    out: dict[str, Any] = {
+        "@timestamp": iso(e.at),
+        "event": {"id": e.id, "action": e.kind, "category": [category], "kind": "event", "outcome": outcome,
+                  "sequence": e.seq, "provider": "wardgate"},
+        "user": {"name": e.user_name},
+        "source": {"address": e.client_addr},
+        "observer": {"vendor": "Wardgate", "product": "Wardgate", "version": __version__},
+        "message": e.detail,
+        "wardgate": {"outcome": e.outcome, "agent": e.agent, "origin": e.source, "hash": e.hash,
+                     "prev_hash": e.prev_hash},
+    }
+    return out

@@ -606,6 +606,29 @@ class Store:
                 return
             after = rows[-1].seq
 
+    def events_after(self, seq: int, limit: int) -> list[m.Event]:
+        """The next `limit` events of the chain after `seq`, in order."""
+        with self.Session() as s:
+            return list(s.scalars(select(m.Event).where(m.Event.seq > seq).order_by(m.Event.seq).limit(limit)))
+
+    def audit_head(self) -> int:
+        with self.Session() as s:
+            return s.scalar(select(m.AuditHead.seq).where(m.AuditHead.id == 1)) or 0
+
+    def sink_cursors(self) -> dict[str, tuple[int, float]]:
+        with self.Session() as s:
+            return {c.name: (c.seq, c.at) for c in s.scalars(select(m.AuditSinkCursor))}
+
+    def set_sink_cursor(self, name: str, seq: int) -> None:
+        """Remember that a sink accepted every event up to `seq` (cursors only move forward)."""
+        t = m.AuditSinkCursor.__table__
+        stmt = self._insert(t).values(name=name, seq=seq, at=time.time())
+        stmt = stmt.on_conflict_do_update(index_elements=[t.c.name], set_={"seq": sa.func.max(t.c.seq, seq)
+                                          if self.engine.dialect.name == "sqlite" else sa.func.greatest(t.c.seq, seq),
+                                          "at": stmt.excluded.at})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
     def list_events(self, *, kind: str | None = None, outcome: str | None = None, limit: int = 100) -> list[m.Event]:
         q = select(m.Event).order_by(m.Event.at.desc()).limit(limit)
         if kind:

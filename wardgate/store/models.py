@@ -74,6 +74,7 @@ class Session(Base):
     gateway: Mapped[str | None] = mapped_column(String(32), nullable=True)
     agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
     masked: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # column -> values masked
+    purged_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # content removed by retention
 
     __table_args__ = (Index("ix_sessions_started_at", "started_at"),)
 
@@ -93,6 +94,12 @@ class Statement(Base):
     command_tag: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(5), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The gateway's decision (allow, deny, review, shadow) and the rules that matched, with their reasons.
+    decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    rules: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    params: Mapped[list | None] = mapped_column(JSON, nullable=True)  # bound values, masked where a rule applies
+    # Per [recording] results: {"columns": [...], "rows": n} (summary), plus "sample": first rows, masked.
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class ApiKey(Base):
@@ -188,4 +195,36 @@ class ReviewDecision(Base):
     by: Mapped[str] = mapped_column(String(128))
     decision: Mapped[str] = mapped_column(String(16))  # approve, reject, revoke
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class AuditSinkCursor(Base):
+    """How far a streaming sink has delivered the audit chain: every event up to `seq` was accepted."""
+
+    __tablename__ = "audit_sink_cursors"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class Analysis(Base):
+    """A session's (or exec's) risk analysis."""
+
+    __tablename__ = "analyses"
+    session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    level: Mapped[str] = mapped_column(String(8))  # low, medium, high
+    title: Mapped[str] = mapped_column(Text)
+    explanation: Mapped[str] = mapped_column(Text)
+    findings: Mapped[list] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(16))  # rules, or llm (rules refined by a model)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class Snapshot(Base):
+    """The last seen form of something that changes outside the API (the policy in the config file)."""
+
+    __tablename__ = "snapshots"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict] = mapped_column(JSON)
     at: Mapped[float] = mapped_column(Float)
