@@ -3,6 +3,7 @@ tampering with the store's rows is detected and located."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -11,6 +12,7 @@ import sys
 import time
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import make_gateway, psql
@@ -26,10 +28,13 @@ def recorded(tmp_path_factory, pg):  # noqa: ANN001, ANN201
         dsn = gw.dsn(gw.credential())
         psql(dsn, "-c", "select 1")
         psql(dsn, "-c", "selec 1", check=False)  # refused: it does not parse
+        with psycopg.connect(dsn) as conn:  # extended protocol: the bound values are recorded too
+            conn.execute("select %s::text, %s::int", ["hello", None])
         deadline = time.time() + 20
         while time.time() < deadline and not any(e["kind"] == "statement.refused" for e in gw.cli_json("events", "--limit", "100")):
             time.sleep(0.2)
         gw.wait_for_session(lambda s: s["status"] == "closed" and s["statements"] == 1 and s["user"] == "alice")
+        gw.wait_for_session(lambda s: s["status"] == "closed" and s["application_name"] != "psql")
     finally:
         gw.stop()
     return gw
@@ -134,3 +139,26 @@ def test_replay_shows_the_timeline(recorded) -> None:
     assert "alice -> shop" in out and "selec 1" in out and "denied 42501" in out and "ended:" in out
     timed = recorded.cli("sessions", "replay", sid, "--speed", "1000").stdout
     assert "selec 1" in timed
+
+
+def test_every_statement_decision_is_an_audit_event(recorded) -> None:
+    """Allowed statements join the chain by their SHA-256 (their text stays in the session record,
+    which retention may purge); refusals carry their reason."""
+    events = recorded.cli_json("events", "--limit", "1000")
+    digest = hashlib.sha256(b"select 1").hexdigest()
+    allowed = [e for e in events if e["kind"] == "statement.allow" and digest in e["detail"]]
+    assert allowed and allowed[0]["user"] == "alice" and allowed[0]["outcome"] == "allow"
+    assert allowed[0]["source"].startswith("session:")
+    session = recorded.cli_json("sessions", "show", allowed[0]["source"].split(":", 1)[1])
+    assert session["statements"][0]["decision"] == "allow" and session["statements"][0]["rules"] == []
+    refused_sid = next(e for e in events if e["kind"] == "statement.refused")["source"].split(":", 1)[1]
+    refused = recorded.cli_json("sessions", "show", refused_sid)["statements"][0]
+    assert refused["decision"] == "deny" and refused["rules"][0]["rule"] and refused["status"] == "denied"
+    assert not any(e["kind"] == "statement.allow" and e["source"] == f"session:{refused_sid}" for e in events)
+
+
+def test_bound_values_are_recorded(recorded) -> None:
+    s = next(s for s in recorded.sessions(user="alice") if s["application_name"] != "psql")
+    stmt = next(st for st in recorded.cli_json("sessions", "show", s["id"])["statements"] if "%s" not in st["text"]
+                and "$1" in st["text"])
+    assert stmt["params"] == ["hello", None] and stmt["param_count"] == 2

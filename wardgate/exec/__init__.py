@@ -74,7 +74,7 @@ class ExecRunner:
         if decision.action == "deny":
             sid = self._open_session(caller, connection, addr)
             message = decision.error_message
-            self.gateway.recorder.write([self._stmt(sid, sql, len(params or []), time.time()),
+            self.gateway.recorder.write([self._stmt(sid, sql, params, time.time(), "deny", decision, caller, connection),
                                          self._outcome(sid, "denied", code="42501", msg=message)])
             self.gateway.record_event("statement.refused", "denied", user=caller.user, agent=caller.agent, addr=addr,
                                       source=f"session:{sid}", detail=f"{message} in {sql[:500]!r}")
@@ -84,7 +84,8 @@ class ExecRunner:
                     "next": "change the statement, or ask for the rule to be changed; see `wardgate policy check`"}
         sid = self._open_session(caller, connection, addr, review_id=review_id)
         self._owners[sid] = caller.user
-        task = asyncio.get_running_loop().create_task(self._execute(sid, caller, connection, sql, params))
+        verdict = "approved" if review_id is not None else "shadow" if decision.matches else "allow"
+        task = asyncio.get_running_loop().create_task(self._execute(sid, caller, connection, sql, params, verdict, decision))
         self._running[sid] = task
         task.add_done_callback(lambda t, sid=sid: self._done(sid, t))
         threshold = self.settings.wait_seconds if wait is None else max(0.0, wait)
@@ -164,10 +165,16 @@ class ExecRunner:
         }])
         return sid
 
-    @staticmethod
-    def _stmt(sid: str, sql: str, nparams: int, at: float) -> dict[str, Any]:
-        """The record of the exec's statement (an exec session holds one, seq 1)."""
-        return {"k": "stmt", "sid": sid, "seq": 1, "kind": "exec", "np": nparams, "at": at, "text": sql}
+    def _stmt(self, sid: str, sql: str, params: list[str | None] | None, at: float, verdict: str, decision: Any,
+              caller: Identity, connection: str) -> dict[str, Any]:
+        """The record of the exec's statement (an exec session holds one, seq 1), with the decision and
+        its parameters, masked as results would be for the caller."""
+        record = {"k": "stmt", "sid": sid, "seq": 1, "kind": "exec", "np": len(params or []), "at": at, "text": sql,
+                  "d": verdict, "r": [m.public() for m in decision.matches]}
+        if params:
+            masking = self.gateway.gatekeeper.masking_policy(caller, connection)
+            record["p"] = [None if p is None else masking.mask_text(p) if masking else p for p in params]
+        return record
 
     @staticmethod
     def _outcome(sid: str, status: str, ms: float | None = None, rows: int | None = None, tag: str | None = None,
@@ -185,12 +192,11 @@ class ExecRunner:
     # -- running
 
     async def _execute(self, sid: str, caller: Identity, connection: str, sql: str,
-                       params: list[str | None] | None) -> dict[str, Any]:
+                       params: list[str | None] | None, verdict: str, decision: Any) -> dict[str, Any]:
         gw = self.gateway
-        nparams = len(params or [])
         started = time.time()
         # The statement is durable before it reaches the database.
-        gw.recorder.write([self._stmt(sid, sql, nparams, started)])
+        gw.recorder.write([self._stmt(sid, sql, params, started, verdict, decision, caller, connection)])
         masking = gw.gatekeeper.masking_policy(caller, connection)
         try:
             return await self._run_upstream(sid, connection, sql, params, masking, started)

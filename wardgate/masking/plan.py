@@ -335,6 +335,20 @@ class MaskingPolicy:
                 columns.append(_Column(i, name, type_oid, binary, whole, detectors))
         return RowMasker(columns, self.salt) if columns else None
 
+    def mask_text(self, text: str) -> str:
+        """A free-standing value (a statement's parameter, for its record) with the content detectors applied."""
+        for r in self.rules:
+            if r.detectors or r.patterns:
+                spans = find(text, text.encode("utf-8"), r.detectors, r.patterns)
+                out, last = [], 0
+                for s, e, kind in spans:
+                    out.append(text[last:s])
+                    out.append(mask_value(text[s:e], r.strategy, kind, self.salt) or f"[{kind}]")
+                    last = e
+                out.append(text[last:])
+                return "".join(out)
+        return text
+
     def mask_copy_line(self, data: bytes) -> bytes | None:
         """COPY ... TO STDOUT data in text form: detectors apply to the whole line."""
         for r in self.rules:

@@ -30,6 +30,7 @@ def statement_view(st: Any) -> dict[str, Any]:
         "seq": st.seq, "kind": st.kind, "text": st.text, "param_count": st.param_count,
         "started_at": iso(st.started_at), "duration_ms": st.duration_ms, "status": st.status, "rows": st.rows,
         "command_tag": st.command_tag, "error_code": st.error_code, "error_message": st.error_message,
+        "decision": st.decision or "allow", "rules": st.rules or [], "params": st.params, "result": st.result,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import time
@@ -31,8 +32,14 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 API_KEY_PREFIX = "wgk_"
 _STMT_COLUMNS = (
     "session_id", "seq", "kind", "text", "param_count", "started_at", "status", "duration_ms", "rows",
-    "command_tag", "error_code", "error_message",
+    "command_tag", "error_code", "error_message", "decision", "rules", "params",
 )
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _event_id(*parts: object) -> str:
+    """A stable id for an event derived from a record, so that a journal applied twice adds it once."""
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:32]
 _STMT_COLUMN_LIST = ", ".join(f'"{c}"' for c in _STMT_COLUMNS)
 CREDENTIAL_PREFIX = "wgc_"
 
@@ -490,14 +497,27 @@ class Store:
         finished: list[dict[str, Any]] = []
         ends: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
+        statement_events: list[dict[str, Any]] = []  # about a session's statements: its user is looked up
         for r in records:
             kind = r["k"]
             if kind == "stmt":
+                decision = r.get("d", "allow")
+                rules = r.get("r")
                 stmts[(r["sid"], r["seq"])] = {
                     "session_id": r["sid"], "seq": r["seq"], "kind": r["kind"], "text": r["text"],
                     "param_count": r["np"], "started_at": r["at"], "status": "running", "duration_ms": None,
                     "rows": None, "command_tag": None, "error_code": None, "error_message": None,
+                    "decision": decision, "rules": None if rules is None else _dumps(rules),
+                    "params": None if r.get("p") is None else _dumps(r["p"]),
                 }
+                if decision in ("allow", "approved", "shadow"):  # refusals have their own event, with the reason
+                    digest = hashlib.sha256(r["text"].encode("utf-8")).hexdigest()
+                    names = ", ".join(sorted({m["rule"] for m in rules or ()}))
+                    statement_events.append({
+                        "id": _event_id("stmt", r["sid"], r["seq"]), "at": r["at"], "kind": "statement.allow",
+                        "outcome": decision, "sid": r["sid"],
+                        "detail": f"statement {r['seq']} sha256:{digest}" + (f"; rules: {names}" if names else ""),
+                    })
             elif kind == "done":
                 outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
                            "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
@@ -516,6 +536,10 @@ class Store:
                 }
             elif kind == "end":
                 ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason"), "b_masked": r.get("masked")})
+                if r.get("masked"):
+                    counts = ", ".join(f"{k}: {v}" for k, v in sorted(r["masked"].items()))
+                    statement_events.append({"id": _event_id("masked", r["sid"]), "at": r["at"], "kind": "masking.applied",
+                                             "outcome": "ok", "sid": r["sid"], "detail": f"values masked: {counts}"})
             elif kind == "event":
                 events.append({
                     "id": r["id"], "at": r["at"], "kind": r["kind"], "outcome": r["outcome"], "user_name": r.get("user"),
@@ -526,6 +550,8 @@ class Store:
         with self.engine.begin() as conn:
             if sessions:
                 conn.execute(self._insert(ss).on_conflict_do_nothing(), list(sessions.values()))
+            if statement_events:
+                events = self._merge_session_events(conn, events, statement_events, sessions)
             if events:
                 self._append_events(conn, events)
             if stmts:
@@ -557,6 +583,23 @@ class Store:
                     .values(status="aborted", error_message="the session ended before the statement finished"),
                     [{"b_sid": e["b_sid"]} for e in ends],
                 )
+
+    @staticmethod
+    def _merge_session_events(conn: sa.Connection, events: list[dict[str, Any]], about: list[dict[str, Any]],
+                              sessions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Give events about a session's statements the session's user and agent, and merge them with
+        the other events in time order (the chain follows what happened)."""
+        who = {sid: (row["user_name"], row["agent"]) for sid, row in sessions.items()}
+        missing = {e["sid"] for e in about} - who.keys()
+        if missing:
+            ss = m.Session.__table__
+            for sid, user, agent in conn.execute(select(ss.c.id, ss.c.user_name, ss.c.agent).where(ss.c.id.in_(missing))):
+                who[sid] = (user, agent)
+        for e in about:
+            sid = e.pop("sid")
+            user, agent = who.get(sid, (None, None))
+            e.update(user_name=user, agent=agent, source=f"session:{sid}", client_addr=None)
+        return sorted(events + about, key=lambda e: e["at"])
 
     @property
     def signer(self) -> audit.Signer:

@@ -53,9 +53,15 @@ def _jstr(value: str | None) -> str:
     return "null" if value is None else _jstring(value)
 
 
-def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str) -> str:
+def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str, verdict: str = "") -> str:
+    """A statement's record; `verdict` is empty for the common case (allowed, no rule matched)."""
     return (f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time()!r},'
-            f'"text":{_jstring(text)}}}\n')
+            f'"text":{_jstring(text)}{verdict}}}\n')
+
+
+def _verdict(action: str, decision: Any) -> str:
+    """The decision fields of a statement's record: what the gateway did, and every rule that matched."""
+    return f',"d":"{action}","r":{_json([m.public() for m in decision.matches])}'
 
 
 def _done_line(sid: str, seq: int, status: str, ms: str | None, rows: int | None, tag: str | None,
@@ -149,6 +155,7 @@ class Relay:
             self.server_framer = Framer(BACKEND_INSPECT + b"TnDdHG", max_inspect=max_message, max_message=max_message,
                                         rows=_DATA_ROW)
         self._starts: dict[int, float] = {}
+        self._verdict = ""  # decision fields for the next statement record, when a rule matched
         self.ended = False
         self.terminating = False
         self.upstream_fatal = False
@@ -187,7 +194,7 @@ class Relay:
                             continue
                         seq = self.tracker.start_query(text)
                         self._starts[seq] = time.perf_counter()
-                        records.append(_stmt_line(sid, seq, "simple", 0, text))
+                        records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict()))
                         continue
                     if mtype == _TERMINATE:
                         self.terminating = True
@@ -200,7 +207,7 @@ class Relay:
                         if refusal is not None:
                             self._refuse(mtype, body, offset, refusal, records, edits)
                             continue
-                        self.tracker.parsed(name, text, body, pos)
+                        self.tracker.parsed(name, text, body, pos, self._take_verdict())
                         if self.masking is not None:
                             self._plans.pop((ord("S"), name), None)
                         continue
@@ -210,7 +217,11 @@ class Relay:
                     started = self.tracker.frontend(mtype, body)
                     if started is not None:
                         self._starts[started.seq] = time.perf_counter()
-                        records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text))
+                        verdict = started.verdict
+                        if started.params:
+                            verdict += ',"p":' + _json(self._masked_params(started.params))
+                        records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text,
+                                                  verdict))
                         if mtype == _EXECUTE and self.masking is not None:
                             self._plan_execute(body)
                     elif self.masking is not None and mtype == _CLOSE and len(body) >= 2:
@@ -235,6 +246,13 @@ class Relay:
             return
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _masked_params(self, values: list[str | None]) -> list[str | None]:
+        """Bound values for the record: content detectors apply, as they would to results."""
+        masking = self.masking
+        if masking is None:
+            return values
+        return [None if v is None else masking.mask_text(v) for v in values]
 
     def _plan_execute(self, body: bytes) -> None:
         """An Execute's rows are masked with the plan of its portal's (or statement's) Describe. The
@@ -307,10 +325,22 @@ class Relay:
         if decision.action == "review" and self._review is not None:
             if extended and _PLACEHOLDER.search(statement):
                 # An approval binds the exact input; here the values come later, in Bind, unseen by the approver.
-                return (f"{decision.error_message}; a statement with parameters that needs review runs through "
-                        "`wardgate exec` (or POST /api/exec with params), where the review binds the values too")
-            return self._review(statement, decision)
-        return None if decision.action == "allow" else decision.error_message
+                refusal: str | None = (
+                    f"{decision.error_message}; a statement with parameters that needs review runs through "
+                    "`wardgate exec` (or POST /api/exec with params), where the review binds the values too")
+            else:
+                refusal = self._review(statement, decision)
+            self._verdict = _verdict("review" if refusal is not None else "approved", decision)
+            return refusal
+        if decision.action == "allow":
+            self._verdict = _verdict("shadow", decision)  # only shadow rules matched
+            return None
+        self._verdict = _verdict("deny", decision)
+        return decision.error_message
+
+    def _take_verdict(self) -> str:
+        verdict, self._verdict = self._verdict, ""
+        return verdict
 
     def _refuse(self, mtype: int, body: bytes, offset: int, message: str, records: list[str],
                 edits: list[tuple[int, int, bytes]]) -> None:
@@ -325,22 +355,27 @@ class Relay:
         self._refusals[marker] = message
         if mtype == _PARSE:
             name, pos = codec.read_cstr(body, 0)
-            text = codec.read_cstr(body, pos)[0].decode("utf-8", "replace")
+            raw, pos = codec.read_cstr(body, pos)
+            text = raw.decode("utf-8", "replace")
             seq = self.tracker.next_seq()
-            records.append(_stmt_line(sid, seq, "extended", 0, text))
+            verdict = self._take_verdict()
+            records.append(_stmt_line(sid, seq, "extended", 0, text, verdict))
             records.append(_done_line(sid, seq, "denied", None, None, None, "42501", message))
-            self.tracker.frontend(mtype, body)  # its name still maps to the real text, for the records
+            # Its name still maps to the real text (and the refusal), for the records of its Executes.
+            self.tracker.parsed(name, text, body, pos, verdict)
             replacement = codec.message(b"P", codec.cstr(name) + codec.cstr(marker) + b"\x00\x00")
         else:
             started = self.tracker.frontend(mtype, body)
             assert started is not None
             self._refused_queries[started.seq] = message
             self._starts[started.seq] = time.perf_counter()
-            records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text))
+            verdict = self._take_verdict() if mtype == _QUERY else ',"d":"deny","r":[]'
+            records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text, verdict))
             text = started.text
             replacement = codec.message(b"Q", codec.cstr(marker))
         edits.append((offset, 5 + len(body), replacement))
-        records.append(self._event_line("statement.refused", "denied", f"{message} in {text[:500]!r}"))
+        outcome = "review" if verdict.startswith(',"d":"review"') else "denied"
+        records.append(self._event_line("statement.refused", outcome, f"{message} in {text[:500]!r}"))
 
     def _event_line(self, kind: str, outcome: str, detail: str) -> str:
         """An audit event about this session, as a journal line."""

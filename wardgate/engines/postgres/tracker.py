@@ -22,6 +22,7 @@ Q, P, B, E, C, S, F, DESCRIBE = (ord(c) for c in "QPBECSFD")
 CMD_COMPLETE, EMPTY, SUSPENDED, ERROR, READY = (ord(c) for c in "CIsEZ")
 FRONTEND_INSPECT = b"QPBECSF"
 BACKEND_INSPECT = b"CIsEZ"
+PARAM_LIMIT = 1000  # characters of a bound value kept in the record
 
 
 @dataclass(slots=True)
@@ -30,6 +31,8 @@ class Started:
     text: str
     param_count: int
     kind: str  # "simple", "extended" or "function"
+    verdict: str = ""  # the decision fields of its record (see session._verdict); "" when no rule matched
+    params: list[str | None] | None = None  # an Execute's bound values (text; binary ones described)
 
 
 @dataclass(slots=True)
@@ -59,8 +62,8 @@ class StatementTracker:
 
     def __init__(self, track_describe: bool = False) -> None:
         self._seq = 0
-        self._statements: dict[bytes, tuple[str, int]] = {}
-        self._portals: dict[bytes, tuple[str, int]] = {}
+        self._statements: dict[bytes, tuple[str, int, str]] = {}  # name -> (text, parameters, verdict)
+        self._portals: dict[bytes, tuple[str, list[str | None], str]] = {}  # name -> (text, values, verdict)
         self._portal_stmt: dict[bytes, bytes] = {}
         self._portal_formats: dict[bytes, tuple[int, ...]] = {}
         self._pending: deque[_Pending] = deque()
@@ -82,28 +85,38 @@ class StatementTracker:
         if mtype == B:
             portal, pos = read_cstr(body, 0)
             stmt, pos = read_cstr(body, pos)
-            nparams = 0
+            values: list[str | None] = []
             try:
                 (nformats,) = _I16.unpack_from(body, pos)
+                formats = struct.unpack_from(f"!{nformats}h", body, pos + 2)
                 pos += 2 + 2 * nformats
                 (nparams,) = _I16.unpack_from(body, pos)
                 pos += 2
+                for i in range(nparams):
+                    (length,) = _I32.unpack_from(body, pos)
+                    pos += 4
+                    if length < 0:
+                        values.append(None)
+                        continue
+                    binary = (formats[i] if nformats > 1 else formats[0] if nformats else 0) == 1
+                    values.append(f"<binary, {length} bytes>" if binary else
+                                  body[pos:pos + min(length, PARAM_LIMIT)].decode("utf-8", "replace"))
+                    pos += length
                 if self.track_describe:
-                    for _ in range(nparams):
-                        (length,) = _I32.unpack_from(body, pos)
-                        pos += 4 + max(length, 0)
                     (nresults,) = _I16.unpack_from(body, pos)
                     self._portal_formats[portal] = struct.unpack_from(f"!{nresults}h", body, pos + 2)
-            except struct.error:
+            except (struct.error, IndexError):
                 pass  # upstream will reject the malformed Bind; the statement is still recorded
-            text = self._statements.get(stmt, ("<unknown prepared statement>", 0))[0]
-            self._portals[portal] = (text, nparams)
+            text, _, verdict = self._statements.get(stmt, ("<unknown prepared statement>", 0, ""))
+            self._portals[portal] = (text, values, verdict)
             self._portal_stmt[portal] = stmt
             return None
         if mtype == E:
             portal, _ = read_cstr(body, 0)
-            text, nparams = self._portals.get(portal, ("<unknown portal>", 0))
-            return self._start(E, text, nparams, "extended")
+            text, values, verdict = self._portals.get(portal, ("<unknown portal>", [], ""))
+            started = self._start(E, text, len(values), "extended", verdict)
+            started.params = values
+            return started
         if mtype == S:
             self._pending.append(_Pending(-1, S))
             return None
@@ -122,10 +135,10 @@ class StatementTracker:
             return self._start(F, f"<function call oid={oid}>", 0, "function")
         return None
 
-    def parsed(self, name: bytes, text: str, body: bytes, pos: int) -> None:
+    def parsed(self, name: bytes, text: str, body: bytes, pos: int, verdict: str = "") -> None:
         """A Parse whose name and text the caller has read already; `pos` is where its parameter types start."""
         nparams = _I16.unpack_from(body, pos)[0] if len(body) >= pos + 2 else 0
-        self._statements[name] = (text, nparams)
+        self._statements[name] = (text, nparams, verdict)
 
     def statement_of(self, portal: bytes) -> bytes | None:
         return self._portal_stmt.get(portal)
@@ -161,10 +174,10 @@ class StatementTracker:
         self._pending.append(_Pending(self._seq, Q))
         return self._seq
 
-    def _start(self, kind: int, text: str, nparams: int, label: str) -> Started:
+    def _start(self, kind: int, text: str, nparams: int, label: str, verdict: str = "") -> Started:
         self._seq += 1
         self._pending.append(_Pending(self._seq, kind))
-        return Started(self._seq, text, nparams, label)
+        return Started(self._seq, text, nparams, label, verdict)
 
     # -- backend
 
