@@ -15,12 +15,13 @@ from .config import Settings, parse_hostport
 from .engines.postgres.server import PostgresListener
 from .exec import ExecRunner
 from .identity.authenticator import Authenticator
+from .policy import snapshot as policy_snapshot
 from .policy.gatekeeper import Gatekeeper
 from .recording.journal import event
 from .recording.recorder import Recorder
 from .recording.sinks import Shipper
 from .reviews import Reviews
-from .store import Store
+from .store import Actor, Store
 from .tls import ensure_self_signed, server_context
 
 log = logging.getLogger("wardgate")
@@ -58,10 +59,9 @@ class Gateway:
         self._exit = contextlib.AsyncExitStack()
 
     def record_event(self, kind: str, outcome: str, **fields: Any) -> None:
-        """Record a security event; safe to call from any thread (the API's workers)."""
-        self.loop.call_soon_threadsafe(self._write_event, event(kind, outcome, **fields))
-
-    def _write_event(self, record: dict[str, Any]) -> None:
+        """Record a security event, durable on return (before the action it describes completes);
+        safe to call from any thread (the API's workers)."""
+        record = event(kind, outcome, **fields)
         try:
             self.recorder.write([record])
         except OSError:
@@ -100,6 +100,10 @@ class Gateway:
         if recovered:
             log.warning("recovered %d journal records left by a gateway process that ended", recovered)
         self.recorder.start()
+        changed = await asyncio.to_thread(self.store.note_policy, policy_snapshot(self.settings),
+                                        Actor.local(f"config:{self.settings.path or '(defaults)'}"))
+        if changed:
+            log.info("policy recorded in the audit log (changed: %s)", ", ".join(changed))
         host, port = parse_hostport(self.settings.gateway.listen)
         await self.postgres.start(host, port)
         self._tasks.append(asyncio.create_task(self.recorder.run(), name="recorder"))

@@ -66,6 +66,13 @@ def open_store():  # noqa: ANN201
         fail(str(exc))
 
 
+def cli_actor():  # noqa: ANN201
+    """Who changes something from the command line: the account running it, on this host."""
+    from .store import Actor
+
+    return Actor.local("cli")
+
+
 def when(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -148,7 +155,7 @@ def users_add(
 
     store = open_store()
     try:
-        user = store.add_user(name, group)
+        user = store.add_user(name, group, cli_actor())
     except (Conflict, ConfigError) as exc:
         fail(str(exc))
     if json_out:
@@ -177,7 +184,7 @@ def users_remove(name: str) -> None:
     from .store import NotFound
 
     try:
-        open_store().remove_user(name)
+        open_store().remove_user(name, cli_actor())
     except NotFound as exc:
         fail(str(exc))
     console.print(f"removed user [bold]{name}[/]; its credentials are revoked")
@@ -213,7 +220,7 @@ def connections_add(
     spec = ConnectionSpec(name, host, port, database, user, password, password_env, sslmode, sslrootcert)
     store = open_store()
     try:
-        store.add_connection(spec)
+        store.add_connection(spec, cli_actor())
     except (Conflict, ConfigError) as exc:
         fail(str(exc))
     info = next(c for c in store.list_connections() if c.spec.name == name)
@@ -242,7 +249,7 @@ def connections_remove(name: str) -> None:
     from .store import Conflict, NotFound
 
     try:
-        open_store().remove_connection(name)
+        open_store().remove_connection(name, cli_actor())
     except (Conflict, NotFound) as exc:
         fail(str(exc))
     console.print(f"removed connection [bold]{name}[/]")

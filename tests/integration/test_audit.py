@@ -15,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import make_gateway, psql
+from tests.conftest import APP_PASSWORD, make_gateway, psql
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,23 @@ def test_bound_values_are_recorded(recorded) -> None:
     stmt = next(st for st in recorded.cli_json("sessions", "show", s["id"])["statements"] if "%s" not in st["text"]
                 and "$1" in st["text"])
     assert stmt["params"] == ["hello", None] and stmt["param_count"] == 2
+
+
+def test_policy_changes_are_recorded_with_what_changed(tmp_path, pg) -> None:  # noqa: ANN001
+    gw = make_gateway(tmp_path, pg)
+    gw.start()
+    gw.stop()
+    gw.start()  # the same policy again: nothing to record
+    gw.stop()
+    with gw.config.open("a") as f:
+        f.write('[[guardrails]]\nname = "no-truncate"\nkinds = ["truncate"]\nmessage = "no"\n')
+    gw.start()
+    gw.stop()
+    changes = [e for e in gw.cli_json("events", "--kind", "policy.change") if e["kind"] == "policy.change"]
+    assert len(changes) == 2
+    first, latest = changes[-1], changes[0]
+    assert first["detail"].startswith("first policy seen") and first["source"].startswith("config:")
+    diff = json.loads(latest["detail"])
+    assert list(diff) == ["guardrails"] and diff["guardrails"]["added"][0]["name"] == "no-truncate"
+    assert diff["guardrails"]["removed"] == [] and "@" in latest["user"]
+    assert APP_PASSWORD not in json.dumps(changes)

@@ -55,6 +55,14 @@ def test_connections_secrets_are_encrypted_and_never_shown(tmp_path) -> None:
     assert bad.returncode == 1 and "sslmode must be one of" in bad.stderr
     run(tmp_path, "connections", "remove", "stage")
     assert [c["name"] for c in json.loads(run(tmp_path, "connections", "list", "--json").stdout)] == ["prod"]
+    # Who changed what is in the audit log, with the settings but never the password.
+    events = json.loads(run(tmp_path, "events", "--json").stdout)
+    changes = [(e["kind"], e["detail"].split(":")[0]) for e in reversed(events)]
+    assert changes == [("connection.create", "prod"), ("connection.create", "stage"), ("connection.remove", "stage")]
+    created = next(e for e in events if e["kind"] == "connection.create" and e["detail"].startswith("prod"))
+    assert '"host":[null,"db.internal"]' in created["detail"] and '"password":[null,"set"]' in created["detail"]
+    assert created["source"] == "cli" and "@" in created["user"] and "Sup3r" not in json.dumps(events)
+    assert json.loads(run(tmp_path, "audit", "verify", "--json").stdout)["ok"]
 
 
 def test_wrong_secret_key_cannot_read_secrets(tmp_path) -> None:

@@ -257,6 +257,14 @@ def test_admin_creates_and_updates_connections_without_seeing_secrets(mgw, pg, t
     ok, wrong_db = run(mgw, tokens["agent"], again)
     assert ok["status"] == "completed"
     assert wrong_db.is_error and "reaches database 'shop'" in wrong_db.content[0].text
+    # Each change is an audit event naming who made it and what changed (the password: only that it is set).
+    events = mgw.cli_json("events", "--limit", "1000")
+    updates = [e for e in events if e["kind"] == "connection.update" and e["detail"].startswith("shop_extra")]
+    assert [e["detail"] for e in reversed(updates)] == [
+        f'shop_extra: {{"port":[{pg.port},1]}}', f'shop_extra: {{"port":[1,{pg.port}]}}']
+    assert all(e["user"] == "root" and e["source"] == "mcp" for e in updates)
+    created = next(e for e in events if e["kind"] == "connection.create" and e["detail"].startswith("shop_extra"))
+    assert '"password":[null,"set"]' in created["detail"] and APP_PASSWORD not in json.dumps(events)
 
 
 def test_wrong_audience_and_missing_token_get_401_with_resource_metadata(mgw, tokens) -> None:

@@ -9,7 +9,6 @@ masking, reviews and recording as every other door.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -28,7 +27,7 @@ from ..config import ConfigError, ConnectionSpec
 from ..domain import Identity
 from ..identity import AuthenticationError
 from ..reviews import ReviewError
-from ..store import Conflict, ConnectionInfo, NotFound
+from ..store import Actor, Conflict, ConnectionInfo, NotFound
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -280,13 +279,10 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
         spec = ConnectionSpec(name=name, host=host, port=port, database=database, user=user, password=password,
                               password_env=password_env, sslmode=sslmode)
         try:
-            await asyncio.to_thread(gateway.store.add_connection, spec)
+            await asyncio.to_thread(gateway.store.add_connection, spec, Actor(who.user, "mcp", who.agent))
         except (ConfigError, Conflict) as exc:
             raise ToolError(str(exc)) from None
-        info = ConnectionInfo(spec, "store").public()
-        gateway.record_event("connection.create", "ok", user=who.user, agent=who.agent, source="mcp",
-                             detail=json.dumps({k: v for k, v in info.items() if k != "source"}))
-        return info
+        return ConnectionInfo(spec, "store").public()
 
     @server.tool(annotations=WRITE, description=(
         "(admin) Change a stored connection; only the settings given change. Secrets are accepted, never returned."))
@@ -298,13 +294,10 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
         changes = {k: v for k, v in {"host": host, "port": port, "database": database, "user": user, "password": password,
                                      "password_env": password_env, "sslmode": sslmode}.items() if v is not None}
         try:
-            info = (await asyncio.to_thread(gateway.store.update_connection, name, changes)).public()
+            info = await asyncio.to_thread(gateway.store.update_connection, name, changes, Actor(who.user, "mcp", who.agent))
         except (ConfigError, Conflict, NotFound) as exc:
             raise ToolError(str(exc)) from None
-        shown = {k: ("(changed)" if k == "password" else v) for k, v in changes.items()}
-        gateway.record_event("connection.update", "ok", user=who.user, agent=who.agent, source="mcp",
-                             detail=f"{name}: {json.dumps(shown)}")
-        return info
+        return info.public()
 
     @server.tool(annotations=READ, description="(admin) What the policy decides for a statement, without running it.")
     async def policy_check(user: str, connection: str, sql: str) -> dict[str, Any]:

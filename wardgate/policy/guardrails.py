@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..domain import Identity
-from ..sql.classify import OPAQUE_KINDS, Classification, cache_key, classify
+from ..sql.classify import OPAQUE_KINDS, Classification, cache_key, classify, kind_of, known_kinds
 from .scope import in_scope
 
 DANGEROUS_FUNCTIONS = (
@@ -189,6 +189,11 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
         for key in ("kinds", "relations", "functions"):
             if key in entry:
                 fields[key] = tuple(entry.pop(key))
+        unknown_kinds = sorted(set(fields.get("kinds", ())) - known_kinds())
+        if unknown_kinds:  # a rule that names no real kind would never match: refuse it rather than guard nothing
+            hint = ", ".join(f"{k!r} (use {kind_of(k)!r}?)" if kind_of(k) in known_kinds() else repr(k) for k in unknown_kinds)
+            raise ValueError(f"guardrail {name!r}: unknown statement kinds {hint}; kinds are snake_case statement "
+                             "names such as select, insert, update, delete, truncate, drop, alter_system, do, call")
         for key in ("unconditional", "writes", "copy_program", "masked_filters"):
             if key in entry:
                 fields[key] = bool(entry.pop(key))

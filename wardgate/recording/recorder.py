@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class Recorder:
         self.journal = Journal(settings.journal_dir)
         self.flush_interval = flush_interval
         self._deferred: list[str] = []
+        self._lock = threading.Lock()  # the loop and the API's worker threads write
         self._timer: asyncio.TimerHandle | None = None
         self._drainer: multiprocessing.process.BaseProcess | None = None
         self._stop: Any = None
@@ -97,14 +99,16 @@ class Recorder:
         self.write_lines([encode(records)])
 
     def write_lines(self, lines: list[str]) -> None:
-        """`write` for records the relay encoded itself (one JSON object a line)."""
-        if self._deferred:
-            lines = self._deferred + lines
-            self._deferred = []
-        self.journal.write("".join(lines).encode("utf-8"))
+        """`write` for records the relay encoded itself (one JSON object a line). Any thread may write."""
+        with self._lock:
+            if self._deferred:
+                lines = self._deferred + lines
+                self._deferred = []
+            self.journal.write("".join(lines).encode("utf-8"))
 
     def defer(self, lines: list[str]) -> None:
-        self._deferred.extend(lines)
+        with self._lock:
+            self._deferred.extend(lines)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(OUTCOME_DELAY, self._write_deferred)
 
@@ -147,7 +151,8 @@ class Recorder:
 
     def rotate(self) -> None:
         self._write_deferred()
-        self.journal.rotate()
+        with self._lock:
+            self.journal.rotate()
 
     async def run(self) -> None:
         while True:
@@ -161,7 +166,8 @@ class Recorder:
         if self._timer is not None:
             self._timer.cancel()
         self._write_deferred()
-        self.journal.close()
+        with self._lock:
+            self.journal.close()
         if self._drainer is not None:
             try:
                 self._stop.send_bytes(b"stop")

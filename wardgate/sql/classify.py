@@ -37,8 +37,16 @@ _NAMES = {
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
-def _kind_of(node_name: str) -> str:
+def kind_of(node_name: str) -> str:
     return _NAMES.get(node_name) or _CAMEL.sub("_", node_name.removesuffix("Stmt")).lower()
+
+
+def known_kinds() -> frozenset[str]:
+    """Every statement kind a rule can name: one per statement node of PostgreSQL's grammar."""
+    from pglast import ast
+
+    return frozenset({kind_of(n) for n in dir(ast) if n.endswith("Stmt")} | READ_KINDS | OPAQUE_KINDS
+                     | {"copy_from", "copy_to"})
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ def _columns(node: Any, out: set[str]) -> None:
 
 
 def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
-    kind = _kind_of(name)
+    kind = kind_of(name)
     rest = dict(body)
     for key in _FILTER_KEYS:
         if rest.get(key):

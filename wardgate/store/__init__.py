@@ -44,6 +44,39 @@ _STMT_COLUMN_LIST = ", ".join(f'"{c}"' for c in _STMT_COLUMNS)
 CREDENTIAL_PREFIX = "wgc_"
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change, for its audit event: the person (and agent), and through which door."""
+
+    user: str | None
+    source: str  # cli, api, mcp, config:<path>
+    agent: str | None = None
+    addr: str | None = None
+
+    @classmethod
+    def local(cls, source: str) -> "Actor":
+        """The operating-system account running this process, on this host (the CLI, a config file applied)."""
+        import getpass
+
+        try:
+            account = getpass.getuser()
+        except (KeyError, OSError):
+            account = f"uid:{os.getuid()}"
+        return cls(f"{account}@{os.uname().nodename}", source)
+
+
+def _connection_view(spec: ConnectionSpec) -> dict[str, Any]:
+    """A connection's settings for a change record: the password never, only whether it is set."""
+    return {"host": spec.host, "port": spec.port, "database": spec.database, "user": spec.user, "sslmode": spec.sslmode,
+            "sslrootcert": spec.sslrootcert, "password_env": spec.password_env, "password": "set" if spec.password else None}
+
+
+def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """{key: [old, new]} for every key whose value differs."""
+    before, after = before or {}, after or {}
+    return {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
+
+
 class NotFound(LookupError):
     pass
 
@@ -143,7 +176,7 @@ class Store:
 
     # ---------------------------------------------------------------------------------- users
 
-    def add_user(self, name: str, groups: list[str]) -> m.User:
+    def add_user(self, name: str, groups: list[str], actor: Actor | None = None) -> m.User:
         name = name.strip()
         if not name or len(name) > 128 or any(c in name for c in "\x00:@/ "):
             raise ConfigError(f"invalid user name {name!r}: use letters, digits, '.', '_', '-'")
@@ -152,6 +185,7 @@ class Store:
                 raise Conflict(f"user {name!r} already exists")
             user = m.User(name=name, groups=sorted(set(groups)), scram_salt=os.urandom(16), created_at=time.time(), disabled=False)
             s.add(user)
+            self.record_change(s, actor, "user.create", f"{name}: groups {', '.join(sorted(set(groups))) or '(none)'}")
         return user
 
     def list_users(self) -> list[m.User]:
@@ -162,22 +196,33 @@ class Store:
         with self.Session() as s:
             return s.scalar(select(m.User).where(m.User.name == name))
 
-    def remove_user(self, name: str) -> None:
+    def remove_user(self, name: str, actor: Actor | None = None) -> None:
         with self.Session.begin() as s:
             user = s.scalar(select(m.User).where(m.User.name == name))
             if user is None:
                 raise NotFound(f"no user named {name!r}")
+            self.record_change(s, actor, "user.remove", f"{name}: disabled, its credentials revoked")
             s.execute(update(m.Credential).where(m.Credential.user_id == user.id, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
             user.disabled = True
             user.name = f"{user.name}#removed-{user.id}"
 
     # ---------------------------------------------------------------------------- connections
 
-    def add_connection(self, spec: ConnectionSpec) -> None:
+    def record_change(self, s: Any, actor: Actor | None, kind: str, detail: str) -> None:
+        """An audit event for a change, in the transaction that makes it: durable with it, or neither."""
+        if actor is None:
+            return
+        self._append_events(s.connection(), [{
+            "id": secrets.token_hex(16), "at": time.time(), "kind": kind, "outcome": "ok", "user_name": actor.user,
+            "agent": actor.agent, "source": actor.source, "client_addr": actor.addr, "detail": detail}])
+
+    def add_connection(self, spec: ConnectionSpec, actor: Actor | None = None) -> None:
         validate_connection(spec)
         if spec.name in self._config_connections:
             raise Conflict(f"connection {spec.name!r} is declared in the config file; edit it there")
         with self.Session.begin() as s:
+            self.record_change(s, actor, "connection.create",
+                               f"{spec.name}: {_dumps(diff(None, _connection_view(spec)))}")
             if s.scalar(select(m.Connection).where(m.Connection.name == spec.name)):
                 raise Conflict(f"connection {spec.name!r} already exists; remove it first to change it")
             s.add(
@@ -204,11 +249,13 @@ class Store:
             raise NotFound(f"no connection named {name!r}")
         return row
 
-    def update_connection(self, name: str, changes: dict[str, Any]) -> ConnectionInfo:
+    def update_connection(self, name: str, changes: dict[str, Any], actor: Actor | None = None) -> ConnectionInfo:
         """Change a stored connection in place (its credentials stay valid); `password` is encrypted."""
         with self.Session.begin() as s:
             row = self._stored_connection(s, name, "edit")
             spec = self._spec(row)
+            before = _connection_view(spec)
+            old_password = spec.password
             for key, value in changes.items():
                 if not hasattr(spec, key) or key == "name":
                     raise ConfigError(f"a connection has no setting {key!r} to change")
@@ -221,13 +268,46 @@ class Store:
             row.host, row.port, row.database, row.username = spec.host, spec.port, spec.database, spec.user
             row.password_enc = self.box.encrypt(spec.password) if spec.password else None
             row.password_env, row.sslmode, row.sslrootcert = spec.password_env, spec.sslmode, spec.sslrootcert
+            changed = diff(before, _connection_view(spec))
+            if spec.password != old_password and spec.password and old_password:
+                changed["password"] = ["set", "changed"]
+            self.record_change(s, actor, "connection.update", f"{name}: {_dumps(changed)}")
         return ConnectionInfo(spec, "store")
 
-    def remove_connection(self, name: str) -> None:
+    def remove_connection(self, name: str, actor: Actor | None = None) -> None:
         with self.Session.begin() as s:
             row = self._stored_connection(s, name, "remove")
+            self.record_change(s, actor, "connection.remove",
+                               f"{name}: {_dumps(diff(_connection_view(self._spec(row)), None))}; its credentials revoked")
             s.delete(row)
             s.execute(update(m.Credential).where(m.Credential.connection == name, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
+
+    def note_policy(self, body: dict[str, Any], actor: Actor) -> dict[str, Any] | None:
+        """Compare the policy in force with the last one seen; on a change, record `policy.change` with
+        what changed, and remember the new one. Returns the change, or None."""
+        digest = hashlib.sha256(_dumps(body).encode()).hexdigest()
+        with self.Session.begin() as s:
+            snap = s.get(m.Snapshot, "policy", with_for_update=True)
+            if snap is not None and snap.digest == digest:
+                return None
+            before = snap.body if snap is not None else {}
+            changed = {}
+            for section in sorted(before.keys() | body.keys()):
+                old, new = before.get(section, []), body.get(section, [])
+                if old != new:
+                    old_keys = {_dumps(x) for x in old}
+                    new_keys = {_dumps(x) for x in new}
+                    changed[section] = {"removed": [x for x in old if _dumps(x) not in new_keys],
+                                        "added": [x for x in new if _dumps(x) not in old_keys]}
+            detail = _dumps(changed)
+            if len(detail) > 8000:
+                detail = detail[:7990] + "…"
+            self.record_change(s, actor, "policy.change", ("first policy seen: " if snap is None else "") + detail)
+            if snap is None:
+                s.add(m.Snapshot(name="policy", digest=digest, body=body, at=time.time()))
+            else:
+                snap.digest, snap.body, snap.at = digest, body, time.time()
+            return changed
 
     def _spec(self, row: m.Connection) -> ConnectionSpec:
         return ConnectionSpec(
