@@ -11,6 +11,7 @@ import ssl
 import time
 from typing import Any
 
+from .analysis.service import Analyzer
 from .config import Settings, parse_hostport
 from .engines.postgres.server import PostgresListener
 from .exec import ExecRunner
@@ -48,6 +49,7 @@ class Gateway:
         self.authenticator = Authenticator(settings, self.store)
         self.exec = ExecRunner(self)
         self.reviews = Reviews(self)
+        self.analyzer = Analyzer(self, settings.analysis)
         self.postgres.reviews = self.reviews
         self.shipper = Shipper(self.store, settings.audit_sinks, settings.data_dir) if settings.audit_sinks else None
         self.started_at = time.time()
@@ -112,6 +114,8 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self.reviews.notifier.run(), name="notifications"))
         if self.shipper is not None:
             self._tasks.append(asyncio.create_task(self.shipper.run(), name="audit-sinks"))
+        if self.settings.analysis.enabled:
+            self._tasks.append(asyncio.create_task(self.analyzer.run(), name="analysis"))
         await self._start_http()
         self.ready = True
 

@@ -424,6 +424,30 @@ def sessions_replay(
                       + (f"  masked {', '.join(f'{k}: {v}' for k, v in s.masked.items())}" if s.masked else ""))
 
 
+@sessions_app.command("analysis")
+def sessions_analysis(session_id: str = typer.Argument(..., help="Session id or a unique prefix."),
+                      json_out: bool = JsonOpt) -> None:
+    """A session's risk analysis: level, title, explanation and the findings behind it."""
+    from .analysis.service import analysis_status
+    from .store import NotFound
+
+    try:
+        answer = analysis_status(open_store(), state.settings.analysis, session_id)
+    except NotFound as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json(answer)
+        return
+    if answer["status"] != "ready":
+        console.print(f"analysis {answer['status']}: {answer.get('reason', '')}")
+        return
+    colour = {"low": "green", "medium": "yellow", "high": "red"}[answer["level"]]
+    console.print(f"[bold {colour}]{answer['level'].upper()}[/]  [bold]{escape(answer['title'])}[/]  ({answer['source']})")
+    console.print(escape(answer["explanation"]))
+    for f in answer["findings"]:
+        console.print(f"  [{colour}]-[/] {f['level']}: {escape(f['title'])} ({f['rule']})")
+
+
 # ---------------------------------------------------------------------------------- api keys
 
 apikeys_app = typer.Typer(no_args_is_help=True, help="API keys for machines and for agents acting for a user.")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .analysis import AnalysisSettings
+
 DEFAULT_CONFIG = "wardgate.toml"
 
 
@@ -176,6 +178,7 @@ class Settings:
     guardrails: list[Any] = field(default_factory=list)  # policy.guardrails.Rule
     masking: list[Any] = field(default_factory=list)  # masking.plan.MaskRule
     audit_sinks: list[Any] = field(default_factory=list)  # recording.sinks.SinkSpec
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
 
     @property
     def store_url(self) -> str:
@@ -265,7 +268,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raw.setdefault(key, []).extend(value)
     sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials,
                 "roles": settings.roles, "exec": settings.exec, "reviews": settings.reviews,
-                "mcp": settings.mcp}
+                "mcp": settings.mcp, "analysis": settings.analysis}
     for key, value in raw.items():
         if key in sections:
             _apply(sections[key], value, key)
@@ -397,6 +400,10 @@ def validate(settings: Settings) -> None:
             parse_duration(value)
         except ConfigError as exc:
             raise ConfigError(f"[{section}] {name}: {exc}") from None
+    try:
+        settings.analysis.validate()
+    except ValueError as exc:
+        raise ConfigError(f"[analysis] {exc}") from None
     if settings.exec.max_rows < 1 or settings.exec.max_bytes < 1:
         raise ConfigError("[exec] max_rows and max_bytes must be positive")
     names = [c.name for c in settings.connections]

@@ -145,6 +145,14 @@ def create_app(gateway: "Gateway") -> FastAPI:
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
 
+    @app.get("/api/sessions/{session_id}/analysis",
+             summary="A session's risk analysis: ready, pending or unavailable (wait: long-poll up to 120 s)")
+    async def session_analysis(session_id: str, caller: Caller, wait: float = 0) -> dict[str, Any]:
+        try:
+            return await gateway.analyzer.wait(caller, session_id, min(max(wait, 0.0), 120.0))
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
     @app.post("/api/credentials/{credential_id}/revoke", summary="Revoke a native credential; its sessions end")
     def revoke_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:
         state = gateway.store.credential_owner(credential_id)
@@ -364,6 +372,12 @@ ROUTE_EXAMPLES: dict[tuple[str, str], Any] = {
         {"seq": 1, "kind": "simple", "text": "select id, email from customers limit 5", "param_count": 0,
          "started_at": "2026-11-22T10:00:01Z", "duration_ms": 0.8, "status": "ok", "rows": 5, "command_tag": "SELECT 5",
          "error_code": None, "error_message": None}]},
+    ("GET", "/api/sessions/{session_id}/analysis"): {
+        "session_id": "4f1c2a...", "status": "ready", "level": "high", "title": "Privilege command",
+        "explanation": "1 statement(s) change roles, grants or server settings, e.g. 'grant all on customers to public'.",
+        "source": "rules", "analyzed_at": 1795082400.0, "findings": [
+            {"rule": "privilege", "level": "high", "title": "Privilege command",
+             "explanation": "1 statement(s) change roles, grants or server settings"}]},
     ("POST", "/api/credentials/{credential_id}/revoke"): {"id": "a1b2c3d4e5f6", "status": "revoked"},
     ("POST", "/api/apikeys"): {"id": "7d1e...", "name": "claude-code for alice", "kind": "agent", "user": "alice",
                                "agent": "claude-code", "groups": ["dev"], "key": "wgk_7d1e..._(shown once)"},

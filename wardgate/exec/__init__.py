@@ -21,10 +21,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..analysis import exec_action
 from ..domain import Identity
 from ..engines.postgres import codec, upstream
 from ..engines.postgres.stream import PeerClosed
 from ..masking.plan import MaskingPolicy
+from ..policy.guardrails import Decision, Match
 from ..recording.views import show_session
 from ..store import NotFound
 
@@ -69,6 +71,8 @@ class ExecRunner:
             return {"status": "denied", "connection": connection, "reason": access.reason,
                     "rules": [], "next": "ask an administrator for exec access to this connection"}
         decision = gk.decide(caller, connection, sql)
+        if decision.action == "allow" and review_id is None and self.gateway.settings.analysis.enabled:
+            decision = await self._weigh_risk(caller, sql, decision)
         if decision.action == "review" and review_id is None:
             return await self.gateway.reviews.request(caller, connection, sql, params or [], decision, addr=addr)
         if decision.action == "deny":
@@ -93,6 +97,19 @@ class ExecRunner:
             return await asyncio.wait_for(asyncio.shield(task), threshold)
         except TimeoutError:
             return self._running_envelope(sid, connection)
+
+    async def _weigh_risk(self, caller: Identity, sql: str, decision: Decision) -> Decision:
+        """Policy acting on the exec's risk level ([analysis] on_exec_medium / on_exec_high): an allowed
+        statement may still be held for review or blocked as a whole."""
+        settings = self.gateway.settings.analysis
+        risk = await asyncio.to_thread(self.gateway.analyzer.assess_exec, caller.user, sql)
+        action = exec_action(risk.level, settings)
+        if action == "allow":
+            return decision
+        reason = f"risk {risk.level}: {risk.explanation}"
+        verb = "deny" if action == "block" else "review"
+        match = Match(f"risk:{risk.level}", verb, reason, f"{risk.title} (session risk analysis)", False)
+        return Decision(verb, (*decision.matches, match), decision.classification)
 
     async def wait(self, session_id: str, timeout: float) -> dict[str, Any] | None:
         """The final envelope of an exec session, waiting up to `timeout`; None if it is not an exec

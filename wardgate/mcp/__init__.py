@@ -213,15 +213,22 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
         except NotFound:
             raise ToolError(f"no session {session_id!r}") from None
 
-    @server.tool(annotations=READ, description="The risk analysis of a session.")
+    @server.tool(annotations=READ, description=(
+        "The risk analysis of a session (level low/medium/high, title, explanation, findings). status is ready, "
+        "pending (the session runs or is being analysed: call sessions_wait_analysis) or unavailable (with why)."))
     async def sessions_get_analysis(session_id: str) -> dict[str, Any]:
-        caller()
-        return {"session_id": session_id, "status": "unavailable", "reason": "session risk analysis is not available yet"}
+        try:
+            return await asyncio.to_thread(gateway.analyzer.status_for, caller(), session_id)
+        except NotFound:
+            raise ToolError(f"no session {session_id!r}") from None
 
-    @server.tool(annotations=READ, description="Wait for the risk analysis of a session.")
+    @server.tool(annotations=READ, description=(
+        "Wait up to timeout_seconds (1..120) for a session's risk analysis; same answer as sessions_get_analysis."))
     async def sessions_wait_analysis(session_id: str, timeout_seconds: float = 30) -> dict[str, Any]:
-        caller()
-        return {"session_id": session_id, "status": "unavailable", "reason": "session risk analysis is not available yet"}
+        try:
+            return await gateway.analyzer.wait(caller(), session_id, min(max(timeout_seconds, 1.0), 120.0))
+        except NotFound:
+            raise ToolError(f"no session {session_id!r}") from None
 
     @server.tool(annotations=READ, description=(
         "Wait until a review is decided (approved, rejected, revoked, expired) or the timeout passes; sends progress "

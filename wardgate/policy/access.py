@@ -34,15 +34,18 @@ class AccessRule:
             return False
         if not any(fnmatch.fnmatchcase(connection, pattern) for pattern in self.connections):
             return False
-        if DAYS[now.weekday()] not in self.days:
-            return False
-        if self.hours is not None:
-            minute = now.hour * 60 + now.minute
-            start, end = self.hours
-            inside = start <= minute < end if start <= end else (minute >= start or minute < end)
-            if not inside:
-                return False
+        return in_window(now, self.hours, self.days)
+
+
+def in_window(now: dt.datetime, hours: tuple[int, int] | None, days: tuple[str, ...]) -> bool:
+    """Whether `now` (UTC) falls on one of `days` and within `hours` ([start, end) minutes; may wrap midnight)."""
+    if DAYS[now.weekday()] not in days:
+        return False
+    if hours is None:
         return True
+    minute = now.hour * 60 + now.minute
+    start, end = hours
+    return start <= minute < end if start <= end else (minute >= start or minute < end)
 
 
 @dataclass(frozen=True)

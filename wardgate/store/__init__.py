@@ -761,6 +761,49 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(q))
 
+    # ---------------------------------------------------------------------------------- analysis
+
+    def unanalyzed_sessions(self, limit: int) -> list[str]:
+        """Closed sessions without an analysis, oldest first."""
+        a = m.Analysis.__table__
+        q = (select(m.Session.id).outerjoin(a, a.c.session_id == m.Session.id)
+             .where(m.Session.status == "closed", a.c.session_id.is_(None)).order_by(m.Session.started_at).limit(limit))
+        with self.Session() as s:
+            return list(s.scalars(q))
+
+    def user_rows_history(self, user: str, *, before: float, sessions: int) -> list[int]:
+        """Rows returned in each of the user's last `sessions` closed sessions before `before`."""
+        recent = (select(m.Session.id).where(m.Session.user_name == user, m.Session.status == "closed",
+                                             m.Session.started_at < before)
+                  .order_by(m.Session.started_at.desc()).limit(sessions).subquery())
+        q = (select(recent.c.id, sa.func.coalesce(sa.func.sum(m.Statement.rows), 0))
+             .outerjoin(m.Statement, m.Statement.session_id == recent.c.id).group_by(recent.c.id))
+        with self.Session() as s:
+            return [int(n) for _, n in s.execute(q)]
+
+    def recent_refusals(self, user: str, since: float) -> int:
+        q = (select(sa.func.count()).select_from(m.Statement).join(m.Session, m.Session.id == m.Statement.session_id)
+             .where(m.Session.user_name == user, m.Statement.started_at >= since, m.Statement.status == "denied"))
+        with self.Session() as s:
+            return int(s.scalar(q) or 0)
+
+    def save_analysis(self, session_id: str, analysis: Any) -> None:
+        row = {"session_id": session_id, "level": analysis.level, "title": analysis.title,
+               "explanation": analysis.explanation, "findings": [f.public() for f in analysis.findings],
+               "source": analysis.source, "at": time.time()}
+        stmt = self._insert(m.Analysis.__table__).values(row)
+        stmt = stmt.on_conflict_do_update(index_elements=["session_id"], set_={k: stmt.excluded[k] for k in row if k != "session_id"})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def get_analysis(self, session_id: str) -> dict[str, Any] | None:
+        with self.Session() as s:
+            a = s.get(m.Analysis, session_id)
+            if a is None:
+                return None
+            return {"level": a.level, "title": a.title, "explanation": a.explanation, "findings": a.findings,
+                    "source": a.source, "analyzed_at": a.at}
+
     def close_sessions_of(self, dead: list[tuple[str, int]], reason: str) -> int:
         """Close the sessions still marked active that gateway processes which ended held."""
         instances = [name for name, _ in dead]
