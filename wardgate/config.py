@@ -111,6 +111,20 @@ class ReviewSettings:
 
 
 @dataclass
+class RecordingSettings:
+    """What a session's record keeps of results, and for how long session content is kept."""
+
+    results: str = "summary"  # off, summary (columns and row count) or sample (also the first rows, masked)
+    sample_rows: int = 5  # rows kept of each result, with results = "sample"
+    sample_bytes: int = 64 * 1024  # sampled data kept per session at most
+    retention: str = ""  # e.g. 90d: older session content is purged (the audit log keeps that it was); "" keeps all
+
+    @property
+    def retention_seconds(self) -> float | None:
+        return parse_duration(self.retention) if self.retention else None
+
+
+@dataclass
 class McpSettings:
     """The MCP server for AI agents, at /mcp on the HTTP listener."""
 
@@ -172,6 +186,7 @@ class Settings:
     exec: ExecSettings = field(default_factory=ExecSettings)
     reviews: ReviewSettings = field(default_factory=ReviewSettings)
     mcp: McpSettings = field(default_factory=McpSettings)
+    recording: RecordingSettings = field(default_factory=RecordingSettings)
     connections: list[ConnectionSpec] = field(default_factory=list)
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
@@ -268,7 +283,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raw.setdefault(key, []).extend(value)
     sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials,
                 "roles": settings.roles, "exec": settings.exec, "reviews": settings.reviews,
-                "mcp": settings.mcp, "analysis": settings.analysis}
+                "mcp": settings.mcp, "analysis": settings.analysis,
+                "recording": settings.recording}
     for key, value in raw.items():
         if key in sections:
             _apply(sections[key], value, key)
@@ -400,6 +416,15 @@ def validate(settings: Settings) -> None:
             parse_duration(value)
         except ConfigError as exc:
             raise ConfigError(f"[{section}] {name}: {exc}") from None
+    rec = settings.recording
+    if rec.results not in ("off", "summary", "sample"):
+        raise ConfigError("[recording] results must be off, summary or sample")
+    if rec.sample_rows < 1 or rec.sample_bytes < 1:
+        raise ConfigError("[recording] sample_rows and sample_bytes must be positive")
+    try:
+        rec.retention_seconds  # noqa: B018 - parsed here to report a bad value at start
+    except ConfigError as exc:
+        raise ConfigError(f"[recording] retention: {exc}") from None
     try:
         settings.analysis.validate()
     except ValueError as exc:

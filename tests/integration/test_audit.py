@@ -151,6 +151,8 @@ def test_every_statement_decision_is_an_audit_event(recorded) -> None:
     assert allowed[0]["source"].startswith("session:")
     session = recorded.cli_json("sessions", "show", allowed[0]["source"].split(":", 1)[1])
     assert session["statements"][0]["decision"] == "allow" and session["statements"][0]["rules"] == []
+    # results are summarised by default: columns and row count, no values
+    assert session["statements"][0]["result"] == {"columns": ["?column?"]} and session["statements"][0]["rows"] == 1
     refused_sid = next(e for e in events if e["kind"] == "statement.refused")["source"].split(":", 1)[1]
     refused = recorded.cli_json("sessions", "show", refused_sid)["statements"][0]
     assert refused["decision"] == "deny" and refused["rules"][0]["rule"] and refused["status"] == "denied"

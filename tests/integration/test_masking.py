@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tomllib
 from pathlib import Path
 
@@ -51,7 +52,8 @@ connections = ["shop"]
 
 @pytest.fixture(scope="module")
 def mgw(tmp_path_factory, pg):  # noqa: ANN001, ANN201
-    gw = make_gateway(tmp_path_factory.mktemp("masked"), pg, tail_toml=MASKING)
+    gw = make_gateway(tmp_path_factory.mktemp("masked"), pg, tail_toml=MASKING,
+                      extra_toml='[recording]\nresults = "sample"\nsample_rows = 2\nsample_bytes = 130\n')
     gw.cli("users", "add", "dana", "--group", "deployers")  # content detectors only, no column rules
     gw.start()
     yield gw
@@ -89,6 +91,20 @@ def test_columns_and_content_masked_for_some_and_clear_for_exempt(mgw) -> None:
     assert again[5] == masked[5]  # hashing is stable, so joins on it still work
     s = mgw.wait_for_session(lambda s: s["application_name"] == "t_mask" and s["status"] == "closed")
     assert s["masked"] == {"email": 1, "phone": 1, "card_number": 1, "national_id": 1}
+
+
+def test_sampled_results_are_recorded_masked_and_capped(mgw) -> None:
+    dsn = mgw.dsn(mgw.credential(), application_name="t_sample")
+    psql(dsn, "-c", "select id, email, card_number from customers order by id limit 5",
+         "-c", "select id, email from customers order by id limit 3", "-c", "select name from customers")
+    s = mgw.wait_for_session(lambda s: s["application_name"] == "t_sample" and s["status"] == "closed")
+    first, second, third = mgw.session(s["id"])["statements"]
+    assert first["rows"] == 5 and first["result"]["columns"] == ["id", "email", "card_number"]
+    assert [r[:2] for r in first["result"]["sample"]] == [["1", "[email]"], ["2", "[email]"]]  # two rows, masked
+    assert "4111" not in json.dumps(first["result"]) and first["result"]["sample"][0][2].endswith("0001")
+    assert second["result"]["columns"] == ["id", "email"]
+    # the session's sample budget (130 bytes) runs out: later results keep their columns, fewer or no rows
+    assert third["result"]["columns"] == ["name"] and len(third["result"]["sample"]) < 2
 
 
 def test_psycopg_binary_and_prepared(mgw) -> None:

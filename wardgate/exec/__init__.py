@@ -255,7 +255,19 @@ class ExecRunner:
                 if result.error.get(letter):
                     envelope[key] = result.error[letter]
             return envelope
-        gw.recorder.write([self._outcome(sid, "ok", ms, result.row_count, tag)])
+        done = self._outcome(sid, "ok", ms, result.row_count, tag)
+        recording = gw.settings.recording
+        if recording.results != "off" and result.columns:
+            done["cols"] = result.columns
+            if recording.results == "sample":
+                sample, size = [], 0  # masked already, as the caller gets them
+                for row in result.rows[:recording.sample_rows]:
+                    size += sum(len(v or "") for v in row)
+                    if size > recording.sample_bytes:
+                        break
+                    sample.append(row)
+                done["sample"] = sample
+        gw.recorder.write([done])
         self._close_session(sid, "exec finished", masking.totals if masking else None)
         return {
             "status": "completed", "session_id": sid, "connection": connection, "columns": result.columns,

@@ -32,7 +32,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 API_KEY_PREFIX = "wgk_"
 _STMT_COLUMNS = (
     "session_id", "seq", "kind", "text", "param_count", "started_at", "status", "duration_ms", "rows",
-    "command_tag", "error_code", "error_message", "decision", "rules", "params",
+    "command_tag", "error_code", "error_message", "decision", "rules", "params", "result",
 )
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -578,6 +578,7 @@ class Store:
         ends: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         statement_events: list[dict[str, Any]] = []  # about a session's statements: its user is looked up
+        with_result: list[dict[str, Any]] = []  # outcomes of statements started in an earlier batch, with a result
         for r in records:
             kind = r["k"]
             if kind == "stmt":
@@ -588,7 +589,7 @@ class Store:
                     "param_count": r["np"], "started_at": r["at"], "status": "running", "duration_ms": None,
                     "rows": None, "command_tag": None, "error_code": None, "error_message": None,
                     "decision": decision, "rules": None if rules is None else _dumps(rules),
-                    "params": None if r.get("p") is None else _dumps(r["p"]),
+                    "params": None if r.get("p") is None else _dumps(r["p"]), "result": None,
                 }
                 if decision in ("allow", "approved", "shadow"):  # refusals have their own event, with the reason
                     digest = hashlib.sha256(r["text"].encode("utf-8")).hexdigest()
@@ -601,9 +602,15 @@ class Store:
             elif kind == "done":
                 outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
                            "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
+                result = None
+                if "cols" in r:
+                    result = {"columns": r["cols"]} if "sample" not in r else {"columns": r["cols"], "sample": r["sample"]}
                 row = stmts.get((r["sid"], r["seq"]))
                 if row is not None:
-                    row.update(outcome)  # started and finished in the same batch: one insert
+                    row.update(outcome, result=None if result is None else _dumps(result))  # one insert
+                elif result is not None:
+                    with_result.append({"b_sid": r["sid"], "b_seq": r["seq"], "b_result": result,
+                                        **{f"b_{k}": v for k, v in outcome.items()}})
                 else:
                     finished.append({"b_sid": r["sid"], "b_seq": r["seq"], **{f"b_{k}": v for k, v in outcome.items()}})
             elif kind == "session":
@@ -649,6 +656,15 @@ class Store:
                     .values({k: bp(f"b_{k}") for k in
                              ("status", "duration_ms", "rows", "command_tag", "error_code", "error_message")}),
                     finished,
+                )
+            if with_result:
+                conn.execute(
+                    update(st)
+                    .where(st.c.session_id == bp("b_sid"), st.c.seq == bp("b_seq"))
+                    .values({**{k: bp(f"b_{k}") for k in
+                                ("status", "duration_ms", "rows", "command_tag", "error_code", "error_message")},
+                             "result": bp("b_result", type_=sa.JSON)}),
+                    with_result,
                 )
             if ends:
                 conn.execute(

@@ -279,7 +279,8 @@ class PostgresListener:
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=self.gatekeeper.statement_policy(identity, conn_name),
-            masking=masking, user=user, agent=record["agent"],
+            masking=masking, user=user, agent=record["agent"], results=self.settings.recording.results,
+            sample_rows=self.settings.recording.sample_rows, sample_bytes=self.settings.recording.sample_bytes,
             review=None if self.reviews is None else (
                 lambda statement, decision, sid=record["sid"]: self.reviews.native(identity, conn_name, statement, decision, sid)),
         )

@@ -65,9 +65,27 @@ def _verdict(action: str, decision: Any) -> str:
 
 
 def _done_line(sid: str, seq: int, status: str, ms: str | None, rows: int | None, tag: str | None,
-               code: str | None, msg: str | None) -> str:
+               code: str | None, msg: str | None, result: str = "") -> str:
     return (f'{{"k":"done","sid":"{sid}","seq":{seq},"status":"{status}","ms":{ms or "null"},'
-            f'"rows":{"null" if rows is None else rows},"tag":{_jstr(tag)},"code":{_jstr(code)},"msg":{_jstr(msg)}}}\n')
+            f'"rows":{"null" if rows is None else rows},"tag":{_jstr(tag)},"code":{_jstr(code)},"msg":{_jstr(msg)}'
+            f'{result}}}\n')
+
+
+def _result(fin: Finished) -> str:
+    """What the record keeps of a statement's result: its columns, and with sampling its first rows."""
+    if fin.cols is None:
+        return ""
+    return f',"cols":{fin.cols}' + ("" if fin.sample is None else f',"sample":{_json(fin.sample)}')
+
+
+def _sample_value(raw: bytes) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"<binary, {len(raw)} bytes>"
+    if text.isprintable() or not any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return text
+    return f"<binary, {len(raw)} bytes>"
 
 
 
@@ -121,6 +139,9 @@ class Relay:
         user: str | None = None,
         agent: str | None = None,
         review: Callable[[str, Any], str | None] | None = None,
+        results: str = "summary",
+        sample_rows: int = 5,
+        sample_bytes: int = 64 * 1024,
     ) -> None:
         self.user, self.agent = user, agent
         # For statements a rule holds for review: None to run it (approved), else the refusal naming the review.
@@ -148,8 +169,17 @@ class Relay:
             max_inspect=max_message,
             max_message=max_message,
         )
-        if self.masking is None:
-            self.server_framer = Framer(BACKEND_INSPECT, max_inspect=1 << 30, max_message=1 << 30)
+        # Results in the record: column names (summary), and the first rows (sample) within a budget.
+        self._results = results != "off"
+        self._sample_rows = sample_rows
+        self._sample_budget = sample_bytes if results == "sample" else 0
+        self._column_names: dict[bytes, str] = {}  # RowDescription -> its names as JSON
+        if self.masking is None and not self._sample_budget:
+            inspect = BACKEND_INSPECT + (b"T" if self._results else b"")
+            self.server_framer = Framer(inspect, max_inspect=1 << 30, max_message=1 << 30)
+        elif self.masking is None:
+            self.server_framer = Framer(BACKEND_INSPECT + b"TD", max_inspect=max_message, max_message=1 << 30,
+                                        rows=_DATA_ROW)
         else:
             # Rows are rewritten, so they are looked at whole (bounded like any inspected message).
             self.server_framer = Framer(BACKEND_INSPECT + b"TnDdHG", max_inspect=max_message, max_message=max_message,
@@ -271,8 +301,45 @@ class Relay:
             plan = plan.for_formats(lookup.formats)
         return plan
 
-    def _mask_rows(self, end: int, start: int, edits: list[tuple[int, int, bytes]], data: bytes) -> None:
-        """data[start:end], a run of DataRows, masked in one call with the plan of their result."""
+    def _columns(self, body: bytes) -> None:
+        """A RowDescription: its column names go to the record of the statement it describes."""
+        names = self._column_names.get(body)
+        if names is None:
+            if len(self._column_names) >= 256:
+                self._column_names.clear()
+            names = self._column_names[body] = _json([f.name for f in codec.row_description(body)])
+        entry = self.tracker.current()
+        if entry is not None:
+            entry.cols = names
+
+    def _sample(self, run: bytes) -> None:
+        """The first rows of a result, as the client gets them (masked), kept for its record."""
+        entry = self.tracker.current()
+        if entry is None:
+            return
+        if entry.sample is None:
+            entry.sample = []
+        pos, n = 0, len(run)
+        while pos < n and len(entry.sample) < self._sample_rows and self._sample_budget > 0:
+            length = int.from_bytes(run[pos + 1:pos + 5], "big")
+            body = run[pos + 5:pos + 1 + length]
+            count = int.from_bytes(body[:2], "big")
+            values, at = [], 2
+            for _ in range(count):
+                size = int.from_bytes(body[at:at + 4], "big", signed=True)
+                at += 4
+                if size < 0:
+                    values.append(None)
+                else:
+                    values.append(_sample_value(body[at:at + size]))
+                    at += size
+            entry.sample.append(values)
+            self._sample_budget -= len(body)
+            pos += 1 + length
+
+    def _mask_rows(self, end: int, start: int, edits: list[tuple[int, int, bytes]], data: bytes) -> bytes | None:
+        """data[start:end], a run of DataRows, masked in one call with the plan of their result; the
+        masked run, or None when nothing in it changed."""
         entry = self.tracker.current()
         plan = entry.plan if entry is not None else _UNSEEN
         if isinstance(plan, _Lookup):
@@ -286,6 +353,8 @@ class Relay:
                 raise codec.ProtocolViolation(str(exc)) from None
             if new is not None:
                 edits.append((start, end - start, new))
+            return new
+        return None
 
     def _mask(self, mtype: int, body: bytes, offset: int, edits: list[tuple[int, int, bytes]]) -> None:
         """Masking, on the way back: plans from RowDescriptions, and COPY data."""
@@ -406,13 +475,18 @@ class Relay:
                 masking = self.masking
                 tracker = self.tracker
                 for mtype, body, offset in msgs:
-                    if masking is not None:
-                        if mtype == _ROW_RUN:
-                            self._mask_rows(body, offset, edits, fwd)  # type: ignore[arg-type]
-                            continue
-                        if mtype in _MASK_TYPES:
-                            self._mask(mtype, body, offset, edits)
+                    if mtype == _ROW_RUN:  # (type, end, start): a run of DataRows
+                        masked = self._mask_rows(body, offset, edits, fwd) if masking is not None else None  # type: ignore[arg-type]
+                        if self._sample_budget > 0:
+                            self._sample(masked if masked is not None else fwd[offset:body])  # type: ignore[misc]
+                        continue
+                    if masking is not None and mtype in _MASK_TYPES:
+                        self._mask(mtype, body, offset, edits)
                     refusal = None
+                    if mtype == _ROW_DESCRIPTION:
+                        if self._results:
+                            self._columns(body)
+                        continue
                     if mtype == _READY:
                         finished = tracker.ready(body)
                     elif mtype == _COMMAND_COMPLETE:
@@ -439,7 +513,7 @@ class Relay:
                         t0 = self._starts.pop(fin.seq, None)
                         ms = None if t0 is None else f"{(time.perf_counter() - t0) * 1000:.3f}"
                         records.append(_done_line(sid, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
-                                                  fin.error_message))
+                                                  fin.error_message, _result(fin)))
                 if records:
                     self._defer(records)
                 if edits:

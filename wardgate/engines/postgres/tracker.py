@@ -43,6 +43,8 @@ class Finished:
     rows: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    cols: str | None = None  # the result's column names, as JSON text
+    sample: list[list[str | None]] | None = None  # its first rows, as sent to the client
 
 
 @dataclass(slots=True)
@@ -54,6 +56,8 @@ class _Pending:
     error: dict[str, str] | None = None
     plan: object = None  # the relay's masking plan for this statement's rows
     target: tuple[int, bytes] | None = None  # DESCRIBE: (ord('S') or ord('P'), name)
+    cols: str | None = None
+    sample: list[list[str | None]] | None = None
 
 
 class StatementTracker:
@@ -204,7 +208,7 @@ class StatementTracker:
         rows = rows_from_tag(tag)
         if head.kind == E:
             self._pending.popleft()
-            return Finished(head.seq, "ok", tag, rows)
+            return Finished(head.seq, "ok", tag, rows, cols=head.cols, sample=head.sample)
         if head.tags is None:
             head.tags = [tag]
         else:
@@ -256,8 +260,8 @@ class StatementTracker:
     def _finish(p: _Pending) -> Finished:
         tag = ";".join(p.tags) if p.tags else None
         if p.error is not None:
-            return Finished(p.seq, "error", tag, p.rows, p.error.get("C"), p.error.get("M"))
-        return Finished(p.seq, "ok", tag, p.rows)
+            return Finished(p.seq, "error", tag, p.rows, p.error.get("C"), p.error.get("M"), p.cols, p.sample)
+        return Finished(p.seq, "ok", tag, p.rows, cols=p.cols, sample=p.sample)
 
     @property
     def in_flight(self) -> int:
