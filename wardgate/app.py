@@ -96,6 +96,21 @@ class Gateway:
             if dead:
                 self.postgres.end_sessions(dead)
 
+    async def retention(self, interval: float = 3600.0) -> None:
+        """Purge session content older than [recording] retention, at start and then hourly."""
+        keep = self.settings.recording.retention_seconds
+        assert keep is not None
+        while True:
+            try:
+                done = await asyncio.to_thread(self.store.purge_sessions, time.time() - keep,
+                                               Actor.local(f"retention:{self.settings.recording.retention}"))
+                if done["sessions"]:
+                    log.info("retention: purged the content of %d sessions (%d statements)", done["sessions"],
+                             done["statements"])
+            except Exception:  # noqa: BLE001 - try again at the next round
+                log.exception("retention purge failed")
+            await asyncio.sleep(interval)
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         recovered = await asyncio.to_thread(self.recorder.recover)
@@ -116,6 +131,8 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self.shipper.run(), name="audit-sinks"))
         if self.settings.analysis.enabled:
             self._tasks.append(asyncio.create_task(self.analyzer.run(), name="analysis"))
+        if self.settings.recording.retention_seconds is not None:
+            self._tasks.append(asyncio.create_task(self.retention(), name="retention"))
         await self._start_http()
         self.ready = True
 

@@ -340,18 +340,39 @@ def credentials_revoke(cred_id: str = typer.Argument(..., help="Credential id (s
 # --------------------------------------------------------------------------------- sessions
 
 
+def parse_when(value: str | None, option: str) -> float | None:
+    """An ISO time (UTC unless it says otherwise) or an age such as 24h, as epoch seconds."""
+    if not value:
+        return None
+    try:
+        return time.time() - parse_duration(value)
+    except ConfigError:
+        pass
+    try:
+        at = dt.datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option} {value!r}: give an ISO time (2026-11-01T00:00, UTC) or an age such as 24h", 2)
+    return (at if at.tzinfo else at.replace(tzinfo=dt.UTC)).timestamp()
+
+
 @sessions_app.command("list")
 def sessions_list(
     user: str | None = typer.Option(None, help="Only this user's sessions."),
     connection: str | None = typer.Option(None, help="Only sessions on this connection."),
     status: str | None = typer.Option(None, help="active, closed or rejected."),
+    since: str | None = typer.Option(None, help="Started after this: an ISO time or an age (24h, 7d)."),
+    until: str | None = typer.Option(None, help="Started before this: an ISO time or an age."),
+    outcome: str | None = typer.Option(None, help="With a statement that ended so: ok, error, denied, skipped, aborted."),
+    rule: str | None = typer.Option(None, help="With a statement this rule matched (e.g. standard:destructive-ddl)."),
     limit: int = typer.Option(50, help="At most this many, newest first."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Who connected to what and when (rejected attempts included)."""
     from .recording.views import session_summary
 
-    rows = open_store().list_sessions(user=user, connection=connection, status=status, limit=limit)
+    rows = open_store().list_sessions(user=user, connection=connection, status=status, limit=limit,
+                                      since=parse_when(since, "--since"), until=parse_when(until, "--until"),
+                                      outcome=outcome, rule=rule)
     if json_out:
         emit_json([session_summary(s, n) for s, n in rows])
         return
@@ -422,6 +443,31 @@ def sessions_replay(
     if s.ended_at:
         console.print(f"[dim]+{s.ended_at - s.started_at:8.3f}s[/]  ended: {s.end_reason or s.status}"
                       + (f"  masked {', '.join(f'{k}: {v}' for k, v in s.masked.items())}" if s.masked else ""))
+
+
+@sessions_app.command("purge")
+def sessions_purge(
+    older_than: str | None = typer.Option(None, help="Sessions that ended longer ago than this (default: [recording] retention)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would go."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Remove old session content (statements, values, results); the audit log records what was purged."""
+    keep = older_than or state.settings.recording.retention
+    if not keep:
+        fail("give --older-than (e.g. 90d) or set [recording] retention in wardgate.toml", 2)
+    try:
+        seconds = parse_duration(keep)
+    except ConfigError as exc:
+        fail(f"--older-than: {exc}", 2)
+    from .store import Actor
+
+    done = open_store().purge_sessions(time.time() - seconds, Actor.local("cli"), dry_run=dry_run)
+    if json_out:
+        emit_json({**done, "before": iso(done["before"]), "dry_run": dry_run})
+        return
+    verb = "would purge" if dry_run else "purged"
+    console.print(f"{verb} the content of {done['sessions']} session(s) that ended more than {keep} ago "
+                  f"({done['statements']} statements)")
 
 
 @sessions_app.command("analysis")
@@ -933,16 +979,7 @@ def audit_export(
 
     if format_ not in ("jsonl", "cef"):
         fail("--format is jsonl or cef", 2)
-    start = 0.0
-    if since:
-        try:
-            start = time.time() - parse_duration(since)
-        except ConfigError:
-            try:
-                start = dt.datetime.fromisoformat(since).replace(tzinfo=dt.UTC).timestamp()
-            except ValueError:
-                fail(f"--since {since!r}: give an ISO time (2026-11-01T00:00, UTC) or an age such as 24h", 2)
-    for e in open_store().iter_events(since=start):
+    for e in open_store().iter_events(since=parse_when(since, "--since") or 0.0):
         if format_ == "cef":
             print(_cef(e))
         else:

@@ -184,3 +184,47 @@ def test_policy_changes_are_recorded_with_what_changed(tmp_path, pg) -> None:  #
     assert list(diff) == ["guardrails"] and diff["guardrails"]["added"][0]["name"] == "no-truncate"
     assert diff["guardrails"]["removed"] == [] and "@" in latest["user"]
     assert APP_PASSWORD not in json.dumps(changes)
+
+
+def test_session_filters(recorded) -> None:
+    def ids(*args: str) -> set[str]:
+        return {s["id"] for s in recorded.cli_json("sessions", "list", *args)}
+
+    everything = ids()
+    denied = ids("--outcome", "denied")
+    refused = next(e for e in recorded.cli_json("events", "--limit", "1000") if e["kind"] == "statement.refused")
+    sid = refused["source"].split(":", 1)[1]
+    assert denied == {sid}
+    rule = recorded.cli_json("sessions", "show", sid)["statements"][0]["rules"][0]["rule"]
+    assert ids("--rule", rule) == {sid} and ids("--rule", "no-such-rule") == set()
+    assert ids("--since", "1h") == everything and ids("--since", "2999-01-01T00:00") == set()
+    assert ids("--until", "1h") == set() and ids("--outcome", "ok", "--user", "alice") <= everything
+    assert sid not in ids("--outcome", "ok")
+    bad = recorded.cli("sessions", "list", "--since", "yesterday-ish", check=False)
+    assert bad.returncode == 2 and "ISO time" in bad.stderr
+
+
+def test_retention_purges_content_and_the_chain_says_so(recorded, tmp_path) -> None:
+    base = tmp_path / "copy"
+    shutil.copytree(recorded.dir, base, ignore=shutil.ignore_patterns("*.sock", "journal"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(base / "wardgate.toml"), *args],
+                              capture_output=True, text=True, env=recorded.env, timeout=60, check=True)
+
+    sessions = json.loads(cli("sessions", "list", "--status", "closed", "--json").stdout)
+    assert sessions and all(s["purged_at"] is None for s in sessions)
+    dry = json.loads(cli("sessions", "purge", "--older-than", "0s", "--dry-run", "--json").stdout)
+    assert dry["sessions"] == len(sessions) and dry["statements"] >= 3
+    assert json.loads(cli("sessions", "show", sessions[0]["id"], "--json").stdout)["statements"]
+    done = json.loads(cli("sessions", "purge", "--older-than", "0s", "--json").stdout)
+    assert done["sessions"] == len(sessions)
+    shown = json.loads(cli("sessions", "show", sessions[0]["id"], "--json").stdout)
+    assert shown["statements"] == [] and shown["purged_at"] and shown["user"] == "alice"
+    verdict = json.loads(cli("audit", "verify", "--json").stdout)
+    assert verdict["ok"]
+    purge = [e for e in json.loads(cli("events", "--kind", "retention.purge", "--json").stdout)]
+    assert len(purge) == 1 and f"content of {len(sessions)} session(s)" in purge[0]["detail"]
+    assert all(s["id"] in purge[0]["detail"] for s in sessions) and purge[0]["source"] == "cli"
+    again = json.loads(cli("sessions", "purge", "--older-than", "0s", "--json").stdout)
+    assert again["sessions"] == 0

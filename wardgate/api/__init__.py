@@ -131,12 +131,16 @@ def create_app(gateway: "Gateway") -> FastAPI:
 
     @app.get("/api/sessions", summary="Recorded sessions: your own, or any with the auditor or admin role")
     def sessions(caller: Caller, user: str | None = None, connection: str | None = None, status: str | None = None,
-                 limit: int = 50) -> list[dict[str, Any]]:
+                 since: float | None = None, until: float | None = None, outcome: str | None = None,
+                 rule: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Filters: `since`/`until` (epoch seconds, by start), `outcome` (sessions with a statement that ended
+        ok, error, denied, skipped or aborted), `rule` (sessions with a statement that rule matched)."""
         if not can_read_all(caller):
             if user not in (None, caller.user):
                 raise HTTPException(403, "you may list only your own sessions (auditor or admin role for others)")
             user = caller.user
-        return list_sessions(gateway.store, user=user, connection=connection, status=status, limit=min(limit, 1000))
+        return list_sessions(gateway.store, user=user, connection=connection, status=status, limit=min(limit, 1000),
+                             since=since, until=until, outcome=outcome, rule=rule)
 
     @app.get("/api/sessions/{session_id}", summary="A session and its statements")
     def session(session_id: str, caller: Caller) -> dict[str, Any]:

@@ -19,6 +19,7 @@ def session_summary(s: Any, statements: int | None = None) -> dict[str, Any]:
         "client_addr": s.client_addr, "tls": s.tls, "application_name": s.application_name,
         "started_at": iso(s.started_at), "ended_at": iso(s.ended_at), "status": s.status,
         "end_reason": s.end_reason, "error_code": s.error_code, "masked": s.masked or {},
+        "purged_at": iso(s.purged_at),  # its statements were removed by retention (the audit log says so)
     }
     if statements is not None:
         out["statements"] = statements

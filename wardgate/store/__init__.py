@@ -209,10 +209,12 @@ class Store:
     # ---------------------------------------------------------------------------- connections
 
     def record_change(self, s: Any, actor: Actor | None, kind: str, detail: str) -> None:
-        """An audit event for a change, in the transaction that makes it: durable with it, or neither."""
+        """An audit event for a change, in the transaction (ORM session or connection) that makes it:
+        durable with it, or neither."""
         if actor is None:
             return
-        self._append_events(s.connection(), [{
+        conn = s if isinstance(s, sa.Connection) else s.connection()
+        self._append_events(conn, [{
             "id": secrets.token_hex(16), "at": time.time(), "kind": kind, "outcome": "ok", "user_name": actor.user,
             "agent": actor.agent, "source": actor.source, "client_addr": actor.addr, "detail": detail}])
 
@@ -542,8 +544,11 @@ class Store:
     # ------------------------------------------------------------------------------- sessions
 
     def list_sessions(
-        self, *, user: str | None = None, connection: str | None = None, status: str | None = None, limit: int = 50
+        self, *, user: str | None = None, connection: str | None = None, status: str | None = None, limit: int = 50,
+        since: float | None = None, until: float | None = None, outcome: str | None = None, rule: str | None = None,
     ) -> list[tuple[m.Session, int]]:
+        """Newest first. `outcome`: sessions with a statement that ended so (ok, error, denied, skipped,
+        aborted); `rule`: sessions with a statement a rule of that name matched."""
         counts = (
             select(m.Statement.session_id, sa.func.count().label("n")).group_by(m.Statement.session_id).subquery()
         )
@@ -554,6 +559,17 @@ class Store:
             q = q.where(m.Session.connection == connection)
         if status:
             q = q.where(m.Session.status == status)
+        if since is not None:
+            q = q.where(m.Session.started_at >= since)
+        if until is not None:
+            q = q.where(m.Session.started_at < until)
+        st = m.Statement
+        if outcome:
+            q = q.where(sa.exists().where(st.session_id == m.Session.id, st.status == outcome))
+        if rule:
+            pattern = "%" + _dumps({"rule": rule})[1:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            q = q.where(sa.exists().where(st.session_id == m.Session.id,
+                                          sa.cast(st.rules, sa.Text).like(pattern, escape="\\")))
         with self.Session() as s:
             return [(r, n) for r, n in s.execute(q.order_by(m.Session.started_at.desc()).limit(limit))]
 
@@ -776,6 +792,36 @@ class Store:
             q = q.where(m.Event.outcome == outcome)
         with self.Session() as s:
             return list(s.scalars(q))
+
+    # --------------------------------------------------------------------------------- retention
+
+    def purge_sessions(self, before: float, actor: Actor, dry_run: bool = False) -> dict[str, Any]:
+        """Remove the content of sessions that ended before `before`: their statements (texts, values,
+        results) and the detail of their analyses. Who, when and where stay, and the audit log records
+        the purge, so the chain stays whole and says what is gone."""
+        ss, st, an = m.Session.__table__, m.Statement.__table__, m.Analysis.__table__
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(select(ss.c.id).where(ss.c.ended_at < before, ss.c.purged_at.is_(None))
+                                    .order_by(ss.c.started_at)).scalars())
+            statements = conn.execute(select(sa.func.count()).select_from(st).where(st.c.session_id.in_(ids))).scalar() \
+                if ids else 0
+            summary = {"sessions": len(ids), "statements": int(statements or 0), "before": before}
+            if dry_run or not ids:
+                return summary
+            now = time.time()
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                conn.execute(sa.delete(st).where(st.c.session_id.in_(chunk)))
+                conn.execute(update(an).where(an.c.session_id.in_(chunk)).values(
+                    explanation="(purged by retention)", findings=[]))
+                conn.execute(update(ss).where(ss.c.id.in_(chunk)).values(purged_at=now))
+            listed = ", ".join(ids[:50]) + (f", … ({len(ids) - 50} more)" if len(ids) > 50 else "")
+            digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+            detail = (f"content of {len(ids)} session(s) that ended before "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(before))} removed: {summary['statements']} "
+                      f"statement(s); sessions sha256:{digest}: {listed}")
+            self.record_change(conn, actor, "retention.purge", detail)
+            return summary
 
     # ---------------------------------------------------------------------------------- analysis
 
