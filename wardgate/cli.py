@@ -386,15 +386,16 @@ def sessions_list(
 @sessions_app.command("show")
 def sessions_show(session_id: str = typer.Argument(..., help="Session id or a unique prefix."), json_out: bool = JsonOpt) -> None:
     """A session and every statement with its time, duration, rows and outcome."""
-    from .recording.views import session_summary, statement_view
+    from .recording.views import show_session
     from .store import NotFound
 
+    store = open_store()
     try:
-        s, stmts = open_store().get_session(session_id)
+        s, stmts = store.get_session(session_id)
     except NotFound as exc:
         fail(str(exc))
     if json_out:
-        emit_json({**session_summary(s), "statements": [statement_view(st) for st in stmts]})
+        emit_json(show_session(store, s.id))
         return
     console.print(f"[bold]session {s.id}[/]  {s.user_name} -> {s.connection}  from {s.client_addr}  tls={'yes' if s.tls else 'no'}")
     console.print(f"started {when(s.started_at)}  ended {when(s.ended_at)}  status {s.status}  {s.end_reason or ''}")

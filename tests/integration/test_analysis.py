@@ -105,6 +105,11 @@ def test_sessions_are_analysed_and_the_model_cannot_lower_a_level(agw) -> None:
     assert "jane.doe@example.com" not in sent and "$1" in sent
     assert all(r["auth"] == "Bearer sk-test-123" and r["path"] == "/v1/chat/completions" for r in agw.model.requests)
 
+    # One successful sign-in event for the key, however many requests it made.
+    signed_in = [e for e in agw.cli_json("events", "--kind", "api.authenticate", "--outcome", "ok", "--limit", "100")
+                 if e["agent"] == "analyst"]
+    assert len(signed_in) == 1 and signed_in[0]["user"] == "alice" and "apikey:" in signed_in[0]["detail"]
+
     # High and medium sessions are audit events.
     events = agw.cli_json("events", "--kind", "session.analysis", "--limit", "100")
     assert {e["outcome"] for e in events} == {"high", "medium"}

@@ -225,6 +225,8 @@ def test_review_graceful_path(xgw, pg, people) -> None:
     assert [(h["by"], h["decision"]) for h in final["history"]] == [("olivia", "approve")]
     s = xgw.wait_for_session(lambda s: s["id"] == ran["session_id"] and s["status"] == "closed")
     assert s["application_name"] == f"wardgate exec (review {rid})"
+    timeline = xgw.cli_json("sessions", "show", ran["session_id"])
+    assert timeline["reviews"] == [rid] and timeline["statements"][0]["decision"] == "approved"
     # the audit trail has the whole chain: who asked, who approved, who ran it, and the refusals between
     deadline, chain = time.time() + 10, []
     while time.time() < deadline:

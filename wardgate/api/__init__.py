@@ -89,10 +89,13 @@ def create_app(gateway: "Gateway") -> FastAPI:
             event(request, "api.authenticate", "denied", detail="no bearer credentials")
             raise HTTPException(401, "send `Authorization: Bearer <token or API key>`", headers={"WWW-Authenticate": "Bearer"})
         try:
-            return gateway.authenticator.authenticate(value)
+            who = gateway.authenticator.authenticate(value)
         except AuthenticationError as exc:
             event(request, "api.authenticate", "denied", detail=str(exc))
             raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+        if gateway.authenticator.first_use(value):
+            event(request, "api.authenticate", "ok", who, f"{who.kind} signed in with {who.source}")
+        return who
 
     Caller = Annotated[Identity, Depends(identity)]
 

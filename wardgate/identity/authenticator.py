@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+
 from ..config import Settings
 from ..domain import Identity
 from ..store import API_KEY_PREFIX, NotFound, Store
@@ -13,6 +17,23 @@ class Authenticator:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.store = store
         self.tokens = TokenVerifier([Provider(p) for p in settings.identity_providers])
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._seen_lock = threading.Lock()
+
+    SEEN = 10_000
+
+    def first_use(self, bearer: str) -> bool:
+        """Whether this process sees this token or key for the first time (a successful sign-in is
+        recorded once per credential, not on every request)."""
+        digest = hashlib.sha256(bearer.strip().encode()).digest()
+        with self._seen_lock:
+            if digest in self._seen:
+                self._seen.move_to_end(digest)
+                return False
+            self._seen[digest] = None
+            if len(self._seen) > self.SEEN:
+                self._seen.popitem(last=False)
+            return True
 
     def authenticate(self, bearer: str, audience: str | None = None) -> Identity:
         """Blocking (store look-ups, JWKS fetches): call it from a thread, not the event loop.

@@ -66,6 +66,9 @@ class WardgateTokenVerifier:
         except AuthenticationError as exc:
             self.gateway.record_event("mcp.authenticate", "denied", detail=str(exc))
             return None
+        if self.gateway.authenticator.first_use(token):
+            self.gateway.record_event("mcp.authenticate", "ok", user=identity.user, agent=identity.agent,
+                                      source=identity.source, detail=f"{identity.kind} signed in with {identity.source}")
         return AccessToken(
             token=token, client_id=identity.agent or identity.user, scopes=[], subject=identity.user,
             expires_at=int(identity.expires_at) if identity.expires_at else None, resource=self.resource_url,

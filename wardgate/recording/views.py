@@ -40,8 +40,11 @@ def list_sessions(store: "Store", **filters: Any) -> list[dict[str, Any]]:
 
 
 def show_session(store: "Store", session_id: str) -> dict[str, Any]:
+    """A session's whole timeline: who (and which agent), its statements with decisions, rules, values
+    and results, masking counts, and the reviews whose approved statements it ran."""
     s, stmts = store.get_session(session_id)
-    return {**session_summary(s), "statements": [statement_view(st) for st in stmts]}
+    return {**session_summary(s), "reviews": store.reviews_of_session(s.id),
+            "statements": [statement_view(st) for st in stmts]}
 
 
 def event_view(e: Any) -> dict[str, Any]:

@@ -584,6 +584,11 @@ class Store:
             stmts = list(s.scalars(select(m.Statement).where(m.Statement.session_id == row.id).order_by(m.Statement.seq)))
             return row, stmts
 
+    def reviews_of_session(self, session_id: str) -> list[str]:
+        """The reviews whose approved statement this session ran."""
+        with self.Session() as s:
+            return list(s.scalars(select(m.Review.id).where(m.Review.session_id == session_id).order_by(m.Review.created_at)))
+
     def apply_records(self, records: list[dict[str, Any]]) -> None:
         """Apply journal records in one transaction, in batches. Idempotent: replaying after a crash is harmless."""
         if not records:
