@@ -288,7 +288,7 @@ def credentials_issue(
         fail(f"{decision.reason}. Add an [[access]] rule to the config to allow it.")
     try:
         seconds = parse_duration(ttl) if ttl else state.settings.default_ttl
-        issued = store.issue_credential(user, connection, seconds, not_after=decision.until)
+        issued = store.issue_credential(user, connection, seconds, not_after=decision.until, actor=cli_actor())
     except (NotFound, ConfigError) as exc:
         fail(str(exc))
     host, port = _gateway_host_port()
@@ -331,7 +331,7 @@ def credentials_revoke(cred_id: str = typer.Argument(..., help="Credential id (s
     from .store import NotFound
 
     try:
-        open_store().revoke_credential(cred_id)
+        open_store().revoke_credential(cred_id, cli_actor())
     except NotFound as exc:
         fail(str(exc))
     console.print(f"revoked credential [bold]{cred_id}[/]; sessions using it are being closed")
@@ -535,7 +535,8 @@ def apikeys_create(
     try:
         seconds = parse_duration(ttl) if ttl else None
         issued = open_store().create_api_key(
-            name=label, kind=kind, user_name=owner, agent=for_agent, groups=group, ttl=seconds, created_by="cli"
+            name=label, kind=kind, user_name=owner, agent=for_agent, groups=group, ttl=seconds, created_by="cli",
+            actor=cli_actor(),
         )
     except (NotFound, ConfigError) as exc:
         fail(str(exc))
@@ -572,7 +573,7 @@ def apikeys_revoke(key_id: str = typer.Argument(..., help="Key id (see `apikeys 
     from .store import NotFound
 
     try:
-        open_store().revoke_api_key(key_id)
+        open_store().revoke_api_key(key_id, cli_actor())
     except NotFound as exc:
         fail(str(exc))
     console.print(f"revoked API key [bold]{key_id}[/]")

@@ -98,6 +98,15 @@ def test_users_and_credentials(tmp_path) -> None:
     run(tmp_path, "users", "add", "mallory")  # in no group: no rule allows anything
     denied = run(tmp_path, "credentials", "issue", "--user", "mallory", "--connection", "shop", check=False)
     assert denied.returncode == 1 and "no access rule allows it" in denied.stderr
+    key = json.loads(run(tmp_path, "apikeys", "create", "--name", "ci", "-g", "dev", "--json").stdout)
+    run(tmp_path, "apikeys", "revoke", key["id"])
+    # Every change above is in the audit log, in order, by the account that ran the command.
+    events = list(reversed(json.loads(run(tmp_path, "events", "--json").stdout)))
+    assert [e["kind"] for e in events] == [
+        "connection.create", "user.create", "credential.issue", "credential.issue", "credential.revoke", "user.remove",
+        "user.create", "apikey.create", "apikey.revoke"]
+    assert f"credential {cred['id']} for carol on shop" in events[2]["detail"] and cred["credential"] not in json.dumps(events)
+    assert key["key"] not in json.dumps(events) and all(e["source"] == "cli" for e in events)
 
 
 def test_config_file_and_environment(tmp_path) -> None:

@@ -341,7 +341,7 @@ class Store:
 
     def issue_credential(
         self, user_name: str, connection: str, ttl: float, agent: str | None = None, lease: float | None = None,
-        not_after: float | None = None,
+        not_after: float | None = None, actor: Actor | None = None,
     ) -> IssuedCredential:
         """`not_after`: the credential ends then at the latest (the end of a grant's window)."""
         if not_after is not None:
@@ -377,15 +377,18 @@ class Store:
                     lease_until=now + lease if lease else None,
                 )
             )
+            self.record_change(s, actor, "credential.issue",
+                               f"credential {cred_id} for {user_name} on {connection}, valid {int(ttl)}s")
         return IssuedCredential(cred_id, secret, user_name, connection, now + ttl, agent)
 
-    def revoke_credential(self, cred_id: str) -> m.Credential:
+    def revoke_credential(self, cred_id: str, actor: Actor | None = None) -> m.Credential:
         with self.Session.begin() as s:
             cred = s.get(m.Credential, cred_id)
             if cred is None:
                 raise NotFound(f"no credential with id {cred_id!r}; see `wardgate credentials list`")
             if cred.revoked_at is None:
                 cred.revoked_at = time.time()
+                self.record_change(s, actor, "credential.revoke", f"credential {cred_id} on {cred.connection}")
             return cred
 
     def list_credentials(self, user: str | None = None, include_inactive: bool = False) -> list[tuple[m.Credential, str]]:
@@ -486,7 +489,7 @@ class Store:
 
     def create_api_key(
         self, *, name: str, kind: str, user_name: str, agent: str | None, groups: list[str], ttl: float | None,
-        created_by: str | None,
+        created_by: str | None, actor: Actor | None = None,
     ) -> IssuedApiKey:
         if kind not in ("service", "agent"):
             raise ConfigError("an API key is for a service account or for an agent")
@@ -502,6 +505,8 @@ class Store:
         )
         with self.Session.begin() as s:
             s.add(row)
+            self.record_change(s, actor, "apikey.create", f"API key {key_id} ({name}, {kind}"
+                               + (f", groups {', '.join(row.groups)}" if row.groups else "") + ")")
         return IssuedApiKey(row, secret)
 
     def list_api_keys(self, include_inactive: bool = False) -> list[m.ApiKey]:
@@ -512,12 +517,14 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(q))
 
-    def revoke_api_key(self, key_id: str) -> None:
+    def revoke_api_key(self, key_id: str, actor: Actor | None = None) -> None:
         with self.Session.begin() as s:
             row = s.get(m.ApiKey, key_id)
             if row is None:
                 raise NotFound(f"no API key with id {key_id!r}; see `wardgate apikeys list`")
-            row.revoked_at = row.revoked_at or time.time()
+            if row.revoked_at is None:
+                row.revoked_at = time.time()
+                self.record_change(s, actor, "apikey.revoke", f"API key {key_id} ({row.name})")
 
     def api_key(self, presented: str) -> tuple[m.ApiKey, list[str]]:
         """The live key matching `presented` and the groups it acts with; NotFound otherwise."""
