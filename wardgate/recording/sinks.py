@@ -98,10 +98,7 @@ class FileSink:
                 older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
         self.path.replace(self.path.with_name(f"{self.path.name}.1"))
 
-    def _write(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size + len(data) > self.max_bytes and self.path.stat().st_size:
-            self._rotate()
+    def _append(self, data: bytes) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             view = memoryview(data)
@@ -111,9 +108,26 @@ class FileSink:
         finally:
             os.close(fd)
 
+    def _write(self, lines: list[bytes]) -> None:
+        """Append whole lines, rotating first whenever the next line would take the file past max_bytes
+        (a single line larger than that gets a file of its own)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        chunk: list[bytes] = []
+        for line in lines:
+            if size and size + len(line) > self.max_bytes:
+                if chunk:
+                    self._append(b"".join(chunk))
+                    chunk = []
+                self._rotate()
+                size = 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._append(b"".join(chunk))
+
     async def send(self, events: list[Any]) -> None:
-        data = "".join(_line(e) + "\n" for e in events).encode("utf-8")
-        await asyncio.to_thread(self._write, data)
+        await asyncio.to_thread(self._write, [(_line(e) + "\n").encode("utf-8") for e in events])
 
     async def close(self) -> None:
         pass
