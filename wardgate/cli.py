@@ -951,7 +951,7 @@ def audit_verify(json_out: bool = JsonOpt) -> None:
         emit_json(verdict.public())
     elif verdict.ok:
         console.print(f"[green]audit log intact[/]: {verdict.events} events, {verdict.checkpoints} signed checkpoints, "
-                      f"head at seq {verdict.head_seq}")
+                      f"head at seq {verdict.head_seq}; {verdict.statements} recorded statements match their digests")
     else:
         where = f" at seq {verdict.seq}" + (f" (event {verdict.event_id})" if verdict.event_id else "") if verdict.seq else ""
         err.print(f"[red]audit log broken{where}[/]: {verdict.problem}")

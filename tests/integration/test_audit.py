@@ -3,7 +3,6 @@ tampering with the store's rows is detected and located."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sqlite3
@@ -16,6 +15,7 @@ import psycopg
 import pytest
 
 from tests.conftest import APP_PASSWORD, make_gateway, psql
+from wardgate.recording.audit import statement_digest
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,7 @@ def test_intact_log_verifies(recorded, tmp_path) -> None:
     out = verify(recorded, recorded.dir)
     verdict = json.loads(out.stdout)
     assert out.returncode == 0 and verdict["ok"] and verdict["events"] >= 8 and verdict["checkpoints"] >= 1
+    assert verdict["statements"] >= 3  # every allowed statement checked against its digest in the chain
     assert verdict["head_seq"] == verdict["events"]
     pem = subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(recorded.config), "audit", "pubkey"],
                          capture_output=True, text=True, env=recorded.env).stdout
@@ -98,6 +99,17 @@ def test_a_cut_off_tail_is_found(recorded, tmp_path) -> None:
                  "UPDATE audit_head SET seq = (SELECT max(seq) FROM events), "
                  "hash = (SELECT hash FROM events WHERE seq = (SELECT max(seq) FROM events))")
     assert v["ok"] is False and "events were removed" in v["problem"]
+
+
+def test_an_edited_statement_is_found(recorded, tmp_path) -> None:
+    """The chain holds a digest of every allowed statement, so the session record cannot be rewritten either."""
+    v = tampered(recorded, tmp_path, "UPDATE statements SET text = 'select 2' WHERE text = 'select 1'")
+    assert v["ok"] is False and "was changed after it was recorded" in v["problem"] and "statement 1" in v["problem"]
+
+
+def test_edited_bound_values_are_found(recorded, tmp_path) -> None:
+    v = tampered(recorded, tmp_path, """UPDATE statements SET params = '["goodbye",null]' WHERE params IS NOT NULL""")
+    assert v["ok"] is False and "was changed after it was recorded" in v["problem"]
 
 
 def test_a_forged_checkpoint_is_found(recorded, tmp_path) -> None:
@@ -145,9 +157,10 @@ def test_every_statement_decision_is_an_audit_event(recorded) -> None:
     """Allowed statements join the chain by their SHA-256 (their text stays in the session record,
     which retention may purge); refusals carry their reason."""
     events = recorded.cli_json("events", "--limit", "1000")
-    digest = hashlib.sha256(b"select 1").hexdigest()
+    digest = statement_digest("select 1", None)
     allowed = [e for e in events if e["kind"] == "statement.allow" and digest in e["detail"]]
     assert allowed and allowed[0]["user"] == "alice" and allowed[0]["outcome"] == "allow"
+    assert json.loads(allowed[0]["detail"]) == {"statements": [[1, digest, "allow"]]}
     assert allowed[0]["source"].startswith("session:")
     session = recorded.cli_json("sessions", "show", allowed[0]["source"].split(":", 1)[1])
     assert session["statements"][0]["decision"] == "allow" and session["statements"][0]["rules"] == []

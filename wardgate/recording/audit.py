@@ -27,9 +27,21 @@ GENESIS = "0" * 64
 FIELDS = ("id", "at", "kind", "outcome", "user_name", "agent", "source", "client_addr", "detail")
 
 
+_canonical_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
 def canonical(event: dict[str, Any]) -> bytes:
-    return json.dumps({k: event.get(k) for k in FIELDS}, sort_keys=True, ensure_ascii=False,
-                      separators=(",", ":")).encode("utf-8")
+    return _canonical_json({k: event.get(k) for k in FIELDS}).encode("utf-8")
+
+
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+STATEMENTS_PER_EVENT = 200
+
+
+def statement_digest(text: str, params: list[Any] | None) -> str:
+    """What the chain holds of an allowed statement: 128 bits of the SHA-256 of its text and bound values."""
+    data = text.encode("utf-8") if params is None else text.encode("utf-8") + b"\x00" + _compact_json(params).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def link(prev_hash: str, event: dict[str, Any]) -> str:
@@ -80,10 +92,11 @@ class Verdict:
     problem: str | None = None
     event_id: str | None = None
     seq: int | None = None
+    statements: int = 0  # recorded statements checked against the digests the chain holds
 
     def public(self) -> dict[str, Any]:
         return {"ok": self.ok, "events": self.events, "checkpoints": self.checkpoints, "head_seq": self.head_seq,
-                "problem": self.problem, "event_id": self.event_id, "seq": self.seq}
+                "statements": self.statements, "problem": self.problem, "event_id": self.event_id, "seq": self.seq}
 
 
 def verify(events: Iterable[dict[str, Any]], checkpoints: list[dict[str, Any]], head: tuple[int, str] | None,

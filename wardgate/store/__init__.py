@@ -34,6 +34,8 @@ _STMT_COLUMNS = (
     "session_id", "seq", "kind", "text", "param_count", "started_at", "status", "duration_ms", "rows",
     "command_tag", "error_code", "error_message", "decision", "rules", "params", "result",
 )
+_EVENT_COLUMNS = (*audit.FIELDS, "seq", "prev_hash", "hash")
+_EVENT_COLUMN_LIST = ", ".join(f'"{c}"' for c in _EVENT_COLUMNS)
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -607,6 +609,7 @@ class Store:
         events: list[dict[str, Any]] = []
         statement_events: list[dict[str, Any]] = []  # about a session's statements: its user is looked up
         with_result: list[dict[str, Any]] = []  # outcomes of statements started in an earlier batch, with a result
+        allowed: dict[str, list[tuple[int, str, str, float]]] = {}  # session -> (seq, digest, decision, at)
         for r in records:
             kind = r["k"]
             if kind == "stmt":
@@ -620,13 +623,8 @@ class Store:
                     "params": None if r.get("p") is None else _dumps(r["p"]), "result": None,
                 }
                 if decision in ("allow", "approved", "shadow"):  # refusals have their own event, with the reason
-                    digest = hashlib.sha256(r["text"].encode("utf-8")).hexdigest()
-                    names = ", ".join(sorted({m["rule"] for m in rules or ()}))
-                    statement_events.append({
-                        "id": _event_id("stmt", r["sid"], r["seq"]), "at": r["at"], "kind": "statement.allow",
-                        "outcome": decision, "sid": r["sid"],
-                        "detail": f"statement {r['seq']} sha256:{digest}" + (f"; rules: {names}" if names else ""),
-                    })
+                    allowed.setdefault(r["sid"], []).append(
+                        (r["seq"], audit.statement_digest(r["text"], r.get("p")), decision, r["at"]))
             elif kind == "done":
                 outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
                            "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
@@ -660,6 +658,7 @@ class Store:
                     "id": r["id"], "at": r["at"], "kind": r["kind"], "outcome": r["outcome"], "user_name": r.get("user"),
                     "agent": r.get("agent"), "source": r.get("source"), "client_addr": r.get("addr"), "detail": r.get("detail"),
                 })
+        statement_events += self._allowed_events(allowed)
         st, ss = m.Statement.__table__, m.Session.__table__
         bp = sa.bindparam
         with self.engine.begin() as conn:
@@ -709,6 +708,23 @@ class Store:
                 )
 
     @staticmethod
+    def _allowed_events(allowed: dict[str, list[tuple[int, str, str, float]]]) -> list[dict[str, Any]]:
+        """Allowed statements join the chain in groups: one `statement.allow` event per session per up to
+        200 statements, listing each one's number, digest (audit.statement_digest) and decision. The
+        chain then vouches for every statement's text and values, which `audit verify` checks against
+        the session records, without the texts themselves entering the log (retention can remove them)."""
+        out = []
+        for sid, items in allowed.items():
+            for i in range(0, len(items), audit.STATEMENTS_PER_EVENT):
+                part = items[i:i + audit.STATEMENTS_PER_EVENT]
+                out.append({
+                    "id": _event_id("allowed", sid, part[0][0], part[-1][0]), "at": part[-1][3], "kind": "statement.allow",
+                    "outcome": "allow", "sid": sid,
+                    "detail": _dumps({"statements": [[seq, digest, decision] for seq, digest, decision, _ in part]}),
+                })
+        return out
+
+    @staticmethod
     def _merge_session_events(conn: sa.Connection, events: list[dict[str, Any]], about: list[dict[str, Any]],
                               sessions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """Give events about a session's statements the session's user and agent, and merge them with
@@ -746,7 +762,10 @@ class Store:
         conn.execute(update(head).where(head.c.id == 1).values(seq=head.c.seq))
         row = conn.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1)).one()
         seq, last = audit.chain(new, row.seq, row.hash)
-        conn.execute(sa.insert(ev), new)
+        # To the driver as tuples: with a statement a row, thousands a second reach this insert.
+        ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        conn.exec_driver_sql(f"INSERT INTO events ({_EVENT_COLUMN_LIST}) VALUES ({', '.join([ph] * len(_EVENT_COLUMNS))})",
+                             [tuple(e.get(c) for c in _EVENT_COLUMNS) for e in new])
         conn.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=last))
         signer = self.signer
         conn.execute(sa.insert(m.AuditCheckpoint.__table__),
@@ -759,7 +778,33 @@ class Store:
             checkpoints = [dict(r._mapping) for r in conn.execute(select(m.AuditCheckpoint.__table__).order_by("seq"))]
             head = conn.execute(select(m.AuditHead.seq, m.AuditHead.hash).where(m.AuditHead.id == 1)).one_or_none()
             rows = conn.execute(select(*cols).order_by(ev.c.seq)).mappings()
-            return audit.verify((dict(r) for r in rows), checkpoints, tuple(head) if head else None, self.signer.public_pem)
+            verdict = audit.verify((dict(r) for r in rows), checkpoints, tuple(head) if head else None,
+                                   self.signer.public_pem)
+            if verdict.ok:
+                verdict = self._verify_statements(conn, verdict)
+            return verdict
+
+    def _verify_statements(self, conn: sa.Connection, verdict: audit.Verdict) -> audit.Verdict:
+        """The chain vouches for allowed statements by digest: each recorded statement must still match
+        (a purged one is simply gone; a changed or swapped one is not)."""
+        ev, st = m.Event.__table__, m.Statement.__table__
+        q = select(ev.c.id, ev.c.seq, ev.c.source, ev.c.detail).where(ev.c.kind == "statement.allow").order_by(ev.c.seq)
+        checked = 0
+        for event_id, seq, source, detail in conn.execute(q):
+            sid = source.split(":", 1)[1]
+            listed = {n: digest for n, digest, _ in json.loads(detail)["statements"]}
+            found = conn.execute(select(st.c.seq, st.c.text, st.c.params)
+                                 .where(st.c.session_id == sid, st.c.seq.in_(list(listed))))
+            for n, text, params in found:
+                if isinstance(params, str):  # a JSON column read back raw by some drivers
+                    params = json.loads(params)
+                if audit.statement_digest(text, params) != listed[n]:
+                    return audit.Verdict(False, verdict.events, verdict.checkpoints, verdict.head_seq,
+                                         f"statement {n} of session {sid} was changed after it was recorded "
+                                         f"(its digest is in audit event seq {seq})", event_id, seq)
+                checked += 1
+        verdict.statements = checked
+        return verdict
 
     def iter_events(self, since: float = 0.0, batch: int = 1000) -> Iterable[m.Event]:
         """Events in chain order (oldest first) after `since`, read in batches."""
