@@ -249,7 +249,7 @@ class Relay:
                         self._starts[started.seq] = time.perf_counter()
                         verdict = started.verdict
                         if started.params:
-                            verdict += ',"p":' + _json(self._masked_params(started.params))
+                            verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
                         records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text,
                                                   verdict))
                         if mtype == _EXECUTE and self.masking is not None:
@@ -301,16 +301,13 @@ class Relay:
             plan = plan.for_formats(lookup.formats)
         return plan
 
-    def _columns(self, body: bytes) -> None:
-        """A RowDescription: its column names go to the record of the statement it describes."""
-        names = self._column_names.get(body)
-        if names is None:
-            if len(self._column_names) >= 256:
-                self._column_names.clear()
-            names = self._column_names[body] = _json([f.name for f in codec.row_description(body)])
-        entry = self.tracker.current()
-        if entry is not None:
-            entry.cols = names
+    def _columns(self, body: bytes) -> str:
+        """A RowDescription's column names as JSON, for the record of the statement it describes (cached:
+        a session sees the same few again and again)."""
+        if len(self._column_names) >= 256:
+            self._column_names.clear()
+        names = self._column_names[body] = _json([f.name for f in codec.row_description(body)])
+        return names
 
     def _sample(self, run: bytes) -> None:
         """The first rows of a result, as the client gets them (masked), kept for its record."""
@@ -485,7 +482,12 @@ class Relay:
                     refusal = None
                     if mtype == _ROW_DESCRIPTION:
                         if self._results:
-                            self._columns(body)
+                            names = self._column_names.get(body)
+                            if names is None:
+                                names = self._columns(body)
+                            entry = tracker.current()
+                            if entry is not None:
+                                entry.cols = names
                         continue
                     if mtype == _READY:
                         finished = tracker.ready(body)
@@ -513,7 +515,7 @@ class Relay:
                         t0 = self._starts.pop(fin.seq, None)
                         ms = None if t0 is None else f"{(time.perf_counter() - t0) * 1000:.3f}"
                         records.append(_done_line(sid, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
-                                                  fin.error_message, _result(fin)))
+                                                  fin.error_message, "" if fin.cols is None else _result(fin)))
                 if records:
                     self._defer(records)
                 if edits:

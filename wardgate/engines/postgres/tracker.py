@@ -91,10 +91,10 @@ class StatementTracker:
             stmt, pos = read_cstr(body, pos)
             values: list[str | None] = []
             try:
-                (nformats,) = _I16.unpack_from(body, pos)
-                formats = struct.unpack_from(f"!{nformats}h", body, pos + 2)
+                nformats = (body[pos] << 8) | body[pos + 1]
+                formats = body[pos + 2:pos + 2 + 2 * nformats]  # int16 each: 1 (binary) is b"\x00\x01"
                 pos += 2 + 2 * nformats
-                (nparams,) = _I16.unpack_from(body, pos)
+                nparams = (body[pos] << 8) | body[pos + 1]
                 pos += 2
                 for i in range(nparams):
                     (length,) = _I32.unpack_from(body, pos)
@@ -102,7 +102,7 @@ class StatementTracker:
                     if length < 0:
                         values.append(None)
                         continue
-                    binary = (formats[i] if nformats > 1 else formats[0] if nformats else 0) == 1
+                    binary = formats[(2 * i + 1) if nformats > 1 else 1] == 1 if nformats else False
                     values.append(f"<binary, {length} bytes>" if binary else
                                   body[pos:pos + min(length, PARAM_LIMIT)].decode("utf-8", "replace"))
                     pos += length
