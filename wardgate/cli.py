@@ -440,7 +440,18 @@ def sessions_replay(
             outcome = f"{st.status} {st.error_code}: {st.error_message or ''}"
         took = f"{st.duration_ms:.1f} ms" if st.duration_ms is not None else "-"
         console.print(f"[dim]+{offset:8.3f}s[/]  [bold]{escape(st.text)}[/]")
+        if st.params:
+            console.print(f"            [dim]values: {escape(', '.join('NULL' if v is None else repr(v) for v in st.params))}[/]")
         console.print(f"            [{colour}]{escape(outcome)}[/]  {'' if st.rows is None else f'{st.rows} rows  '}{took}")
+        if st.decision not in (None, "allow") or st.rules:
+            rules = ", ".join(f"{r['rule']} ({'shadow ' if r.get('shadow') else ''}{r['action']})" for r in st.rules or [])
+            console.print(f"            [yellow]{st.decision}[/]{': ' + escape(rules) if rules else ''}")
+        if st.result and st.result.get("columns"):
+            console.print(f"            [dim]columns: {escape(', '.join(st.result['columns']))}[/]")
+            for row in st.result.get("sample") or []:
+                console.print(f"            [dim]| {escape(' | '.join('NULL' if v is None else str(v) for v in row))}[/]")
+    if s.purged_at:
+        console.print(f"[dim]its statements were purged by retention on {when(s.purged_at)}[/]")
     if s.ended_at:
         console.print(f"[dim]+{s.ended_at - s.started_at:8.3f}s[/]  ended: {s.end_reason or s.status}"
                       + (f"  masked {', '.join(f'{k}: {v}' for k, v in s.masked.items())}" if s.masked else ""))

@@ -149,6 +149,10 @@ def test_replay_shows_the_timeline(recorded) -> None:
     sid = refused["source"].split(":", 1)[1]
     out = recorded.cli("sessions", "replay", sid, "--no-wait").stdout
     assert "alice -> shop" in out and "selec 1" in out and "denied 42501" in out and "ended:" in out
+    assert "deny: parser (deny)" in out
+    ok = next(s for s in recorded.sessions(user="alice") if s["application_name"] != "psql")
+    extended = recorded.cli("sessions", "replay", ok["id"], "--no-wait").stdout
+    assert "values: 'hello', NULL" in extended and "columns: text, int4" in extended
     timed = recorded.cli("sessions", "replay", sid, "--speed", "1000").stdout
     assert "selec 1" in timed
 
