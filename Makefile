@@ -5,12 +5,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 IDP    := tests/idp/node_modules/.package-lock.json
 
-.PHONY: demo test test-fast bench lint setup system-deps clean
+.PHONY: demo test test-fast bench lint setup system-deps system-deps-test clean
 
 demo: system-deps setup
 	$(PY) -m wardgate.demo
 
-test: system-deps setup $(IDP)
+test: system-deps-test setup $(IDP)
 	$(PY) -m pytest
 
 test-fast: setup
@@ -36,6 +36,9 @@ $(IDP): tests/idp/package-lock.json
 
 system-deps:
 	@scripts/system-deps.sh
+
+system-deps-test:
+	@scripts/system-deps.sh test
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info wardgate/engines/postgres/*.so

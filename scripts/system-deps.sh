@@ -2,15 +2,19 @@
 # Installs what Wardgate's demo, tests and benchmarks need from the system: the PostgreSQL server
 # and client tools (psql, pgbench), and Node.js for the tests' OpenID provider. Does nothing when
 # they are already there; and a C compiler with the Python headers for the relay's C part.
+# `system-deps.sh test` also installs Chromium, for the web console's browser tests.
 set -euo pipefail
+want_browser=false
+[ "${1:-}" = "test" ] && want_browser=true
 
 have_server() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_clients() { command -v psql >/dev/null 2>&1 && command -v pgbench >/dev/null 2>&1; }
 have_node() { command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; }
 have_cc() { command -v gcc >/dev/null 2>&1; }
 have_headers() { test -f "$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h"; }
+have_browser() { ! $want_browser || command -v chromium >/dev/null 2>&1; }
 
-if have_server && have_clients && have_node && have_cc && have_headers && id postgres >/dev/null 2>&1; then
+if have_server && have_clients && have_node && have_cc && have_headers && have_browser && id postgres >/dev/null 2>&1; then
   exit 0
 fi
 
@@ -26,6 +30,7 @@ packages="postgresql postgresql-contrib postgresql-client"
 have_node || packages="$packages nodejs npm"
 have_cc || packages="$packages gcc libc6-dev"
 have_headers || packages="$packages python3-dev"
+have_browser || packages="$packages chromium"
 $SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
 # The Debian package starts a cluster of its own on 5432; Wardgate starts its own servers instead.
 $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || $SUDO service postgresql stop >/dev/null 2>&1 || true

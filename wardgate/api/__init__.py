@@ -99,6 +99,10 @@ def create_app(gateway: "Gateway") -> FastAPI:
 
     Caller = Annotated[Identity, Depends(identity)]
 
+    from ..web import create_console
+
+    app.mount("/console", create_console(gateway))
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> JSONResponse:
         return JSONResponse(gateway.health(), status_code=200 if gateway.ready else 503)

@@ -71,12 +71,40 @@ class _Callback(BaseHTTPRequestHandler):
         pass
 
 
+def pkce_pair() -> tuple[str, str]:
+    """(verifier, S256 challenge) for an authorization code flow with PKCE."""
+    verifier = secrets.token_urlsafe(48)
+    return verifier, base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def authorization_url(meta: dict[str, Any], spec: IdentityProviderSpec, redirect_uri: str, challenge: str, state: str,
+                      prompt: str = "consent") -> str:
+    query = {
+        "response_type": "code", "client_id": spec.client_id, "redirect_uri": redirect_uri,
+        "scope": "openid profile offline_access", "code_challenge": challenge, "code_challenge_method": "S256",
+        "state": state, "resource": spec.audience, "prompt": prompt,
+    }
+    return meta["authorization_endpoint"] + "?" + urllib.parse.urlencode(query)
+
+
+def exchange_code(http: httpx.Client, meta: dict[str, Any], spec: IdentityProviderSpec, code: str, redirect_uri: str,
+                  verifier: str) -> dict[str, Any]:
+    return _token_request(http, meta["token_endpoint"], {
+        "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+        "client_id": spec.client_id, "code_verifier": verifier, "resource": spec.audience,
+    })
+
+
+def discover(spec: IdentityProviderSpec) -> dict[str, Any]:
+    with httpx.Client(timeout=30) as http:
+        return _discover(http, spec)
+
+
 def login_pkce(spec: IdentityProviderSpec, show_url: Callable[[str], None], timeout: float = 300.0) -> dict[str, Any]:
     """Run the authorization code flow with PKCE through a loopback redirect; return the token response."""
     if not spec.client_id:
         raise AuthenticationError(f"identity provider {spec.name!r} has no client_id for command-line sign-in")
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(16)
     handler = type("Callback", (_Callback,), {"result": {}, "done": threading.Event()})
     server = HTTPServer(("127.0.0.1", 0), handler)
@@ -86,12 +114,7 @@ def login_pkce(spec: IdentityProviderSpec, show_url: Callable[[str], None], time
     try:
         with httpx.Client(timeout=30) as http:
             meta = _discover(http, spec)
-            query = {
-                "response_type": "code", "client_id": spec.client_id, "redirect_uri": redirect_uri,
-                "scope": "openid profile offline_access", "code_challenge": challenge, "code_challenge_method": "S256",
-                "state": state, "resource": spec.audience, "prompt": "consent",
-            }
-            show_url(meta["authorization_endpoint"] + "?" + urllib.parse.urlencode(query))
+            show_url(authorization_url(meta, spec, redirect_uri, challenge, state))
             if not handler.done.wait(timeout):
                 raise AuthenticationError("sign-in timed out: no answer came back to the loopback redirect")
             result = handler.result
@@ -99,10 +122,7 @@ def login_pkce(spec: IdentityProviderSpec, show_url: Callable[[str], None], time
                 raise AuthenticationError("sign-in answer has the wrong state; try again")
             if "code" not in result:
                 raise AuthenticationError(f"sign-in failed: {result.get('error_description') or result.get('error')}")
-            tokens = _token_request(http, meta["token_endpoint"], {
-                "grant_type": "authorization_code", "code": result["code"], "redirect_uri": redirect_uri,
-                "client_id": spec.client_id, "code_verifier": verifier, "resource": spec.audience,
-            })
+            tokens = exchange_code(http, meta, spec, result["code"], redirect_uri, verifier)
             return _with_meta(tokens, spec, meta)
     finally:
         server.shutdown()

@@ -1,0 +1,168 @@
+"""The web console in a real browser (Debian's Chromium, driven by Playwright): sign in through the
+test IdP, see a review that an exec request created appear without reloading, approve it and see the
+requester's wait return, open the session and see masked values, make and revoke an API key.
+Screenshots of the main pages are saved under the test's output directory."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.conftest import IDP_AUDIENCE, make_gateway
+
+CHROMIUM = "/usr/bin/chromium"
+TAIL = """
+[[identity_providers]]
+name = "corp"
+issuer = "{issuer}"
+audience = "{audience}"
+client_id = "wardgate-cli"
+
+[roles]
+auditors = ["auditors"]
+
+[recording]
+results = "sample"
+
+[[guardrails]]
+name = "deletes-need-review"
+kinds = ["delete"]
+action = "review"
+approvers = ["ops"]
+connections = ["shop"]
+
+[[masking]]
+name = "emails"
+columns = ["email"]
+connections = ["shop"]
+except_groups = ["ops"]
+"""
+
+
+@pytest.fixture(scope="module")
+def cgw(tmp_path_factory, pg, idp):  # noqa: ANN001, ANN201
+    gw = make_gateway(tmp_path_factory.mktemp("console"), pg, tail_toml=TAIL.format(issuer=idp.issuer, audience=IDP_AUDIENCE))
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def page(tmp_path):  # noqa: ANN001, ANN201
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        yield context.new_page()
+        context.close()
+        browser.close()
+
+
+def shot(page: Page, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "screenshots"
+    out.mkdir(exist_ok=True)
+    page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Page, gw, idp, login: str) -> None:  # noqa: ANN001
+    page.goto(f"http://127.0.0.1:{gw.http_port}/console/")
+    page.get_by_role("link", name="Sign in with corp").click()
+    for _ in range(6):  # the IdP's own pages: log in, then confirm
+        if page.url.startswith(f"http://127.0.0.1:{gw.http_port}/console"):
+            return
+        if page.locator("input[name=login]").count():
+            page.fill("input[name=login]", login)
+            page.fill("input[name=password]", "any")
+        page.locator("button[type=submit]").first.click()
+        page.wait_for_load_state()
+    assert page.url.startswith(f"http://127.0.0.1:{gw.http_port}/console"), page.url
+
+
+def api(gw, method: str, path: str, key: str, **kw) -> httpx.Response:  # noqa: ANN001, ANN003
+    return httpx.request(method, f"http://127.0.0.1:{gw.http_port}{path}", headers={"Authorization": f"Bearer {key}"},
+                         timeout=90, **kw)
+
+
+def test_approve_a_review_and_inspect_the_session(cgw, idp, page, tmp_path) -> None:
+    alice = cgw.cli_json("apikeys", "create", "--for-agent", "claude-code", "--user", "alice")["key"]
+    page.goto(f"http://127.0.0.1:{cgw.http_port}/console/")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    shot(page, tmp_path, "login")
+    sign_in(page, cgw, idp, "olivia")
+    expect(page.get_by_role("heading", name="Reviews")).to_be_visible()
+    expect(page.locator("header.top")).to_contain_text("olivia")
+
+    held = api(cgw, "POST", "/api/exec", alice, json={"connection": "shop", "sql": "delete from orders where id = -42"}).json()
+    assert held["status"] == "pending_approval"
+    rid = held["review_id"]
+    card = page.locator(f"#review-{rid}")
+    expect(card).to_be_visible(timeout=10_000)  # appears by itself: no reload
+    expect(card).to_contain_text("delete from orders where id = -42")
+    expect(card).to_contain_text("claude-code")
+    shot(page, tmp_path, "reviews")
+
+    waited: dict = {}
+    waiter = threading.Thread(target=lambda: waited.update(
+        api(cgw, "GET", f"/api/reviews/{rid}/wait", alice, params={"timeout": 60}).json()))
+    waiter.start()
+    card.get_by_role("button", name="Approve").click()
+    expect(page.locator(".flash")).to_contain_text("approved")
+    waiter.join(70)
+    assert waited["status"] == "approved"  # the requester's long-poll returned with the decision
+    ran = api(cgw, "POST", f"/api/reviews/{rid}/execute", alice).json()
+    assert ran["status"] == "completed"
+
+    shown = api(cgw, "POST", "/api/exec", alice, json={"connection": "shop",
+                                                       "sql": "select id, email from customers order by id limit 3"}).json()
+    assert shown["status"] == "completed"
+    masked = shown["rows"][0][1]
+    assert "@" not in masked
+    page.goto(f"http://127.0.0.1:{cgw.http_port}/console/sessions/{shown['session_id']}")
+    expect(page.locator("pre.sql").first).to_contain_text("select id, email from customers")
+    expect(page.locator("table.result").first).to_contain_text(masked)
+    assert "customer1@example.com" not in page.content()  # an auditor sees what alice saw: masked
+    expect(page.locator(".analysis")).to_be_visible()
+    shot(page, tmp_path, "session")
+
+    page.goto(f"http://127.0.0.1:{cgw.http_port}/console/sessions?user=alice")
+    expect(page.get_by_role("cell", name="shop").first).to_be_visible()
+    shot(page, tmp_path, "sessions")
+
+
+def test_make_and_revoke_an_api_key(cgw, idp, page, tmp_path) -> None:
+    sign_in(page, cgw, idp, "alice")
+    page.get_by_role("link", name="API keys").click()
+    page.fill("input[name=agent]", "browser-test")
+    page.get_by_role("button", name="Create key").click()
+    secret = page.locator("pre.secret").inner_text().strip()
+    assert secret.startswith("wgk_")
+    assert api(cgw, "GET", "/api/me", secret).json()["agent"] == "browser-test"
+    shot(page, tmp_path, "keys")
+    key_id = secret.split("_")[1]
+    page.get_by_role("button", name=f"Revoke key {key_id}").click()
+    expect(page.locator(".flash")).to_contain_text(f"Key {key_id} revoked")
+    assert api(cgw, "GET", "/api/me", secret).status_code == 401
+    page.reload()
+    assert secret not in page.content()  # shown once, never again
+
+
+def test_forms_need_the_session_token(cgw, idp, page) -> None:
+    """A cross-site form post (no CSRF token, foreign origin) is refused, and pages need a signed-in session."""
+    anonymous = httpx.get(f"http://127.0.0.1:{cgw.http_port}/console/reviews", follow_redirects=False)
+    assert anonymous.status_code == 303 and "/console/login" in anonymous.headers["location"]
+    sign_in(page, cgw, idp, "olivia")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "wardgate_console")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+    forged = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/keys", data={"agent": "evil"},
+                        cookies={"wardgate_console": cookie["value"]}, headers={"origin": "https://evil.example"})
+    assert forged.status_code == 403
+    no_token = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/keys", data={"agent": "evil"},
+                          cookies={"wardgate_console": cookie["value"]})
+    assert no_token.status_code == 403
+    assert not [k for k in cgw.cli_json("apikeys", "list") if k["agent"] == "evil"]
+    bad_key = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/login", data={"api_key": "wgk_nope_nope"})
+    assert bad_key.status_code == 401

@@ -1,0 +1,320 @@
+"""The web console for people, at /console: server-rendered pages over the same Gateway calls as the
+API (reviews, sessions, API keys), with no front-end build and nothing fetched from elsewhere.
+
+Sign-in: the configured identity provider (authorization code with PKCE; the access token is
+verified like any other and kept only on the server), or an API key pasted once (local users on the
+embedded default). The browser holds a random session id in an HttpOnly, SameSite=Lax cookie
+(Secure over HTTPS); every form carries a per-session CSRF token, and a POST must also come from
+this origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import httpx
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route, Router
+from starlette.staticfiles import StaticFiles
+
+from ..domain import Identity
+from ..identity import AuthenticationError
+from ..identity.login import authorization_url, discover, exchange_code, pkce_pair
+from ..recording.views import iso, list_sessions
+from ..reviews import ReviewError
+from ..store import Actor, NotFound
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+HERE = Path(__file__).parent
+COOKIE = "wardgate_console"
+SESSION_TTL = 8 * 3600
+PENDING_SIGN_IN_TTL = 600
+
+
+@dataclass
+class ConsoleSession:
+    identity: Identity
+    csrf: str
+    expires_at: float
+    flash: list[str] = field(default_factory=list)
+
+
+class Console:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.sessions: dict[str, ConsoleSession] = {}
+        self._pending: dict[str, tuple[str, str, str, float]] = {}  # state -> (provider, verifier, redirect, at)
+        self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+        self.env.filters["when"] = lambda ts: (iso(ts) or "")[:19].replace("T", " ") if isinstance(ts, (int, float)) else (ts or "")[:19].replace("T", " ")
+
+    # -- plumbing
+
+    def app(self) -> Router:
+        return Router(routes=[
+            Route("/", self.home),
+            Route("/login", self.login, methods=["GET", "POST"]),
+            Route("/login/oidc/{provider}", self.login_oidc),
+            Route("/callback", self.callback),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/reviews", self.reviews),
+            Route("/reviews/list", self.reviews_fragment),
+            Route("/reviews/{review_id}/{verb}", self.decide, methods=["POST"]),
+            Route("/sessions", self.sessions_page),
+            Route("/sessions/{session_id}", self.session_page),
+            Route("/keys", self.keys, methods=["GET", "POST"]),
+            Route("/keys/{key_id}/revoke", self.revoke_key, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ])
+
+    def render(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        session = self._session(request)
+        html = self.env.get_template(template).render(
+            me=session.identity if session else None, csrf=session.csrf if session else "",
+            flash=session.flash[:] if session else [], roles=self.gateway.gatekeeper.roles(session.identity) if session else set(),
+            base="/console", **context)
+        if session:
+            session.flash.clear()
+        return HTMLResponse(html, status_code=status, headers={
+            "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store"})
+
+    def _session(self, request: Request) -> ConsoleSession | None:
+        sid = request.cookies.get(COOKIE)
+        session = self.sessions.get(sid) if sid else None
+        if session is None or session.expires_at < time.time():
+            return None
+        return session
+
+    def _start(self, request: Request, identity: Identity, landing: str = "/console/reviews") -> Response:
+        for sid in [k for k, v in self.sessions.items() if v.expires_at < time.time()]:
+            del self.sessions[sid]
+        sid = secrets.token_urlsafe(32)
+        until = time.time() + SESSION_TTL
+        if identity.expires_at:
+            until = min(until, identity.expires_at)
+        self.sessions[sid] = ConsoleSession(identity, secrets.token_urlsafe(24), until)
+        response = RedirectResponse(landing, status_code=303)
+        response.set_cookie(COOKIE, sid, httponly=True, samesite="lax", secure=request.url.scheme == "https",
+                            path="/console", max_age=int(until - time.time()))
+        return response
+
+    def _require(self, request: Request) -> ConsoleSession | Response:
+        session = self._session(request)
+        if session is None:
+            return RedirectResponse("/console/login?" + urlencode({"next": request.url.path}), status_code=303)
+        return session
+
+    async def _form(self, request: Request, session: ConsoleSession) -> dict[str, str] | None:
+        """The POSTed form, if it carries this session's CSRF token and comes from this origin; else None."""
+        origin = request.headers.get("origin")
+        if origin and origin != f"{request.url.scheme}://{request.url.netloc}":
+            return None
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
+            return None
+        return form
+
+    def _forbidden(self, request: Request) -> HTMLResponse:
+        return self.render(request, "error.html", 403, message="The form was stale or came from elsewhere; reload the page and try again.")
+
+    # -- sign-in
+
+    async def home(self, request: Request) -> Response:
+        return RedirectResponse("/console/reviews" if self._session(request) else "/console/login", status_code=303)
+
+    async def login(self, request: Request) -> Response:
+        providers = [p.name for p in self.gateway.settings.identity_providers if p.client_id]
+        if request.method == "GET":
+            return self.render(request, "login.html", providers=providers, error=None)
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        key = form.get("api_key", "").strip()
+        addr = request.client.host if request.client else None
+        try:
+            identity = await asyncio.to_thread(self.gateway.authenticator.authenticate, key)
+        except AuthenticationError as exc:
+            self.gateway.record_event("console.authenticate", "denied", addr=addr, detail=str(exc))
+            return self.render(request, "login.html", 401, providers=providers, error="That key is not valid.")
+        self.gateway.record_event("console.authenticate", "ok", user=identity.user, agent=identity.agent, addr=addr,
+                                  source=identity.source, detail="signed in with an API key")
+        return self._start(request, identity)
+
+    def _redirect_uri(self, request: Request) -> str:
+        return f"{request.url.scheme}://{request.url.netloc}/console/callback"
+
+    async def login_oidc(self, request: Request) -> Response:
+        spec = next((p for p in self.gateway.settings.identity_providers if p.name == request.path_params["provider"]), None)
+        if spec is None or not spec.client_id:
+            return self.render(request, "error.html", 404, message="No such identity provider.")
+        meta = await asyncio.to_thread(discover, spec)
+        verifier, challenge = pkce_pair()
+        state = secrets.token_urlsafe(24)
+        now = time.time()
+        for old in [s for s, v in self._pending.items() if now - v[3] > PENDING_SIGN_IN_TTL]:
+            del self._pending[old]
+        redirect = self._redirect_uri(request)
+        self._pending[state] = (spec.name, verifier, redirect, now)
+        return RedirectResponse(authorization_url(meta, spec, redirect, challenge, state, prompt="login"), status_code=303)
+
+    async def callback(self, request: Request) -> Response:
+        state = request.query_params.get("state", "")
+        pending = self._pending.pop(state, None)
+        addr = request.client.host if request.client else None
+        if pending is None or "code" not in request.query_params:
+            reason = request.query_params.get("error_description") or "the sign-in expired or did not come from here"
+            self.gateway.record_event("console.authenticate", "denied", addr=addr, detail=reason)
+            return self.render(request, "error.html", 400, message=f"Sign-in failed: {reason}. Try again.")
+        name, verifier, redirect, _ = pending
+        spec = next(p for p in self.gateway.settings.identity_providers if p.name == name)
+
+        def finish() -> Identity:
+            with httpx.Client(timeout=30) as http:
+                meta = discover(spec)
+                tokens = exchange_code(http, meta, spec, request.query_params["code"], redirect, verifier)
+            return self.gateway.authenticator.authenticate(tokens["access_token"])
+
+        try:
+            identity = await asyncio.to_thread(finish)
+        except (AuthenticationError, httpx.HTTPError, KeyError) as exc:
+            self.gateway.record_event("console.authenticate", "denied", addr=addr, detail=str(exc))
+            return self.render(request, "error.html", 401, message=f"Sign-in failed: {exc}")
+        self.gateway.record_event("console.authenticate", "ok", user=identity.user, addr=addr, source=identity.source,
+                                  detail=f"signed in with {name}")
+        return self._start(request, identity)
+
+    async def logout(self, request: Request) -> Response:
+        session = self._session(request)
+        if session is not None and await self._form(request, session) is not None:
+            self.sessions.pop(request.cookies.get(COOKIE, ""), None)
+        response = RedirectResponse("/console/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/console")
+        return response
+
+    # -- reviews
+
+    async def _review_lists(self, who: Identity) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        pending = await self.gateway.reviews.list(who, "pending", 200)
+        decided = [r for r in await self.gateway.reviews.list(who, None, 50) if r["status"] != "pending"]
+        return pending, decided
+
+    async def reviews(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        pending, decided = await self._review_lists(session.identity)
+        return self.render(request, "reviews.html", pending=pending, decided=decided)
+
+    async def reviews_fragment(self, request: Request) -> Response:
+        """The queue alone, for the page's live refresh."""
+        session = self._session(request)
+        if session is None:
+            return Response(status_code=401)
+        pending, decided = await self._review_lists(session.identity)
+        return self.render(request, "_reviews.html", pending=pending, decided=decided)
+
+    async def decide(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        form = await self._form(request, session)
+        if form is None:
+            return self._forbidden(request)
+        verb, review_id = request.path_params["verb"], request.path_params["review_id"]
+        try:
+            await self.gateway.reviews.decide(session.identity, review_id, verb, form.get("reason") or None)
+            session.flash.append(f"Review {review_id[:12]}: {verb}d." if verb != "reject" else f"Review {review_id[:12]}: rejected.")
+        except ReviewError as exc:
+            session.flash.append(f"Review {review_id[:12]}: {exc}")
+        return RedirectResponse("/console/reviews", status_code=303)
+
+    # -- sessions
+
+    async def sessions_page(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        who = session.identity
+        q = request.query_params
+        filters = {k: q.get(k) or None for k in ("user", "connection", "outcome", "rule")}
+        if not self.gateway.gatekeeper.can_read_all(who):
+            filters["user"] = who.user
+        rows = await asyncio.to_thread(list_sessions, self.gateway.store, limit=200, **filters)
+        return self.render(request, "sessions.html", sessions=rows, filters=filters)
+
+    async def session_page(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        sid = request.path_params["session_id"]
+        for attempt in range(10):
+            try:
+                data = await asyncio.to_thread(self.gateway.exec.session, session.identity, sid)
+                analysis = await asyncio.to_thread(self.gateway.analyzer.status, data["id"])
+                break
+            except NotFound:
+                # An exec that just finished reaches the store a moment later (the recorder drains the journal).
+                if attempt == 9 or self.gateway.exec.result(sid) is None:
+                    return self.render(request, "error.html", 404, message=f"No session {sid}.")
+                await asyncio.sleep(0.3)
+        return self.render(request, "session.html", s=data, analysis=analysis)
+
+    # -- API keys
+
+    async def keys(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        who = session.identity
+        created = None
+        if request.method == "POST":
+            form = await self._form(request, session)
+            if form is None:
+                return self._forbidden(request)
+            agent = form.get("agent", "").strip()
+            if who.kind == "agent":
+                session.flash.append("An agent cannot make keys.")
+            elif not agent:
+                session.flash.append("Name the agent the key is for.")
+            else:
+                issued = await asyncio.to_thread(
+                    self.gateway.store.create_api_key, name=f"{agent} for {who.user}", kind="agent", user_name=who.user,
+                    agent=agent, groups=[], ttl=None, created_by=who.user,
+                    actor=Actor(who.user, "console", who.agent, request.client.host if request.client else None))
+                created = {"id": issued.row.id, "agent": agent, "secret": issued.secret}
+        admin = "admin" in self.gateway.gatekeeper.roles(who)
+        rows = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys)
+                if admin or (k.kind == "agent" and k.user_name == who.user)]
+        return self.render(request, "keys.html", keys=rows, created=created)
+
+    async def revoke_key(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        form = await self._form(request, session)
+        if form is None:
+            return self._forbidden(request)
+        who, key_id = session.identity, request.path_params["key_id"]
+        admin = "admin" in self.gateway.gatekeeper.roles(who)
+        mine = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys, True)
+                if k.id == key_id and (admin or (k.kind == "agent" and k.user_name == who.user))]
+        if not mine or who.kind == "agent":
+            session.flash.append(f"No key {key_id} of yours.")
+        else:
+            await asyncio.to_thread(self.gateway.store.revoke_api_key, key_id,
+                                    Actor(who.user, "console", who.agent, request.client.host if request.client else None))
+            session.flash.append(f"Key {key_id} revoked.")
+        return RedirectResponse("/console/keys", status_code=303)
+
+
+def create_console(gateway: Gateway) -> Router:
+    return Console(gateway).app()
