@@ -60,6 +60,13 @@ class Gateway:
         self.mcp: Any = None
         self._exit = contextlib.AsyncExitStack()
 
+    def provision(self, caller: Any) -> None:
+        """The store's user for a caller known from a token or a service key (an agent's person exists
+        already). Blocking; raises store.Conflict when the name belongs to someone else."""
+        if caller.kind != "agent" and caller.source != "local":
+            origin = caller.source if caller.source.startswith("oidc:") else "apikey"
+            self.store.ensure_user(caller.user, list(caller.groups), origin)
+
     def record_event(self, kind: str, outcome: str, **fields: Any) -> None:
         """Record a security event, durable on return (before the action it describes completes);
         safe to call from any thread (the API's workers)."""

@@ -6,6 +6,7 @@ Screenshots of the main pages are saved under the test's output directory."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -28,6 +29,10 @@ auditors = ["auditors"]
 
 [recording]
 results = "sample"
+
+[[guardrails]]
+preset = "standard"
+connections = ["shop"]
 
 [[guardrails]]
 name = "deletes-need-review"
@@ -134,13 +139,14 @@ def test_approve_a_review_and_inspect_the_session(cgw, idp, page, tmp_path) -> N
 
 
 def test_make_and_revoke_an_api_key(cgw, idp, page, tmp_path) -> None:
-    sign_in(page, cgw, idp, "alice")
+    sign_in(page, cgw, idp, "dana")
     page.get_by_role("link", name="API keys").click()
     page.fill("input[name=agent]", "browser-test")
     page.get_by_role("button", name="Create key").click()
     secret = page.locator("pre.secret").inner_text().strip()
     assert secret.startswith("wgk_")
-    assert api(cgw, "GET", "/api/me", secret).json()["agent"] == "browser-test"
+    me = api(cgw, "GET", "/api/me", secret).json()
+    assert (me["user"], me["agent"]) == ("dana", "browser-test")
     shot(page, tmp_path, "keys")
     key_id = secret.split("_")[1]
     page.get_by_role("button", name=f"Revoke key {key_id}").click()
@@ -148,6 +154,24 @@ def test_make_and_revoke_an_api_key(cgw, idp, page, tmp_path) -> None:
     assert api(cgw, "GET", "/api/me", secret).status_code == 401
     page.reload()
     assert secret not in page.content()  # shown once, never again
+
+
+def test_an_idp_identity_cannot_act_as_the_local_user_of_the_same_name(cgw, idp, page) -> None:
+    """The IdP's alice is not the gateway's local user alice: no console session, no API access as her."""
+    page.goto(f"http://127.0.0.1:{cgw.http_port}/console/")
+    page.get_by_role("link", name="Sign in with corp").click()
+    page.fill("input[name=login]", "alice")
+    page.fill("input[name=password]", "any")
+    page.locator("button[type=submit]").first.click()
+    for _ in range(4):
+        if "/console/" in page.url:
+            break
+        page.locator("button[type=submit]").first.click()
+    expect(page.locator("main")).to_contain_text("belongs to a local user")
+    assert not [c for c in page.context.cookies() if c["name"] == "wardgate_console"]
+    token = idp.forge(idp.claims(sub="alice", preferred_username="alice"))
+    r = httpx.get(f"http://127.0.0.1:{cgw.http_port}/api/sessions", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401 and "belongs to a local user" in r.json()["detail"]
 
 
 def test_forms_need_the_session_token(cgw, idp, page) -> None:
@@ -166,3 +190,38 @@ def test_forms_need_the_session_token(cgw, idp, page) -> None:
     assert not [k for k in cgw.cli_json("apikeys", "list") if k["agent"] == "evil"]
     bad_key = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/login", data={"api_key": "wgk_nope_nope"})
     assert bad_key.status_code == 401
+
+
+def test_exec_policies_and_audit_pages(cgw, idp, page, tmp_path) -> None:
+    sign_in(page, cgw, idp, "dana")  # known only to the IdP: the console provisions her like the API does
+    page.get_by_role("link", name="Exec").click()
+    page.fill("textarea[name=sql]", "select id, email from customers order by id limit 2")
+    page.get_by_role("button", name="Run").click()
+    outcome = page.locator("section.outcome")
+    expect(outcome).to_contain_text("completed")
+    expect(outcome.locator("table.result")).to_contain_text("[email]")  # masked for dana
+    assert "customer1@example.com" not in page.content()
+    shot(page, tmp_path, "exec")
+    page.fill("textarea[name=sql]", "delete from orders where id = -7")
+    page.get_by_role("button", name="Run").click()
+    expect(outcome).to_contain_text("pending approval")
+    expect(outcome.get_by_role("link")).to_have_attribute("href", re.compile(r"/console/reviews#review-"))
+
+    page.get_by_role("link", name="Policies").click()
+    expect(page.get_by_role("cell", name="standard:destructive-ddl")).to_be_visible()
+    page.fill("textarea[name=sql]", "drop table orders")
+    page.get_by_role("button", name="Check").click()
+    expect(page.locator(".verdict")).to_contain_text("deny")
+    expect(page.locator(".verdict")).to_contain_text("standard:destructive-ddl")
+    expect(page.locator(".verdict")).to_contain_text("Results masked by emails")
+    shot(page, tmp_path, "policies")
+    page.goto(f"http://127.0.0.1:{cgw.http_port}/console/audit")
+    expect(page.locator("main")).to_contain_text("for auditors and admins")  # dana is neither
+
+    page.context.clear_cookies()
+    sign_in(page, cgw, idp, "olivia")
+    page.get_by_role("link", name="Audit").click()
+    page.get_by_role("button", name="Verify the chain").click()
+    expect(page.locator(".verify")).to_contain_text("Chain intact")
+    expect(page.get_by_role("cell", name="console.authenticate").first).to_be_visible()
+    shot(page, tmp_path, "audit")

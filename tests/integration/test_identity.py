@@ -89,9 +89,15 @@ def test_agent_key_acts_for_a_user_and_both_are_recorded(idgw) -> None:
 
 
 def test_token_exchange_actor_claim_is_an_agent(idgw, idp) -> None:
-    token = idp.forge(idp.claims(act={"sub": "cursor"}))
+    token = idp.forge(idp.claims(sub="dana", preferred_username="dana", act={"sub": "cursor"}))
     me = api(idgw, "GET", "/api/me", token).json()
-    assert (me["user"], me["agent"], me["kind"]) == ("alice", "cursor", "agent")
+    assert (me["user"], me["agent"], me["kind"]) == ("dana", "cursor", "agent")
+
+
+def test_a_provider_name_that_is_a_local_user_is_refused(idgw, idp) -> None:
+    """alice is a local user here: the provider's alice may not read or act as her, at any door."""
+    r = api(idgw, "GET", "/api/me", idp.forge(idp.claims()))
+    assert r.status_code == 401 and "belongs to a local user" in r.json()["detail"]
 
 
 def test_service_account_key_and_revocation(idgw) -> None:

@@ -107,11 +107,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
     def healthz() -> JSONResponse:
         return JSONResponse(gateway.health(), status_code=200 if gateway.ready else 503)
 
-    def provision(caller: Identity) -> None:
-        """The store's user for a caller known from a token or a service key (an agent's person exists already)."""
-        if caller.kind != "agent" and caller.source != "local":
-            origin = caller.source if caller.source.startswith("oidc:") else "apikey"
-            gateway.store.ensure_user(caller.user, list(caller.groups), origin)
+    provision = gateway.provision
 
     def require(caller: Identity, *roles: str) -> None:
         if not gateway.gatekeeper.roles(caller) & set(roles):

@@ -51,4 +51,11 @@ class Authenticator:
             return Identity(row.user_name, tuple(groups), "service", None, f"apikey:{row.id}", row.expires_at)
         if not self.tokens.providers:
             raise AuthenticationError("no identity provider is configured: use an API key, or add [[identity_providers]]")
-        return self.tokens.verify(bearer, audience)
+        identity = self.tokens.verify(bearer, audience)
+        # One namespace of names: a provider's "alice" is not the gateway's local user alice, and must
+        # not read her sessions, reviews or keys (nor a disabled user's).
+        owner = self.store.get_user(identity.user)
+        if owner is not None and (owner.disabled or owner.source != identity.source):
+            why = "is disabled" if owner.disabled else f"belongs to a {owner.source} user, not to {identity.source}"
+            raise AuthenticationError(f"the name {identity.user!r} {why}; ask an administrator")
+        return identity

@@ -31,7 +31,7 @@ from ..identity import AuthenticationError
 from ..identity.login import authorization_url, discover, exchange_code, pkce_pair
 from ..recording.views import iso, list_sessions
 from ..reviews import ReviewError
-from ..store import Actor, NotFound
+from ..store import Actor, Conflict, NotFound
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -72,6 +72,9 @@ class Console:
             Route("/reviews/{review_id}/{verb}", self.decide, methods=["POST"]),
             Route("/sessions", self.sessions_page),
             Route("/sessions/{session_id}", self.session_page),
+            Route("/exec", self.exec_page, methods=["GET", "POST"]),
+            Route("/policies", self.policies, methods=["GET", "POST"]),
+            Route("/audit", self.audit),
             Route("/keys", self.keys, methods=["GET", "POST"]),
             Route("/keys/{key_id}/revoke", self.revoke_key, methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -268,6 +271,85 @@ class Console:
                 await asyncio.sleep(0.3)
         return self.render(request, "session.html", s=data, analysis=analysis)
 
+    # -- exec
+
+    def _connections(self, who: Identity, verb: str) -> list[str]:
+        gk = self.gateway.gatekeeper
+        return [c.spec.name for c in self.gateway.store.list_connections() if gk.authorize(who, c.spec.name, verb).allowed]
+
+    async def exec_page(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        who = session.identity
+        connections = await asyncio.to_thread(self._connections, who, "exec")
+        envelope, form = None, {"connection": connections[0] if connections else "", "sql": ""}
+        if request.method == "POST":
+            posted = await self._form(request, session)
+            if posted is None:
+                return self._forbidden(request)
+            form = {"connection": posted.get("connection", ""), "sql": posted.get("sql", "")}
+            try:
+                await asyncio.to_thread(self.gateway.provision, who)
+            except Conflict as exc:
+                return self.render(request, "error.html", 403, message=str(exc))
+            envelope = await self.gateway.exec.run(who, form["connection"], form["sql"], wait=15,
+                                                   addr=request.client.host if request.client else None)
+        return self.render(request, "exec.html", connections=connections, form=form, envelope=envelope)
+
+    # -- policies
+
+    async def policies(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        who = session.identity
+        settings = self.gateway.settings
+        checked, form = None, {"connection": "", "sql": "", "user": who.user}
+        if request.method == "POST":
+            posted = await self._form(request, session)
+            if posted is None:
+                return self._forbidden(request)
+            form = {k: posted.get(k, "") for k in form}
+            checked = await asyncio.to_thread(self._check, who, form)
+        return self.render(request, "policies.html", access=settings.access, guardrails=settings.guardrails,
+                           masking=settings.masking, checked=checked, form=form,
+                           connections=await asyncio.to_thread(self._connections, who, "connect"))
+
+    def _check(self, who: Identity, form: dict[str, str]) -> dict[str, Any]:
+        """`wardgate policy check` for the page: your own rights, or (admins) another user's."""
+        gk = self.gateway.gatekeeper
+        subject = who
+        if form["user"] and form["user"] != who.user:
+            if "admin" not in gk.roles(who):
+                return {"error": "only admins may check another user's rights"}
+            row = self.gateway.store.get_user(form["user"])
+            if row is None:
+                return {"error": f"no user named {form['user']!r}"}
+            subject = Identity(row.name, tuple(row.groups))
+        access = gk.authorize(subject, form["connection"], "connect")
+        decision = gk.decide(subject, form["connection"], form["sql"])
+        masking = gk.masking_policy(subject, form["connection"])
+        return {"action": decision.action if access.allowed else "deny", "access": access.reason,
+                "matches": [m.public() for m in decision.matches],
+                "masking": [{"rule": r.name, "strategy": r.strategy,
+                             "what": list(r.columns) + list(r.detectors) + [f"pattern:{d.kind}" for d in r.patterns]}
+                            for r in masking.rules]}
+
+    # -- audit
+
+    async def audit(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        if not self.gateway.gatekeeper.can_read_all(session.identity):
+            return self.render(request, "error.html", 403, message="The audit log is for auditors and admins.")
+        q = request.query_params
+        kind, outcome = q.get("kind") or None, q.get("outcome") or None
+        events = await asyncio.to_thread(self.gateway.store.list_events, kind=kind, outcome=outcome, limit=200)
+        verdict = await asyncio.to_thread(self.gateway.store.audit_verify) if q.get("verify") else None
+        return self.render(request, "audit.html", events=events, kind=kind or "", outcome=outcome or "", verdict=verdict)
+
     # -- API keys
 
     async def keys(self, request: Request) -> Response:
@@ -281,6 +363,11 @@ class Console:
             if form is None:
                 return self._forbidden(request)
             agent = form.get("agent", "").strip()
+            try:
+                # As the API does: an IdP identity whose name is a local user's must not act as that user.
+                await asyncio.to_thread(self.gateway.provision, who)
+            except Conflict as exc:
+                return self.render(request, "error.html", 403, message=str(exc))
             if who.kind == "agent":
                 session.flash.append("An agent cannot make keys.")
             elif not agent:
