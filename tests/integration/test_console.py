@@ -98,8 +98,10 @@ def test_approve_a_review_and_inspect_the_session(cgw, idp, page, tmp_path) -> N
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     shot(page, tmp_path, "login")
     sign_in(page, cgw, idp, "olivia")
-    expect(page.get_by_role("heading", name="Reviews")).to_be_visible()
+    expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
     expect(page.locator("header.top")).to_contain_text("olivia")
+    page.get_by_role("link", name="Reviews").click()
+    expect(page.get_by_role("heading", name="Reviews")).to_be_visible()
 
     held = api(cgw, "POST", "/api/exec", alice, json={"connection": "shop", "sql": "delete from orders where id = -42"}).json()
     assert held["status"] == "pending_approval"
@@ -136,6 +138,14 @@ def test_approve_a_review_and_inspect_the_session(cgw, idp, page, tmp_path) -> N
     page.goto(f"http://127.0.0.1:{cgw.http_port}/console/sessions?user=alice")
     expect(page.get_by_role("cell", name="shop").first).to_be_visible()
     shot(page, tmp_path, "sessions")
+
+    page.get_by_role("link", name="Dashboard").click()
+    sessions_chart = page.locator("figure.chart", has_text="Sessions")
+    expect(sessions_chart).to_be_visible()
+    total = int(sessions_chart.locator("figcaption").inner_text().split("·")[1])
+    assert total >= 2  # the approved statement and the masked select, both alice's: an auditor counts everyone's
+    expect(page.locator("figure.chart", has_text="Reviews asked for").locator("figcaption")).to_contain_text("1")
+    shot(page, tmp_path, "dashboard")
 
 
 def test_make_and_revoke_an_api_key(cgw, idp, page, tmp_path) -> None:

@@ -850,6 +850,39 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(q))
 
+    # --------------------------------------------------------------------------------- dashboard
+
+    def daily_counts(self, days: int, user: str | None = None) -> dict[str, dict[int, int]]:
+        """Per UTC day (days since the epoch) over the last `days`: sessions, refused statements, reviews
+        asked for and values masked; `user` limits it to one person's."""
+        since = (int(time.time() // 86400) - days + 1) * 86400
+        ss, st, rv = m.Session.__table__, m.Statement.__table__, m.Review.__table__
+
+        def day(col: Any) -> Any:
+            return sa.cast(col / 86400, sa.Integer).label("day")
+
+        out: dict[str, dict[int, int]] = {}
+        with self.engine.connect() as conn:
+            q = select(day(ss.c.started_at), sa.func.count()).where(ss.c.started_at >= since)
+            q = q.where(ss.c.user_name == user) if user else q
+            out["sessions"] = dict(conn.execute(q.group_by("day")).all())
+            q = (select(day(st.c.started_at), sa.func.count()).select_from(st.join(ss, ss.c.id == st.c.session_id))
+                 .where(st.c.started_at >= since, st.c.status == "denied"))
+            q = q.where(ss.c.user_name == user) if user else q
+            out["refused"] = dict(conn.execute(q.group_by("day")).all())
+            q = select(day(rv.c.created_at), sa.func.count()).where(rv.c.created_at >= since)
+            q = q.where(rv.c.requester == user) if user else q
+            out["reviews"] = dict(conn.execute(q.group_by("day")).all())
+            q = select(ss.c.started_at, ss.c.masked).where(ss.c.started_at >= since, ss.c.masked.is_not(None))
+            q = q.where(ss.c.user_name == user) if user else q
+            masked: dict[int, int] = {}
+            for at, counts in conn.execute(q):
+                if isinstance(counts, str):
+                    counts = json.loads(counts)
+                masked[int(at // 86400)] = masked.get(int(at // 86400), 0) + sum((counts or {}).values())
+            out["masked"] = masked
+        return out
+
     # --------------------------------------------------------------------------------- retention
 
     def purge_sessions(self, before: float, actor: Actor, dry_run: bool = False) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class Console:
     def app(self) -> Router:
         return Router(routes=[
             Route("/", self.home),
+            Route("/dashboard", self.dashboard),
             Route("/login", self.login, methods=["GET", "POST"]),
             Route("/login/oidc/{provider}", self.login_oidc),
             Route("/callback", self.callback),
@@ -99,7 +100,7 @@ class Console:
             return None
         return session
 
-    def _start(self, request: Request, identity: Identity, landing: str = "/console/reviews") -> Response:
+    def _start(self, request: Request, identity: Identity, landing: str = "/console/dashboard") -> Response:
         for sid in [k for k, v in self.sessions.items() if v.expires_at < time.time()]:
             del self.sessions[sid]
         sid = secrets.token_urlsafe(32)
@@ -134,7 +135,7 @@ class Console:
     # -- sign-in
 
     async def home(self, request: Request) -> Response:
-        return RedirectResponse("/console/reviews" if self._session(request) else "/console/login", status_code=303)
+        return RedirectResponse("/console/dashboard" if self._session(request) else "/console/login", status_code=303)
 
     async def login(self, request: Request) -> Response:
         providers = [p.name for p in self.gateway.settings.identity_providers if p.client_id]
@@ -202,6 +203,30 @@ class Console:
         response = RedirectResponse("/console/login", status_code=303)
         response.delete_cookie(COOKIE, path="/console")
         return response
+
+    # -- dashboard
+
+    DAYS = 14
+
+    async def dashboard(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        who = session.identity
+        everyone = self.gateway.gatekeeper.can_read_all(who)
+        counts = await asyncio.to_thread(self.gateway.store.daily_counts, self.DAYS, None if everyone else who.user)
+        today = int(time.time() // 86400)
+        days = list(range(today - self.DAYS + 1, today + 1))
+        charts = []
+        for key, title in (("sessions", "Sessions"), ("refused", "Refused statements"), ("reviews", "Reviews asked for"),
+                           ("masked", "Values masked")):
+            values = [counts[key].get(d, 0) for d in days]
+            top = max(values) or 1
+            charts.append({"title": title, "total": sum(values), "bars": [
+                {"day": iso(d * 86400)[:10], "value": v, "height": round(60 * v / top, 1)} for d, v in zip(days, values, strict=True)]})
+        pending = await self.gateway.reviews.list(who, "pending", 200)
+        return self.render(request, "dashboard.html", charts=charts, everyone=everyone, pending=len(pending),
+                           days=self.DAYS)
 
     # -- reviews
 
