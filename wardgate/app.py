@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from .analysis.service import Analyzer
-from .config import Settings, parse_hostport
+from .config import Settings, parse_duration, parse_hostport
 from .engines.postgres.server import PostgresListener
 from .exec import ExecRunner
 from .identity.authenticator import Authenticator
@@ -21,6 +21,7 @@ from .policy.gatekeeper import Gatekeeper
 from .recording.journal import event
 from .recording.recorder import Recorder
 from .recording.sinks import Shipper
+from .recording.views import iso
 from .reviews import Reviews
 from .store import Actor, Store
 from .tls import ensure_self_signed, server_context
@@ -66,6 +67,33 @@ class Gateway:
         if caller.kind != "agent" and caller.source != "local":
             origin = caller.source if caller.source.startswith("oidc:") else "apikey"
             self.store.ensure_user(caller.user, list(caller.groups), origin)
+
+    def issue_credential(self, caller: Any, connection: str, ttl: str | None, addr: str | None) -> dict[str, Any]:
+        """A native credential for the caller, with how to use it (shown once). Blocking. Raises
+        PermissionError (no access), ConfigError or Conflict (bad request), NotFound (no connection)."""
+        settings = self.settings
+        fields = {"user": caller.user, "agent": caller.agent, "source": caller.source, "addr": addr}
+        decision = self.gatekeeper.authorize(caller, connection, "connect")
+        if not decision.allowed:
+            self.record_event("credential.issue", "denied", detail=decision.reason, **fields)
+            raise PermissionError(decision.reason)
+        seconds = parse_duration(ttl) if ttl else settings.default_ttl
+        self.provision(caller)
+        lease = settings.idp_recheck if caller.source.startswith("oidc:") and caller.kind != "service" else None
+        issued = self.store.issue_credential(caller.user, connection, seconds, agent=caller.agent, lease=lease,
+                                             not_after=decision.until)
+        self.record_event("credential.issue", "ok", detail=f"credential {issued.id} for {issued.connection}, {decision.reason}",
+                          **fields)
+        host, port = parse_hostport(settings.gateway.listen)
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return {
+            "id": issued.id, "user": issued.user, "agent": issued.agent, "connection": issued.connection,
+            "credential": issued.secret, "expires_at": iso(issued.expires_at),
+            "url": f"postgresql://{issued.user}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require",
+            "env": {"PGHOST": host, "PGPORT": str(port), "PGUSER": issued.user, "PGPASSWORD": issued.secret,
+                    "PGDATABASE": issued.connection, "PGSSLMODE": "require"},
+            "renew_every": lease / 3 if lease else None,
+        }
 
     def record_event(self, kind: str, outcome: str, **fields: Any) -> None:
         """Record a security event, durable on return (before the action it describes completes);

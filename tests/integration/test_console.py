@@ -26,6 +26,7 @@ client_id = "wardgate-cli"
 
 [roles]
 auditors = ["auditors"]
+admins = ["wardgate-admins"]
 
 [recording]
 results = "sample"
@@ -235,3 +236,43 @@ def test_exec_policies_and_audit_pages(cgw, idp, page, tmp_path) -> None:
     expect(page.locator(".verify")).to_contain_text("Chain intact")
     expect(page.get_by_role("cell", name="console.authenticate").first).to_be_visible()
     shot(page, tmp_path, "audit")
+
+
+def test_access_credentials_and_connections(cgw, idp, page, pg, tmp_path) -> None:
+    from tests.conftest import APP_PASSWORD, psql
+
+    sign_in(page, cgw, idp, "dana")
+    page.get_by_role("link", name="Access").click()
+    assert "SHOP_PASSWORD" not in page.content() and "127.0.0.1:" not in page.locator("main table").first.inner_text()
+    page.get_by_role("button", name="Issue a credential").click()
+    url = page.locator("pre.secret").inner_text().removeprefix('psql "').removesuffix('"')
+    assert url.startswith("postgresql://dana:wgc_")
+    dsn = url.replace("sslmode=require", "sslmode=require&application_name=t_console")
+    assert psql(dsn, "-Atc", "select 1").stdout.strip() == "1"  # a real client with the credential from the page
+    cred_id = url.split("wgc_")[1].split("_")[0]
+    page.get_by_role("button", name=f"Revoke credential {cred_id}").click()
+    expect(page.locator(".flash")).to_contain_text(f"Credential {cred_id} revoked")
+    assert psql(dsn, "-Atc", "select 1", check=False).returncode != 0
+    shot(page, tmp_path, "access")
+
+    admin_key = cgw.cli_json("apikeys", "create", "--name", "console-admin", "--group", "wardgate-admins")["key"]
+    page.context.clear_cookies()
+    page.goto(f"http://127.0.0.1:{cgw.http_port}/console/login")
+    page.fill("input[name=api_key]", admin_key)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("link", name="Access").click()
+    page.locator("details summary").click()
+    page.fill("input[name=name]", "shop_console")
+    page.fill("input[name=host]", "127.0.0.1")
+    page.fill("input[name=port]", str(pg.port))
+    page.fill("input[name=database]", "shop")
+    page.fill("input[name=user]", "app")
+    page.fill("input[name=password]", APP_PASSWORD)
+    page.locator("select[name=sslmode]").select_option("disable")
+    page.get_by_role("button", name="Add").click()
+    expect(page.locator(".flash")).to_contain_text("Connection shop_console added")
+    expect(page.get_by_role("cell", name="shop_console")).to_be_visible()
+    assert APP_PASSWORD not in page.content()
+    made = next(e for e in cgw.cli_json("events", "--kind", "connection.create") if "shop_console" in e["detail"])
+    assert made["source"] == "console" and made["user"] == "console-admin" and APP_PASSWORD not in made["detail"]
+    expect(page.get_by_role("cell", name="dana")).to_be_visible()  # users and their groups, for admins

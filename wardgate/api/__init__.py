@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from ..config import ConfigError, parse_duration, parse_hostport
+from ..config import ConfigError, parse_duration
 from ..domain import Identity
 from ..identity import AuthenticationError
 from ..recording.views import event_view, iso, list_sessions, show_session
@@ -226,33 +226,14 @@ def create_app(gateway: "Gateway") -> FastAPI:
 
     @app.post("/api/credentials", summary="Issue a short-lived native credential for the caller")
     def issue_credential(body: CredentialRequest, caller: Caller, request: Request) -> dict[str, Any]:
-        settings = gateway.settings
-        store = gateway.store
-        decision = gateway.gatekeeper.authorize(caller, body.connection, "connect")
-        if not decision.allowed:
-            event(request, "credential.issue", "denied", caller, decision.reason)
-            raise HTTPException(403, decision.reason)
         try:
-            ttl = parse_duration(body.ttl) if body.ttl else settings.default_ttl
-            provision(caller)
-            lease = settings.idp_recheck if caller.source.startswith("oidc:") and caller.kind != "service" else None
-            issued = store.issue_credential(caller.user, body.connection, ttl, agent=caller.agent, lease=lease,
-                                            not_after=decision.until)
+            return gateway.issue_credential(caller, body.connection, body.ttl, addr(request))
+        except PermissionError as exc:
+            raise HTTPException(403, str(exc)) from None
         except (ConfigError, Conflict) as exc:
             raise HTTPException(400, str(exc)) from None
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
-        event(request, "credential.issue", "ok", caller, f"credential {issued.id} for {issued.connection}, {decision.reason}")
-        host, port = parse_hostport(settings.gateway.listen)
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        return {
-            "id": issued.id, "user": issued.user, "agent": issued.agent, "connection": issued.connection,
-            "credential": issued.secret, "expires_at": iso(issued.expires_at),
-            "url": f"postgresql://{issued.user}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require",
-            "env": {"PGHOST": host, "PGPORT": str(port), "PGUSER": issued.user, "PGPASSWORD": issued.secret,
-                    "PGDATABASE": issued.connection, "PGSSLMODE": "require"},
-            "renew_every": lease / 3 if lease else None,
-        }
 
     @app.post("/api/credentials/{credential_id}/renew", summary="Keep an IdP-bound credential alive with a fresh sign-in")
     def renew_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
+from ..config import ConfigError, ConnectionSpec, parse_duration
 from ..domain import Identity
 from ..identity import AuthenticationError
 from ..identity.login import authorization_url, discover, exchange_code, pkce_pair
@@ -76,6 +77,7 @@ class Console:
             Route("/exec", self.exec_page, methods=["GET", "POST"]),
             Route("/policies", self.policies, methods=["GET", "POST"]),
             Route("/audit", self.audit),
+            Route("/access", self.access, methods=["GET", "POST"]),
             Route("/keys", self.keys, methods=["GET", "POST"]),
             Route("/keys/{key_id}/revoke", self.revoke_key, methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -374,6 +376,77 @@ class Console:
         events = await asyncio.to_thread(self.gateway.store.list_events, kind=kind, outcome=outcome, limit=200)
         verdict = await asyncio.to_thread(self.gateway.store.audit_verify) if q.get("verify") else None
         return self.render(request, "audit.html", events=events, kind=kind or "", outcome=outcome or "", verdict=verdict)
+
+    # -- access: connections, users, native credentials, just-in-time grants
+
+    async def access(self, request: Request) -> Response:
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        who = session.identity
+        admin = "admin" in self.gateway.gatekeeper.roles(who)
+        issued = None
+        if request.method == "POST":
+            form = await self._form(request, session)
+            if form is None:
+                return self._forbidden(request)
+            issued = await self._access_action(request, session, form, admin)
+        store = self.gateway.store
+        connections = [c.public() for c in await asyncio.to_thread(store.list_connections)]
+        usable = set(await asyncio.to_thread(self._connections, who, "connect"))
+        runnable = set(await asyncio.to_thread(self._connections, who, "exec"))
+        verbs = {c["name"]: [v for v, ok in (("connect", c["name"] in usable), ("exec", c["name"] in runnable)) if ok]
+                 for c in connections}
+        if not admin:  # as on the API: targets and database users are for admins
+            connections = [c for c in connections if verbs[c["name"]]]
+        creds = [(c, user) for c, user in await asyncio.to_thread(store.list_credentials, None if admin else who.user)]
+        grants = [r for r in await self.gateway.reviews.list(who) if r["kind"] == "access"]
+        users = await asyncio.to_thread(store.list_users) if admin else []
+        return self.render(request, "access.html", connections=connections, usable=sorted(usable), verbs=verbs, creds=creds,
+                           grants=grants, users=[u for u in users if not u.disabled], admin=admin, issued=issued)
+
+    async def _access_action(self, request: Request, session: ConsoleSession, form: dict[str, str],
+                             admin: bool) -> dict[str, Any] | None:
+        who = session.identity
+        addr = request.client.host if request.client else None
+        actor = Actor(who.user, "console", who.agent, addr)
+        action = form.get("action")
+        try:
+            if action == "issue":
+                return await asyncio.to_thread(self.gateway.issue_credential, who, form.get("connection", ""),
+                                               form.get("ttl") or None, addr)
+            if action == "revoke":
+                cred_id = form.get("credential", "")
+                owner = await asyncio.to_thread(self.gateway.store.credential_owner, cred_id)
+                if owner is None or (owner != who.user and not admin):
+                    session.flash.append(f"No credential {cred_id} of yours.")
+                    return None
+                await asyncio.to_thread(self.gateway.store.revoke_credential, cred_id, actor)
+                session.flash.append(f"Credential {cred_id} revoked; its sessions are being closed.")
+            elif action == "grant":
+                await asyncio.to_thread(self.gateway.provision, who)
+                seconds = parse_duration(form.get("duration") or "30m")
+                answer = await self.gateway.reviews.request_access(who, form.get("connection", ""), seconds,
+                                                                   form.get("reason", ""))
+                session.flash.append(f"Access asked for: review {answer['review_id'][:12]} waits for "
+                                     f"{', '.join(answer['approvers']) or 'the admins'}.")
+            elif action in ("add-connection", "edit-connection") and admin:
+                fields = {k: form[k].strip() for k in ("host", "database", "user", "password", "password_env", "sslmode")
+                          if form.get(k, "").strip()}
+                if form.get("port", "").strip():
+                    fields["port"] = int(form["port"])
+                if action == "add-connection":
+                    spec = ConnectionSpec(name=form.get("name", "").strip(), **fields)
+                    await asyncio.to_thread(self.gateway.store.add_connection, spec, actor)
+                    session.flash.append(f"Connection {spec.name} added.")
+                else:
+                    await asyncio.to_thread(self.gateway.store.update_connection, form.get("name", ""), fields, actor)
+                    session.flash.append(f"Connection {form.get('name')} changed.")
+            else:
+                session.flash.append("That is not something you may do here.")
+        except (PermissionError, ConfigError, Conflict, NotFound, ReviewError, ValueError, TypeError) as exc:
+            session.flash.append(str(exc))
+        return None
 
     # -- API keys
 
