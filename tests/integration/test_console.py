@@ -111,6 +111,8 @@ def test_approve_a_review_and_inspect_the_session(cgw, idp, page, tmp_path) -> N
     expect(card).to_be_visible(timeout=10_000)  # appears by itself: no reload
     expect(card).to_contain_text("delete from orders where id = -42")
     expect(card).to_contain_text("claude-code")
+    expect(card.locator(".preview")).to_contain_text("Dry run (EXPLAIN, nothing executed): about")
+    expect(card.locator("pre.sql span.kw").first).to_have_text("delete")  # highlighted by PostgreSQL's scanner
     shot(page, tmp_path, "reviews")
 
     waited: dict = {}

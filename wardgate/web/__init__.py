@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from urllib.parse import urlencode
 
 import httpx
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
+from pglast.parser import scan
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, Router
@@ -28,10 +31,13 @@ from starlette.staticfiles import StaticFiles
 
 from ..config import ConfigError, ConnectionSpec, parse_duration
 from ..domain import Identity
+from ..engines.postgres import upstream
+from ..engines.postgres.stream import PeerClosed
 from ..identity import AuthenticationError
 from ..identity.login import authorization_url, discover, exchange_code, pkce_pair
 from ..recording.views import iso, list_sessions
 from ..reviews import ReviewError
+from ..sql.classify import classify
 from ..store import Actor, Conflict, NotFound
 
 if TYPE_CHECKING:
@@ -41,6 +47,29 @@ HERE = Path(__file__).parent
 COOKIE = "wardgate_console"
 SESSION_TTL = 8 * 3600
 PENDING_SIGN_IN_TTL = 600
+
+
+_TOKEN_CLASS = {"SCONST": "str", "USCONST": "str", "BCONST": "str", "XCONST": "str", "ICONST": "num", "FCONST": "num",
+                "SQL_COMMENT": "cmt", "C_COMMENT": "cmt", "PARAM": "num"}
+
+
+def highlight_sql(text: str) -> Markup:
+    """SQL as HTML, coloured by PostgreSQL's own scanner (keywords, strings, numbers, comments); text it
+    cannot scan is shown plain. Everything is escaped."""
+    try:
+        tokens = scan(text)  # offsets in characters, end inclusive
+    except Exception:  # noqa: BLE001 - unscannable text: show it as it is
+        return escape(text)
+    out, last = [], 0
+    for t in tokens:
+        css = "kw" if t.kind != "NO_KEYWORD" else _TOKEN_CLASS.get(t.name)
+        if css is None:
+            continue
+        out.append(escape(text[last:t.start]))
+        out.append(Markup('<span class="{}">{}</span>').format(css, text[t.start:t.end + 1]))
+        last = t.end + 1
+    out.append(escape(text[last:]))
+    return Markup("").join(out)
 
 
 @dataclass
@@ -56,7 +85,9 @@ class Console:
         self.gateway = gateway
         self.sessions: dict[str, ConsoleSession] = {}
         self._pending: dict[str, tuple[str, str, str, float]] = {}  # state -> (provider, verifier, redirect, at)
+        self._previews: dict[str, dict[str, Any] | None] = {}  # review id -> its dry run
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+        self.env.filters["sql"] = highlight_sql
         self.env.filters["when"] = lambda ts: (iso(ts) or "")[:19].replace("T", " ") if isinstance(ts, (int, float)) else (ts or "")[:19].replace("T", " ")
 
     # -- plumbing
@@ -235,7 +266,53 @@ class Console:
     async def _review_lists(self, who: Identity) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         pending = await self.gateway.reviews.list(who, "pending", 200)
         decided = [r for r in await self.gateway.reviews.list(who, None, 50) if r["status"] != "pending"]
+        for r in pending:
+            r["preview"] = await self._preview(r)
         return pending, decided
+
+    PREVIEW_KINDS = frozenset({"select", "insert", "update", "delete", "merge"})
+
+    async def _preview(self, review: dict[str, Any]) -> dict[str, Any] | None:
+        """A dry run for the approver: the planner's estimate (EXPLAIN without ANALYZE, which runs
+        nothing), for one plain DML statement without parameters; computed once per review."""
+        if review["id"] in self._previews:
+            return self._previews[review["id"]]
+        c = classify(review["statement"])
+        preview = None
+        if review["kind"] == "statement" and not review["params"] and c.statements == 1 and not c.error \
+                and set(c.kinds) <= self.PREVIEW_KINDS:
+            preview = await self._explain(review["connection"], review["statement"])
+        if len(self._previews) > 500:
+            self._previews.clear()
+        self._previews[review["id"]] = preview
+        return preview
+
+    async def _explain(self, connection: str, statement: str) -> dict[str, Any]:
+        gw = self.gateway
+        up = None
+        try:
+            spec = await asyncio.to_thread(gw.store.get_connection, connection)
+            if spec is None:
+                return {"error": f"connection {connection!r} is gone"}
+            up = await upstream.connect(spec, {"application_name": "wardgate review preview"}, 5.0)
+            # Read-only for the dry run: EXPLAIN without ANALYZE plans the statement and executes nothing.
+            await upstream.simple_query(up, "set default_transaction_read_only = on")
+            rows = await upstream.simple_query(up, "explain (format json) " + statement, timeout=5.0)
+            plan = json.loads(rows[0][0] or "[]")[0]["Plan"]
+            node, steps = plan, []
+            while node is not None and len(steps) < 4:
+                steps.append(node.get("Node Type", "?") + (f" on {node['Relation Name']}" if node.get("Relation Name") else ""))
+                children = node.get("Plans") or []
+                node = children[0] if children else None
+            rows_est = plan.get("Plan Rows", 0)
+            if plan.get("Node Type") == "ModifyTable" and plan.get("Plans"):
+                rows_est = plan["Plans"][0].get("Plan Rows", rows_est)
+            return {"rows": int(rows_est), "plan": " → ".join(steps)}
+        except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError, ValueError, KeyError, IndexError) as exc:
+            return {"error": str(exc) or type(exc).__name__}
+        finally:
+            if up is not None:
+                up.protocol.close()
 
     async def reviews(self, request: Request) -> Response:
         session = self._require(request)
