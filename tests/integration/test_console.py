@@ -5,6 +5,7 @@ Screenshots of the main pages are saved under the test's output directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -136,6 +137,10 @@ def test_approve_a_review_and_inspect_the_session(cgw, idp, page, tmp_path) -> N
     expect(page.locator("table.result").first).to_contain_text(masked)
     assert "customer1@example.com" not in page.content()  # an auditor sees what alice saw: masked
     expect(page.locator(".analysis")).to_be_visible()
+    page.locator("[data-replay-speed]").select_option("100")
+    page.get_by_role("button", name="Replay").click()
+    expect(page.locator("[data-replay-clock]")).to_contain_text("done")
+    expect(page.locator("article.stmt").first).to_be_visible()
     shot(page, tmp_path, "session")
 
     page.goto(f"http://127.0.0.1:{cgw.http_port}/console/sessions?user=alice")
@@ -238,6 +243,10 @@ def test_exec_policies_and_audit_pages(cgw, idp, page, tmp_path) -> None:
     expect(page.locator(".verify")).to_contain_text("Chain intact")
     expect(page.get_by_role("cell", name="console.authenticate").first).to_be_visible()
     shot(page, tmp_path, "audit")
+    exported = page.request.get(f"http://127.0.0.1:{cgw.http_port}/console/audit/export")
+    assert exported.ok and "attachment" in exported.headers["content-disposition"]
+    seqs = [json.loads(line)["event"]["sequence"] for line in exported.text().splitlines()]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10
 
 
 def test_access_credentials_and_connections(cgw, idp, page, pg, tmp_path) -> None:

@@ -11,6 +11,7 @@ this origin.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hmac
 import json
 import secrets
@@ -35,7 +36,7 @@ from ..engines.postgres import upstream
 from ..engines.postgres.stream import PeerClosed
 from ..identity import AuthenticationError
 from ..identity.login import authorization_url, discover, exchange_code, pkce_pair
-from ..recording.views import iso, list_sessions
+from ..recording.views import iso, list_sessions, siem_event
 from ..reviews import ReviewError
 from ..sql.classify import classify
 from ..store import Actor, Conflict, NotFound
@@ -108,6 +109,7 @@ class Console:
             Route("/exec", self.exec_page, methods=["GET", "POST"]),
             Route("/policies", self.policies, methods=["GET", "POST"]),
             Route("/audit", self.audit),
+            Route("/audit/export", self.audit_export),
             Route("/access", self.access, methods=["GET", "POST"]),
             Route("/keys", self.keys, methods=["GET", "POST"]),
             Route("/keys/{key_id}/revoke", self.revoke_key, methods=["POST"]),
@@ -373,6 +375,9 @@ class Console:
                 if attempt == 9 or self.gateway.exec.result(sid) is None:
                     return self.render(request, "error.html", 404, message=f"No session {sid}.")
                 await asyncio.sleep(0.3)
+        started = dt.datetime.fromisoformat(data["started_at"]).timestamp()
+        for st in data["statements"]:  # seconds into the session, for the replay control
+            st["offset"] = round(dt.datetime.fromisoformat(st["started_at"]).timestamp() - started, 3)
         return self.render(request, "session.html", s=data, analysis=analysis)
 
     # -- exec
@@ -524,6 +529,20 @@ class Console:
         except (PermissionError, ConfigError, Conflict, NotFound, ReviewError, ValueError, TypeError) as exc:
             session.flash.append(str(exc))
         return None
+
+    async def audit_export(self, request: Request) -> Response:
+        """The whole chain as a download, in the export schema (docs/audit.md)."""
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        if not self.gateway.gatekeeper.can_read_all(session.identity):
+            return self.render(request, "error.html", 403, message="The audit log is for auditors and admins.")
+        events = await asyncio.to_thread(lambda: list(self.gateway.store.iter_events()))
+        body = "".join(json.dumps(siem_event(e), ensure_ascii=False) + "\n" for e in events)
+        self.gateway.record_event("audit.export", "ok", user=session.identity.user, source="console",
+                                  detail=f"{len(events)} events")
+        return Response(body, media_type="application/x-ndjson", headers={
+            "content-disposition": f'attachment; filename="wardgate-audit-{time.strftime("%Y%m%d-%H%M%S")}.jsonl"'})
 
     # -- API keys
 

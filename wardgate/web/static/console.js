@@ -13,3 +13,28 @@
   }
   setInterval(refresh, 2000);
 })();
+
+// Session replay: statements reappear with the timing they had (sped up), on a clock.
+(function () {
+  const box = document.querySelector("[data-replay]");
+  if (!box) return;
+  const start = box.querySelector("[data-replay-start]");
+  const clock = box.querySelector("[data-replay-clock]");
+  const items = Array.from(document.querySelectorAll("[data-timeline] [data-offset]"));
+  let timers = [];
+  start.addEventListener("click", function () {
+    timers.forEach(clearTimeout);
+    timers = [];
+    const speed = Number(box.querySelector("[data-replay-speed]").value) || 1;
+    items.forEach(function (el) { el.hidden = true; });
+    clock.textContent = "replaying…";
+    items.forEach(function (el, i) {
+      const wait = Math.min(Number(el.dataset.offset) / speed, 30) * 1000;
+      timers.push(setTimeout(function () {
+        el.hidden = false;
+        clock.textContent = "+" + Number(el.dataset.offset).toFixed(3) + " s";
+        if (i === items.length - 1) clock.textContent += " · done";
+      }, wait));
+    });
+  });
+})();
