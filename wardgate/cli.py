@@ -164,6 +164,27 @@ def users_add(
         console.print(f"added user [bold]{user.name}[/] groups: {', '.join(user.groups) or '-'}")
 
 
+@users_app.command("login-link")
+def users_login_link(
+    name: str = typer.Argument(..., help="A local user."),
+    ttl: str = typer.Option("10m", help="How long the link stays good (it works once)."),
+) -> None:
+    """A one-time link that signs a local user in to the web console (for the embedded identity)."""
+    from .web import LINK_LABEL, login_link_token
+
+    store = open_store()
+    user = store.get_user(name)
+    if user is None or user.disabled or user.source != "local":
+        fail(f"no local user named {name!r}; people from an identity provider sign in with it")
+    try:
+        seconds = parse_duration(ttl)
+    except ConfigError as exc:
+        fail(f"--ttl: {exc}", 2)
+    token = login_link_token(store.box.derive(LINK_LABEL), name, seconds)
+    scheme = "https" if state.settings.gateway.http_tls else "http"
+    print(f"{scheme}://{state.settings.gateway.http_listen}/console/login/link?token={token}")
+
+
 @users_app.command("list")
 def users_list(json_out: bool = JsonOpt) -> None:
     """List local users."""

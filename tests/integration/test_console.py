@@ -287,3 +287,22 @@ def test_access_credentials_and_connections(cgw, idp, page, pg, tmp_path) -> Non
     made = next(e for e in cgw.cli_json("events", "--kind", "connection.create") if "shop_console" in e["detail"])
     assert made["source"] == "console" and made["user"] == "console-admin" and APP_PASSWORD not in made["detail"]
     expect(page.get_by_role("cell", name="dana")).to_be_visible()  # users and their groups, for admins
+
+
+def test_a_local_user_signs_in_with_a_one_time_link(cgw, page) -> None:
+    link = cgw.cli("users", "login-link", "bob").stdout.strip()
+    assert link.startswith(f"http://127.0.0.1:{cgw.http_port}/console/login/link?token=")
+    page.goto(link)
+    expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+    expect(page.locator("header.top")).to_contain_text("bob")
+    page.context.clear_cookies()
+    page.goto(link)  # used already
+    expect(page.locator("main")).to_contain_text("not valid")
+    token = link.split("token=")[1]
+    forged = token.replace(token.split(".")[0], "YWxpY2U")  # the same link, rewritten for alice
+    page.goto(link.split("token=")[0] + "token=" + forged)
+    expect(page.locator("main")).to_contain_text("not valid")
+    assert cgw.cli("users", "login-link", "nobody-here", check=False).returncode == 1
+    events = cgw.cli_json("events", "--kind", "console.authenticate", "--limit", "200")
+    assert {("ok", "bob")} <= {(e["outcome"], e["user"]) for e in events}
+    assert len([e for e in events if e["outcome"] == "denied" and "link" in e["detail"]]) >= 2

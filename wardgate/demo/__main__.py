@@ -123,6 +123,10 @@ def main() -> int:
         if store.get_user("demo") is None:
             store.add_user("demo", ["dev"])
         issued = store.issue_credential("demo", "shop", 8 * 3600)
+        from ..web import LINK_LABEL, login_link_token
+
+        console_link = (f"http://{settings.gateway.http_listen}/console/login/link?token="
+                        + login_link_token(store.box.derive(LINK_LABEL), "demo", 3600))
         store.close()
 
         from ..app import run
@@ -137,6 +141,7 @@ def main() -> int:
             out.print(f'psql "{url}"', soft_wrap=True, highlight=False)
             out.print(
                 f"\nThe credential is for user [bold]demo[/] (id {issued.id}) and expires in 8 hours."
+                f"\nWeb console (signs you in as demo, once, within the hour): {console_link}"
                 f"\nHealth: http://{settings.gateway.http_listen}/healthz"
                 f"\nAI agents (MCP): http://{settings.gateway.http_listen}/mcp with a key from "
                 "[bold].venv/bin/wardgate apikeys create --for-agent claude-code --user demo[/]"

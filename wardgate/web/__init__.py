@@ -11,7 +11,9 @@ this origin.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import hashlib
 import hmac
 import json
 import secrets
@@ -73,6 +75,32 @@ def highlight_sql(text: str) -> Markup:
     return Markup("").join(out)
 
 
+LINK_LABEL = "console-login-link"
+
+
+def login_link_token(key: bytes, user: str, ttl: float = 600.0) -> str:
+    """A single-use sign-in token for a local user, made by someone with the gateway's secret key (the
+    CLI on the gateway's host): `user.expiry.nonce.mac`, the MAC over the rest."""
+    payload = f"{base64.urlsafe_b64encode(user.encode()).decode().rstrip('=')}.{int(time.time() + ttl)}.{secrets.token_urlsafe(12)}"
+    mac = hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
+    return f"{payload}.{mac}"
+
+
+def read_login_token(key: bytes, token: str) -> tuple[str, float, str] | None:
+    """(user, expiry, nonce) of a genuine, unexpired token; None otherwise."""
+    try:
+        payload, mac = token.rsplit(".", 1)
+        name, expiry, nonce = payload.split(".")
+        if not hmac.compare_digest(mac, hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()):
+            return None
+        user = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+        if float(expiry) < time.time():
+            return None
+        return user, float(expiry), nonce
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 @dataclass
 class ConsoleSession:
     identity: Identity
@@ -87,6 +115,7 @@ class Console:
         self.sessions: dict[str, ConsoleSession] = {}
         self._pending: dict[str, tuple[str, str, str, float]] = {}  # state -> (provider, verifier, redirect, at)
         self._previews: dict[str, dict[str, Any] | None] = {}  # review id -> its dry run
+        self._used_links: dict[str, float] = {}  # nonce -> expiry of sign-in links already used
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
         self.env.filters["sql"] = highlight_sql
         self.env.filters["when"] = lambda ts: (iso(ts) or "")[:19].replace("T", " ") if isinstance(ts, (int, float)) else (ts or "")[:19].replace("T", " ")
@@ -99,6 +128,7 @@ class Console:
             Route("/dashboard", self.dashboard),
             Route("/login", self.login, methods=["GET", "POST"]),
             Route("/login/oidc/{provider}", self.login_oidc),
+            Route("/login/link", self.login_link),
             Route("/callback", self.callback),
             Route("/logout", self.logout, methods=["POST"]),
             Route("/reviews", self.reviews),
@@ -186,6 +216,27 @@ class Console:
             return self.render(request, "login.html", 401, providers=providers, error="That key is not valid.")
         self.gateway.record_event("console.authenticate", "ok", user=identity.user, agent=identity.agent, addr=addr,
                                   source=identity.source, detail="signed in with an API key")
+        return self._start(request, identity)
+
+    async def login_link(self, request: Request) -> Response:
+        """A local user's sign-in link from `wardgate users login-link`: good once, for a few minutes."""
+        addr = request.client.host if request.client else None
+        found = read_login_token(self.gateway.store.box.derive(LINK_LABEL), request.query_params.get("token", ""))
+        now = time.time()
+        for old in [n for n, until in self._used_links.items() if until < now]:
+            del self._used_links[old]
+        row = None
+        if found is not None and found[2] not in self._used_links:
+            row = await asyncio.to_thread(self.gateway.store.get_user, found[0])
+        if found is None or row is None or row.disabled or row.source != "local" or found[2] in self._used_links:
+            self.gateway.record_event("console.authenticate", "denied", addr=addr,
+                                      detail="sign-in link invalid, expired, used or not a local user's")
+            return self.render(request, "error.html", 401, message="This sign-in link is not valid (used, expired or "
+                               "changed). Ask for a new one: wardgate users login-link NAME.")
+        self._used_links[found[2]] = found[1]
+        identity = Identity(row.name, tuple(row.groups), "user", None, "local")
+        self.gateway.record_event("console.authenticate", "ok", user=row.name, addr=addr, source="local",
+                                  detail="signed in with a one-time link")
         return self._start(request, identity)
 
     def _redirect_uri(self, request: Request) -> str:
