@@ -34,8 +34,34 @@ def find_bindir() -> Path:
     )
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, chosen below the kernel's ephemeral range: a port from that range can be
+    taken, before the server binds it, by the source port of any outgoing connection."""
+    low, _ = _ephemeral_range()
+    start, end = (10000, low - 1) if low > 12000 else (low, 65535)
+    for _ in range(200):
+        port = secrets.randbelow(end - start) + start
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded machine: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

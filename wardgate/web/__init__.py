@@ -194,6 +194,16 @@ class Console:
             return None
         return form
 
+    async def _posted(self, request: Request) -> tuple[ConsoleSession, dict[str, str]] | Response:
+        """A POST's session and form, or the answer to give instead (sign in first; a stale or forged form)."""
+        session = self._require(request)
+        if isinstance(session, Response):
+            return session
+        form = await self._form(request, session)
+        if form is None:
+            return self._forbidden(request)
+        return session, form
+
     def _forbidden(self, request: Request) -> HTMLResponse:
         return self.render(request, "error.html", 403, message="The form was stale or came from elsewhere; reload the page and try again.")
 
@@ -383,12 +393,10 @@ class Console:
         return self.render(request, "_reviews.html", pending=pending, decided=decided)
 
     async def decide(self, request: Request) -> Response:
-        session = self._require(request)
-        if isinstance(session, Response):
-            return session
-        form = await self._form(request, session)
-        if form is None:
-            return self._forbidden(request)
+        posted = await self._posted(request)
+        if isinstance(posted, Response):
+            return posted
+        session, form = posted
         verb, review_id = request.path_params["verb"], request.path_params["review_id"]
         try:
             await self.gateway.reviews.decide(session.identity, review_id, verb, form.get("reason") or None)
@@ -629,12 +637,10 @@ class Console:
         return self.render(request, "keys.html", keys=rows, created=created)
 
     async def revoke_key(self, request: Request) -> Response:
-        session = self._require(request)
-        if isinstance(session, Response):
-            return session
-        form = await self._form(request, session)
-        if form is None:
-            return self._forbidden(request)
+        posted = await self._posted(request)
+        if isinstance(posted, Response):
+            return posted
+        session, _ = posted
         who, key_id = session.identity, request.path_params["key_id"]
         admin = "admin" in self.gateway.gatekeeper.roles(who)
         mine = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys, True)
