@@ -208,6 +208,18 @@ def test_forms_need_the_session_token(cgw, idp, page) -> None:
     assert not [k for k in cgw.cli_json("apikeys", "list") if k["agent"] == "evil"]
     bad_key = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/login", data={"api_key": "wgk_nope_nope"})
     assert bad_key.status_code == 401
+    cross_site = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/login", data={"api_key": "wgk_nope_nope"},
+                            headers={"origin": "https://evil.example"})
+    assert cross_site.status_code == 403
+
+
+def test_a_sign_in_answer_only_counts_in_the_browser_that_asked(cgw, idp, page) -> None:
+    """Login CSRF: a callback link from someone else's sign-in does not sign this browser in."""
+    start = httpx.get(f"http://127.0.0.1:{cgw.http_port}/console/login/oidc/corp", follow_redirects=False)
+    state = httpx.URL(start.headers["location"]).params["state"]
+    page.goto(f"http://127.0.0.1:{cgw.http_port}/console/callback?code=stolen&state={state}")
+    expect(page.locator("main")).to_contain_text("Sign-in failed")
+    assert not [c for c in page.context.cookies() if c["name"] == "wardgate_console"]
 
 
 def test_exec_policies_and_audit_pages(cgw, idp, page, tmp_path) -> None:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).parent
 COOKIE = "wardgate_console"
+STATE_COOKIE = "wardgate_sign_in"
 SESSION_TTL = 8 * 3600
 PENDING_SIGN_IN_TTL = 600
 
@@ -184,10 +185,14 @@ class Console:
             return RedirectResponse("/console/login?" + urlencode({"next": request.url.path}), status_code=303)
         return session
 
+    @staticmethod
+    def _same_origin(request: Request) -> bool:
+        origin = request.headers.get("origin")
+        return not origin or origin == f"{request.url.scheme}://{request.url.netloc}"
+
     async def _form(self, request: Request, session: ConsoleSession) -> dict[str, str] | None:
         """The POSTed form, if it carries this session's CSRF token and comes from this origin; else None."""
-        origin = request.headers.get("origin")
-        if origin and origin != f"{request.url.scheme}://{request.url.netloc}":
+        if not self._same_origin(request):
             return None
         form = {k: str(v) for k, v in (await request.form()).items()}
         if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
@@ -216,6 +221,8 @@ class Console:
         providers = [p.name for p in self.gateway.settings.identity_providers if p.client_id]
         if request.method == "GET":
             return self.render(request, "login.html", providers=providers, error=None)
+        if not self._same_origin(request):
+            return self.render(request, "error.html", 403, message="Sign in from the console's own page.")
         form = {k: str(v) for k, v in (await request.form()).items()}
         key = form.get("api_key", "").strip()
         addr = request.client.host if request.client else None
@@ -264,11 +271,17 @@ class Console:
             del self._pending[old]
         redirect = self._redirect_uri(request)
         self._pending[state] = (spec.name, verifier, redirect, now)
-        return RedirectResponse(authorization_url(meta, spec, redirect, challenge, state, prompt="login"), status_code=303)
+        response = RedirectResponse(authorization_url(meta, spec, redirect, challenge, state, prompt="login"), status_code=303)
+        # The answer must come back to this browser: a callback link made by someone else's sign-in
+        # (to sign the victim in as the attacker) carries a state this cookie does not hold.
+        response.set_cookie(STATE_COOKIE, state, httponly=True, samesite="lax", secure=request.url.scheme == "https",
+                            path="/console", max_age=PENDING_SIGN_IN_TTL)
+        return response
 
     async def callback(self, request: Request) -> Response:
         state = request.query_params.get("state", "")
-        pending = self._pending.pop(state, None)
+        mine = hmac.compare_digest(state, request.cookies.get(STATE_COOKIE, ""))
+        pending = self._pending.pop(state, None) if mine else None
         addr = request.client.host if request.client else None
         if pending is None or "code" not in request.query_params:
             reason = request.query_params.get("error_description") or "the sign-in expired or did not come from here"
