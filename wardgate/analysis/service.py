@@ -121,7 +121,10 @@ class Analyzer:
         owner = self.gateway.exec.owner(sid)
         if owner is None or (owner != caller.user and not self.gateway.gatekeeper.can_read_all(caller)):
             raise NotFound(f"no session {sid!r}")
-        return self.status(sid)
+        try:
+            return self.status(sid)
+        except NotFound:  # an exec this gateway knows, whose record has not reached the store yet
+            return {"session_id": sid, "status": "pending", "reason": "the session is being recorded"}
 
     async def wait(self, caller: Identity, sid: str, timeout: float) -> dict[str, Any]:
         """`status_for`, waiting up to `timeout` seconds while it is pending."""

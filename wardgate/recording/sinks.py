@@ -245,7 +245,13 @@ class Shipper:
                 await sink.close()
 
     async def _ship(self, spec: SinkSpec, sink: Any) -> None:
-        cursor = (await asyncio.to_thread(self.store.sink_cursors)).get(spec.name, (0, 0.0))[0]
+        while True:
+            try:
+                cursor = (await asyncio.to_thread(self.store.sink_cursors)).get(spec.name, (0, 0.0))[0]
+                break
+            except Exception:  # noqa: BLE001 - the store may be away at start; the sink starts when it is back
+                log.exception("audit sink %s: cannot read its cursor; will retry", spec.name)
+                await asyncio.sleep(MAX_BACKOFF / 6)
         state = self.state[spec.name]
         state["delivered"] = cursor
         backoff, failures = POLL, 0
