@@ -1088,23 +1088,17 @@ def policy_check(
     row = open_store().get_user(user)
     if row is None:
         fail(f"no user named {user!r}")
-    identity = Identity(user, tuple(row.groups))
-    gk = Gatekeeper(state.settings)
-    access = gk.authorize(identity, connection, "connect")
-    decision = gk.decide(identity, connection, sql)
-    action = decision.action if access.allowed else "deny"
-    masking = [{"rule": r.name, "strategy": r.strategy, "columns": list(r.columns),
-                "detectors": list(r.detectors) + [f"pattern:{d.kind}" for d in r.patterns]}
-               for r in gk.masking_policy(identity, connection).rules]
+    result = Gatekeeper(state.settings).check(Identity(user, tuple(row.groups)), connection, sql)
     if json_out:
-        emit_json({**decision.public(), "action": action, "access": {"allowed": access.allowed, "reason": access.reason},
-                   "masking": masking})
+        emit_json(result)
         return
+    action = result["action"]
     colour = {"allow": "green", "deny": "red", "review": "yellow"}[action]
-    console.print(f"[bold {colour}]{action}[/]  ({access.reason})")
-    for m in decision.matches:
-        console.print(f"  {'shadow ' if m.shadow else ''}{m.action} by {m.rule}: {m.reason}" + (f" ({m.message})" if m.message else ""))
-    for mk in masking:
+    console.print(f"[bold {colour}]{action}[/]  ({result['access']['reason']})")
+    for m in result["matches"]:
+        console.print(f"  {'shadow ' if m['shadow'] else ''}{m['action']} by {m['rule']}: {m['reason']}"
+                      + (f" ({m['message']})" if m["message"] else ""))
+    for mk in result["masking"]:
         what = ", ".join(mk["columns"] + mk["detectors"])
         console.print(f"  results masked by {mk['rule']} ({mk['strategy']}): {what}")
 

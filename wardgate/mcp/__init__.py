@@ -314,9 +314,7 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
         who = caller()
         admin_only(who)
         row = await asyncio.to_thread(gateway.store.get_user, user)
-        target = Identity(user, tuple(row.groups) if row else ())
-        d = gk.decide(target, connection, sql)
-        return {"action": d.action, "matches": [m.public() for m in d.matches],
-                "access": gk.authorize(target, connection, "exec").reason}
+        result = gk.check(Identity(user, tuple(row.groups) if row else ()), connection, sql, "exec")
+        return {"action": result["action"], "matches": result["matches"], "access": result["access"]["reason"]}
 
     return server

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import os
 from collections.abc import Callable
+from typing import Any
 
 from ..config import Settings
 from ..domain import Identity
@@ -67,3 +68,14 @@ class Gatekeeper:
     def decide(self, identity: Identity, connection: str, statement: str) -> Decision:
         """allow / deny / review for one statement, with the matched rules and reasons."""
         return self.statement_policy(identity, connection).decide(statement)
+
+    def check(self, identity: Identity, connection: str, statement: str, verb: str = "connect") -> dict[str, Any]:
+        """What `policy check` shows, at every door (CLI, MCP, console): the decision as access and the
+        rules make it, the matched rules, the classification, and how results would be masked."""
+        access = self.authorize(identity, connection, verb)
+        decision = self.decide(identity, connection, statement)
+        masking = [{"rule": r.name, "strategy": r.strategy,
+                    "detectors": list(r.detectors) + [f"pattern:{d.kind}" for d in r.patterns], "columns": list(r.columns)}
+                   for r in self.masking_policy(identity, connection).rules]
+        return {**decision.public(), "action": decision.action if access.allowed else "deny",
+                "access": {"allowed": access.allowed, "reason": access.reason}, "masking": masking}

@@ -508,14 +508,7 @@ class Console:
             if row is None:
                 return {"error": f"no user named {form['user']!r}"}
             subject = Identity(row.name, tuple(row.groups))
-        access = gk.authorize(subject, form["connection"], "connect")
-        decision = gk.decide(subject, form["connection"], form["sql"])
-        masking = gk.masking_policy(subject, form["connection"])
-        return {"action": decision.action if access.allowed else "deny", "access": access.reason,
-                "matches": [m.public() for m in decision.matches],
-                "masking": [{"rule": r.name, "strategy": r.strategy,
-                             "what": list(r.columns) + list(r.detectors) + [f"pattern:{d.kind}" for d in r.patterns]}
-                            for r in masking.rules]}
+        return gk.check(subject, form["connection"], form["sql"])
 
     # -- audit
 

@@ -72,9 +72,7 @@ def _done_line(sid: str, seq: int, status: str, ms: str | None, rows: int | None
 
 
 def _result(fin: Finished) -> str:
-    """What the record keeps of a statement's result: its columns, and with sampling its first rows."""
-    if fin.cols is None:
-        return ""
+    """What the record keeps of a statement's result (it has columns): them, and with sampling its first rows."""
     return f',"cols":{fin.cols}' + ("" if fin.sample is None else f',"sample":{_json(fin.sample)}')
 
 
