@@ -95,11 +95,6 @@ def exchange_code(http: httpx.Client, meta: dict[str, Any], spec: IdentityProvid
     })
 
 
-def discover(spec: IdentityProviderSpec) -> dict[str, Any]:
-    with httpx.Client(timeout=30) as http:
-        return _discover(http, spec)
-
-
 def login_pkce(spec: IdentityProviderSpec, show_url: Callable[[str], None], timeout: float = 300.0) -> dict[str, Any]:
     """Run the authorization code flow with PKCE through a loopback redirect; return the token response."""
     if not spec.client_id:

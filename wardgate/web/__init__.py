@@ -37,7 +37,7 @@ from ..domain import Identity
 from ..engines.postgres import upstream
 from ..engines.postgres.stream import PeerClosed
 from ..identity import AuthenticationError
-from ..identity.login import authorization_url, discover, exchange_code, pkce_pair
+from ..identity.login import authorization_url, exchange_code, pkce_pair
 from ..recording.views import iso, list_sessions, siem_event
 from ..reviews import ReviewError
 from ..sql.classify import classify
@@ -256,6 +256,10 @@ class Console:
                                   detail="signed in with a one-time link")
         return self._start(request, identity)
 
+    def _metadata(self, spec: Any) -> dict[str, Any]:
+        """The provider's discovery document, fetched once and issuer-checked by the token verifier."""
+        return self.gateway.authenticator.tokens.providers[spec.issuer].discover()
+
     def _redirect_uri(self, request: Request) -> str:
         return f"{request.url.scheme}://{request.url.netloc}/console/callback"
 
@@ -263,7 +267,7 @@ class Console:
         spec = next((p for p in self.gateway.settings.identity_providers if p.name == request.path_params["provider"]), None)
         if spec is None or not spec.client_id:
             return self.render(request, "error.html", 404, message="No such identity provider.")
-        meta = await asyncio.to_thread(discover, spec)
+        meta = await asyncio.to_thread(self._metadata, spec)
         verifier, challenge = pkce_pair()
         state = secrets.token_urlsafe(24)
         now = time.time()
@@ -292,8 +296,7 @@ class Console:
 
         def finish() -> Identity:
             with httpx.Client(timeout=30) as http:
-                meta = discover(spec)
-                tokens = exchange_code(http, meta, spec, request.query_params["code"], redirect, verifier)
+                tokens = exchange_code(http, self._metadata(spec), spec, request.query_params["code"], redirect, verifier)
             return self.gateway.authenticator.authenticate(tokens["access_token"])
 
         try:
