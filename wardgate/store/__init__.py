@@ -858,8 +858,9 @@ class Store:
         since = (int(time.time() // 86400) - days + 1) * 86400
         ss, st, rv = m.Session.__table__, m.Statement.__table__, m.Review.__table__
 
-        def day(col: Any) -> Any:
-            return sa.cast(col / 86400, sa.Integer).label("day")
+        def day(col: Any) -> Any:  # whole days since the epoch: PostgreSQL's cast rounds, SQLite's truncates
+            days = col / 86400
+            return (sa.func.floor(days) if self.engine.dialect.name == "postgresql" else sa.cast(days, sa.Integer)).label("day")
 
         out: dict[str, dict[int, int]] = {}
         with self.engine.connect() as conn:
