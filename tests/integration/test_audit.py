@@ -76,7 +76,9 @@ def test_an_edited_event_is_found(recorded, tmp_path) -> None:
 
 def test_an_edited_event_with_a_recomputed_hash_is_found(recorded, tmp_path) -> None:
     """Editing the row and its own hash breaks the link to the next event."""
-    v = tampered(recorded, tmp_path, "UPDATE events SET outcome = 'ok', hash = 'f' || substr(hash, 2) WHERE seq = 3")
+    # Always a change: flip the outcome and the hash's first digit (a fixed 'f' was no change one time in 16).
+    v = tampered(recorded, tmp_path, "UPDATE events SET outcome = CASE WHEN outcome = 'ok' THEN 'denied' ELSE 'ok' END, "
+                 "hash = CASE WHEN substr(hash, 1, 1) = 'f' THEN 'e' ELSE 'f' END || substr(hash, 2) WHERE seq = 3")
     assert v["ok"] is False and v["seq"] in (3, 4)
 
 
@@ -113,7 +115,7 @@ def test_edited_bound_values_are_found(recorded, tmp_path) -> None:
 
 
 def test_a_forged_checkpoint_is_found(recorded, tmp_path) -> None:
-    v = tampered(recorded, tmp_path, "UPDATE audit_checkpoints SET hash = 'f' || substr(hash, 2)")
+    v = tampered(recorded, tmp_path, "UPDATE audit_checkpoints SET hash = CASE WHEN substr(hash, 1, 1) = 'f' THEN 'e' ELSE 'f' END || substr(hash, 2)")
     assert v["ok"] is False and "invalid signature" in v["problem"]
 
 
