@@ -164,8 +164,6 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self.reviews.notifier.run(), name="notifications"))
         if self.shipper is not None:
             self._tasks.append(asyncio.create_task(self.shipper.run(), name="audit-sinks"))
-        if self.settings.analysis.enabled:
-            self._tasks.append(asyncio.create_task(self.analyzer.run(), name="analysis"))
         if self.settings.recording.retention_seconds is not None:
             self._tasks.append(asyncio.create_task(self.retention(), name="retention"))
         await self._start_http()

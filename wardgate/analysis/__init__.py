@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..policy.access import DAYS, in_window, parse_hours
-from ..sql.classify import READ_KINDS, classify
+from ..sql.classify import READ_KINDS, cache_key, classify
 
 LEVELS = ("low", "medium", "high")
 PRIVILEGE_KINDS = frozenset({
@@ -122,7 +122,7 @@ def analyze(statements: list[StatementFacts], settings: AnalysisSettings, *, mas
     days = tuple(settings.business_days)
     privileged, destructive, ddl, off_hours = [], [], [], []
     for st in statements:
-        c = classify(st.text)
+        c = classify(cache_key(st.text))  # cached: a session repeats the same few statements
         kinds = set(c.kinds)
         ran = not _refused(st)
         if kinds & PRIVILEGE_KINDS or ("variable_set" in kinds and _SET_ROLE.search(st.text)):

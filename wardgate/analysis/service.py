@@ -1,5 +1,6 @@
 """Runs the analysis: every closed session gets one (rules, then an optional model), and an exec is
-assessed before it runs so that policy can act on its level.
+assessed before it runs so that policy can act on its level. Sessions are analysed in the recorder's
+process (SessionAnalyst), execs in the gateway's (Analyzer).
 
 The optional model is any OpenAI-compatible chat completions API. It sees only masked content:
 statement texts with every literal replaced by a placeholder (PostgreSQL's own normalisation), and
@@ -12,7 +13,9 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -21,7 +24,8 @@ from pglast.parser import ParseError, normalize
 from ..domain import Identity
 from ..masking.detectors import ALL_KINDS
 from ..masking.plan import MaskingPolicy, MaskRule
-from ..store import NotFound
+from ..recording.journal import event
+from ..store import NotFound, Store
 from . import Analysis, AnalysisSettings, StatementFacts, analyze, refine
 
 if TYPE_CHECKING:
@@ -47,61 +51,78 @@ def for_model(text: str) -> str:
     return _REDACT_ALL.mask_text(text[:4000])
 
 
-class Analyzer:
-    def __init__(self, gateway: Gateway, settings: AnalysisSettings) -> None:
-        self.gateway = gateway
-        self.store = gateway.store
+class SessionAnalyst:
+    """Analyses closed sessions. Blocking: it runs beside the journal drainer, in the recorder's own
+    low-priority process, so that reading long sessions back never takes the relay's CPU or lock."""
+
+    def __init__(self, store: Store, settings: AnalysisSettings) -> None:
+        self.store = store
         self.settings = settings
         key = os.environ.get(settings.llm_key_env, "") if settings.llm_key_env else ""
         self._llm_headers = {"authorization": f"Bearer {key}"} if key else {}
+        self._client: httpx.Client | None = None
 
-    # -- sessions
-
-    async def run(self, interval: float = 1.0) -> None:
-        """Analyse sessions as they close (and any a stopped gateway left unanalysed)."""
-        async with httpx.AsyncClient(timeout=self.settings.llm_timeout) as client:
-            while True:
-                try:
-                    ids = await asyncio.to_thread(self.store.unanalyzed_sessions, 50)
-                    for sid in ids:
-                        await self.analyze_session(sid, client)
-                except Exception:  # noqa: BLE001 - the store may be away for a moment; try again
-                    log.exception("session analysis failed; will retry")
-                    await asyncio.sleep(5)
-                await asyncio.sleep(interval)
-
-    def _facts(self, sid: str) -> tuple[Any, list[StatementFacts], list[int]]:
-        session, stmts = self.store.get_session(sid)
-        facts = [StatementFacts(st.text, st.started_at, st.status, st.decision or "allow", st.rows) for st in stmts]
-        history = self.store.user_rows_history(session.user_name, before=session.started_at, sessions=20)
-        return session, facts, history
-
-    async def analyze_session(self, sid: str, client: httpx.AsyncClient | None = None) -> Analysis:
-        session, facts, history = await asyncio.to_thread(self._facts, sid)
-        result = analyze(facts, self.settings, masked=session.masked or {}, history=history)
-        if self.settings.llm_url and client is not None:
+    def run(self, stopping: Callable[[], bool], interval: float = 1.0) -> None:
+        """Analyse sessions as they close (and any a stopped gateway left unanalysed) until `stopping()`."""
+        while not stopping():
             try:
-                result = refine(result, await self._ask_model(client, session, facts, result))
+                for sid in self.store.unanalyzed_sessions(50):
+                    if stopping():
+                        return
+                    self.analyze_session(sid)
+                time.sleep(interval)
+            except Exception:  # noqa: BLE001 - the store may be away for a moment; try again
+                log.exception("session analysis failed; will retry")
+                time.sleep(5)
+
+    def analyze_session(self, sid: str) -> Analysis:
+        session = self.store.session_row(sid)
+        facts = [StatementFacts(text, at, status, decision or "allow", rows)
+                 for text, at, status, decision, rows in self.store.statement_facts(session.id)]
+        history = self.store.user_rows_history(session.user_name, before=session.started_at, sessions=20)
+        result = analyze(facts, self.settings, masked=session.masked or {}, history=history)
+        if self.settings.llm_url:
+            try:
+                result = refine(result, self._ask_model(session, facts, result))
             except Exception as exc:  # noqa: BLE001 - the rules' answer stands; say why the model's is missing
                 log.warning("model analysis of session %s failed (%s: %s); the rules' analysis stands",
                             sid, type(exc).__name__, exc)
-        await asyncio.to_thread(self.store.save_analysis, sid, result)
+        self.store.save_analysis(session.id, result)
         if result.level != "low":
-            self.gateway.record_event("session.analysis", result.level, user=session.user_name, agent=session.agent,
-                                      source=f"session:{sid}", detail=f"{result.title}: {result.explanation[:500]}")
+            self.store.apply_records([event("session.analysis", result.level, user=session.user_name,
+                                            agent=session.agent, source=f"session:{session.id}",
+                                            detail=f"{result.title}: {result.explanation[:500]}")])
         return result
 
-    async def _ask_model(self, client: httpx.AsyncClient, session: Any, facts: list[StatementFacts],
-                         rules: Analysis) -> dict[str, Any]:
+    def _ask_model(self, session: Any, facts: list[StatementFacts], rules: Analysis) -> dict[str, Any]:
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.settings.llm_timeout)
         timeline = [{"offset_s": round(f.started_at - session.started_at, 3), "sql": for_model(f.text),
                      "outcome": f.status, "rows": f.rows} for f in facts[:200]]
         content = json.dumps({"user": session.user_name, "agent": session.agent, "connection": session.connection,
                               "statements": timeline, "rule_findings": [f.public() for f in rules.findings]})
-        r = await client.post(self.settings.llm_url.rstrip("/") + "/chat/completions", headers=self._llm_headers, json={
+        r = self._client.post(self.settings.llm_url.rstrip("/") + "/chat/completions", headers=self._llm_headers, json={
             "model": self.settings.llm_model, "temperature": 0, "response_format": {"type": "json_object"},
             "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]})
         r.raise_for_status()
         return json.loads(r.json()["choices"][0]["message"]["content"])
+
+
+def analysis_thread(store: Store, settings: AnalysisSettings, stopping: Callable[[], bool]) -> threading.Thread:
+    """Start the session analysis beside the drainer (see recording/recorder.py)."""
+    thread = threading.Thread(target=SessionAnalyst(store, settings).run, args=(stopping,),
+                              name="wardgate-analysis", daemon=True)
+    thread.start()
+    return thread
+
+
+class Analyzer:
+    """The gateway's side: an exec's risk before it runs, and the answers to "how risky was this session"."""
+
+    def __init__(self, gateway: Gateway, settings: AnalysisSettings) -> None:
+        self.gateway = gateway
+        self.store = gateway.store
+        self.settings = settings
 
     # -- exec, before it runs
 
@@ -139,7 +160,7 @@ class Analyzer:
 def analysis_status(store: Any, settings: AnalysisSettings, sid: str) -> dict[str, Any]:
     """ready (with the analysis), pending (not analysed yet) or unavailable (with why). Blocking;
     raises NotFound for an unknown session."""
-    session, _ = store.get_session(sid)
+    session = store.session_row(sid)
     found = store.get_analysis(session.id)
     if found is not None:
         return {"session_id": session.id, "status": "ready", **found}

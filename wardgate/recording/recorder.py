@@ -5,7 +5,8 @@ deferred by up to `OUTCOME_DELAY` and go out with the next write, which saves a 
 statement; a crash in that window leaves the statement recorded with an unknown outcome.
 
 Applying records to the store runs in a separate process, so its work never holds this
-process's interpreter lock while the relay forwards bytes.
+process's interpreter lock while the relay forwards bytes. The risk analysis of closed sessions runs
+there too (analysis/service.py): it reads whole sessions back, which is no work for the relay's process.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
     store = Store(settings)
     directory = settings.journal_dir
     failures = 0
+    done = threading.Event()
+    if settings.analysis.enabled:
+        from ..analysis.service import analysis_thread
+
+        analysis_thread(Store(settings), settings.analysis, done.is_set)
     while True:
         stopping = stop.poll(0) or os.getppid() != parent_pid
         try:
@@ -70,6 +76,7 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
             if failures in (1, 10) or failures % 100 == 0:
                 log.exception("cannot apply the journal to the store (attempt %d); will retry", failures)
         if stopping:
+            done.set()
             return
         stop.poll(interval)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import operator
 import os
 import secrets
 import time
@@ -42,6 +43,7 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 def _event_id(*parts: object) -> str:
     """A stable id for an event derived from a record, so that a journal applied twice adds it once."""
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:32]
+_stmt_tuple = operator.itemgetter(*_STMT_COLUMNS)  # a statement row as the insert's tuple
 _STMT_COLUMN_LIST = ", ".join(f'"{c}"' for c in _STMT_COLUMNS)
 CREDENTIAL_PREFIX = "wgc_"
 
@@ -582,16 +584,35 @@ class Store:
         with self.Session() as s:
             return [(r, n) for r, n in s.execute(q.order_by(m.Session.started_at.desc()).limit(limit))]
 
+    @staticmethod
+    def _find_session(s: Any, session_id: str) -> m.Session:
+        row = s.get(m.Session, session_id)
+        if row is None:
+            matches = list(s.scalars(select(m.Session).where(m.Session.id.startswith(session_id)).limit(2)))
+            if len(matches) != 1:
+                raise NotFound(f"no session {session_id!r}; see `wardgate sessions list`")
+            row = matches[0]
+        return row
+
     def get_session(self, session_id: str) -> tuple[m.Session, list[m.Statement]]:
         with self.Session() as s:
-            row = s.get(m.Session, session_id)
-            if row is None:
-                matches = list(s.scalars(select(m.Session).where(m.Session.id.startswith(session_id)).limit(2)))
-                if len(matches) != 1:
-                    raise NotFound(f"no session {session_id!r}; see `wardgate sessions list`")
-                row = matches[0]
+            row = self._find_session(s, session_id)
             stmts = list(s.scalars(select(m.Statement).where(m.Statement.session_id == row.id).order_by(m.Statement.seq)))
             return row, stmts
+
+    def session_row(self, session_id: str) -> m.Session:
+        """A session without its statements (an id or a unique prefix of one)."""
+        with self.Session() as s:
+            return self._find_session(s, session_id)
+
+    def statement_facts(self, session_id: str) -> list[tuple[str, float, str, str | None, int | None]]:
+        """(text, started_at, status, decision, rows) of each statement of a session, in order: what the
+        analysis reads, without building a record object per statement (sessions run to millions)."""
+        st = m.Statement.__table__
+        q = (select(st.c.text, st.c.started_at, st.c.status, st.c.decision, st.c.rows)
+             .where(st.c.session_id == session_id).order_by(st.c.seq))
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(q)]  # type: ignore[misc]
 
     def reviews_of_session(self, session_id: str) -> list[str]:
         """The reviews whose approved statement this session ran."""
@@ -628,14 +649,15 @@ class Store:
             elif kind == "done":
                 outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
                            "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
-                result = None
-                if "cols" in r:
-                    result = {"columns": r["cols"]} if "sample" not in r else {"columns": r["cols"], "sample": r["sample"]}
+                result = r.get("res")  # the relay's: the result record as JSON text already
+                if result is None and "cols" in r:
+                    result = _dumps({"columns": r["cols"]} if "sample" not in r else
+                                    {"columns": r["cols"], "sample": r["sample"]})
                 row = stmts.get((r["sid"], r["seq"]))
                 if row is not None:
-                    row.update(outcome, result=None if result is None else _dumps(result))  # one insert
+                    row.update(outcome, result=result)  # one insert
                 elif result is not None:
-                    with_result.append({"b_sid": r["sid"], "b_seq": r["seq"], "b_result": result,
+                    with_result.append({"b_sid": r["sid"], "b_seq": r["seq"], "b_result": json.loads(result),
                                         **{f"b_{k}": v for k, v in outcome.items()}})
                 else:
                     finished.append({"b_sid": r["sid"], "b_seq": r["seq"], **{f"b_{k}": v for k, v in outcome.items()}})
@@ -674,7 +696,7 @@ class Store:
                 conn.exec_driver_sql(
                     f"INSERT INTO statements ({_STMT_COLUMN_LIST}) "
                     f"VALUES ({', '.join([ph] * len(_STMT_COLUMNS))}) ON CONFLICT DO NOTHING",
-                    [tuple(row[c] for c in _STMT_COLUMNS) for row in stmts.values()],
+                    list(map(_stmt_tuple, stmts.values())),
                 )
             if finished:
                 conn.execute(

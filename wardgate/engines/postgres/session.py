@@ -73,7 +73,16 @@ def _done_line(sid: str, seq: int, status: str, ms: str | None, rows: int | None
 
 def _result(fin: Finished) -> str:
     """What the record keeps of a statement's result (it has columns): them, and with sampling its first rows."""
-    return f',"cols":{fin.cols}' + ("" if fin.sample is None else f',"sample":{_json(fin.sample)}')
+    if fin.sample is None:
+        return _columns_only(fin.cols)  # type: ignore[arg-type]
+    return f',"cols":{fin.cols},"sample":{_json(fin.sample)}'
+
+
+@functools.lru_cache(maxsize=512)
+def _columns_only(cols: str) -> str:
+    """The result record of a statement whose columns are `cols`, as the store keeps it (JSON text in
+    a JSON string), so that the recorder stores it without decoding and encoding it again."""
+    return ',"res":' + _jstring('{"columns":' + cols + "}")
 
 
 def _sample_value(raw: bytes) -> str:
