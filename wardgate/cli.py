@@ -199,6 +199,25 @@ def users_list(json_out: bool = JsonOpt) -> None:
     console.print(table)
 
 
+@users_app.command("groups")
+def users_groups(
+    name: str = typer.Argument(..., help="A local user."),
+    group: list[str] = typer.Option([], "--group", "-g", help="The user's groups from now on (repeat; none: no group)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Set a local user's groups (they replace the old ones; the user's console sessions end)."""
+    from .store import Conflict, NotFound
+
+    try:
+        user = open_store().set_user_groups(name, group, cli_actor())
+    except (Conflict, ConfigError, NotFound) as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json({"name": user.name, "groups": user.groups})
+    else:
+        console.print(f"user [bold]{user.name}[/] groups: {', '.join(user.groups) or '-'}")
+
+
 @users_app.command("remove")
 def users_remove(name: str) -> None:
     """Remove a user and revoke its credentials (its recorded sessions stay)."""

@@ -284,8 +284,8 @@ def test_access_credentials_and_connections(cgw, idp, page, pg, tmp_path) -> Non
     page.fill("input[name=api_key]", admin_key)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_role("link", name="Access").click()
-    page.locator("details summary").click()
-    page.fill("input[name=name]", "shop_console")
+    page.get_by_text("Add or change a connection").click()
+    page.fill("input[name=name] >> nth=0", "shop_console")
     page.fill("input[name=host]", "127.0.0.1")
     page.fill("input[name=port]", str(pg.port))
     page.fill("input[name=database]", "shop")
@@ -298,7 +298,7 @@ def test_access_credentials_and_connections(cgw, idp, page, pg, tmp_path) -> Non
     assert APP_PASSWORD not in page.content()
     made = next(e for e in cgw.cli_json("events", "--kind", "connection.create") if "shop_console" in e["detail"])
     assert made["source"] == "console" and made["user"] == "console-admin" and APP_PASSWORD not in made["detail"]
-    expect(page.get_by_role("cell", name="dana")).to_be_visible()  # users and their groups, for admins
+    expect(page.get_by_role("cell", name="dana", exact=True)).to_be_visible()  # users and their groups, for admins
 
 
 def test_a_local_user_signs_in_with_a_one_time_link(cgw, page) -> None:
@@ -318,3 +318,77 @@ def test_a_local_user_signs_in_with_a_one_time_link(cgw, page) -> None:
     events = cgw.cli_json("events", "--kind", "console.authenticate", "--limit", "200")
     assert {("ok", "bob")} <= {(e["outcome"], e["user"]) for e in events}
     assert len([e for e in events if e["outcome"] == "denied" and "link" in e["detail"]]) >= 2
+
+
+def sign_in_with_key(page: Page, gw, key: str) -> None:  # noqa: ANN001
+    page.goto(f"http://127.0.0.1:{gw.http_port}/console/login")
+    page.fill("input[name=api_key]", key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+
+
+def test_admins_manage_users_and_groups(cgw, page, tmp_path) -> None:
+    admin_key = cgw.cli_json("apikeys", "create", "--name", "users-admin", "--group", "wardgate-admins")["key"]
+    sign_in_with_key(page, cgw, admin_key)
+    page.get_by_role("link", name="Access").click()
+    page.get_by_text("Add a local user").click()
+    form = page.locator("form", has=page.get_by_role("button", name="Add user"))
+    form.locator("input[name=name]").fill("erin")
+    form.locator("input[name=groups]").fill("analysts")
+    form.get_by_role("button", name="Add user").click()
+    expect(page.locator(".flash")).to_contain_text("User erin added")
+    expect(page.get_by_role("textbox", name="Groups of erin")).to_have_value("analysts")
+
+    # erin signs in (another browser), then an admin changes her groups: her console session ends at once
+    other = page.context.browser.new_context()
+    erin = other.new_page()
+    erin.goto(cgw.cli("users", "login-link", "erin").stdout.strip())
+    expect(erin.locator("header.top")).to_contain_text("erin")
+    page.get_by_role("textbox", name="Groups of erin").fill("analysts, oncall")
+    page.get_by_role("button", name="Save the groups of erin").click()
+    expect(page.locator(".flash")).to_contain_text("User erin: groups analysts, oncall")
+    expect(page.get_by_role("row", name=re.compile(r"^oncall"))).to_contain_text("erin")
+    erin.reload()
+    expect(erin.get_by_role("button", name="Sign in")).to_be_visible()  # signed out: the old groups are gone
+    assert cgw.store().get_user("erin").groups == ["analysts", "oncall"]
+    shot(page, tmp_path, "users")
+
+    page.get_by_role("button", name="Remove user erin").click()
+    expect(page.locator(".flash")).to_contain_text("User erin removed")
+    expect(page.get_by_role("textbox", name="Groups of erin")).to_have_count(0)
+    kinds = {e["kind"]: e for e in cgw.cli_json("events", "--limit", "50") if "erin" in (e["detail"] or "")}
+    assert {"user.create", "user.groups", "user.remove"} <= set(kinds)
+    assert kinds["user.groups"]["source"] == "console" and kinds["user.groups"]["user"] == "users-admin"
+
+    # Not for everyone: a non-admin's forged form is refused, and nothing changes
+    key = cgw.cli_json("apikeys", "create", "--name", "not-admin", "--group", "dev")["key"]
+    sign_in_with_key(erin, cgw, key)
+    csrf = erin.locator("input[name=csrf]").first.get_attribute("value")
+    answer = erin.request.post(f"http://127.0.0.1:{cgw.http_port}/console/users",
+                               form={"csrf": csrf, "action": "add-user", "name": "mallory", "groups": "wardgate-admins"})
+    assert answer.status == 403 and cgw.store().get_user("mallory") is None
+    other.close()
+
+
+def test_console_sessions_and_used_links_outlive_a_restart(cgw, page) -> None:
+    link = cgw.cli("users", "login-link", "bob").stdout.strip()
+    page.goto(link)
+    expect(page.locator("header.top")).to_contain_text("bob")
+    key = cgw.cli_json("apikeys", "create", "--name", "restart-key", "--group", "dev")
+    other = page.context.browser.new_context()
+    keyed = other.new_page()
+    sign_in_with_key(keyed, cgw, key["key"])
+    cgw.stop()
+    cgw.start()  # or another replica on the same store
+    page.reload()
+    expect(page.locator("header.top")).to_contain_text("bob")  # still signed in
+    page.context.clear_cookies()
+    page.goto(link)  # used before the restart: still used
+    expect(page.locator("main")).to_contain_text("not valid")
+    # A session signed in with an API key ends with the key
+    keyed.reload()
+    expect(keyed.get_by_role("heading", name="Dashboard")).to_be_visible()
+    cgw.cli("apikeys", "revoke", key["id"])
+    keyed.reload()
+    expect(keyed.get_by_role("button", name="Sign in")).to_be_visible()
+    other.close()

@@ -200,6 +200,28 @@ class Store:
         with self.Session() as s:
             return s.scalar(select(m.User).where(m.User.name == name))
 
+    def set_user_groups(self, name: str, groups: list[str], actor: Actor | None = None) -> m.User:
+        """A local user's groups, replaced. Their console sessions end, so the new groups apply at once
+        (native sessions check access when they start)."""
+        groups = sorted({g.strip() for g in groups if g.strip()})
+        bad = [g for g in groups if len(g) > 128 or any(c in g for c in "\x00,:/ ")]
+        if bad:
+            raise ConfigError(f"invalid group name {bad[0]!r}: use letters, digits, '.', '_', '-'")
+        with self.Session.begin() as s:
+            user = s.scalar(select(m.User).where(m.User.name == name, m.User.disabled.is_(False)))
+            if user is None:
+                raise NotFound(f"no user named {name!r}; see `wardgate users list`")
+            if user.source != "local":
+                raise Conflict(f"{name!r} comes from {user.source}: its groups come from the identity provider's claims")
+            old = sorted(user.groups or [])
+            if old == groups:
+                return user
+            user.groups = groups
+            self.record_change(s, actor, "user.groups",
+                               f"{name}: groups {', '.join(old) or '(none)'} -> {', '.join(groups) or '(none)'}")
+            s.execute(sa.delete(m.ConsoleState).where(m.ConsoleState.user_name == name))
+        return user
+
     def remove_user(self, name: str, actor: Actor | None = None) -> None:
         with self.Session.begin() as s:
             user = s.scalar(select(m.User).where(m.User.name == name))
@@ -207,6 +229,7 @@ class Store:
                 raise NotFound(f"no user named {name!r}")
             self.record_change(s, actor, "user.remove", f"{name}: disabled, its credentials revoked")
             s.execute(update(m.Credential).where(m.Credential.user_id == user.id, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
+            s.execute(sa.delete(m.ConsoleState).where(m.ConsoleState.user_name == name))  # signed out of the console
             user.disabled = True
             user.name = f"{user.name}#removed-{user.id}"
 
@@ -529,6 +552,12 @@ class Store:
             if row.revoked_at is None:
                 row.revoked_at = time.time()
                 self.record_change(s, actor, "apikey.revoke", f"API key {key_id} ({row.name})")
+
+    def api_key_active(self, key_id: str) -> bool:
+        now = time.time()
+        with self.Session() as s:
+            row = s.get(m.ApiKey, key_id)
+            return row is not None and row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
 
     def api_key(self, presented: str) -> tuple[m.ApiKey, list[str]]:
         """The live key matching `presented` and the groups it acts with; NotFound otherwise."""
@@ -871,6 +900,56 @@ class Store:
             q = q.where(m.Event.outcome == outcome)
         with self.Session() as s:
             return list(s.scalars(q))
+
+    # ---------------------------------------------------------------------------- console state
+
+    def console_put(self, key: str, data: dict[str, Any], expires_at: float, user_name: str | None = None) -> None:
+        """Keep a piece of console state (a signed-in session, a pending sign-in) until `expires_at`."""
+        ct = m.ConsoleState.__table__
+        with self.engine.begin() as conn:
+            conn.execute(ct.delete().where(ct.c.key == key))
+            conn.execute(ct.insert(), {"key": key, "user_name": user_name, "data": data, "expires_at": expires_at})
+
+    def console_get(self, key: str) -> dict[str, Any] | None:
+        ct = m.ConsoleState.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ct.c.data).where(ct.c.key == key, ct.c.expires_at > time.time())).first()
+        return None if row is None else row[0]
+
+    def console_update(self, key: str, data: dict[str, Any]) -> None:
+        ct = m.ConsoleState.__table__
+        with self.engine.begin() as conn:
+            conn.execute(update(ct).where(ct.c.key == key).values(data=data))
+
+    def console_take(self, key: str) -> dict[str, Any] | None:
+        """Remove and return a piece of state; of two replicas taking the same key, one gets it."""
+        ct = m.ConsoleState.__table__
+        with self.engine.begin() as conn:
+            row = conn.execute(select(ct.c.data, ct.c.expires_at).where(ct.c.key == key)).first()
+            if row is None or conn.execute(ct.delete().where(ct.c.key == key)).rowcount != 1:
+                return None
+        return row[0] if row[1] > time.time() else None
+
+    def console_claim(self, key: str, expires_at: float) -> bool:
+        """Mark `key` used (a one-time sign-in link's nonce): True the first time, False ever after, on
+        any replica, for as long as the link could be valid."""
+        ct = m.ConsoleState.__table__
+        with self.engine.begin() as conn:
+            done = conn.execute(self._insert(ct).on_conflict_do_nothing(),
+                                {"key": key, "user_name": None, "data": {}, "expires_at": expires_at})
+            return done.rowcount == 1
+
+    def console_drop(self, key: str | None = None, *, user_name: str | None = None) -> int:
+        """Forget one piece of state, or everything of a user's (their console sessions end)."""
+        ct = m.ConsoleState.__table__
+        q = ct.delete().where(ct.c.key == key) if key is not None else ct.delete().where(ct.c.user_name == user_name)
+        with self.engine.begin() as conn:
+            return conn.execute(q).rowcount
+
+    def console_purge(self, now: float | None = None) -> int:
+        ct = m.ConsoleState.__table__
+        with self.engine.begin() as conn:
+            return conn.execute(ct.delete().where(ct.c.expires_at < (now or time.time()))).rowcount
 
     # --------------------------------------------------------------------------------- dashboard
 

@@ -228,3 +228,14 @@ class Snapshot(Base):
     digest: Mapped[str] = mapped_column(String(64))
     body: Mapped[dict] = mapped_column(JSON)
     at: Mapped[float] = mapped_column(Float)
+
+
+class ConsoleState(Base):
+    """The web console's state, shared by every gateway replica: signed-in sessions (by the SHA-256 of
+    their cookie), sign-ins waiting for the identity provider, and one-time sign-in links already used."""
+
+    __tablename__ = "console_state"
+    key: Mapped[str] = mapped_column(String(96), primary_key=True)  # session:<sha256>, signin:<sha256>, link:<nonce>
+    user_name: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    data: Mapped[dict] = mapped_column(JSON)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)

@@ -5,7 +5,8 @@ Sign-in: the configured identity provider (authorization code with PKCE; the acc
 verified like any other and kept only on the server), or an API key pasted once (local users on the
 embedded default). The browser holds a random session id in an HttpOnly, SameSite=Lax cookie
 (Secure over HTTPS); every form carries a per-session CSRF token, and a POST must also come from
-this origin.
+this origin. Console sessions, pending sign-ins and used sign-in links live in the store (by the
+SHA-256 of what the browser holds), so every replica knows them and a restart forgets none.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import hmac
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -104,19 +106,32 @@ def read_login_token(key: bytes, token: str) -> tuple[str, float, str] | None:
 
 @dataclass
 class ConsoleSession:
+    key: str  # in the store: session:<SHA-256 of the cookie>
     identity: Identity
     csrf: str
     expires_at: float
     flash: list[str] = field(default_factory=list)
 
+    def data(self) -> dict[str, Any]:
+        return {"identity": asdict(self.identity), "csrf": self.csrf, "flash": self.flash, "until": self.expires_at}
+
+    @classmethod
+    def from_data(cls, key: str, data: dict[str, Any], expires_at: float) -> ConsoleSession:
+        ident = dict(data["identity"])
+        ident["groups"] = tuple(ident.get("groups") or ())
+        return cls(key, Identity(**ident), data["csrf"], expires_at, list(data.get("flash") or []))
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
 
 class Console:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.sessions: dict[str, ConsoleSession] = {}
-        self._pending: dict[str, tuple[str, str, str, float]] = {}  # state -> (provider, verifier, redirect, at)
-        self._previews: dict[str, dict[str, Any] | None] = {}  # review id -> its dry run
-        self._used_links: dict[str, float] = {}  # nonce -> expiry of sign-in links already used
+        self.store = gateway.store
+        self._previews: dict[str, dict[str, Any] | None] = {}  # review id -> its dry run (a cache)
+        self._purged = 0.0
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
         self.env.filters["sql"] = highlight_sql
         self.env.filters["when"] = lambda ts: (iso(ts) or "")[:19].replace("T", " ") if isinstance(ts, (int, float)) else (ts or "")[:19].replace("T", " ")
@@ -124,28 +139,64 @@ class Console:
     # -- plumbing
 
     def app(self) -> Router:
+        page = self._page
         return Router(routes=[
-            Route("/", self.home),
-            Route("/dashboard", self.dashboard),
-            Route("/login", self.login, methods=["GET", "POST"]),
-            Route("/login/oidc/{provider}", self.login_oidc),
-            Route("/login/link", self.login_link),
-            Route("/callback", self.callback),
-            Route("/logout", self.logout, methods=["POST"]),
-            Route("/reviews", self.reviews),
-            Route("/reviews/list", self.reviews_fragment),
-            Route("/reviews/{review_id}/{verb}", self.decide, methods=["POST"]),
-            Route("/sessions", self.sessions_page),
-            Route("/sessions/{session_id}", self.session_page),
-            Route("/exec", self.exec_page, methods=["GET", "POST"]),
-            Route("/policies", self.policies, methods=["GET", "POST"]),
-            Route("/audit", self.audit),
-            Route("/audit/export", self.audit_export),
-            Route("/access", self.access, methods=["GET", "POST"]),
-            Route("/keys", self.keys, methods=["GET", "POST"]),
-            Route("/keys/{key_id}/revoke", self.revoke_key, methods=["POST"]),
+            Route("/", page(self.home)),
+            Route("/dashboard", page(self.dashboard)),
+            Route("/login", page(self.login), methods=["GET", "POST"]),
+            Route("/login/oidc/{provider}", page(self.login_oidc)),
+            Route("/login/link", page(self.login_link)),
+            Route("/callback", page(self.callback)),
+            Route("/logout", page(self.logout), methods=["POST"]),
+            Route("/reviews", page(self.reviews)),
+            Route("/reviews/list", page(self.reviews_fragment)),
+            Route("/reviews/{review_id}/{verb}", page(self.decide), methods=["POST"]),
+            Route("/sessions", page(self.sessions_page)),
+            Route("/sessions/{session_id}", page(self.session_page)),
+            Route("/exec", page(self.exec_page), methods=["GET", "POST"]),
+            Route("/policies", page(self.policies), methods=["GET", "POST"]),
+            Route("/audit", page(self.audit)),
+            Route("/audit/export", page(self.audit_export)),
+            Route("/access", page(self.access), methods=["GET", "POST"]),
+            Route("/users", page(self.users), methods=["POST"]),
+            Route("/keys", page(self.keys), methods=["GET", "POST"]),
+            Route("/keys/{key_id}/revoke", page(self.revoke_key), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ])
+
+    def _page(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """A page with its console session read from the store first, and its messages for the next
+        page (flash) written back after."""
+        async def run(request: Request) -> Response:
+            session = await asyncio.to_thread(self._load, request.cookies.get(COOKIE))
+            request.state.console = session
+            before = list(session.flash) if session is not None else None
+            response = await handler(request)
+            if session is not None and session.flash != before and request.state.console is session:
+                await asyncio.to_thread(self.store.console_update, session.key, session.data())
+            return response
+        return run
+
+    def _load(self, cookie: str | None) -> ConsoleSession | None:
+        """The console session a cookie names, if it is live; one signed in with an API key ends with the key."""
+        if not cookie or len(cookie) > 128:
+            return None
+        now = time.time()
+        if now - self._purged > 300:
+            self._purged = now
+            self.store.console_purge(now)
+        key = "session:" + _digest(cookie)
+        data = self.store.console_get(key)
+        if data is None:
+            return None
+        session = ConsoleSession.from_data(key, data, float(data.get("until", 0.0)))
+        if session.expires_at < now:
+            return None
+        source = session.identity.source
+        if source.startswith("apikey:") and not self.store.api_key_active(source.removeprefix("apikey:")):
+            self.store.console_drop(key)
+            return None
+        return session
 
     def render(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         session = self._session(request)
@@ -159,21 +210,18 @@ class Console:
             "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
             "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store"})
 
-    def _session(self, request: Request) -> ConsoleSession | None:
-        sid = request.cookies.get(COOKIE)
-        session = self.sessions.get(sid) if sid else None
-        if session is None or session.expires_at < time.time():
-            return None
-        return session
+    @staticmethod
+    def _session(request: Request) -> ConsoleSession | None:
+        return getattr(request.state, "console", None)
 
-    def _start(self, request: Request, identity: Identity, landing: str = "/console/dashboard") -> Response:
-        for sid in [k for k, v in self.sessions.items() if v.expires_at < time.time()]:
-            del self.sessions[sid]
+    async def _start(self, request: Request, identity: Identity, landing: str = "/console/dashboard") -> Response:
         sid = secrets.token_urlsafe(32)
         until = time.time() + SESSION_TTL
         if identity.expires_at:
             until = min(until, identity.expires_at)
-        self.sessions[sid] = ConsoleSession(identity, secrets.token_urlsafe(24), until)
+        session = ConsoleSession("session:" + _digest(sid), identity, secrets.token_urlsafe(24), until)
+        await asyncio.to_thread(self.store.console_put, session.key, session.data(), until, identity.user)
+        request.state.console = None  # the page that signed in answers with a redirect, as nobody yet
         response = RedirectResponse(landing, status_code=303)
         response.set_cookie(COOKIE, sid, httponly=True, samesite="lax", secure=request.url.scheme == "https",
                             path="/console", max_age=int(until - time.time()))
@@ -233,28 +281,26 @@ class Console:
             return self.render(request, "login.html", 401, providers=providers, error="That key is not valid.")
         self.gateway.record_event("console.authenticate", "ok", user=identity.user, agent=identity.agent, addr=addr,
                                   source=identity.source, detail="signed in with an API key")
-        return self._start(request, identity)
+        return await self._start(request, identity)
 
     async def login_link(self, request: Request) -> Response:
         """A local user's sign-in link from `wardgate users login-link`: good once, for a few minutes."""
         addr = request.client.host if request.client else None
         found = read_login_token(self.gateway.store.box.derive(LINK_LABEL), request.query_params.get("token", ""))
-        now = time.time()
-        for old in [n for n, until in self._used_links.items() if until < now]:
-            del self._used_links[old]
         row = None
-        if found is not None and found[2] not in self._used_links:
+        if found is not None:
             row = await asyncio.to_thread(self.gateway.store.get_user, found[0])
-        if found is None or row is None or row.disabled or row.source != "local" or found[2] in self._used_links:
+        usable = found is not None and row is not None and not row.disabled and row.source == "local"
+        # Used once, on any replica, and remembered for as long as the link could be valid.
+        if not usable or not await asyncio.to_thread(self.store.console_claim, f"link:{found[2]}", found[1]):  # type: ignore[index]
             self.gateway.record_event("console.authenticate", "denied", addr=addr,
                                       detail="sign-in link invalid, expired, used or not a local user's")
             return self.render(request, "error.html", 401, message="This sign-in link is not valid (used, expired or "
                                "changed). Ask for a new one: wardgate users login-link NAME.")
-        self._used_links[found[2]] = found[1]
         identity = Identity(row.name, tuple(row.groups), "user", None, "local")
         self.gateway.record_event("console.authenticate", "ok", user=row.name, addr=addr, source="local",
                                   detail="signed in with a one-time link")
-        return self._start(request, identity)
+        return await self._start(request, identity)
 
     def _metadata(self, spec: Any) -> dict[str, Any]:
         """The provider's discovery document, fetched once and issuer-checked by the token verifier."""
@@ -270,11 +316,10 @@ class Console:
         meta = await asyncio.to_thread(self._metadata, spec)
         verifier, challenge = pkce_pair()
         state = secrets.token_urlsafe(24)
-        now = time.time()
-        for old in [s for s, v in self._pending.items() if now - v[3] > PENDING_SIGN_IN_TTL]:
-            del self._pending[old]
         redirect = self._redirect_uri(request)
-        self._pending[state] = (spec.name, verifier, redirect, now)
+        await asyncio.to_thread(self.store.console_put, "signin:" + _digest(state),
+                                {"provider": spec.name, "verifier": verifier, "redirect": redirect},
+                                time.time() + PENDING_SIGN_IN_TTL)
         response = RedirectResponse(authorization_url(meta, spec, redirect, challenge, state, prompt="login"), status_code=303)
         # The answer must come back to this browser: a callback link made by someone else's sign-in
         # (to sign the victim in as the attacker) carries a state this cookie does not hold.
@@ -285,13 +330,13 @@ class Console:
     async def callback(self, request: Request) -> Response:
         state = request.query_params.get("state", "")
         mine = hmac.compare_digest(state, request.cookies.get(STATE_COOKIE, ""))
-        pending = self._pending.pop(state, None) if mine else None
+        pending = await asyncio.to_thread(self.store.console_take, "signin:" + _digest(state)) if mine and state else None
         addr = request.client.host if request.client else None
         if pending is None or "code" not in request.query_params:
             reason = request.query_params.get("error_description") or "the sign-in expired or did not come from here"
             self.gateway.record_event("console.authenticate", "denied", addr=addr, detail=reason)
             return self.render(request, "error.html", 400, message=f"Sign-in failed: {reason}. Try again.")
-        name, verifier, redirect, _ = pending
+        name, verifier, redirect = pending["provider"], pending["verifier"], pending["redirect"]
         spec = next(p for p in self.gateway.settings.identity_providers if p.name == name)
 
         def finish() -> Identity:
@@ -306,12 +351,13 @@ class Console:
             return self.render(request, "error.html", 401, message=f"Sign-in failed: {exc}")
         self.gateway.record_event("console.authenticate", "ok", user=identity.user, addr=addr, source=identity.source,
                                   detail=f"signed in with {name}")
-        return self._start(request, identity)
+        return await self._start(request, identity)
 
     async def logout(self, request: Request) -> Response:
         session = self._session(request)
         if session is not None and await self._form(request, session) is not None:
-            self.sessions.pop(request.cookies.get(COOKIE, ""), None)
+            await asyncio.to_thread(self.store.console_drop, session.key)
+            request.state.console = None
         response = RedirectResponse("/console/login", status_code=303)
         response.delete_cookie(COOKIE, path="/console")
         return response
@@ -551,9 +597,50 @@ class Console:
             connections = [c for c in connections if verbs[c["name"]]]
         creds = [(c, user) for c, user in await asyncio.to_thread(store.list_credentials, None if admin else who.user)]
         grants = [r for r in await self.gateway.reviews.list(who) if r["kind"] == "access"]
-        users = await asyncio.to_thread(store.list_users) if admin else []
+        users = [u for u in await asyncio.to_thread(store.list_users) if not u.disabled] if admin else []
         return self.render(request, "access.html", connections=connections, usable=sorted(usable), verbs=verbs, creds=creds,
-                           grants=grants, users=[u for u in users if not u.disabled], admin=admin, issued=issued)
+                           grants=grants, users=users, groups=self._groups(users) if admin else [], admin=admin,
+                           issued=issued)
+
+    def _groups(self, users: list[Any]) -> list[dict[str, Any]]:
+        """Each group a user or an access rule names: its members, and what the access rules give it."""
+        rules = self.gateway.gatekeeper.access.rules
+        names = sorted({g for u in users for g in (u.groups or [])} | {g for r in rules for g in r.groups if g != "*"})
+        out = []
+        for g in names:
+            grants = [f"{', '.join(r.verbs)} on {', '.join(r.connections)}" + (" (just in time)" if r.just_in_time else "")
+                      for r in rules if g in r.groups or "*" in r.groups]
+            out.append({"name": g, "members": [u.name for u in users if g in (u.groups or [])], "access": grants})
+        return out
+
+    async def users(self, request: Request) -> Response:
+        """Admins: add a local user, set a user's groups, remove a user."""
+        posted = await self._posted(request)
+        if isinstance(posted, Response):
+            return posted
+        session, form = posted
+        who = session.identity
+        if "admin" not in self.gateway.gatekeeper.roles(who):
+            return self.render(request, "error.html", 403, message="Users and groups are for admins.")
+        actor = Actor(who.user, "console", who.agent, request.client.host if request.client else None)
+        store, name = self.store, form.get("name", "").strip()
+        groups = [g.strip() for g in form.get("groups", "").split(",") if g.strip()]
+        action = form.get("action")
+        try:
+            if action == "add-user":
+                await asyncio.to_thread(store.add_user, name, groups, actor)
+                session.flash.append(f"User {name} added; `wardgate users login-link {name}` signs them in here.")
+            elif action == "set-groups":
+                user = await asyncio.to_thread(store.set_user_groups, name, groups, actor)
+                session.flash.append(f"User {name}: groups {', '.join(user.groups) or '(none)'}.")
+            elif action == "remove-user" and name != who.user:
+                await asyncio.to_thread(store.remove_user, name, actor)
+                session.flash.append(f"User {name} removed; their credentials are revoked.")
+            else:
+                session.flash.append("That is not something you may do here (you cannot remove yourself).")
+        except (ConfigError, Conflict, NotFound) as exc:
+            session.flash.append(str(exc))
+        return RedirectResponse("/console/access#users", status_code=303)
 
     async def _access_action(self, request: Request, session: ConsoleSession, form: dict[str, str],
                              admin: bool) -> dict[str, Any] | None:
