@@ -4,13 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 IDP    := tests/idp/node_modules/.package-lock.json
+AXE    := tests/browser/node_modules/.package-lock.json
 
 .PHONY: demo test test-fast bench lint setup system-deps system-deps-test clean
 
 demo: system-deps setup
 	$(PY) -m wardgate.demo
 
-test: system-deps-test setup $(IDP)
+test: system-deps-test setup $(IDP) $(AXE)
 	$(PY) -m pytest
 
 test-fast: setup
@@ -33,6 +34,10 @@ $(STAMP): pyproject.toml setup.py wardgate/engines/postgres/_wire.c
 # The tests' OpenID provider (npm oidc-provider), installed into a folder git ignores.
 $(IDP): tests/idp/package-lock.json
 	cd tests/idp && npm ci --no-audit --no-fund --loglevel=error
+
+# axe-core, the accessibility checker the console's browser tests inject into its pages.
+$(AXE): tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
 
 system-deps:
 	@scripts/system-deps.sh

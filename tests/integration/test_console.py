@@ -392,3 +392,43 @@ def test_console_sessions_and_used_links_outlive_a_restart(cgw, page) -> None:
     keyed.reload()
     expect(keyed.get_by_role("button", name="Sign in")).to_be_visible()
     other.close()
+
+
+AXE = Path(__file__).parents[1] / "browser" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def test_pages_are_accessible_and_fit_a_narrow_screen(cgw, tmp_path) -> None:
+    """axe-core (WCAG 2 A and AA rules) finds nothing serious on any page, at desktop width and on a
+    phone-sized screen, where no page scrolls sideways."""
+    assert AXE.exists(), "run `make test` (it installs tests/browser's npm packages)"
+    admin_key = cgw.cli_json("apikeys", "create", "--name", "a11y-admin", "--group", "wardgate-admins")["key"]
+    from tests.conftest import psql
+
+    psql(cgw.dsn(cgw.credential("alice"), application_name="t_a11y"), "-Atc", "select email from customers limit 3")
+    sid = next(s["id"] for s in cgw.cli_json("sessions", "list") if s["application_name"] == "t_a11y")
+    paths = ["/console/login", "/console/dashboard", "/console/reviews", "/console/sessions", f"/console/sessions/{sid}",
+             "/console/exec", "/console/access", "/console/policies", "/console/audit", "/console/keys"]
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        for width, height in ((1200, 900), (390, 844)):
+            # The console's CSP rightly refuses injected scripts; the checker needs them.
+            context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
+            page = context.new_page()
+            page.goto(f"http://127.0.0.1:{cgw.http_port}/console/login")
+            for path in paths:
+                if path == "/console/dashboard":
+                    sign_in_with_key(page, cgw, admin_key)
+                page.goto(f"http://127.0.0.1:{cgw.http_port}{path}")
+                page.add_script_tag(path=str(AXE))
+                found = page.evaluate("""async () => (await axe.run(document, {runOnly: ["wcag2a", "wcag2aa", "wcag21a",
+                    "wcag21aa", "best-practice"]})).violations.filter(v => ["serious", "critical"].includes(v.impact))
+                    .map(v => v.id + ": " + v.help + " at " + v.nodes.slice(0, 3).map(n => n.target.join(" ")).join(", "))""")
+                problems += [f"{path} ({width}px): {f}" for f in found]
+                overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+                if overflow > 1:
+                    problems.append(f"{path} ({width}px): the page scrolls sideways by {overflow}px")
+                shot(page, tmp_path, f"{path.removeprefix('/console/').replace('/', '-')[:24]}-{width}px")
+            context.close()
+        browser.close()
+    assert not problems, "\n".join(problems)
