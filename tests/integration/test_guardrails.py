@@ -12,7 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.conftest import make_gateway
+from tests.conftest import make_gateway, psql
 from wardgate.domain import Identity
 from wardgate.policy.gatekeeper import Gatekeeper
 
@@ -166,3 +166,29 @@ def test_shadow_rules_are_recorded_not_enforced(ggw, gcred) -> None:
         raise AssertionError("the shadow match was not recorded")
     hit = next(e for e in shadows if "customers where id < 5" in (e["detail"] or ""))
     assert hit["outcome"] == "would deny" and hit["user"] == "alice" and hit["detail"].startswith("watch-customers:")
+
+
+def test_standard_conforming_strings_stays_on(ggw, gcred, pg) -> None:
+    """With it off, PostgreSQL would read `'a\\' , '` as one literal and run the DROP after it, where the
+    gateway's parser sees a SELECT of two strings: the gateway keeps it on wherever a rule applies."""
+    from tests.conftest import APP_PASSWORD
+
+    script = "set standard_conforming_strings = off;\nselect 'a\\' , ' ; drop table orders; -- ';\n"
+    out = psql(ggw.dsn(gcred), "-v", "ON_ERROR_STOP=0", "-At", input=script, check=False)
+    assert "gateway:string-escapes" in out.stderr and "a\\| ; drop table orders; -- " in out.stdout
+    assert psql(ggw.dsn(gcred), "-Atc", "select count(*) >= 0 from orders").stdout.strip() == "t"
+    # ... nor from the client's startup options
+    refused = psql(ggw.dsn(gcred), "-Atc", "select 1", check=False, env={"PGOPTIONS": "-c standard_conforming_strings=off"})
+    assert refused.returncode != 0 and "standard_conforming_strings is off" in refused.stderr
+    # ... and should server code turn it off, the session ends before anything else runs in it
+    direct = pg.dsn("app", APP_PASSWORD, "shop")
+    psql(direct, "-c", "create or replace function escapes_off() returns text language sql as "
+                       "$$ select set_config('standard_conforming_strings', 'off', false) $$")
+    try:
+        out = psql(ggw.dsn(gcred, application_name="t_escapes"), "-v", "ON_ERROR_STOP=0", "-At",
+                   input="select escapes_off();\nselect 'still here';\n", check=False)
+        assert "turned standard_conforming_strings off" in out.stderr and "still here" not in out.stdout
+    finally:
+        psql(direct, "-c", "drop function escapes_off()")
+    s = ggw.wait_for_session(lambda s: s["application_name"] == "t_escapes" and s["status"] == "closed")
+    assert "standard_conforming_strings" in s["end_reason"]

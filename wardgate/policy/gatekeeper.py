@@ -20,6 +20,17 @@ COPY_OUT_RULE = Rule(
             "use SELECT, whose result columns the gateway masks",
 )
 
+# With standard_conforming_strings off, PostgreSQL reads a backslash in a plain string literal as an
+# escape, and so splits `SELECT 'a\' , ' ; DROP TABLE t; -- '` into a SELECT and a DROP, where the
+# gateway's parser (like PostgreSQL's default) sees one SELECT of two strings. Every rule relies on
+# reading statements as the server does, so wherever a rule applies, the setting stays on: this rule
+# refuses changing it, and the gateway refuses sessions (and ends any) where the server reports it off.
+ESCAPES_RULE = Rule(
+    "gateway:string-escapes", escapes_off=True,
+    message="the gateway reads SQL with standard_conforming_strings on, as PostgreSQL does by default; "
+            "use E'...' strings for backslash escapes",
+)
+
 
 class Gatekeeper:
     def __init__(self, settings: Settings, masking_salt: bytes | None = None) -> None:
@@ -59,6 +70,8 @@ class Gatekeeper:
             # COPY output names no columns, so column rules cannot apply to it: without this rule,
             # COPY (SELECT masked_column ...) TO STDOUT would be a way around them.
             rules.append(COPY_OUT_RULE)
+        if rules:
+            rules.append(ESCAPES_RULE)
         return StatementPolicy(rules)
 
     def masking_policy(self, identity: Identity, connection: str) -> MaskingPolicy:

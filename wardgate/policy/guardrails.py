@@ -38,6 +38,7 @@ class Rule:
     unconditional: bool = False
     writes: bool = False
     copy_program: bool = False
+    escapes_off: bool = False  # statements that turn standard_conforming_strings off
     masked_filters: bool = False  # statements that filter, join, group or sort on a masked column
     masked_columns: tuple[str, ...] = ()  # filled per session from the masking rules that apply
     shadow: bool = False
@@ -68,6 +69,8 @@ class Rule:
             return "a write on a read-only connection"
         if self.copy_program and c.copy_program:
             return "COPY ... PROGRAM"
+        if self.escapes_off and c.escapes_off:
+            return "turns standard_conforming_strings off"
         if self.masked_filters and self.masked_columns:
             for col in sorted(c.filter_columns):
                 if any(fnmatch.fnmatchcase(col, p) for p in self.masked_columns):

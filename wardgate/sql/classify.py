@@ -61,6 +61,9 @@ class Classification:
     error: str | None = None  # the parser's message when the text does not parse
     # columns that decide which rows come back or their order (WHERE, JOIN ... ON, GROUP BY, HAVING, ORDER BY)
     filter_columns: frozenset[str] = frozenset()
+    # SET standard_conforming_strings to anything but on: PostgreSQL would then read backslashes in
+    # plain string literals as escapes, and the statements after it differently from this parser
+    escapes_off: bool = False
 
     @property
     def is_write(self) -> bool:
@@ -71,7 +74,7 @@ class Classification:
             "kinds": sorted(self.kinds), "reads": sorted(self.reads), "writes": sorted(self.writes),
             "functions": sorted(self.functions), "unconditional": sorted(self.unconditional),
             "copy_program": self.copy_program, "statements": self.statements, "error": self.error,
-            "filter_columns": sorted(self.filter_columns),
+            "filter_columns": sorted(self.filter_columns), "escapes_off": self.escapes_off,
         }
 
 
@@ -84,6 +87,7 @@ class _Walk:
     unconditional: set[str] = field(default_factory=set)
     copy_program: bool = False
     filter_columns: set[str] = field(default_factory=set)
+    escapes_off: bool = False
 
 
 def _relname(rv: dict[str, Any]) -> str:
@@ -139,6 +143,22 @@ def _columns(node: Any, out: set[str]) -> None:
                 _columns(value, out)
 
 
+_ON = frozenset({"on", "true", "yes", "1"})
+
+
+def _setting_value(args: Any) -> str | None:
+    """The value of `SET name = value` as text, when it is one plain constant; else None."""
+    if not isinstance(args, list) or len(args) != 1 or not isinstance(args[0], dict):
+        return None
+    const = args[0].get("A_Const")
+    if not isinstance(const, dict):
+        return None
+    for key, inner in (("sval", "sval"), ("ival", "ival"), ("boolval", "boolval")):
+        if key in const:
+            return str(const[key].get(inner, 0)).lower()
+    return None
+
+
 def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
     kind = kind_of(name)
     rest = dict(body)
@@ -161,6 +181,9 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
         for obj in rest.get("objects", []):
             if isinstance(obj, dict) and "List" in obj:
                 w.writes.add(_names(obj["List"].get("items", [])))
+    elif name == "VariableSetStmt" and str(rest.get("name", "")).lower() == "standard_conforming_strings":
+        if rest.get("kind") == "VAR_SET_VALUE" and _setting_value(rest.get("args")) not in _ON:
+            w.escapes_off = True
     elif name == "CopyStmt":
         rel = rest.pop("relation", None)
         kind = "copy_from" if rest.get("is_from") else "copy_to"
@@ -194,5 +217,5 @@ def classify(text: str) -> Classification:
     _visit([s.get("stmt", {}) for s in stmts], w)
     return Classification(
         frozenset(w.kinds), frozenset(w.reads), frozenset(w.writes), frozenset(w.functions),
-        frozenset(w.unconditional), w.copy_program, len(stmts), None, frozenset(w.filter_columns),
+        frozenset(w.unconditional), w.copy_program, len(stmts), None, frozenset(w.filter_columns), w.escapes_off,
     )

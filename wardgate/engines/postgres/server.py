@@ -258,6 +258,12 @@ class PostgresListener:
             raise Rejected(exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001", str(exc),
                            hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
         self._background(asyncio.to_thread(self.store.mark_used, matched))
+        policy = self.gatekeeper.statement_policy(identity, conn_name)
+        if policy.rules and dict(up.parameters).get("standard_conforming_strings", "on") != "on":
+            # From the client's `options`, or the role's or database's settings: see ESCAPES_RULE.
+            up.protocol.close()
+            raise Rejected("42501", "standard_conforming_strings is off for this session; the gateway's rules read SQL "
+                           "with it on", hint="do not set it in the connection's options (PGOPTIONS)")
 
         masking = self.gatekeeper.masking_policy(identity, conn_name)
         if masking.needs_catalog:
@@ -278,7 +284,7 @@ class PostgresListener:
             session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
-            policy=self.gatekeeper.statement_policy(identity, conn_name),
+            policy=policy,
             masking=masking, user=user, agent=record["agent"], results=self.settings.recording.results,
             sample_rows=self.settings.recording.sample_rows, sample_bytes=self.settings.recording.sample_bytes,
             review=None if self.reviews is None else (

@@ -111,6 +111,8 @@ _ROW_RUN = _DATA_ROW | ROWS  # consecutive DataRows, framed as one entry: (_ROW_
 _COPY_OUT = ord("H")
 _COPY_DATA = ord("d")
 _COMMAND_COMPLETE = ord("C")
+_PARAMETER_STATUS = ord("S")
+_ESCAPES_ON = b"standard_conforming_strings\x00on\x00"
 _FAST_PATH_REFUSED = "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
 _PLACEHOLDER = re.compile(r"\$[0-9]")
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
@@ -118,6 +120,10 @@ _UNSEEN = object()  # no Describe seen for this result
 
 
 class _Unmaskable(Exception):
+    pass
+
+
+class _EscapesOff(Exception):
     pass
 
 
@@ -181,15 +187,17 @@ class Relay:
         self._sample_rows = sample_rows
         self._sample_budget = sample_bytes if results == "sample" else 0
         self._column_names: dict[bytes, str] = {}  # RowDescription -> its names as JSON
+        # ParameterStatus: standard_conforming_strings must stay on wherever a rule reads statements.
+        self._escapes_guard = bool(self.policy.rules)
         if self.masking is None and not self._sample_budget:
-            inspect = BACKEND_INSPECT + (b"T" if self._results else b"")
+            inspect = BACKEND_INSPECT + b"S" + (b"T" if self._results else b"")
             self.server_framer = Framer(inspect, max_inspect=1 << 30, max_message=1 << 30)
         elif self.masking is None:
-            self.server_framer = Framer(BACKEND_INSPECT + b"TD", max_inspect=max_message, max_message=1 << 30,
+            self.server_framer = Framer(BACKEND_INSPECT + b"STD", max_inspect=max_message, max_message=1 << 30,
                                         rows=_DATA_ROW)
         else:
             # Rows are rewritten, so they are looked at whole (bounded like any inspected message).
-            self.server_framer = Framer(BACKEND_INSPECT + b"TnDdHG", max_inspect=max_message, max_message=max_message,
+            self.server_framer = Framer(BACKEND_INSPECT + b"STnDdHG", max_inspect=max_message, max_message=max_message,
                                         rows=_DATA_ROW)
         self._starts: dict[int, float] = {}
         self._verdict = ""  # decision fields for the next statement record, when a rule matched
@@ -484,6 +492,11 @@ class Relay:
                         if self._sample_budget > 0:
                             self._sample(masked if masked is not None else fwd[offset:body])  # type: ignore[misc]
                         continue
+                    if mtype == _PARAMETER_STATUS:
+                        if (self._escapes_guard and body.startswith(b"standard_conforming_strings\x00")
+                                and body != _ESCAPES_ON):
+                            raise _EscapesOff()
+                        continue
                     if masking is not None and mtype in _MASK_TYPES:
                         self._mask(mtype, body, offset, edits)
                     refusal = None
@@ -531,6 +544,13 @@ class Relay:
                     self._refusals.clear()
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
+            return
+        except _EscapesOff:
+            # Something the rules could not see (server code) turned it off: what follows would be read
+            # differently by PostgreSQL than by the gateway, so nothing more runs in this session.
+            self.fail(codec.fatal("42501", "the session turned standard_conforming_strings off, which the gateway's "
+                                  "rules cannot read safely; the session is closed"),
+                      "standard_conforming_strings turned off", "42501")
             return
         except _Unmaskable as exc:
             # Fail closed: nothing unmasked leaves the gateway.
