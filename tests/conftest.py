@@ -167,7 +167,8 @@ sslrootcert = "{ca}"
 
 
 def make_gateway(
-    base: Path, pg: LocalPostgres, extra_toml: str = "", store_url: str | None = None, tail_toml: str = ""
+    base: Path, pg: LocalPostgres, extra_toml: str = "", store_url: str | None = None, tail_toml: str = "",
+    env_extra: dict[str, str] | None = None, users: bool = True,
 ) -> Gateway:
     base.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
@@ -219,9 +220,11 @@ connections = ["shop*"]
     env.update(SHOP_PASSWORD=APP_PASSWORD, SHOP_MD5_PASSWORD=MD5_PASSWORD, PYTHONUNBUFFERED="1")
     if store_url:
         env["WARDGATE_STORE_URL"] = store_url
+    env.update(env_extra or {})
     gw = Gateway(base, config, port, http_port, env)
-    gw.cli("users", "add", "alice", "--group", "dev")
-    gw.cli("users", "add", "bob", "--group", "ops")
+    if users:
+        gw.cli("users", "add", "alice", "--group", "dev")
+        gw.cli("users", "add", "bob", "--group", "ops")
     return gw
 
 

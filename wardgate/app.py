@@ -24,6 +24,7 @@ from .recording.sinks import Shipper
 from .recording.views import iso
 from .reviews import Reviews
 from .store import Actor, Store
+from .store.bus import Bus
 from .tls import ensure_self_signed, server_context
 
 log = logging.getLogger("wardgate")
@@ -53,6 +54,13 @@ class Gateway:
         self.analyzer = Analyzer(self, settings.analysis)
         self.postgres.reviews = self.reviews
         self.shipper = Shipper(self.store, settings.audit_sinks, settings.data_dir) if settings.audit_sinks else None
+        # Other replicas' changes, as they commit (PostgreSQL store): reviews wake their waiters here,
+        # revoked credentials end their sessions here.
+        self.bus = Bus(settings.store_url)
+        self._check_credentials = asyncio.Event()
+        self.bus.on("review", self.reviews.wake)
+        self.bus.on("credential", lambda _key: self._check_credentials.set())
+        self.bus.on("*", lambda _key: (self.reviews.wake_all(), self._check_credentials.set()))
         self.started_at = time.time()
         self.ready = False
         self._stop = asyncio.Event()
@@ -111,6 +119,8 @@ class Gateway:
             "live_sessions": len(self.postgres.sessions),
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "recorder": "running" if self.recorder.drainer_alive else "stopped",
+            # Other replicas' changes (PostgreSQL store): off on the embedded store, where there is one gateway.
+            "events": ("listening" if self.bus.listening else "reconnecting") if self.bus.enabled else "off",
             # Delivery position only: a sink's error can name internal hosts, and this endpoint is public.
             "audit_sinks": {name: {"delivered_seq": st["delivered"], "healthy": st["error"] is None}
                             for name, st in (self.shipper.state.items() if self.shipper is not None else ())},
@@ -119,7 +129,11 @@ class Gateway:
     async def watch_credentials(self, interval: float = 0.5) -> None:
         """End live sessions whose credential was revoked or expired (checked against the store)."""
         while True:
-            await asyncio.sleep(interval)
+            try:  # a revocation announced by any replica (or the CLI) is checked at once
+                await asyncio.wait_for(self._check_credentials.wait(), interval)
+            except TimeoutError:
+                pass
+            self._check_credentials.clear()
             ids = {live.credential_id for live in self.postgres.sessions.values()}
             if not ids:
                 continue
@@ -160,6 +174,8 @@ class Gateway:
         await self.postgres.start(host, port)
         self._tasks.append(asyncio.create_task(self.recorder.run(), name="recorder"))
         self._tasks.append(asyncio.create_task(self.watch_credentials(), name="credentials"))
+        if self.bus.enabled:
+            self._tasks.append(asyncio.create_task(self.bus.run(), name="events"))
         self._tasks.append(asyncio.create_task(self.reviews.run(), name="reviews"))
         self._tasks.append(asyncio.create_task(self.reviews.notifier.run(), name="notifications"))
         if self.shipper is not None:

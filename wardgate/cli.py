@@ -20,6 +20,7 @@ from rich.table import Table
 from . import __version__
 from .config import ConfigError, ConnectionSpec, Settings, load, parse_duration
 from .recording.views import iso
+from .store.secretbox import SecretError
 
 app = typer.Typer(no_args_is_help=True, help="Wardgate: identity-aware access gateway for PostgreSQL.", add_completion=False)
 users_app = typer.Typer(no_args_is_help=True, help="Local users (the embedded identity).")
@@ -997,7 +998,16 @@ app.add_typer(audit_app, name="audit")
 @audit_app.command("verify")
 def audit_verify(json_out: bool = JsonOpt) -> None:
     """Check the whole hash chain and every signed checkpoint; name the first broken event. Exit 1 if broken."""
-    verdict = open_store().audit_verify()
+    from .store.secretbox import SecretError
+
+    try:
+        verdict = open_store().audit_verify()
+    except SecretError as exc:  # the signing key itself was replaced in the store
+        if json_out:
+            emit_json({"ok": False, "problem": str(exc)})
+        else:
+            err.print(f"[red]audit log cannot be verified[/]: {escape(str(exc))}")
+        raise typer.Exit(1) from None
     if json_out:
         emit_json(verdict.public())
     elif verdict.ok:
@@ -1149,6 +1159,9 @@ def main() -> None:
         app()
     except ConfigError as exc:
         err.print(f"[bold red]configuration error:[/] {escape(str(exc))}")
+        sys.exit(2)
+    except SecretError as exc:
+        err.print(f"[bold red]secret key error:[/] {escape(str(exc))}")
         sys.exit(2)
 
 

@@ -45,14 +45,19 @@ def verify(gw, base) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
                            "--json"], capture_output=True, text=True, env=gw.env, timeout=60)
 
 
-def tampered(gw, tmp_path, *sql: str) -> dict:  # noqa: ANN001
-    """A copy of the gateway's data, changed with `sql` as an attacker with write access to the store would."""
+def tampered_run(gw, tmp_path, *sql: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    """`audit verify` on a copy of the gateway's data, changed with `sql` as an attacker with write
+    access to the store would."""
     base = tmp_path / "copy"
     shutil.copytree(gw.dir, base, ignore=shutil.ignore_patterns("*.sock", "journal"))
     with sqlite3.connect(base / "data" / "wardgate.db") as db:
         for statement in sql:
             db.execute(statement)
-    out = verify(gw, base)
+    return verify(gw, base)
+
+
+def tampered(gw, tmp_path, *sql: str) -> dict:  # noqa: ANN001
+    out = tampered_run(gw, tmp_path, *sql)
     assert out.returncode == 1, out.stdout + out.stderr
     return json.loads(out.stdout)
 
@@ -66,7 +71,20 @@ def test_intact_log_verifies(recorded, tmp_path) -> None:
     pem = subprocess.run([sys.executable, "-m", "wardgate.cli", "--config", str(recorded.config), "audit", "pubkey"],
                          capture_output=True, text=True, env=recorded.env).stdout
     assert pem.startswith("-----BEGIN PUBLIC KEY-----")
-    assert oct((recorded.dir / "data" / "audit-ed25519.pem").stat().st_mode & 0o777) == "0o600"
+    # The signing key is in the store, encrypted with the secret key (every replica shares it), never in clear
+    with sqlite3.connect(recorded.dir / "data" / "wardgate.db") as db:
+        (enc,) = db.execute("SELECT value_enc FROM keys WHERE name = 'audit-signing'").fetchone()
+    assert b"PRIVATE KEY" not in bytes(enc) and not (recorded.dir / "data" / "audit-ed25519.pem").exists()
+
+
+def test_a_swapped_signing_key_is_refused(recorded, tmp_path) -> None:
+    """Write access to the store is not enough to sign: a key put there without the secret key is refused."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    mine = Ed25519PrivateKey.generate().private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).hex()
+    out = tampered_run(recorded, tmp_path, f"UPDATE keys SET value_enc = x'{mine}' WHERE name = 'audit-signing'")
+    assert out.returncode != 0 and "signing key" in (out.stdout + out.stderr)
 
 
 def test_an_edited_event_is_found(recorded, tmp_path) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -58,26 +56,30 @@ def chain(events: list[dict[str, Any]], head_seq: int, head_hash: str) -> tuple[
 
 
 class Signer:
-    """The gateway's Ed25519 key for checkpoints, kept in a 0600 file beside the data."""
+    """The Ed25519 key that signs checkpoints. Every replica of a gateway shares one: it lives in the
+    store, encrypted with the secret key (see Store.signer); a PEM file from an older single gateway
+    (`<data_dir>/audit-ed25519.pem`) is adopted into the store once."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            assert isinstance(key, Ed25519PrivateKey)
-        else:
-            key = Ed25519PrivateKey.generate()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, pem)
-            finally:
-                os.close(fd)
+    def __init__(self, key: Ed25519PrivateKey) -> None:
         self.key = key
         self.public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         self.key_id = hashlib.sha256(self.public_pem.encode()).hexdigest()[:16]
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> Signer:
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError("the audit signing key is not an Ed25519 key")
+        return cls(key)
+
+    def pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
 
     def sign(self, seq: int, head_hash: str) -> str:
         return base64.b64encode(self.key.sign(f"{seq}:{head_hash}".encode())).decode()

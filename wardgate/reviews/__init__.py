@@ -69,6 +69,12 @@ class Reviews:
         if event is not None:
             event.set()
 
+    wake = _wake  # a change to this review, heard from another replica (store/bus.py)
+
+    def wake_all(self) -> None:
+        for review_id in list(self._changed):
+            self._wake(review_id)
+
     # -- request
 
     async def request(self, caller: Identity, connection: str, statement: str, params: list[str | None],
@@ -215,8 +221,11 @@ class Reviews:
             left = deadline - time.monotonic()
             if left <= 0:
                 return {**view, "timed_out": True}
+            # Changes wake the waiters: in this process, and from other replicas over the store's event
+            # channel. Without that channel (or while it reconnects) look again each second.
+            recheck = 30.0 if self.gateway.bus.listening else 1.0
             try:
-                await asyncio.wait_for(event.wait(), min(left, 1.0))  # and look again each second (expiry)
+                await asyncio.wait_for(event.wait(), min(left, recheck))
             except TimeoutError:
                 pass
 

@@ -26,8 +26,9 @@ from sqlalchemy.orm import sessionmaker
 from ..config import ConfigError, ConnectionSpec, Settings, validate_connection
 from ..engines.postgres.scram import DEFAULT_ITERATIONS, Verifier, make_verifier
 from ..recording import audit
+from . import bus
 from . import models as m
-from .secretbox import SecretBox
+from .secretbox import SecretBox, SecretError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 API_KEY_PREFIX = "wgk_"
@@ -229,11 +230,17 @@ class Store:
                 raise NotFound(f"no user named {name!r}")
             self.record_change(s, actor, "user.remove", f"{name}: disabled, its credentials revoked")
             s.execute(update(m.Credential).where(m.Credential.user_id == user.id, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
+            self.announce(s, "credential", "*")
             s.execute(sa.delete(m.ConsoleState).where(m.ConsoleState.user_name == name))  # signed out of the console
             user.disabled = True
             user.name = f"{user.name}#removed-{user.id}"
 
     # ---------------------------------------------------------------------------- connections
+
+    def announce(self, s: Any, topic: str, key: str) -> None:
+        """Tell every gateway replica about a change, at this transaction's commit (see bus.py)."""
+        if self.engine.dialect.name == "postgresql":
+            s.execute(sa.text("SELECT pg_notify(:channel, :payload)"), {"channel": bus.CHANNEL, "payload": f"{topic}:{key}"})
 
     def record_change(self, s: Any, actor: Actor | None, kind: str, detail: str) -> None:
         """An audit event for a change, in the transaction (ORM session or connection) that makes it:
@@ -416,6 +423,7 @@ class Store:
             if cred.revoked_at is None:
                 cred.revoked_at = time.time()
                 self.record_change(s, actor, "credential.revoke", f"credential {cred_id} on {cred.connection}")
+                self.announce(s, "credential", cred_id)
             return cred
 
     def list_credentials(self, user: str | None = None, include_inactive: bool = False) -> list[tuple[m.Credential, str]]:
@@ -794,12 +802,31 @@ class Store:
 
     @property
     def signer(self) -> audit.Signer:
+        """The checkpoint signing key, shared by every replica through the store (encrypted with the
+        secret key, which the store never holds): the first gateway to start makes it, or adopts the
+        PEM file an older single gateway kept in its data directory."""
         if self._signer is None:
-            path = self.settings.data_dir / "audit-ed25519.pem"
+            with self.engine.begin() as conn:
+                return self._load_signer(conn)
+        return self._signer
+
+    def _load_signer(self, conn: sa.Connection) -> audit.Signer:
+        """`signer`, read (or made) on `conn`: inside a transaction that writes, on its own connection it
+        would wait for that very transaction (SQLite has one writer)."""
+        if self._signer is None:
+            kt = m.Key.__table__
+            row = conn.execute(select(kt.c.value_enc).where(kt.c.name == "audit-signing")).first()
+            if row is None:
+                legacy = self.settings.data_dir / "audit-ed25519.pem"
+                made = audit.Signer.from_pem(legacy.read_bytes()) if legacy.exists() else audit.Signer.generate()
+                conn.execute(self._insert(kt).on_conflict_do_nothing(), {
+                    "name": "audit-signing", "value_enc": self.box.encrypt(made.pem().decode()), "created_at": time.time()})
+                row = conn.execute(select(kt.c.value_enc).where(kt.c.name == "audit-signing")).one()
             try:
-                self._signer = audit.Signer(path)
-            except FileExistsError:  # another process made it a moment ago
-                self._signer = audit.Signer(path)
+                self._signer = audit.Signer.from_pem(self.box.decrypt(row[0]).encode())
+            except (SecretError, ValueError) as exc:
+                raise SecretError(f"the audit signing key in the store cannot be used ({exc}); it was written "
+                                  "without this gateway's secret key") from None
         return self._signer
 
     def _append_events(self, conn: sa.Connection, events: list[dict[str, Any]]) -> None:
@@ -818,7 +845,7 @@ class Store:
         conn.exec_driver_sql(f"INSERT INTO events ({_EVENT_COLUMN_LIST}) VALUES ({', '.join([ph] * len(_EVENT_COLUMNS))})",
                              [tuple(e.get(c) for c in _EVENT_COLUMNS) for e in new])
         conn.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=last))
-        signer = self.signer
+        signer = self._load_signer(conn)
         conn.execute(sa.insert(m.AuditCheckpoint.__table__),
                      {"seq": seq, "hash": last, "at": time.time(), "signature": signer.sign(seq, last), "key_id": signer.key_id})
 
@@ -1112,6 +1139,7 @@ class Store:
             elif s.scalar(select(m.Review.status).where(m.Review.id == review_id)) not in expect:
                 return False
             s.add(m.ReviewDecision(review_id=review_id, by=by, decision=decision, reason=reason, at=now))
+            self.announce(s, "review", review_id)
         return True
 
     def claim_review(self, review_id: str, requester: str, now: float) -> bool:
@@ -1121,6 +1149,8 @@ class Store:
                 m.Review.id == review_id, m.Review.kind == "statement", m.Review.status == "approved",
                 m.Review.requester == requester, m.Review.expires_at > now,
             ).values(status="executed", executed_at=now))
+            if done.rowcount == 1:
+                self.announce(s, "review", review_id)
             return done.rowcount == 1
 
     def set_review_session(self, review_id: str, session_id: str) -> None:
@@ -1134,6 +1164,8 @@ class Store:
             ids = list(s.scalars(select(m.Review.id).where(open_, m.Review.expires_at <= now)))
             if ids:
                 s.execute(update(m.Review).where(m.Review.id.in_(ids), open_).values(status="expired"))
+                for review_id in ids:
+                    self.announce(s, "review", review_id)
             return ids
 
     def claim_approved(self, requester: str, connection: str, sha256: str, policy_version: str, now: float) -> str | None:
@@ -1148,6 +1180,7 @@ class Store:
                 done = s.execute(update(m.Review).where(m.Review.id == review_id, m.Review.status == "approved")
                                  .values(status="executed", executed_at=now))
                 if done.rowcount == 1:
+                    self.announce(s, "review", review_id)
                     return review_id
             return None
 
@@ -1184,4 +1217,6 @@ class Store:
             )))
             if ids:
                 s.execute(update(m.Credential).where(m.Credential.id.in_(ids)).values(revoked_at=now))
+                for cred_id in ids:
+                    self.announce(s, "credential", cred_id)
             return ids

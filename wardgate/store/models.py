@@ -239,3 +239,12 @@ class ConsoleState(Base):
     user_name: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     data: Mapped[dict] = mapped_column(JSON)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Key(Base):
+    """A key every gateway replica shares, encrypted with the secret key (the audit signing key)."""
+
+    __tablename__ = "keys"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
