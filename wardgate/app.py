@@ -16,6 +16,8 @@ from .config import Settings, parse_duration, parse_hostport
 from .engines.postgres.server import PostgresListener
 from .exec import ExecRunner
 from .identity.authenticator import Authenticator
+from .logs import RequestIds
+from .metrics import STATS, GatewayCollector
 from .policy import snapshot as policy_snapshot
 from .policy.gatekeeper import Gatekeeper
 from .recording.journal import event
@@ -126,6 +128,25 @@ class Gateway:
                             for name, st in (self.shipper.state.items() if self.shipper is not None else ())},
         }
 
+    def metrics_collector(self) -> GatewayCollector:
+        def extra() -> dict[str, Any]:
+            return {"recorder": self.recorder.drainer_alive, "listening": self.bus.listening,
+                    "backlog": sum(1 for _ in self.settings.journal_dir.glob("*.ready"))}
+        return GatewayCollector(STATS, lambda: (live.connection for live in self.postgres.sessions.values()), extra)
+
+    async def readiness(self) -> list[str]:
+        """Why this replica should not take new clients now (empty: ready)."""
+        problems = []
+        if not self.ready:
+            problems.append("starting or stopping")
+        if not self.recorder.drainer_alive:
+            problems.append("the recorder process is not running")
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.store.ping), 5)
+        except Exception as exc:  # noqa: BLE001 - whatever the store says, it is not answering
+            problems.append(f"the store does not answer: {type(exc).__name__}")
+        return problems
+
     async def watch_credentials(self, interval: float = 0.5) -> None:
         """End live sessions whose credential was revoked or expired (checked against the store)."""
         while True:
@@ -206,7 +227,7 @@ class Gateway:
                 transport_security=transport_security(self.settings.mcp_resource_url, host, port)))
             # uvicorn runs without lifespan here, so the MCP session manager is started by hand.
             await self._exit.enter_async_context(self.mcp.session_manager.run())
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, **kwargs)
+        config = uvicorn.Config(RequestIds(app), host=host, port=port, log_level="warning", lifespan="off", access_log=False, **kwargs)
         self.http_server = uvicorn.Server(config)
         self.http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._tasks.append(asyncio.create_task(self.http_server.serve(), name="http"))

@@ -123,8 +123,10 @@ def serve(
 ) -> None:
     """Run the gateway: the PostgreSQL listener and the HTTP listener (with /healthz)."""
     from .app import run
+    from .logs import configure
 
     settings = state.settings
+    configure(settings.gateway.log_format)
     if listen:
         settings.gateway.listen = listen
     if http_listen:

@@ -61,6 +61,10 @@ class GatewaySettings:
     max_message_size: int = 128 * 1024 * 1024
     upstream_connect_timeout: float = 10.0
     auth_timeout: float = 30.0
+    # /metrics (Prometheus): open on the HTTP listener, or, with this set, only to a bearer token
+    # held in the named environment variable
+    metrics_token_env: str = ""
+    log_format: str = "text"  # or "json": one object a line, with session and request ids
 
 
 @dataclass
@@ -406,6 +410,8 @@ def validate(settings: Settings) -> None:
     parse_hostport(settings.gateway.http_listen)
     if settings.gateway.client_auth not in ("scram-sha-256", "password"):
         raise ConfigError("[gateway] client_auth must be 'scram-sha-256' or 'password'")
+    if settings.gateway.log_format not in ("text", "json"):
+        raise ConfigError("[gateway] log_format must be 'text' or 'json'")
     if bool(settings.gateway.tls_cert) != bool(settings.gateway.tls_key):
         raise ConfigError("[gateway] tls_cert and tls_key go together: set both or neither")
     if settings.default_ttl > settings.max_ttl:

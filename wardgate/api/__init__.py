@@ -3,10 +3,13 @@
 
 
 import asyncio
+import hmac
+import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 
 from ..config import ConfigError, parse_duration
@@ -106,6 +109,33 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> JSONResponse:
         return JSONResponse(gateway.health(), status_code=200 if gateway.ready else 503)
+
+    @app.get("/livez", include_in_schema=False)
+    async def livez() -> JSONResponse:
+        """Liveness: the event loop answers (a stuck process does not)."""
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        """Readiness: started, the store answers and the recorder runs; else 503 with the reasons (a load
+        balancer then sends new clients to another replica)."""
+        problems = await gateway.readiness()
+        return JSONResponse({"status": "ready" if not problems else "not ready", "problems": problems},
+                            status_code=200 if not problems else 503)
+
+    metrics_registry = CollectorRegistry()
+    metrics_registry.register(gateway.metrics_collector())
+    metrics_token = os.environ.get(gateway.settings.gateway.metrics_token_env, "") \
+        if gateway.settings.gateway.metrics_token_env else ""
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        if gateway.settings.gateway.metrics_token_env:
+            presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not metrics_token or not hmac.compare_digest(presented.encode(), metrics_token.encode()):
+                return JSONResponse({"detail": "metrics need the bearer token of [gateway] metrics_token_env"},
+                                    status_code=401, headers={"www-authenticate": "Bearer"})
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     provision = gateway.provision
 

@@ -19,6 +19,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..domain import Identity
+from ..metrics import STATS
 from ..policy.guardrails import Decision
 from ..recording.views import iso
 from ..store import NotFound
@@ -272,6 +273,8 @@ class Reviews:
             current, _ = await asyncio.to_thread(self.store.get_review, review_id)
             raise ReviewError(f"review {review_id} is {current.status} now; nothing was changed", 409)
         self._event(f"review.{decision}", "ok", caller, review_id, reason or "")
+        if review.status == "pending" and (decision == "reject" or (decision == "approve" and new_status)):
+            STATS.review_latency.observe(now - review.created_at)
         if review.kind == "access" and decision == "revoke" and review.status == "approved" and review.decided_at:
             # The grant ends now: credentials issued under it are revoked, which ends their live sessions.
             ended = await asyncio.to_thread(self.store.revoke_credentials_since, review.requester, review.connection,

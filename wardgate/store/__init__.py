@@ -157,6 +157,10 @@ class Store:
         self._config_connections = {c.name: c for c in settings.connections}
         self._signer: audit.Signer | None = None
 
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
     @classmethod
     def open(cls, settings: Settings) -> "Store":
         store = cls(settings)

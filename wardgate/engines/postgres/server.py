@@ -17,6 +17,7 @@ from typing import Any
 
 from ...config import Settings
 from ...domain import Identity
+from ...metrics import STATS
 from ...policy.gatekeeper import Gatekeeper
 from ...recording.journal import event
 from ...store import CREDENTIAL_PREFIX, Store
@@ -255,6 +256,7 @@ class PostgresListener:
         try:
             up = await upstream.connect(spec, forwarded, self.settings.gateway.upstream_connect_timeout)
         except upstream.UpstreamError as exc:
+            STATS.upstream_errors[conn_name] += 1
             raise Rejected(exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001", str(exc),
                            hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
         self._background(asyncio.to_thread(self.store.mark_used, matched))
@@ -292,6 +294,9 @@ class PostgresListener:
         )
         live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
         self.sessions[record["sid"]] = live
+        STATS.sessions[conn_name] += 1
+        log.info("session started from %s", record["addr"], extra={"session_id": record["sid"], "user": user,
+                                                                   "connection": conn_name})
         self.by_cancel_key[cancel_pid] = live
         relay.tracker.transaction_status = up.transaction_status
         out = [codec.auth_ok()]
@@ -303,6 +308,7 @@ class PostgresListener:
         return live
 
     def _reject(self, client: StreamProtocol, record: dict[str, Any], exc: Rejected) -> None:
+        STATS.sessions_refused[exc.code] += 1
         client.write(codec.fatal(exc.code, str(exc), hint=exc.hint, detail=exc.detail))
         client.close()
         record.update(status="rejected", reason=str(exc), code=exc.code, ended=time.time())
@@ -310,7 +316,8 @@ class PostgresListener:
             self.recorder.write([record, _event("session.start", "denied", record, f"{exc.code}: {exc}")])
         except OSError:
             log.exception("cannot record a rejected connection attempt")
-        log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc)
+        log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc,
+                 extra={"session_id": record["sid"], "user": record["user"], "connection": record["conn"]})
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -334,7 +341,8 @@ class PostgresListener:
         try:
             await upstream.cancel(spec, live.upstream_pid, live.upstream_secret)
         except upstream.UpstreamError as exc:
-            log.warning("cancel for session %s failed: %s", live.relay.session_id, exc)
+            log.warning("cancel for session %s failed: %s", live.relay.session_id, exc,
+                        extra={"session_id": live.relay.session_id})
 
     def _ended(self, relay: Relay, reason: str) -> None:
         live = self.sessions.pop(relay.session_id, None)
@@ -344,12 +352,15 @@ class PostgresListener:
         detail = reason
         if relay.masking is not None and relay.masking.totals:
             end["masked"] = dict(relay.masking.totals)
+            STATS.masked.update(relay.masking.totals)
             detail += "; masked " + ", ".join(f"{k}: {v}" for k, v in sorted(relay.masking.totals.items()))
         who = {"sid": relay.session_id, "user": relay.user, "agent": relay.agent, "addr": None}
         try:
             self.recorder.write([end, _event("session.end", "ok", who, detail)])
         except OSError:
-            log.exception("cannot record the end of session %s", relay.session_id)
+            log.exception("cannot record the end of session %s", relay.session_id, extra={"session_id": relay.session_id})
+        log.info("session ended: %s", reason, extra={"session_id": relay.session_id, "user": relay.user,
+                                                     "connection": relay.connection})
 
     # -------------------------------------------------------------------------- revocation
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...masking.plan import MaskingPolicy, RowMasker
+from ...metrics import STATS
 from ...policy.guardrails import StatementPolicy
 from ...recording.journal import event
 from . import codec
@@ -26,6 +27,9 @@ from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, Finished, StatementTracker
 
 log = logging.getLogger("wardgate.session")
+_DECIDED = STATS.statements  # decision -> count; bumped inline on the hot path
+_RULES = STATS.rules
+_LATENCY = STATS.latency
 
 _json = json.JSONEncoder(ensure_ascii=False).encode
 _jstring = json.encoder.encode_basestring  # a str as a JSON string, in C
@@ -257,6 +261,7 @@ class Relay:
                             self._plans.pop((ord("S"), name), None)
                         continue
                     if mtype == _FUNCTION_CALL:
+                        _DECIDED["deny"] += 1
                         self._refuse(mtype, body, offset, _FAST_PATH_REFUSED, records, edits)
                         continue
                     started = self.tracker.frontend(mtype, body)
@@ -279,7 +284,7 @@ class Relay:
             self.fail(codec.fatal("08P01", f"protocol violation: {exc}", hint="the gateway closed this session; reconnect"), f"protocol violation: {exc}", "08P01")
             return
         except OSError as exc:
-            log.error("cannot write the recording journal: %s", exc)
+            log.error("cannot write the recording journal: %s", exc, extra={"session_id": self.session_id})
             self.fail(
                 codec.fatal("58030", "the gateway cannot record this session, so it will not run statements",
                             hint="try again later; the gateway's operator has been told"),
@@ -398,8 +403,10 @@ class Relay:
         recorded as events: what they would have done, enforced by nothing."""
         decision = self.policy.decide(statement)
         if decision.action == "allow" and not decision.matches:
+            _DECIDED["allow"] += 1
             return None
         for m in decision.matches:
+            _RULES[(m.rule, "shadow" if m.shadow else m.action)] += 1
             if m.shadow:
                 records.append(self._event_line("guardrail.shadow", f"would {m.action}",
                                                 f"{m.rule}: {m.reason} in {statement[:500]!r}"))
@@ -411,11 +418,15 @@ class Relay:
                     "`wardgate exec` (or POST /api/exec with params), where the review binds the values too")
             else:
                 refusal = self._review(statement, decision)
-            self._verdict = _verdict("review" if refusal is not None else "approved", decision)
+            verdict = "review" if refusal is not None else "approved"
+            _DECIDED[verdict] += 1
+            self._verdict = _verdict(verdict, decision)
             return refusal
         if decision.action == "allow":
+            _DECIDED["shadow"] += 1
             self._verdict = _verdict("shadow", decision)  # only shadow rules matched
             return None
+        _DECIDED["deny"] += 1
         self._verdict = _verdict("deny", decision)
         return decision.error_message
 
@@ -533,7 +544,11 @@ class Relay:
                         elif refusal is not None:  # an Execute in the batch of a refused Parse: never ran
                             fin = Finished(fin.seq, "skipped", fin.tag, fin.rows, "42501", refusal[1])
                         t0 = self._starts.pop(fin.seq, None)
-                        ms = None if t0 is None else f"{(time.perf_counter() - t0) * 1000:.3f}"
+                        ms = None
+                        if t0 is not None:
+                            elapsed = time.perf_counter() - t0
+                            _LATENCY.observe(elapsed)
+                            ms = f"{elapsed * 1000:.3f}"
                         records.append(_done_line(sid, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
                                                   fin.error_message, "" if fin.cols is None else _result(fin)))
                 if records:
@@ -575,7 +590,7 @@ class Relay:
 
     def _internal_error(self) -> None:
         """A fault of the gateway's own: end this session clearly (fail closed); others carry on."""
-        log.exception("internal error in session %s", self.session_id)
+        log.exception("internal error in session %s", self.session_id, extra={"session_id": self.session_id})
         self.fail(codec.fatal("XX000", "internal gateway error; this session is closed",
                               hint="reconnect; the gateway's log has the details"), "internal gateway error", "XX000")
 
@@ -588,6 +603,7 @@ class Relay:
 
     def _upstream_lost(self, exc: Exception | None) -> None:
         if not self.ended and not self.terminating and not self.upstream_fatal:
+            STATS.upstream_errors[self.connection] += 1
             self.client.write(
                 codec.fatal("08006", f"the connection to {self.connection!r} was lost",
                             hint="reconnect; the gateway serves new sessions once the database is back")
