@@ -1,7 +1,8 @@
 """Throughput and latency through the gateway, as ratios to a direct connection measured in the same run.
 
 Starts a local PostgreSQL and a gateway, then runs pgbench -S (simple, extended, prepared; 8
-clients), a 1,000-row fetch, and a one-client latency probe, alternating direct and gateway runs.
+clients), a 1,000-row fetch, and a one-client latency probe, alternating direct and gateway runs;
+then one against two gateway replicas on a PostgreSQL store.
 BENCH_SECONDS sets the length of each run (default 10), BENCH_ROUNDS the alternations (default 2),
 BENCH_ONLY a text that selects the workloads to run by name.
 """
@@ -40,11 +41,69 @@ def pgbench(dsn: str, *args: str) -> tuple[float, float]:
     return tps, latency
 
 
+def pgbench_pair(dsns: tuple[str, str], *args: str) -> tuple[float, float]:
+    """Two pgbench processes at once, one per DSN: their tps added, their latency averaged."""
+    procs = [subprocess.Popen(["pgbench", "-n", *args, "-T", str(SECONDS), dsn], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for dsn in dsns]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(stderr)
+        out.append((float(re.search(r"tps = ([\d.]+)", stdout).group(1)),
+                    float(re.search(r"latency average = ([\d.]+) ms", stdout).group(1))))
+    return sum(t for t, _ in out), sum(lat for _, lat in out) / len(out)
+
+
+def run_any(target: str | tuple[str, str], *args: str) -> tuple[float, float]:
+    return pgbench(target, *args) if isinstance(target, str) else pgbench_pair(target, *args)
+
+
+def start_gateway(cli: list[str], env: dict[str, str], http_port: int, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([*cli, "serve"], stdout=log, stderr=log, env=env)
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"a gateway did not start: {log_path.read_text()}")
+
+
+def replicas(pg: LocalPostgres, work: Path, password: str) -> tuple[list[subprocess.Popen], str, str]:
+    """Two gateways on one PostgreSQL store (in the benchmark's own server): their DSNs for one user."""
+    from cryptography.fernet import Fernet
+
+    pg.psql("CREATE DATABASE wardgate_store OWNER bench")
+    shared = {"WARDGATE_STORE_URL": pg.dsn("bench", password, "wardgate_store"),
+              "WARDGATE_SECRET_KEY": Fernet.generate_key().decode(), "BENCH_PASSWORD": password}
+    procs, dsns = [], []
+    for i, name in enumerate(("a", "b")):
+        port, http_port = free_port(), free_port()
+        config = work / f"replica-{name}.toml"
+        config.write_text(
+            f'data_dir = "{work / ("replica-" + name)}"\n[gateway]\nlisten = "127.0.0.1:{port}"\n'
+            f'http_listen = "127.0.0.1:{http_port}"\n[[connections]]\nname = "bench"\nhost = "127.0.0.1"\n'
+            f'port = {pg.port}\ndatabase = "bench"\nuser = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
+            '[[access]]\ngroups = ["bench"]\nconnections = ["bench"]\n')
+        env = {**os.environ, **shared}
+        cli = [sys.executable, "-m", "wardgate.cli", "--config", str(config)]
+        if i == 0:
+            subprocess.run([*cli, "users", "add", "bench", "--group", "bench"], check=True, capture_output=True, env=env)
+            cred = json.loads(subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", "bench", "--ttl", "2h",
+                                              "--json"], check=True, capture_output=True, text=True, env=env).stdout)
+        procs.append(start_gateway(cli, env, http_port, work / f"replica-{name}.log"))
+        dsns.append(f"postgresql://bench:{cred['credential']}@127.0.0.1:{port}/bench?sslmode=disable")
+    return procs, dsns[0], dsns[1]
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="wardgate-bench-"))
     work.chmod(0o711)  # the server may run as the postgres user
     pg = LocalPostgres(work / "pg")
     gw_proc = relay_proc = None
+    replica_procs: list[subprocess.Popen] = []
     try:
         with console.status("starting PostgreSQL and loading pgbench data (scale 10)..."):
             pg.initdb()
@@ -93,6 +152,12 @@ def main() -> int:
         gateway_tls = gateway.replace("sslmode=disable", "sslmode=require")
         fetch = work / "fetch.sql"
         fetch.write_text("SELECT * FROM pgbench_accounts WHERE aid <= 1000;\n")
+        pair: tuple[str, str] = ("", "")
+        one: tuple[str, str] = ("", "")
+        if not ONLY or "replica" in ONLY:
+            with console.status("starting two gateway replicas on a PostgreSQL store..."):
+                replica_procs, dsn_a, dsn_b = replicas(pg, work, password)
+            pair, one = (dsn_a, dsn_b), (dsn_a, dsn_a)
 
         cases = [
             ("pgbench -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], gateway),
@@ -104,6 +169,9 @@ def main() -> int:
             ("policy on: pgbench -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], policy),
             ("policy on: 1,000-row fetch, 2 masked columns, 4 clients", ["-f", str(fetch), "-c", "4", "-j", "2"], policy),
             ("reference: bare Python byte relay, -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], relay),
+            # PostgreSQL store: 4 + 4 clients on one replica, then 4 on each of two (direct: 4 + 4 too)
+            ("PostgreSQL store, 1 replica: -S simple, 4+4 clients", ["-S", "-M", "simple", "-c", "4"], one),
+            ("PostgreSQL store, 2 replicas: -S simple, 4+4 clients", ["-S", "-M", "simple", "-c", "4"], pair),
         ]
         table = Table(title=f"Wardgate vs direct ({SECONDS}s runs, best of {ROUNDS}, {os.cpu_count()} cores)")
         for col in ("workload", "direct tps", "through tps", "ratio", "added latency / query"):
@@ -115,8 +183,8 @@ def main() -> int:
                 best_direct, best_gw = (0.0, 0.0), (0.0, 0.0)
                 for r in range(ROUNDS):
                     status.update(f"{name}: round {r + 1}/{ROUNDS}")
-                    d = pgbench(direct, *args)
-                    g = pgbench(target, *args)
+                    d = run_any(direct if isinstance(target, str) else (direct, direct), *args)
+                    g = run_any(target, *args)
                     best_direct = max(best_direct, d)
                     best_gw = max(best_gw, g)
                 ratio = best_gw[0] / best_direct[0]
@@ -125,11 +193,12 @@ def main() -> int:
         console.print(table)
         console.print(
             "Added latency is the difference of pgbench's average latency; at one client it is the cost per query.\n"
-            "The last row relays bytes without parsing or recording anything: the ceiling for a Python proxy here."
+            "The bare relay row relays bytes without parsing or recording anything: the ceiling for a Python proxy here.\n"
+            "The replica rows run two pgbench processes at once; on one machine the replicas share its cores."
         )
         return 0
     finally:
-        for proc in (gw_proc, relay_proc):
+        for proc in (gw_proc, relay_proc, *replica_procs):
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)

@@ -45,6 +45,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store.open(settings)
+        self.store.signer  # noqa: B018 - a secret key that cannot open the store's signing key stops the start here
         self.recorder = Recorder(self.store, settings)
         self.tls, self.tls_source = tls_context(settings)
         self.gatekeeper = Gatekeeper(settings, masking_salt=self.store.box.derive("masking"))
