@@ -57,13 +57,14 @@ class Gateway:
         self.analyzer = Analyzer(self, settings.analysis)
         self.postgres.reviews = self.reviews
         self.shipper = Shipper(self.store, settings.audit_sinks, settings.data_dir) if settings.audit_sinks else None
-        # Other replicas' changes, as they commit (PostgreSQL store): reviews wake their waiters here,
-        # revoked credentials end their sessions here.
+        # Other replicas' changes, as they commit (PostgreSQL store): reviews and exec results wake
+        # their waiters here, revoked credentials end their sessions here.
         self.bus = Bus(settings.store_url)
         self._check_credentials = asyncio.Event()
         self.bus.on("review", self.reviews.wake)
+        self.bus.on("exec", self.exec.heard)
         self.bus.on("credential", lambda _key: self._check_credentials.set())
-        self.bus.on("*", lambda _key: (self.reviews.wake_all(), self._check_credentials.set()))
+        self.bus.on("*", lambda _key: (self.reviews.wake_all(), self.exec.heard_all(), self._check_credentials.set()))
         self.started_at = time.time()
         self.ready = False
         self._stop = asyncio.Event()

@@ -78,6 +78,23 @@ def test_a_review_approved_on_one_replica_wakes_the_waiter_on_the_other(replicas
     assert call(a, "POST", f"/api/reviews/{rid}/execute", amy).status_code == 409
 
 
+def test_an_exec_run_on_one_replica_is_answered_by_the_other(replicas, idp) -> None:
+    a, b = replicas
+    amy = token(idp, "amy", ["dev"])
+    out = call(a, "POST", "/api/exec", amy, json={"connection": "shop", "wait": 0,
+                                                  "sql": "select pg_sleep(2), count(*) as n from customers"}).json()
+    assert out["status"] == "running", out
+    sid = out["session_id"]
+    deadline = time.time() + 10  # the session's record reaches the store within moments
+    while call(b, "GET", f"/api/sessions/{sid}/wait?timeout=0", amy).status_code == 404 and time.time() < deadline:
+        time.sleep(0.1)
+    done = call(b, "GET", f"/api/sessions/{sid}/wait?timeout=20", amy).json()  # woken by A's result, through the store
+    assert done["status"] == "completed" and done["columns"] == ["pg_sleep", "n"], done
+    again = call(b, "GET", f"/api/sessions/{sid}", amy).json()
+    assert again["result"] == done
+    assert call(b, "GET", f"/api/sessions/{sid}/wait?timeout=1", token(idp, "dana", ["dev"])).status_code == 404
+
+
 def test_a_credential_revoked_on_one_replica_ends_its_session_on_the_other(replicas) -> None:
     a, b = replicas
     cred = a.credential("alice", ttl="1h")

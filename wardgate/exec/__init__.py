@@ -57,6 +57,18 @@ class ExecRunner:
         self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._finished: dict[str, tuple[float, dict[str, Any]]] = {}  # session id -> (at, envelope)
         self._owners: dict[str, str] = {}  # session id -> user, for execs running or kept
+        self._heard: dict[str, asyncio.Event] = {}  # session id -> set when its result reaches the store
+        self._saving: set[asyncio.Task[None]] = set()
+
+    def heard(self, session_id: str) -> None:
+        """Another replica stored the result of `session_id` (store/bus.py): wake its waiters here."""
+        event = self._heard.pop(session_id, None)
+        if event is not None:
+            event.set()
+
+    def heard_all(self) -> None:
+        for session_id in list(self._heard):
+            self.heard(session_id)
 
     # -- the door
 
@@ -113,7 +125,8 @@ class ExecRunner:
 
     async def wait(self, session_id: str, timeout: float) -> dict[str, Any] | None:
         """The final envelope of an exec session, waiting up to `timeout`; None if it is not an exec
-        this gateway knows (the session record is then the answer)."""
+        (or its result is no longer kept: the session record is then the answer). An exec that runs
+        on another replica is waited for through the store."""
         task = self._running.get(session_id)
         if task is not None:
             try:
@@ -123,12 +136,36 @@ class ExecRunner:
                 envelope["timed_out"] = True
                 return envelope
         done = self._finished.get(session_id)
-        return None if done is None else done[1]
+        if done is not None:
+            return done[1]
+        deadline = time.monotonic() + timeout
+        store = self.gateway.store
+        while True:
+            event = self._heard.setdefault(session_id, asyncio.Event())
+            found = await asyncio.to_thread(store.get_exec_result, session_id)
+            if found is not None:
+                return found
+            try:
+                row = await asyncio.to_thread(store.session_row, session_id)
+            except NotFound:
+                return None
+            if not (row.application_name or "").startswith("wardgate exec") or row.status == "closed":
+                return await asyncio.to_thread(store.get_exec_result, session_id)  # it may have just landed
+            left = deadline - time.monotonic()
+            if left <= 0:
+                envelope = self._running_envelope(session_id, row.connection)
+                envelope["timed_out"] = True
+                return envelope
+            try:  # woken when the result is stored (any replica); else look again now and then
+                await asyncio.wait_for(event.wait(), min(left, 30.0 if self.gateway.bus.listening else 1.0))
+            except TimeoutError:
+                pass
 
     def result(self, session_id: str) -> dict[str, Any] | None:
-        """The final envelope of a finished exec session, while it is kept; else None."""
+        """The final envelope of a finished exec session, while it is kept (in the store, for every
+        replica); else None. Blocking."""
         done = self._finished.get(session_id)
-        return None if done is None else done[1]
+        return done[1] if done is not None else self.gateway.store.get_exec_result(session_id)
 
     def _running_envelope(self, sid: str, connection: str) -> dict[str, Any]:
         return {"status": "running", "session_id": sid, "connection": connection,
@@ -144,10 +181,20 @@ class ExecRunner:
                                                       "error": "internal gateway error"}
         now = time.time()
         self._finished[sid] = (now, envelope)
+        # The store keeps it for every replica: an agent's next long-poll may reach another one.
+        saving = asyncio.get_running_loop().create_task(asyncio.to_thread(
+            self.gateway.store.put_exec_result, sid, self._owners.get(sid, ""), envelope, now + self.settings.keep_seconds))
+        self._saving.add(saving)
+        saving.add_done_callback(self._saved)
         # Results stay for long-polls for a while; the session record keeps the rest for good.
         for old in [k for k, (at, _) in self._finished.items() if now - at > self.settings.keep_seconds]:
             del self._finished[old]
             self._owners.pop(old, None)
+
+    def _saved(self, task: asyncio.Task[None]) -> None:
+        self._saving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot keep an exec result in the store: %s", task.exception())
 
     def owner(self, session_id: str) -> str | None:
         """Whose session this is: known at once for an exec (the store may not have it yet), else from
@@ -156,7 +203,7 @@ class ExecRunner:
         if known is not None:
             return known
         try:
-            return self.gateway.store.get_session(session_id)[0].user_name
+            return self.gateway.store.session_row(session_id).user_name
         except NotFound:
             return None
 

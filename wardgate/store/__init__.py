@@ -982,6 +982,25 @@ class Store:
         with self.engine.begin() as conn:
             return conn.execute(ct.delete().where(ct.c.expires_at < (now or time.time()))).rowcount
 
+    # ---------------------------------------------------------------------------- exec results
+
+    def put_exec_result(self, session_id: str, user_name: str, envelope: dict[str, Any], expires_at: float) -> None:
+        """Keep an exec's final envelope until `expires_at` (and forget those past theirs); every replica
+        hears of it at once."""
+        et = m.ExecResult.__table__
+        with self.engine.begin() as conn:
+            conn.execute(et.delete().where(sa.or_(et.c.session_id == session_id, et.c.expires_at < time.time())))
+            conn.execute(et.insert(), {"session_id": session_id, "user_name": user_name, "envelope": envelope,
+                                       "expires_at": expires_at})
+            self.announce(conn, "exec", session_id)
+
+    def get_exec_result(self, session_id: str) -> dict[str, Any] | None:
+        et = m.ExecResult.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(et.c.envelope).where(et.c.session_id == session_id,
+                                                           et.c.expires_at > time.time())).first()
+        return None if row is None else row[0]
+
     # --------------------------------------------------------------------------------- dashboard
 
     def daily_counts(self, days: int, user: str | None = None) -> dict[str, dict[int, int]]:

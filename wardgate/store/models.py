@@ -248,3 +248,13 @@ class Key(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value_enc: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ExecResult(Base):
+    """An exec's final envelope (masked, capped), kept a while for long-polls on any replica."""
+
+    __tablename__ = "exec_results"
+    session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(128))
+    envelope: Mapped[dict] = mapped_column(JSON)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
