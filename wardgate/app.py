@@ -224,8 +224,10 @@ class Gateway:
             from .mcp import create_server, transport_security
 
             self.mcp = create_server(self, self.settings.mcp_resource_url)
+            # Stateless: each MCP request stands alone, so any replica behind a load balancer answers it
+            # (what lasts, such as a running exec or a review, is in the store).
             app.mount("/", self.mcp.streamable_http_app(
-                streamable_http_path="/mcp", host=host,
+                streamable_http_path="/mcp", host=host, stateless_http=True,
                 transport_security=transport_security(self.settings.mcp_resource_url, host, port)))
             # uvicorn runs without lifespan here, so the MCP session manager is started by hand.
             await self._exit.enter_async_context(self.mcp.session_manager.run())

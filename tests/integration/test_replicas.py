@@ -95,6 +95,40 @@ def test_an_exec_run_on_one_replica_is_answered_by_the_other(replicas, idp) -> N
     assert call(b, "GET", f"/api/sessions/{sid}/wait?timeout=1", token(idp, "dana", ["dev"])).status_code == 404
 
 
+def test_mcp_is_stateless_so_any_replica_answers_an_agent(replicas, idp) -> None:
+    """An agent's exec started on A is waited for through B's MCP server: no MCP session binds the agent
+    to one replica, and the exec's result is in the store."""
+    import asyncio
+
+    import httpx2
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    a, b = replicas
+    out = call(a, "POST", "/api/exec", token(idp, "amy", ["dev"]), json={
+        "connection": "shop", "wait": 0, "sql": "select pg_sleep(1.5), 'from A' as what"}).json()
+    assert out["status"] == "running", out
+    url = f"http://127.0.0.1:{b.http_port}/mcp"
+    agent = idp.forge(idp.claims(sub="amy", preferred_username="amy", groups=["dev"], aud=url, act={"sub": "claude-code"},
+                                 exp=int(time.time()) + 3600))
+
+    async def wait_on_b() -> dict:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {agent}"}, timeout=httpx2.Timeout(60)) as http:
+            async with streamable_http_client(url, http_client=http) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    for _ in range(50):  # until the exec's record reaches the store
+                        result = await session.call_tool("sessions_wait_result",
+                                                         {"session_id": out["session_id"], "timeout_seconds": 20})
+                        if not result.is_error:
+                            return result.structured_content
+                        await asyncio.sleep(0.2)
+                    raise AssertionError(result.content)
+
+    got = asyncio.run(wait_on_b())
+    assert got["status"] == "completed" and got["rows"] == [["", "from A"]], got
+
+
 def test_a_credential_revoked_on_one_replica_ends_its_session_on_the_other(replicas) -> None:
     a, b = replicas
     cred = a.credential("alice", ttl="1h")
