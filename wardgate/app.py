@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from .analysis.service import Analyzer
-from .config import Settings, parse_duration, parse_hostport
+from .config import ConfigError, Settings, load, parse_duration, parse_hostport
 from .engines.postgres.server import PostgresListener
 from .exec import ExecRunner
 from .identity.authenticator import Authenticator
@@ -63,6 +63,9 @@ class Gateway:
         self._check_credentials = asyncio.Event()
         self.bus.on("review", self.reviews.wake)
         self.bus.on("exec", self.exec.heard)
+        self.bus.on("purge", self.exec.purged)
+        self.bus.on("policy", lambda _key: self.background(self.reload_policy(Actor.local("another replica"), tell=False)))
+        self._background: set[asyncio.Task[Any]] = set()
         self.bus.on("credential", lambda _key: self._check_credentials.set())
         self.bus.on("*", lambda _key: (self.reviews.wake_all(), self.exec.heard_all(), self._check_credentials.set()))
         self.started_at = time.time()
@@ -129,6 +132,34 @@ class Gateway:
             "audit_sinks": {name: {"delivered_seq": st["delivered"], "healthy": st["error"] is None}
                             for name, st in (self.shipper.state.items() if self.shipper is not None else ())},
         }
+
+    def background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload_policy(self, actor: Actor, tell: bool = True) -> dict[str, Any]:
+        """Read the config file's policy again (access rules, guardrails, masking, roles) and use it from
+        the next decision: new sessions, every exec and review, and the statements still to come in live
+        sessions (their masking stays as it began). A file that does not load changes nothing. With
+        `tell`, every other replica does the same (PostgreSQL store)."""
+        try:
+            fresh = await asyncio.to_thread(load, self.settings.path)
+        except ConfigError as exc:
+            log.error("policy reload refused, the policy in force stays: %s", exc)
+            return {"reloaded": False, "error": str(exc)}
+        self.gatekeeper.reload(fresh)
+        for part in ("access", "guardrails", "masking", "roles"):
+            setattr(self.settings, part, getattr(fresh, part))
+        self.reviews.refresh_policy_version()
+        for live in list(self.postgres.sessions.values()):
+            if live.identity is not None:
+                live.relay.set_policy(self.gatekeeper.statement_policy(live.identity, live.connection))
+        changed = await asyncio.to_thread(self.store.note_policy, policy_snapshot(self.settings), actor)
+        told = tell and await asyncio.to_thread(self.store.announce_now, "policy", "reload")
+        log.info("policy reloaded (%s)%s", ", ".join(changed) if changed else "no change",
+                 "; the other replicas were told" if told else "")
+        return {"reloaded": True, "changed": sorted(changed or []), "replicas_told": bool(told)}
 
     def metrics_collector(self) -> GatewayCollector:
         def extra() -> dict[str, Any]:
@@ -276,6 +307,8 @@ def run(settings: Settings, on_ready: Any = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gateway.stop)
+        # kill -HUP: read the policy again here and on every replica
+        loop.add_signal_handler(signal.SIGHUP, lambda: gateway.background(gateway.reload_policy(Actor.local("SIGHUP"))))
         await gateway.start()
         # What start-up allocated lives as long as the process: keep it out of every garbage collection,
         # so that a collection triggered by the relay's short-lived objects never walks the whole heap.

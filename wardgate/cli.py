@@ -1101,8 +1101,19 @@ def events_list(
 
 # ----------------------------------------------------------------------------------- policy
 
-policy_app = typer.Typer(no_args_is_help=True, help="Inspect the policy without running anything.")
+policy_app = typer.Typer(no_args_is_help=True, help="Inspect the policy without running anything, or reload it.")
 app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("reload")
+def policy_reload() -> None:
+    """Tell every running gateway replica to read its config file's policy again (PostgreSQL store)."""
+    if open_store().announce_now("policy", "reload"):
+        console.print("every replica listening on the store reloads its policy now; `wardgate events --kind "
+                      "policy.change` shows what changed")
+        return
+    fail("the embedded store has no event channel: send the gateway SIGHUP (kill -HUP <pid>) or "
+         "POST /api/admin/policy/reload as an admin")
 
 
 @policy_app.command("check")

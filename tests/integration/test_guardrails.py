@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -192,3 +193,47 @@ def test_standard_conforming_strings_stays_on(ggw, gcred, pg) -> None:
         psql(direct, "-c", "drop function escapes_off()")
     s = ggw.wait_for_session(lambda s: s["application_name"] == "t_escapes" and s["status"] == "closed")
     assert "standard_conforming_strings" in s["end_reason"]
+
+
+def test_a_policy_reload_applies_at_once_and_a_broken_file_changes_nothing(tmp_path, pg) -> None:
+    """SIGHUP (or POST /api/admin/policy/reload) reads the config file's policy again; new and live
+    sessions get it. A file that does not load keeps the policy in force."""
+    import signal
+
+    import httpx
+
+    gw = make_gateway(tmp_path / "reload", pg, tail_toml='[roles]\nadmins = ["wardgate-admins"]\n')
+    original = gw.config.read_text()
+    gw.start()
+    try:
+        cred = gw.credential(ttl="1h")
+        admin = gw.cli_json("apikeys", "create", "--name", "policy-admin", "--group", "wardgate-admins")["key"]
+        dev = gw.cli_json("apikeys", "create", "--name", "not-admin", "--group", "dev")["key"]
+        url = f"http://127.0.0.1:{gw.http_port}/api/admin/policy/reload"
+        with psycopg.connect(gw.dsn(cred), autocommit=True) as live:
+            assert live.execute("select count(*) > 0 from orders").fetchone() == (True,)
+            gw.config.write_text(original + '\n[[guardrails]]\nname = "orders-frozen"\nrelations = ["orders"]\n')
+            gw.proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 10
+            while True:
+                try:
+                    live.execute("select count(*) from orders")
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    assert "orders-frozen" in str(exc)
+                    break
+                assert time.time() < deadline, "SIGHUP did not reload the policy"
+                time.sleep(0.2)
+            gw.config.write_text(original + '\n[[guardrails]]\nname = "broken"\nkinds = ["no_such_kind"]\n')
+            assert httpx.post(url, headers={"authorization": f"Bearer {dev}"}).status_code == 403
+            refused = httpx.post(url, headers={"authorization": f"Bearer {admin}"})
+            assert refused.status_code == 422 and "no_such_kind" in refused.text
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the rule in force stays
+                live.execute("select count(*) from orders")
+            gw.config.write_text(original)
+            done = httpx.post(url, headers={"authorization": f"Bearer {admin}"}).json()
+            assert done["reloaded"] and done["changed"] == ["guardrails"] and done["replicas_told"] is False
+            assert live.execute("select count(*) > 0 from orders").fetchone() == (True,)
+        out = gw.cli("policy", "reload", check=False)  # no event channel on the embedded store: it says what to do
+        assert out.returncode == 1 and "SIGHUP" in out.stderr
+    finally:
+        gw.stop()

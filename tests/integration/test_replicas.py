@@ -5,6 +5,7 @@ loses no recorded statement."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -197,3 +198,43 @@ def test_a_replica_killed_mid_traffic_loses_no_recorded_statement(replicas) -> N
     assert [st["seq"] for st in recorded] == list(range(1, len(recorded) + 1))
     assert "ended unexpectedly" in s["end_reason"]
     assert a.cli_json("audit", "verify")["ok"]
+
+
+def test_a_policy_reload_reaches_every_replica_and_live_sessions(replicas) -> None:
+    a, b = replicas
+    rule = '\n[[guardrails]]\nname = "orders-frozen"\nrelations = ["orders"]\nconnections = ["shop"]\n'
+    originals = [gw.config.read_text() for gw in (a, b)]
+    cred = a.credential("alice", ttl="1h")
+    with psycopg.connect(a.dsn(cred, application_name="t_reload"), autocommit=True) as live:
+        assert live.execute("select count(*) > 0 from orders").fetchone() == (True,)
+        try:
+            for gw, original in zip((a, b), originals, strict=True):
+                gw.config.write_text(original + rule)
+            a.cli("policy", "reload")  # beside one replica; every replica hears it through the store
+            deadline = time.time() + 10
+            while True:  # B, a new session
+                with psycopg.connect(b.dsn(cred), autocommit=True) as conn:
+                    try:
+                        conn.execute("select count(*) from orders")
+                    except psycopg.errors.InsufficientPrivilege as exc:
+                        assert "orders-frozen" in str(exc)
+                        break
+                assert time.time() < deadline, "replica B did not reload its policy"
+                time.sleep(0.2)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # A, a session open since before the reload
+                live.execute("select count(*) from orders")
+        finally:
+            for gw, original in zip((a, b), originals, strict=True):
+                gw.config.write_text(original)
+            a.cli("policy", "reload")
+    # The audit log has the change once (not once per replica), and then its reversal
+    deadline = time.time() + 10
+    while True:
+        changes = [e for e in a.cli_json("events", "--kind", "policy.change", "--limit", "50") if "orders-frozen" in e["detail"]]
+        if len(changes) >= 2 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(changes) == 2, changes
+    parts = [json.loads(e["detail"])["guardrails"] for e in sorted(changes, key=lambda e: e["at"])]
+    assert [r["name"] for r in parts[0]["added"]] == ["orders-frozen"] and not parts[0]["removed"]
+    assert [r["name"] for r in parts[1]["removed"]] == ["orders-frozen"] and not parts[1]["added"]

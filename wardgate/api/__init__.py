@@ -17,7 +17,7 @@ from ..domain import Identity
 from ..identity import AuthenticationError
 from ..recording.views import event_view, iso, list_sessions, show_session
 from ..reviews import ReviewError
-from ..store import Conflict, NotFound
+from ..store import Actor, Conflict, NotFound
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -248,6 +248,15 @@ def create_app(gateway: "Gateway") -> FastAPI:
             raise HTTPException(404, str(exc)) from None
         event(request, "apikey.revoke", "ok", caller, f"API key {key_id}")
         return {"id": key_id, "status": "revoked"}
+
+    @app.post("/api/admin/policy/reload", summary="(admin) Read the config file's policy again, here and on every replica")
+    async def reload_policy(caller: Caller, request: Request) -> dict[str, Any]:
+        require(caller, "admin")
+        who = Actor(caller.user, "api", caller.agent, request.client.host if request.client else None)
+        out = await gateway.reload_policy(who)
+        if not out["reloaded"]:
+            raise HTTPException(422, f"the config file does not load; the policy in force stays: {out['error']}")
+        return out
 
     @app.get("/api/events", summary="Security events (auditor or admin role)")
     def events(caller: Caller, kind: str | None = None, outcome: str | None = None, limit: int = 100) -> list[dict[str, Any]]:

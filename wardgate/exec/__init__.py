@@ -66,6 +66,12 @@ class ExecRunner:
         if event is not None:
             event.set()
 
+    def purged(self, before: str) -> None:
+        """Session content that ended before `before` was purged (on any replica): keep none of its results."""
+        cutoff = float(before)
+        for sid in [k for k, (at, _) in self._finished.items() if at < cutoff]:
+            del self._finished[sid]
+
     def heard_all(self) -> None:
         for session_id in list(self._heard):
             self.heard(session_id)

@@ -45,6 +45,14 @@ class Gatekeeper:
         self._admins = set(settings.roles.admins)
         self._auditors = set(settings.roles.auditors)
 
+    def reload(self, settings: Settings) -> None:
+        """Take the policy of `settings` (access, guardrails, masking, roles): the next decision uses it."""
+        self.access = AccessPolicy(list(settings.access))
+        self.guardrails = list(settings.guardrails)
+        self.masking = list(settings.masking)
+        self._admins = set(settings.roles.admins)
+        self._auditors = set(settings.roles.auditors)
+
     def roles(self, identity: Identity) -> set[str]:
         """Management roles: admin (change anything), auditor (read every record). An agent never holds one."""
         if identity.agent:

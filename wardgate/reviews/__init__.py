@@ -52,10 +52,14 @@ class Reviews:
         self.gateway = gateway
         self.store = gateway.store
         self.settings = gateway.settings.reviews
-        self.policy_version = hashlib.sha256(repr(gateway.settings.guardrails).encode()).hexdigest()[:16]
+        self.refresh_policy_version()
         self._changed: dict[str, asyncio.Event] = {}
         self.notifier = Notifier(self.settings)
         self._pending_notes: set[asyncio.Task[None]] = set()
+
+    def refresh_policy_version(self) -> None:
+        """An approval holds for the guardrails it was given under: a changed policy asks again."""
+        self.policy_version = hashlib.sha256(repr(self.gateway.settings.guardrails).encode()).hexdigest()[:16]
 
     def url(self, review_id: str) -> str:
         base = self.settings.url or f"http://{self.gateway.settings.gateway.http_listen}"

@@ -246,6 +246,14 @@ class Store:
         if self.engine.dialect.name == "postgresql":
             s.execute(sa.text("SELECT pg_notify(:channel, :payload)"), {"channel": bus.CHANNEL, "payload": f"{topic}:{key}"})
 
+    def announce_now(self, topic: str, key: str) -> bool:
+        """`announce` in a transaction of its own; False on a store that has no event channel (SQLite)."""
+        if self.engine.dialect.name != "postgresql":
+            return False
+        with self.engine.begin() as conn:
+            self.announce(conn, topic, key)
+        return True
+
     def record_change(self, s: Any, actor: Actor | None, kind: str, detail: str) -> None:
         """An audit event for a change, in the transaction (ORM session or connection) that makes it:
         durable with it, or neither."""
@@ -1057,6 +1065,8 @@ class Store:
                 conn.execute(update(an).where(an.c.session_id.in_(chunk)).values(
                     explanation="(purged by retention)", findings=[]))
                 conn.execute(update(ss).where(ss.c.id.in_(chunk)).values(purged_at=now))
+                conn.execute(sa.delete(m.ExecResult.__table__).where(m.ExecResult.__table__.c.session_id.in_(chunk)))
+            self.announce(conn, "purge", repr(before))  # replicas drop results they keep in memory
             listed = ", ".join(ids[:50]) + (f", … ({len(ids) - 50} more)" if len(ids) > 50 else "")
             digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
             detail = (f"content of {len(ids)} session(s) that ended before "

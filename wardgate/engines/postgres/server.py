@@ -55,6 +55,7 @@ class LiveSession:
     upstream_secret: bytes
     cancel_pid: int
     cancel_secret: bytes
+    identity: Identity | None = None
 
 
 class PostgresListener:
@@ -292,7 +293,8 @@ class PostgresListener:
             review=None if self.reviews is None else (
                 lambda statement, decision, sid=record["sid"]: self.reviews.native(identity, conn_name, statement, decision, sid)),
         )
-        live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret)
+        live = LiveSession(relay, matched, user, conn_name, up.process_id, up.secret_key, cancel_pid, cancel_secret,
+                           identity)
         self.sessions[record["sid"]] = live
         STATS.sessions[conn_name] += 1
         log.info("session started from %s", record["addr"], extra={"session_id": record["sid"], "user": user,

@@ -209,6 +209,11 @@ class Relay:
         self.terminating = False
         self.upstream_fatal = False
 
+    def set_policy(self, policy: StatementPolicy) -> None:
+        """New guardrails for the statements still to come (a policy reload)."""
+        self.policy = policy
+        self._escapes_guard = bool(policy.rules)
+
     def start(self) -> None:
         self.client.on_lost = self._client_lost
         self.upstream.on_lost = self._upstream_lost
