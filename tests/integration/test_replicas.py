@@ -238,3 +238,35 @@ def test_a_policy_reload_reaches_every_replica_and_live_sessions(replicas) -> No
     parts = [json.loads(e["detail"])["guardrails"] for e in sorted(changes, key=lambda e: e["at"])]
     assert [r["name"] for r in parts[0]["added"]] == ["orders-frozen"] and not parts[0]["removed"]
     assert [r["name"] for r in parts[1]["removed"]] == ["orders-frozen"] and not parts[1]["added"]
+
+
+def test_replicas_starting_together_migrate_a_new_store_once(tmp_path, pg) -> None:
+    """Eight processes open a new PostgreSQL store at the same moment: one migrates (under an advisory
+    lock), the others wait and find it done; none fails."""
+    import subprocess
+
+    from tests.conftest import wardgate_cmd
+
+    pg.psql("DROP DATABASE IF EXISTS wardgate_fresh")
+    pg.psql("CREATE DATABASE wardgate_fresh OWNER app")
+    url = pg.dsn("app", APP_PASSWORD, "wardgate_fresh")
+    secret = Fernet.generate_key().decode()
+    procs = []
+    for i in range(8):
+        config = tmp_path / f"r{i}.toml"
+        config.write_text(f'data_dir = "d{i}"\n')
+        procs.append(subprocess.Popen([*wardgate_cmd(), "--config", str(config), "users", "list", "--json"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**a_clean_env(), "WARDGATE_STORE_URL": url, "WARDGATE_SECRET_KEY": secret}))
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with psycopg.connect(url) as db:
+        assert db.execute("select count(*) from alembic_version").fetchone() == (1,)
+        assert db.execute("select count(*) from keys").fetchone()[0] <= 1
+
+
+def a_clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
