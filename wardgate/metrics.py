@@ -55,6 +55,24 @@ class Stats:
 STATS = Stats()
 
 
+def _labels(key: Any) -> list[str]:
+    return list(key) if isinstance(key, tuple) else [key]
+
+
+def _counter(name: str, doc: str, labels: list[str], counts: Counter[Any]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in sorted(counts.items()):
+        family.add_metric(_labels(key), n)
+    return family
+
+
+def _gauge(name: str, doc: str, labels: list[str], counts: Counter[Any]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, n in sorted(counts.items()):
+        family.add_metric(_labels(key), n)
+    return family
+
+
 class GatewayCollector(Collector):
     """The exposition of STATS and of the gateway's live state (sessions and upstream connections per
     connection) at scrape time."""
@@ -66,42 +84,19 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         s = self.stats
-        c = CounterMetricFamily("wardgate_sessions", "Native sessions started, by connection", labels=["connection"])
-        for conn, n in sorted(s.sessions.items()):
-            c.add_metric([conn], n)
-        yield c
-        c = CounterMetricFamily("wardgate_sessions_refused", "Sessions refused at sign-in or start, by SQLSTATE",
-                                labels=["code"])
-        for code, n in sorted(s.sessions_refused.items()):
-            c.add_metric([code], n)
-        yield c
+        yield _counter("wardgate_sessions", "Native sessions started, by connection", ["connection"], s.sessions)
+        yield _counter("wardgate_sessions_refused", "Sessions refused at sign-in or start, by SQLSTATE", ["code"],
+                       s.sessions_refused)
         live = Counter(self.live())
-        g = GaugeMetricFamily("wardgate_sessions_live", "Native sessions open now, by connection", labels=["connection"])
-        u = GaugeMetricFamily("wardgate_upstream_connections", "Connections to the database held now (one per live "
-                              "session), by connection", labels=["connection"])
-        for conn, n in sorted(live.items()):
-            g.add_metric([conn], n)
-            u.add_metric([conn], n)
-        yield g
-        yield u
-        c = CounterMetricFamily("wardgate_statements", "Statements decided, by decision", labels=["decision"])
-        for decision, n in sorted(s.statements.items()):
-            c.add_metric([decision], n)
-        yield c
-        c = CounterMetricFamily("wardgate_rule_matches", "Rule matches, by rule and action (shadow rules too)",
-                                labels=["rule", "action"])
-        for (rule, action), n in sorted(s.rules.items()):
-            c.add_metric([rule, action], n)
-        yield c
-        c = CounterMetricFamily("wardgate_masked_values", "Values masked in results, by column", labels=["column"])
-        for column, n in sorted(s.masked.items()):
-            c.add_metric([column], n)
-        yield c
-        c = CounterMetricFamily("wardgate_upstream_errors", "Failed or lost database connections, by connection",
-                                labels=["connection"])
-        for conn, n in sorted(s.upstream_errors.items()):
-            c.add_metric([conn], n)
-        yield c
+        yield _gauge("wardgate_sessions_live", "Native sessions open now, by connection", ["connection"], live)
+        yield _gauge("wardgate_upstream_connections", "Connections to the database held now (one per live session), "
+                     "by connection", ["connection"], live)
+        yield _counter("wardgate_statements", "Statements decided, by decision", ["decision"], s.statements)
+        yield _counter("wardgate_rule_matches", "Rule matches, by rule and action (shadow rules too)", ["rule", "action"],
+                       s.rules)
+        yield _counter("wardgate_masked_values", "Values masked in results, by column", ["column"], s.masked)
+        yield _counter("wardgate_upstream_errors", "Failed or lost database connections, by connection", ["connection"],
+                       s.upstream_errors)
         yield HistogramMetricFamily("wardgate_statement_duration_seconds", "From forwarding a statement to the end of "
                                     "its answer, through the gateway", buckets=s.latency.buckets(), sum_value=s.latency.sum)
         yield HistogramMetricFamily("wardgate_review_decision_seconds", "From asking for a review to its decision",
