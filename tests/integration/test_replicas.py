@@ -270,3 +270,34 @@ def a_clean_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
+
+
+def test_each_session_is_analysed_once_though_every_replica_analyses(replicas) -> None:
+    from tests.conftest import psql
+
+    a, b = replicas
+    cred = a.credential("alice", ttl="1h")
+    script = "".join(f"delete from orders where id = -{i};\n" for i in range(1, 5))  # each held for review
+    psql(b.dsn(cred, application_name="t_replica_risk"), "-v", "ON_ERROR_STOP=0", input=script, check=False)
+    s = a.wait_for_session(lambda s: s["application_name"] == "t_replica_risk" and s["status"] == "closed")
+    deadline = time.time() + 20
+    while a.cli_json("sessions", "analysis", s["id"])["status"] != "ready" and time.time() < deadline:
+        time.sleep(0.3)
+    assert a.cli_json("sessions", "analysis", s["id"])["level"] == "medium"
+    time.sleep(2)  # both replicas' analysts have had their turn
+    notes = [e for e in a.cli_json("events", "--kind", "session.analysis", "--limit", "200")
+             if e["source"] == f"session:{s['id']}"]
+    assert len(notes) == 1, notes
+
+
+def test_console_sign_in_works_on_any_replica_and_a_link_works_once_on_all(replicas) -> None:
+    a, b = replicas
+    link = a.cli("users", "login-link", "bob").stdout.strip()
+    path = link.split(f":{a.http_port}", 1)[1]
+    first = httpx.get(f"http://127.0.0.1:{a.http_port}{path}")
+    assert first.status_code == 303 and "wardgate_console" in first.cookies
+    cookie = {"wardgate_console": first.cookies["wardgate_console"]}
+    page = httpx.get(f"http://127.0.0.1:{b.http_port}/console/dashboard", cookies=cookie)  # signed in on B too
+    assert page.status_code == 200 and "bob" in page.text
+    again = httpx.get(f"http://127.0.0.1:{b.http_port}{path}")  # used on A: refused on B
+    assert again.status_code == 401 and "wardgate_console" not in again.cookies

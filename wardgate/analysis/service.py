@@ -87,11 +87,10 @@ class SessionAnalyst:
             except Exception as exc:  # noqa: BLE001 - the rules' answer stands; say why the model's is missing
                 log.warning("model analysis of session %s failed (%s: %s); the rules' analysis stands",
                             sid, type(exc).__name__, exc)
-        self.store.save_analysis(session.id, result)
-        if result.level != "low":
-            self.store.apply_records([event("session.analysis", result.level, user=session.user_name,
-                                            agent=session.agent, source=f"session:{session.id}",
-                                            detail=f"{result.title}: {result.explanation[:500]}")])
+        note = None if result.level == "low" else event(
+            "session.analysis", result.level, user=session.user_name, agent=session.agent,
+            source=f"session:{session.id}", detail=f"{result.title}: {result.explanation[:500]}")
+        self.store.add_session_analysis(session.id, result, note)  # another replica's may have come first
         return result
 
     def _ask_model(self, session: Any, facts: list[StatementFacts], rules: Analysis) -> dict[str, Any]:

@@ -974,9 +974,10 @@ class Store:
         any replica, for as long as the link could be valid."""
         ct = m.ConsoleState.__table__
         with self.engine.begin() as conn:
-            done = conn.execute(self._insert(ct).on_conflict_do_nothing(),
-                                {"key": key, "user_name": None, "data": {}, "expires_at": expires_at})
-            return done.rowcount == 1
+            # RETURNING says whether the row went in (an INSERT's rowcount is not reliable across drivers)
+            done = conn.execute(self._insert(ct).values(key=key, user_name=None, data={}, expires_at=expires_at)
+                                .on_conflict_do_nothing().returning(ct.c.key))
+            return done.first() is not None
 
     def console_drop(self, key: str | None = None, *, user_name: str | None = None) -> int:
         """Forget one piece of state, or everything of a user's (their console sessions end)."""
@@ -1101,14 +1102,23 @@ class Store:
         with self.Session() as s:
             return int(s.scalar(q) or 0)
 
-    def save_analysis(self, session_id: str, analysis: Any) -> None:
+    def add_session_analysis(self, session_id: str, analysis: Any, event: dict[str, Any] | None) -> bool:
+        """A closed session's analysis, once: replicas that analyse the same session keep the first, and
+        only it adds its event (a journal-style record) to the audit chain. True if this one was kept."""
         row = {"session_id": session_id, "level": analysis.level, "title": analysis.title,
                "explanation": analysis.explanation, "findings": [f.public() for f in analysis.findings],
                "source": analysis.source, "at": time.time()}
-        stmt = self._insert(m.Analysis.__table__).values(row)
-        stmt = stmt.on_conflict_do_update(index_elements=["session_id"], set_={k: stmt.excluded[k] for k in row if k != "session_id"})
         with self.engine.begin() as conn:
-            conn.execute(stmt)
+            at = m.Analysis.__table__
+            done = conn.execute(self._insert(at).values(row).on_conflict_do_nothing().returning(at.c.session_id))
+            if done.first() is None:
+                return False
+            if event is not None:
+                self._append_events(conn, [{
+                    "id": event["id"], "at": event["at"], "kind": event["kind"], "outcome": event["outcome"],
+                    "user_name": event.get("user"), "agent": event.get("agent"), "source": event.get("source"),
+                    "client_addr": event.get("addr"), "detail": event.get("detail")}])
+            return True
 
     def get_analysis(self, session_id: str) -> dict[str, Any] | None:
         with self.Session() as s:
