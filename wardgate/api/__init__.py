@@ -412,6 +412,7 @@ ROUTE_EXAMPLES: dict[tuple[str, str], Any] = {
                                "agent": "claude-code", "groups": ["dev"], "created_at": "2026-11-22T09:00:00Z",
                                "expires_at": None, "revoked_at": None, "last_used_at": "2026-11-22T10:00:00Z"}],
     ("POST", "/api/apikeys/{key_id}/revoke"): {"id": "7d1e...", "status": "revoked"},
+    ("POST", "/api/admin/policy/reload"): {"reloaded": True, "changed": ["guardrails"], "replicas_told": True},
     ("GET", "/api/events"): [{"id": "e0f1...", "at": "2026-11-22T10:00:00Z", "kind": "review.approve", "outcome": "ok",
                               "user": "olivia", "agent": None, "source": "review:c3d2...", "client_addr": None,
                               "detail": "customer asked"}],
