@@ -132,14 +132,7 @@ def main() -> int:
             subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", "bench", "--ttl", "2h", "--json"],
                            check=True, capture_output=True, text=True, env=env).stdout
         )
-        log = open(work / "gateway.log", "wb")
-        gw_proc = subprocess.Popen([*cli, "serve"], stdout=log, stderr=log, env=env)
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        gw_proc = start_gateway(cli, env, http_port, work / "gateway.log")
         relay_port = free_port()
         relay_proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "relay.py"), str(relay_port), str(pg.port)])
         relay = pg.dsn("bench", password, "bench", sslmode="disable").replace(f":{pg.port}/", f":{relay_port}/")

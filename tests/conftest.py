@@ -166,6 +166,11 @@ sslrootcert = "{ca}"
 """
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without WARDGATE_* settings (a test's gateway gets only its own)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
+
+
 def make_gateway(
     base: Path, pg: LocalPostgres, extra_toml: str = "", store_url: str | None = None, tail_toml: str = "",
     env_extra: dict[str, str] | None = None, users: bool = True,
@@ -216,7 +221,7 @@ connections = ["shop*"]
 """
         + tail_toml
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
+    env = clean_env()
     env.update(SHOP_PASSWORD=APP_PASSWORD, SHOP_MD5_PASSWORD=MD5_PASSWORD, PYTHONUNBUFFERED="1")
     if store_url:
         env["WARDGATE_STORE_URL"] = store_url

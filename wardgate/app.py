@@ -154,7 +154,7 @@ class Gateway:
         self.reviews.refresh_policy_version()
         for live in list(self.postgres.sessions.values()):
             if live.identity is not None:
-                live.relay.set_policy(self.gatekeeper.statement_policy(live.identity, live.connection))
+                live.relay.policy = self.gatekeeper.statement_policy(live.identity, live.connection)
         changed = await asyncio.to_thread(self.store.note_policy, policy_snapshot(self.settings), actor)
         told = tell and await asyncio.to_thread(self.store.announce_now, "policy", "reload")
         log.info("policy reloaded (%s)%s", ", ".join(changed) if changed else "no change",

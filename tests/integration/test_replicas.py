@@ -245,7 +245,7 @@ def test_replicas_starting_together_migrate_a_new_store_once(tmp_path, pg) -> No
     lock), the others wait and find it done; none fails."""
     import subprocess
 
-    from tests.conftest import wardgate_cmd
+    from tests.conftest import clean_env, wardgate_cmd
 
     pg.psql("DROP DATABASE IF EXISTS wardgate_fresh")
     pg.psql("CREATE DATABASE wardgate_fresh OWNER app")
@@ -257,19 +257,13 @@ def test_replicas_starting_together_migrate_a_new_store_once(tmp_path, pg) -> No
         config.write_text(f'data_dir = "d{i}"\n')
         procs.append(subprocess.Popen([*wardgate_cmd(), "--config", str(config), "users", "list", "--json"],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**a_clean_env(), "WARDGATE_STORE_URL": url, "WARDGATE_SECRET_KEY": secret}))
+                                      env={**clean_env(), "WARDGATE_STORE_URL": url, "WARDGATE_SECRET_KEY": secret}))
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     with psycopg.connect(url) as db:
         assert db.execute("select count(*) from alembic_version").fetchone() == (1,)
         assert db.execute("select count(*) from keys").fetchone()[0] <= 1
-
-
-def a_clean_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("WARDGATE_")}
 
 
 def test_each_session_is_analysed_once_though_every_replica_analyses(replicas) -> None:

@@ -125,6 +125,12 @@ class ConnectionInfo:
         }
 
 
+def _event_row(r: dict[str, Any]) -> dict[str, Any]:
+    """An event journal record (journal.event) as a row of the events table, before it is chained."""
+    return {"id": r["id"], "at": r["at"], "kind": r["kind"], "outcome": r["outcome"], "user_name": r.get("user"),
+            "agent": r.get("agent"), "source": r.get("source"), "client_addr": r.get("addr"), "detail": r.get("detail")}
+
+
 def _engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -725,10 +731,7 @@ class Store:
                     statement_events.append({"id": _event_id("masked", r["sid"]), "at": r["at"], "kind": "masking.applied",
                                              "outcome": "ok", "sid": r["sid"], "detail": f"values masked: {counts}"})
             elif kind == "event":
-                events.append({
-                    "id": r["id"], "at": r["at"], "kind": r["kind"], "outcome": r["outcome"], "user_name": r.get("user"),
-                    "agent": r.get("agent"), "source": r.get("source"), "client_addr": r.get("addr"), "detail": r.get("detail"),
-                })
+                events.append(_event_row(r))
         statement_events += self._allowed_events(allowed)
         st, ss = m.Statement.__table__, m.Session.__table__
         bp = sa.bindparam
@@ -1114,10 +1117,7 @@ class Store:
             if done.first() is None:
                 return False
             if event is not None:
-                self._append_events(conn, [{
-                    "id": event["id"], "at": event["at"], "kind": event["kind"], "outcome": event["outcome"],
-                    "user_name": event.get("user"), "agent": event.get("agent"), "source": event.get("source"),
-                    "client_addr": event.get("addr"), "detail": event.get("detail")}])
+                self._append_events(conn, [_event_row(event)])
             return True
 
     def get_analysis(self, session_id: str) -> dict[str, Any] | None:

@@ -116,10 +116,10 @@ class ConsoleSession:
         return {"identity": asdict(self.identity), "csrf": self.csrf, "flash": self.flash, "until": self.expires_at}
 
     @classmethod
-    def from_data(cls, key: str, data: dict[str, Any], expires_at: float) -> ConsoleSession:
+    def from_data(cls, key: str, data: dict[str, Any]) -> ConsoleSession:
         ident = dict(data["identity"])
         ident["groups"] = tuple(ident.get("groups") or ())
-        return cls(key, Identity(**ident), data["csrf"], expires_at, list(data.get("flash") or []))
+        return cls(key, Identity(**ident), data["csrf"], float(data.get("until", 0.0)), list(data.get("flash") or []))
 
 
 def _digest(value: str) -> str:
@@ -189,7 +189,7 @@ class Console:
         data = self.store.console_get(key)
         if data is None:
             return None
-        session = ConsoleSession.from_data(key, data, float(data.get("until", 0.0)))
+        session = ConsoleSession.from_data(key, data)
         if session.expires_at < now:
             return None
         source = session.identity.source
@@ -209,6 +209,11 @@ class Console:
         return HTMLResponse(html, status_code=status, headers={
             "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
             "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store"})
+
+    @staticmethod
+    def _actor(request: Request, who: Identity) -> Actor:
+        """Who changed something through the console, for the audit log."""
+        return Actor(who.user, "console", who.agent, request.client.host if request.client else None)
 
     @staticmethod
     def _session(request: Request) -> ConsoleSession | None:
@@ -622,7 +627,7 @@ class Console:
         who = session.identity
         if "admin" not in self.gateway.gatekeeper.roles(who):
             return self.render(request, "error.html", 403, message="Users and groups are for admins.")
-        actor = Actor(who.user, "console", who.agent, request.client.host if request.client else None)
+        actor = self._actor(request, who)
         store, name = self.store, form.get("name", "").strip()
         groups = [g.strip() for g in form.get("groups", "").split(",") if g.strip()]
         action = form.get("action")
@@ -725,7 +730,7 @@ class Console:
                 issued = await asyncio.to_thread(
                     self.gateway.store.create_api_key, name=f"{agent} for {who.user}", kind="agent", user_name=who.user,
                     agent=agent, groups=[], ttl=None, created_by=who.user,
-                    actor=Actor(who.user, "console", who.agent, request.client.host if request.client else None))
+                    actor=self._actor(request, who))
                 created = {"id": issued.row.id, "agent": agent, "secret": issued.secret}
         admin = "admin" in self.gateway.gatekeeper.roles(who)
         rows = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys)
@@ -745,7 +750,7 @@ class Console:
             session.flash.append(f"No key {key_id} of yours.")
         else:
             await asyncio.to_thread(self.gateway.store.revoke_api_key, key_id,
-                                    Actor(who.user, "console", who.agent, request.client.host if request.client else None))
+                                    self._actor(request, who))
             session.flash.append(f"Key {key_id} revoked.")
         return RedirectResponse("/console/keys", status_code=303)
 

@@ -348,8 +348,8 @@ def row_description(body: bytes) -> list[Field]:
     return out
 
 
-def data_row_values(body: bytes) -> list[str | None]:
-    """A DataRow's values in text format, decoded (NULL as None)."""
+def data_row_raw(body: bytes) -> list[bytes | None]:
+    """A DataRow's values as bytes (NULL as None)."""
     (n,) = struct.unpack_from("!h", body, 0)
     pos, out = 2, []
     for _ in range(n):
@@ -358,9 +358,14 @@ def data_row_values(body: bytes) -> list[str | None]:
         if length < 0:
             out.append(None)
         else:
-            out.append(body[pos : pos + length].decode("utf-8", "replace"))
+            out.append(body[pos : pos + length])
             pos += length
     return out
+
+
+def data_row_values(body: bytes) -> list[str | None]:
+    """A DataRow's values in text format, decoded (NULL as None)."""
+    return [None if v is None else v.decode("utf-8", "replace") for v in data_row_raw(body)]
 
 
 def rows_from_tag(tag: str) -> int | None:

@@ -116,7 +116,6 @@ _COPY_OUT = ord("H")
 _COPY_DATA = ord("d")
 _COMMAND_COMPLETE = ord("C")
 _PARAMETER_STATUS = ord("S")
-_ESCAPES_ON = b"standard_conforming_strings\x00on\x00"
 _FAST_PATH_REFUSED = "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
 _PLACEHOLDER = re.compile(r"\$[0-9]")
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
@@ -191,8 +190,6 @@ class Relay:
         self._sample_rows = sample_rows
         self._sample_budget = sample_bytes if results == "sample" else 0
         self._column_names: dict[bytes, str] = {}  # RowDescription -> its names as JSON
-        # ParameterStatus: standard_conforming_strings must stay on wherever a rule reads statements.
-        self._escapes_guard = bool(self.policy.rules)
         if self.masking is None and not self._sample_budget:
             inspect = BACKEND_INSPECT + b"S" + (b"T" if self._results else b"")
             self.server_framer = Framer(inspect, max_inspect=1 << 30, max_message=1 << 30)
@@ -208,11 +205,6 @@ class Relay:
         self.ended = False
         self.terminating = False
         self.upstream_fatal = False
-
-    def set_policy(self, policy: StatementPolicy) -> None:
-        """New guardrails for the statements still to come (a policy reload)."""
-        self.policy = policy
-        self._escapes_guard = bool(policy.rules)
 
     def start(self) -> None:
         self.client.on_lost = self._client_lost
@@ -345,17 +337,7 @@ class Relay:
         while pos < n and len(entry.sample) < self._sample_rows and self._sample_budget > 0:
             length = int.from_bytes(run[pos + 1:pos + 5], "big")
             body = run[pos + 5:pos + 1 + length]
-            count = int.from_bytes(body[:2], "big")
-            values, at = [], 2
-            for _ in range(count):
-                size = int.from_bytes(body[at:at + 4], "big", signed=True)
-                at += 4
-                if size < 0:
-                    values.append(None)
-                else:
-                    values.append(_sample_value(body[at:at + size]))
-                    at += size
-            entry.sample.append(values)
+            entry.sample.append([None if v is None else _sample_value(v) for v in codec.data_row_raw(body)])
             self._sample_budget -= len(body)
             pos += 1 + length
 
@@ -509,8 +491,9 @@ class Relay:
                             self._sample(masked if masked is not None else fwd[offset:body])  # type: ignore[misc]
                         continue
                     if mtype == _PARAMETER_STATUS:
-                        if (self._escapes_guard and body.startswith(b"standard_conforming_strings\x00")
-                                and body != _ESCAPES_ON):
+                        # standard_conforming_strings must stay on wherever a rule reads statements
+                        name, value = codec.parse_parameter_status(body)
+                        if name == "standard_conforming_strings" and value != "on" and self.policy.rules:
                             raise _EscapesOff()
                         continue
                     if masking is not None and mtype in _MASK_TYPES:
