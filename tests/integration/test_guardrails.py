@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import asyncpg
+import httpx
 import psycopg
 import pytest
 
@@ -193,6 +194,18 @@ def test_standard_conforming_strings_stays_on(ggw, gcred, pg) -> None:
         psql(direct, "-c", "drop function escapes_off()")
     s = ggw.wait_for_session(lambda s: s["application_name"] == "t_escapes" and s["status"] == "closed")
     assert "standard_conforming_strings" in s["end_reason"]
+    # ... nor from the database role's own settings, on any door: native sessions and exec alike
+    key = ggw.cli_json("apikeys", "create", "--name", "escapes-exec", "--group", "dev")["key"]
+    psql(direct, "-c", "alter role app set standard_conforming_strings = off")
+    try:
+        native = psql(ggw.dsn(gcred), "-Atc", "select 1", check=False)
+        assert native.returncode != 0 and "standard_conforming_strings is off" in native.stderr
+        out = httpx.post(f"http://127.0.0.1:{ggw.http_port}/api/exec", headers={"authorization": f"Bearer {key}"},
+                         json={"connection": "shop", "sql": "select 'a\\' , ' ; drop table orders; -- '"}, timeout=30).json()
+        assert out["status"] == "failed" and out["code"] == "42501" and "standard_conforming_strings" in out["error"], out
+    finally:
+        psql(direct, "-c", "alter role app reset standard_conforming_strings")
+    assert psql(ggw.dsn(gcred), "-Atc", "select count(*) >= 0 from orders").stdout.strip() == "t"
 
 
 def test_a_policy_reload_applies_at_once_and_a_broken_file_changes_nothing(tmp_path, pg) -> None:

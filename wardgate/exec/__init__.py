@@ -269,21 +269,23 @@ class ExecRunner:
         gw.recorder.write([self._stmt(sid, sql, params, started, verdict, decision, caller, connection)])
         masking = gw.gatekeeper.masking_policy(caller, connection)
         try:
-            return await self._run_upstream(sid, connection, sql, params, masking, started)
+            return await self._run_upstream(sid, connection, sql, params, masking, started,
+                                            bool(gw.gatekeeper.statement_policy(caller, connection).rules))
         except Exception:
             log.exception("exec session %s failed", sid)
             self._close_session(sid, "internal gateway error")
             raise
 
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
-                            masking: MaskingPolicy, started: float) -> dict[str, Any]:
+                            masking: MaskingPolicy, started: float, ruled: bool) -> dict[str, Any]:
         gw = self.gateway
         up = None
         try:
             spec = await asyncio.to_thread(gw.store.get_connection, connection)
             if spec is None:
                 raise upstream.UpstreamError(f"connection {connection!r} does not exist", "3D000")
-            up = await upstream.connect(spec, {"application_name": "wardgate exec"}, gw.settings.gateway.upstream_connect_timeout)
+            up = await upstream.connect(spec, {"application_name": "wardgate exec"}, gw.settings.gateway.upstream_connect_timeout,
+                                        standard_strings=ruled)
             if masking and masking.needs_catalog:
                 masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))
             result = await self._query(up, sql, params, masking if masking else None)

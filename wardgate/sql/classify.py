@@ -118,6 +118,9 @@ def _visit(node: Any, w: _Walk) -> None:
         elif key == "JoinExpr" and isinstance(value, dict) and value.get("quals"):
             _columns(value["quals"], w.filter_columns)
             _visit(value, w)
+        elif key == "setstmt" and isinstance(value, dict):  # ALTER ROLE / DATABASE ... SET: later sessions' settings
+            _escapes(value, w)
+            _visit(value, w)
         elif key == "FuncCall" and isinstance(value, dict):
             w.functions.add(_names(value.get("funcname", [])))
             _visit(value, w)
@@ -159,6 +162,13 @@ def _setting_value(args: Any) -> str | None:
     return None
 
 
+def _escapes(setting: dict[str, Any], w: _Walk) -> None:
+    """A SET (of this session, or of a role's or database's sessions) that turns standard_conforming_strings off."""
+    if str(setting.get("name", "")).lower() == "standard_conforming_strings" and setting.get("kind") == "VAR_SET_VALUE" \
+            and _setting_value(setting.get("args")) not in _ON:
+        w.escapes_off = True
+
+
 def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
     kind = kind_of(name)
     rest = dict(body)
@@ -181,9 +191,8 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
         for obj in rest.get("objects", []):
             if isinstance(obj, dict) and "List" in obj:
                 w.writes.add(_names(obj["List"].get("items", [])))
-    elif name == "VariableSetStmt" and str(rest.get("name", "")).lower() == "standard_conforming_strings":
-        if rest.get("kind") == "VAR_SET_VALUE" and _setting_value(rest.get("args")) not in _ON:
-            w.escapes_off = True
+    elif name == "VariableSetStmt":
+        _escapes(rest, w)
     elif name == "CopyStmt":
         rel = rest.pop("relation", None)
         kind = "copy_from" if rest.get("is_from") else "copy_to"

@@ -254,19 +254,17 @@ class PostgresListener:
         if spec is None:
             raise Rejected("3D000", f"connection {conn_name!r} does not exist", hint="see `wardgate connections list`")
         forwarded = {k: v for k, v in params.items() if k not in ("user", "database", "replication")}
+        policy = self.gatekeeper.statement_policy(identity, conn_name)
         try:
-            up = await upstream.connect(spec, forwarded, self.settings.gateway.upstream_connect_timeout)
+            up = await upstream.connect(spec, forwarded, self.settings.gateway.upstream_connect_timeout,
+                                        standard_strings=bool(policy.rules))
         except upstream.UpstreamError as exc:
+            if exc.code == "42501":  # refused by the gateway's own rule, not a failing database
+                raise Rejected(exc.code, str(exc), hint=exc.hint) from None
             STATS.upstream_errors[conn_name] += 1
             raise Rejected(exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001", str(exc),
                            hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
         self._background(asyncio.to_thread(self.store.mark_used, matched))
-        policy = self.gatekeeper.statement_policy(identity, conn_name)
-        if policy.rules and dict(up.parameters).get("standard_conforming_strings", "on") != "on":
-            # From the client's `options`, or the role's or database's settings: see ESCAPES_RULE.
-            up.protocol.close()
-            raise Rejected("42501", "standard_conforming_strings is off for this session; the gateway's rules read SQL "
-                           "with it on", hint="do not set it in the connection's options (PGOPTIONS)")
 
         masking = self.gatekeeper.masking_policy(identity, conn_name)
         if masking.needs_catalog:

@@ -17,10 +17,11 @@ from .stream import PeerClosed, StreamProtocol
 class UpstreamError(Exception):
     """The upstream server could not be reached or refused the gateway. `code` is a SQLSTATE."""
 
-    def __init__(self, message: str, code: str = "08001", detail: str | None = None) -> None:
+    def __init__(self, message: str, code: str = "08001", detail: str | None = None, hint: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.detail = detail
+        self.hint = hint
 
 
 @dataclass
@@ -96,12 +97,22 @@ async def _open(spec: ConnectionSpec, timeout: float) -> StreamProtocol:
     return proto
 
 
-async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: float = 10.0) -> Upstream:
-    """Open, encrypt per sslmode, authenticate and wait for ReadyForQuery."""
+async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: float = 10.0, *,
+                  standard_strings: bool = False) -> Upstream:
+    """Open, encrypt per sslmode, authenticate and wait for ReadyForQuery.
+
+    `standard_strings`: the session's statements are read by rules, which read SQL as PostgreSQL does
+    with standard_conforming_strings on; a session that starts with it off (the client's options, the
+    role's or the database's settings) is refused, on every door that opens one."""
     password = resolve_password(spec)
     proto = await _open(spec, timeout)
     try:
-        return await asyncio.wait_for(_handshake(spec, proto, password, parameters), timeout)
+        up = await asyncio.wait_for(_handshake(spec, proto, password, parameters), timeout)
+        if standard_strings and dict(up.parameters).get("standard_conforming_strings", "on") != "on":
+            raise UpstreamError("standard_conforming_strings is off for this session; the gateway's rules read SQL "
+                                "with it on", "42501",
+                                hint="do not set it in the connection's options (PGOPTIONS) or the role's settings")
+        return up
     except TimeoutError as exc:
         proto.abort()
         raise UpstreamError(f"connection {spec.name!r} did not finish its handshake in {timeout:.0f}s", "08001") from exc
