@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 IDP    := tests/idp/node_modules/.package-lock.json
 AXE    := tests/browser/node_modules/.package-lock.json
 
-.PHONY: demo test test-fast bench lint setup system-deps system-deps-test clean
+.PHONY: demo test test-fast bench lint setup system-deps system-deps-test system-deps-bench clean
 
 demo: system-deps setup
 	$(PY) -m wardgate.demo
@@ -17,7 +17,7 @@ test: system-deps-test setup $(IDP) $(AXE)
 test-fast: setup
 	$(PY) -m pytest tests/unit
 
-bench: system-deps setup
+bench: system-deps-bench setup
 	$(PY) bench/run.py
 
 lint: setup
@@ -44,6 +44,9 @@ system-deps:
 
 system-deps-test:
 	@scripts/system-deps.sh test
+
+system-deps-bench:
+	@scripts/system-deps.sh bench
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info wardgate/engines/postgres/*.so

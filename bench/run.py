@@ -2,7 +2,8 @@
 
 Starts a local PostgreSQL and a gateway, then runs pgbench -S (simple, extended, prepared; 8
 clients), a 1,000-row fetch, and a one-client latency probe, alternating direct and gateway runs;
-then one against two gateway replicas on a PostgreSQL store.
+then the same through two references that forward bytes only (a bare Python relay, PgBouncer), and
+one against two gateway replicas on a PostgreSQL store.
 BENCH_SECONDS sets the length of each run (default 10), BENCH_ROUNDS the alternations (default 2),
 BENCH_ONLY a text that selects the workloads to run by name.
 """
@@ -14,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,37 @@ def start_gateway(cli: list[str], env: dict[str, str], http_port: int, log_path:
     raise RuntimeError(f"a gateway did not start: {log_path.read_text()}")
 
 
+def pgbouncer(pg: LocalPostgres, work: Path, password: str) -> tuple[Path | None, str]:
+    """PgBouncer (C, session pooling) in front of the same server: what a production proxy that only
+    forwards costs on this machine. (its pid file, DSN); (None, "") when it is not installed."""
+    binary = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if binary is None:
+        return None, ""
+    home = work / "pgbouncer"
+    home.mkdir()
+    port = free_port()
+    (home / "users.txt").write_text(f'"bench" "{password}"\n')
+    (home / "pgbouncer.ini").write_text(
+        f"[databases]\nbench = host=127.0.0.1 port={pg.port} dbname=bench user=bench password={password}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = scram-sha-256\nauth_file = {home / 'users.txt'}\npool_mode = session\n"
+        f"max_client_conn = 100\ndefault_pool_size = 20\nlogfile = {home / 'pgbouncer.log'}\n"
+        f"pidfile = {home / 'pgbouncer.pid'}\n")
+    cmd = [binary, "-d", str(home / "pgbouncer.ini")]
+    if os.geteuid() == 0:  # it refuses to run as root, like PostgreSQL
+        shutil.chown(home, "postgres")
+        for f in home.iterdir():
+            shutil.chown(f, "postgres")
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    subprocess.run(cmd, check=True, capture_output=True)
+    dsn = f"postgresql://bench:{password}@127.0.0.1:{port}/bench?sslmode=disable"
+    for _ in range(100):
+        if subprocess.run(["psql", dsn, "-Atc", "select 1"], capture_output=True).returncode == 0:
+            return home / "pgbouncer.pid", dsn
+        time.sleep(0.1)
+    raise RuntimeError(f"PgBouncer did not start: {(home / 'pgbouncer.log').read_text()}")
+
+
 def replicas(pg: LocalPostgres, work: Path, password: str) -> tuple[list[subprocess.Popen], str, str]:
     """Two gateways on one PostgreSQL store (in the benchmark's own server): their DSNs for one user."""
     from cryptography.fernet import Fernet
@@ -103,6 +136,7 @@ def main() -> int:
     work.chmod(0o711)  # the server may run as the postgres user
     pg = LocalPostgres(work / "pg")
     gw_proc = relay_proc = None
+    bouncer_pid: Path | None = None
     replica_procs: list[subprocess.Popen] = []
     try:
         with console.status("starting PostgreSQL and loading pgbench data (scale 10)..."):
@@ -143,6 +177,7 @@ def main() -> int:
         )
         policy = f"postgresql://bench:{cred2['credential']}@127.0.0.1:{port}/bench_policy?sslmode=disable"
         gateway_tls = gateway.replace("sslmode=disable", "sslmode=require")
+        bouncer_pid, bouncer = pgbouncer(pg, work, password)
         fetch = work / "fetch.sql"
         fetch.write_text("SELECT * FROM pgbench_accounts WHERE aid <= 1000;\n")
         pair: tuple[str, str] = ("", "")
@@ -162,6 +197,8 @@ def main() -> int:
             ("policy on: pgbench -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], policy),
             ("policy on: 1,000-row fetch, 2 masked columns, 4 clients", ["-f", str(fetch), "-c", "4", "-j", "2"], policy),
             ("reference: bare Python byte relay, -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], relay),
+            ("reference: PgBouncer (C, forwards only), -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"],
+             bouncer),
             # PostgreSQL store: 4 + 4 clients on one replica, then 4 on each of two (direct: 4 + 4 too)
             ("PostgreSQL store, 1 replica: -S simple, 4+4 clients", ["-S", "-M", "simple", "-c", "4"], one),
             ("PostgreSQL store, 2 replicas: -S simple, 4+4 clients", ["-S", "-M", "simple", "-c", "4"], pair),
@@ -171,7 +208,7 @@ def main() -> int:
             table.add_column(col, justify="right" if col != "workload" else "left")
         with console.status("benchmarking...") as status:
             for name, args, target in cases:
-                if ONLY and ONLY not in name:
+                if (ONLY and ONLY not in name) or not target:
                     continue
                 best_direct, best_gw = (0.0, 0.0), (0.0, 0.0)
                 for r in range(ROUNDS):
@@ -186,11 +223,14 @@ def main() -> int:
         console.print(table)
         console.print(
             "Added latency is the difference of pgbench's average latency; at one client it is the cost per query.\n"
-            "The bare relay row relays bytes without parsing or recording anything: the ceiling for a Python proxy here.\n"
+            "The reference rows relay bytes without parsing or recording anything: a bare Python relay (the ceiling\n"
+            "for a Python proxy here) and PgBouncer (what a production proxy in C costs here; absent when not installed).\n"
             "The replica rows run two pgbench processes at once; on one machine the replicas share its cores."
         )
         return 0
     finally:
+        if bouncer_pid is not None and bouncer_pid.exists():
+            os.kill(int(bouncer_pid.read_text()), signal.SIGTERM)
         for proc in (gw_proc, relay_proc, *replica_procs):
             if proc is not None:
                 proc.terminate()
