@@ -207,12 +207,23 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
 _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
 
 
+def number_key_py(text: str) -> str:
+    """The reference for number_key in engines/postgres/_wire.c: every number replaced by 0."""
+    return _NUMBER.sub("0", text)
+
+
+try:
+    from ..engines.postgres._wire import number_key
+except ImportError:  # built without a C compiler: the same contract, slower
+    number_key = number_key_py
+
+
 def cache_key(text: str) -> str:
     """Statements that differ only in numbers classify alike (`WHERE id = 7` and `WHERE id = 8`), so
     they share one cache entry. Numbers never decide a classification: only TRUE constants and names
     do, and neither is touched here. Text with quoted identifiers is left whole, since a digit there
     is part of a name."""
-    return text if '"' in text else _NUMBER.sub("0", text)
+    return text if '"' in text else number_key(text)
 
 
 @lru_cache(maxsize=8192)

@@ -1,6 +1,7 @@
-/* The two loops of the relay that run once per protocol message: framing a read, and masking
- * DataRows. Everything else stays in Python; framing.py and masking/plan.py hold the reference
- * implementations of both, and the tests check that the two agree on random and hostile input.
+/* The loops of the relay that run once per protocol message or statement: framing a read, masking
+ * DataRows, and the key statements are cached under. Everything else stays in Python; framing.py,
+ * masking/plan.py and sql/classify.py hold the reference implementations, and the tests check that
+ * the two agree on random and hostile input.
  *
  * Every length read from the wire is checked against the bytes actually present before it is used.
  */
@@ -408,9 +409,81 @@ done:
     return result;
 }
 
+/* number_key(text) -> str: `text` with every match of the regular expression \b\d+(?:\.\d+)?\b
+ * replaced by "0", exactly as re.sub does it for a str (Unicode decimal digits and word characters;
+ * see cache_key_py in sql/classify.py). The statement cache's key: numbers never decide a
+ * classification, so statements that differ only in them share an entry. */
+static inline int is_word(Py_UCS4 c) { return Py_UNICODE_ISALNUM(c) || c == '_'; }
+
+static PyObject *number_key(PyObject *self, PyObject *arg)
+{
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "number_key expects a str");
+        return NULL;
+    }
+    if (PyUnicode_READY(arg) < 0)
+        return NULL;
+    const int kind = PyUnicode_KIND(arg);
+    const void *d = PyUnicode_DATA(arg);
+    const Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
+    _PyUnicodeWriter w;
+    int writing = 0;
+    Py_ssize_t copied = 0; /* text[copied:] is not written yet */
+    Py_ssize_t i = 0;
+    int prev_word = 0;
+    while (i < n) {
+        Py_UCS4 c = PyUnicode_READ(kind, d, i);
+        if (prev_word || !Py_UNICODE_ISDECIMAL(c)) {
+            prev_word = is_word(c);
+            i++;
+            continue;
+        }
+        /* a run of digits at a word boundary */
+        Py_ssize_t j = i + 1;
+        while (j < n && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, d, j)))
+            j++;
+        Py_ssize_t end = -1;
+        if (j + 1 < n && PyUnicode_READ(kind, d, j) == '.' && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, d, j + 1))) {
+            Py_ssize_t k = j + 2;
+            while (k < n && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, d, k)))
+                k++;
+            if (k == n || !is_word(PyUnicode_READ(kind, d, k)))
+                end = k;
+        }
+        if (end < 0 && (j == n || !is_word(PyUnicode_READ(kind, d, j))))
+            end = j;
+        if (end < 0) { /* digits run into a word character: no boundary anywhere in them */
+            prev_word = 1;
+            i = j;
+            continue;
+        }
+        if (!writing) {
+            _PyUnicodeWriter_Init(&w);
+            w.min_length = n;
+            writing = 1;
+        }
+        if ((i > copied && _PyUnicodeWriter_WriteSubstring(&w, arg, copied, i) < 0) || _PyUnicodeWriter_WriteChar(&w, '0') < 0) {
+            _PyUnicodeWriter_Dealloc(&w);
+            return NULL;
+        }
+        copied = i = end;
+        prev_word = 1; /* the last character replaced was a digit */
+    }
+    if (!writing) {
+        Py_INCREF(arg);
+        return arg;
+    }
+    if (n > copied && _PyUnicodeWriter_WriteSubstring(&w, arg, copied, n) < 0) {
+        _PyUnicodeWriter_Dealloc(&w);
+        return NULL;
+    }
+    return _PyUnicodeWriter_Finish(&w);
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "Frame a read: (pos, state, extra, msgs). See framing.py."},
     {"mask_rows", mask_rows, METH_VARARGS, "Mask a run of DataRows. See masking/plan.py."},
+    {"number_key", number_key, METH_O, "A statement's cache key: its numbers replaced by 0. See sql/classify.py."},
     {NULL, NULL, 0, NULL},
 };
 
