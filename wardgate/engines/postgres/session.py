@@ -59,7 +59,9 @@ def _jstr(value: str | None) -> str:
 
 def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str, verdict: str = "") -> str:
     """A statement's record; `verdict` is empty for the common case (allowed, no rule matched)."""
-    return (f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time()!r},'
+    # Times are written as integers with an exponent (microseconds: 1700000000123456e-6), which JSON
+    # reads as the same number and which is three times cheaper to format than a float.
+    return (f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time_ns() // 1000}e-6,'
             f'"text":{_jstring(text)}{verdict}}}\n')
 
 
@@ -200,7 +202,7 @@ class Relay:
             # Rows are rewritten, so they are looked at whole (bounded like any inspected message).
             self.server_framer = Framer(BACKEND_INSPECT + b"STnDdHG", max_inspect=max_message, max_message=max_message,
                                         rows=_DATA_ROW)
-        self._starts: dict[int, float] = {}
+        self._starts: dict[int, int] = {}  # seq -> perf_counter_ns at its start
         self._verdict = ""  # decision fields for the next statement record, when a rule matched
         self.ended = False
         self.terminating = False
@@ -239,7 +241,7 @@ class Relay:
                             self._refuse(mtype, body, offset, refusal, records, edits)
                             continue
                         seq = self.tracker.start_query(text)
-                        self._starts[seq] = time.perf_counter()
+                        self._starts[seq] = time.perf_counter_ns()
                         records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict()))
                         continue
                     if mtype == _TERMINATE:
@@ -263,7 +265,7 @@ class Relay:
                         continue
                     started = self.tracker.frontend(mtype, body)
                     if started is not None:
-                        self._starts[started.seq] = time.perf_counter()
+                        self._starts[started.seq] = time.perf_counter_ns()
                         verdict = started.verdict
                         if started.params:
                             verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
@@ -447,7 +449,7 @@ class Relay:
             started = self.tracker.frontend(mtype, body)
             assert started is not None
             self._refused_queries[started.seq] = message
-            self._starts[started.seq] = time.perf_counter()
+            self._starts[started.seq] = time.perf_counter_ns()
             verdict = self._take_verdict() if mtype == _QUERY else ',"d":"deny","r":[]'
             records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text, verdict))
             text = started.text
@@ -534,9 +536,9 @@ class Relay:
                         t0 = self._starts.pop(fin.seq, None)
                         ms = None
                         if t0 is not None:
-                            elapsed = time.perf_counter() - t0
-                            _LATENCY.observe(elapsed)
-                            ms = f"{elapsed * 1000:.3f}"
+                            elapsed = time.perf_counter_ns() - t0
+                            _LATENCY.observe(elapsed * 1e-9)
+                            ms = f"{elapsed // 1000}e-3"
                         records.append(_done_line(sid, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
                                                   fin.error_message, "" if fin.cols is None else _result(fin)))
                 if records:

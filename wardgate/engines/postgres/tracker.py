@@ -23,6 +23,7 @@ CMD_COMPLETE, EMPTY, SUSPENDED, ERROR, READY = (ord(c) for c in "CIsEZ")
 FRONTEND_INSPECT = b"QPBECSF"
 BACKEND_INSPECT = b"CIsEZ"
 PARAM_LIMIT = 1000  # characters of a bound value kept in the record
+_TAGS: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete body -> (tag, rows): sessions repeat a few
 
 
 @dataclass(slots=True)
@@ -154,10 +155,6 @@ class StatementTracker:
     def last(self) -> _Pending | None:
         return self._pending[-1] if self._pending else None
 
-    def current(self) -> _Pending | None:
-        """The statement whose results upstream is sending now."""
-        return self._head()
-
     def described(self) -> tuple[int, bytes] | None:
         """Upstream sent RowDescription or NoData: which Describe it answers, or None if it belongs
         to the current statement (a simple Query)."""
@@ -201,11 +198,17 @@ class StatementTracker:
         if head is None:
             return None
         if mtype == CMD_COMPLETE:
-            end = body.find(b"\x00")
-            tag = (body if end < 0 else body[:end]).decode("utf-8", "replace")
+            known = _TAGS.get(body)
+            if known is None:
+                end = body.find(b"\x00")
+                tag = (body if end < 0 else body[:end]).decode("utf-8", "replace")
+                known = (tag, rows_from_tag(tag))
+                if len(_TAGS) >= 1024:
+                    _TAGS.clear()
+                _TAGS[body] = known
+            tag, rows = known
         else:
-            tag = "EMPTY" if mtype == EMPTY else "SUSPENDED"
-        rows = rows_from_tag(tag)
+            tag, rows = ("EMPTY" if mtype == EMPTY else "SUSPENDED"), None
         if head.kind == E:
             self._pending.popleft()
             return Finished(head.seq, "ok", tag, rows, cols=head.cols, sample=head.sample)
@@ -252,9 +255,12 @@ class StatementTracker:
 
     def _head(self) -> _Pending | None:
         """The statement the backend is answering now; None while it answers a bare Sync."""
-        if self._pending and self._pending[0].kind != S:
-            return self._pending[0]
+        pending = self._pending
+        if pending and pending[0].kind != S:
+            return pending[0]
         return None
+
+    current = _head  # the statement whose results upstream is sending now (the relay asks per message)
 
     @staticmethod
     def _finish(p: _Pending) -> Finished:
