@@ -32,13 +32,13 @@ def encode(records: list[dict[str, Any]]) -> str:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     text = path.read_bytes().decode("utf-8", "replace")
-    lines = text.splitlines()
     try:
-        return json.loads("[" + ",".join(lines) + "]")  # one parse for the whole file
+        # One parse for the whole file: a record is one line, and JSON escapes every newline in a value.
+        return json.loads("[" + text.rstrip("\n").replace("\n", ",") + "]")
     except ValueError:
         pass
     out = []
-    for line in lines:
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import operator
 import os
 import secrets
 import time
@@ -44,7 +43,6 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 def _event_id(*parts: object) -> str:
     """A stable id for an event derived from a record, so that a journal applied twice adds it once."""
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:32]
-_stmt_tuple = operator.itemgetter(*_STMT_COLUMNS)  # a statement row as the insert's tuple
 _STMT_COLUMN_LIST = ", ".join(f'"{c}"' for c in _STMT_COLUMNS)
 CREDENTIAL_PREFIX = "wgc_"
 
@@ -679,7 +677,7 @@ class Store:
         if not records:
             return
         sessions: dict[str, dict[str, Any]] = {}
-        stmts: dict[tuple[str, int], dict[str, Any]] = {}
+        stmts: dict[tuple[str, int], list[Any]] = {}  # rows in _STMT_COLUMNS order
         finished: list[dict[str, Any]] = []
         ends: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
@@ -689,29 +687,32 @@ class Store:
         for r in records:
             kind = r["k"]
             if kind == "stmt":
+                sid, seq, at, text, params = r["sid"], r["seq"], r["at"], r["text"], r.get("p")
                 decision = r.get("d", "allow")
                 rules = r.get("r")
-                stmts[(r["sid"], r["seq"])] = {
-                    "session_id": r["sid"], "seq": r["seq"], "kind": r["kind"], "text": r["text"],
-                    "param_count": r["np"], "started_at": r["at"], "status": "running", "duration_ms": None,
-                    "rows": None, "command_tag": None, "error_code": None, "error_message": None,
-                    "decision": decision, "rules": None if rules is None else _dumps(rules),
-                    "params": None if r.get("p") is None else _dumps(r["p"]), "result": None,
-                }
+                stmts[(sid, seq)] = [
+                    sid, seq, r["kind"], text, r["np"], at, "running", None, None, None, None, None,
+                    decision, None if rules is None else _dumps(rules), None if params is None else _dumps(params), None,
+                ]
                 if decision in ("allow", "approved", "shadow"):  # refusals have their own event, with the reason
-                    allowed.setdefault(r["sid"], []).append(
-                        (r["seq"], audit.statement_digest(r["text"], r.get("p")), decision, r["at"]))
+                    digest = audit.statement_digest(text, params)
+                    if sid in allowed:
+                        allowed[sid].append((seq, digest, decision, at))
+                    else:
+                        allowed[sid] = [(seq, digest, decision, at)]
             elif kind == "done":
-                outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
-                           "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
                 result = r.get("res")  # the relay's: the result record as JSON text already
                 if result is None and "cols" in r:
                     result = _dumps({"columns": r["cols"]} if "sample" not in r else
                                     {"columns": r["cols"], "sample": r["sample"]})
                 row = stmts.get((r["sid"], r["seq"]))
-                if row is not None:
-                    row.update(outcome, result=result)  # one insert
-                elif result is not None:
+                if row is not None:  # one insert
+                    row[6:12] = r["status"], r.get("ms"), r.get("rows"), r.get("tag"), r.get("code"), r.get("msg")
+                    row[15] = result
+                    continue
+                outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
+                           "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
+                if result is not None:
                     with_result.append({"b_sid": r["sid"], "b_seq": r["seq"], "b_result": json.loads(result),
                                         **{f"b_{k}": v for k, v in outcome.items()}})
                 else:
@@ -748,7 +749,7 @@ class Store:
                 conn.exec_driver_sql(
                     f"INSERT INTO statements ({_STMT_COLUMN_LIST}) "
                     f"VALUES ({', '.join([ph] * len(_STMT_COLUMNS))}) ON CONFLICT DO NOTHING",
-                    list(map(_stmt_tuple, stmts.values())),
+                    list(map(tuple, stmts.values())),
                 )
             if finished:
                 conn.execute(

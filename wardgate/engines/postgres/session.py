@@ -72,9 +72,10 @@ def _verdict(action: str, decision: Any) -> str:
 
 def _done_line(sid: str, seq: int, status: str, ms: str | None, rows: int | None, tag: str | None,
                code: str | None, msg: str | None, result: str = "") -> str:
+    """A statement's outcome; an error's code and message only when there is one (absent reads as null)."""
+    error = "" if code is None and msg is None else f',"code":{_jstr(code)},"msg":{_jstr(msg)}'
     return (f'{{"k":"done","sid":"{sid}","seq":{seq},"status":"{status}","ms":{ms or "null"},'
-            f'"rows":{"null" if rows is None else rows},"tag":{_jstr(tag)},"code":{_jstr(code)},"msg":{_jstr(msg)}'
-            f'{result}}}\n')
+            f'"rows":{"null" if rows is None else rows},"tag":{_jstr(tag)}{error}{result}}}\n')
 
 
 def _result(fin: Finished) -> str:
