@@ -94,10 +94,11 @@ class Journal:
         self.fd, self.path, self.size = fd, path, 0
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        n = os.write(self.fd, data)
+        if n < len(data):  # a short write (rare for a regular file): the rest, until all is written
+            view = memoryview(data)[n:]
+            while view:
+                view = view[os.write(self.fd, view):]
         self.size += len(data)
 
     def _finish(self) -> None:

@@ -262,6 +262,20 @@ class StatementTracker:
 
     current = _head  # the statement whose results upstream is sending now (the relay asks per message)
 
+    def sole_query(self) -> _Pending | None:
+        """The simple Query in flight when it is the only thing in flight, else None."""
+        pending = self._pending
+        if len(pending) == 1 and pending[0].kind == Q:
+            return pending[0]
+        return None
+
+    def finish_sole(self, complete: bytes, ready: bytes) -> Finished:
+        """`complete` then `ready` (a CommandComplete body, then a ReadyForQuery's), when sole_query() is
+        what they end: the same as complete() and ready(), in one call."""
+        self.complete(complete)
+        self.transaction_status = ready[:1] or b"I"
+        return self._finish(self._pending.popleft())
+
     @staticmethod
     def _finish(p: _Pending) -> Finished:
         tag = ";".join(p.tags) if p.tags else None
