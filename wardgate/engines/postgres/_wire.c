@@ -413,7 +413,14 @@ done:
  * replaced by "0", exactly as re.sub does it for a str (Unicode decimal digits and word characters;
  * see cache_key_py in sql/classify.py). The statement cache's key: numbers never decide a
  * classification, so statements that differ only in them share an entry. */
-static inline int is_word(Py_UCS4 c) { return Py_UNICODE_ISALNUM(c) || c == '_'; }
+static inline int is_word(Py_UCS4 c)
+{
+    if (c < 128)
+        return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+    return Py_UNICODE_ISALNUM(c);
+}
+
+static inline int is_digit(Py_UCS4 c) { return c < 128 ? (c >= '0' && c <= '9') : Py_UNICODE_ISDECIMAL(c); }
 
 static PyObject *number_key(PyObject *self, PyObject *arg)
 {
@@ -433,19 +440,19 @@ static PyObject *number_key(PyObject *self, PyObject *arg)
     int prev_word = 0;
     while (i < n) {
         Py_UCS4 c = PyUnicode_READ(kind, d, i);
-        if (prev_word || !Py_UNICODE_ISDECIMAL(c)) {
+        if (prev_word || !is_digit(c)) {
             prev_word = is_word(c);
             i++;
             continue;
         }
         /* a run of digits at a word boundary */
         Py_ssize_t j = i + 1;
-        while (j < n && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, d, j)))
+        while (j < n && is_digit(PyUnicode_READ(kind, d, j)))
             j++;
         Py_ssize_t end = -1;
-        if (j + 1 < n && PyUnicode_READ(kind, d, j) == '.' && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, d, j + 1))) {
+        if (j + 1 < n && PyUnicode_READ(kind, d, j) == '.' && is_digit(PyUnicode_READ(kind, d, j + 1))) {
             Py_ssize_t k = j + 2;
-            while (k < n && Py_UNICODE_ISDECIMAL(PyUnicode_READ(kind, d, k)))
+            while (k < n && is_digit(PyUnicode_READ(kind, d, k)))
                 k++;
             if (k == n || !is_word(PyUnicode_READ(kind, d, k)))
                 end = k;
