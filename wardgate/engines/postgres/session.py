@@ -506,16 +506,19 @@ class Relay:
         if self._results:
             names = self._column_names.get(description)
             entry.cols = names if names is not None else self._columns(description)
-        fin = tracker.finish_sole(msgs[-2][1], msgs[-1][1])
+        self._defer([self._outcome(tracker.finish_sole(msgs[-2][1], msgs[-1][1]))])
+        return fwd
+
+    def _outcome(self, fin: Finished) -> str:
+        """A finished statement's record, with its duration."""
         t0 = self._starts.pop(fin.seq, None)
         ms = None
         if t0 is not None:
             elapsed = time.perf_counter_ns() - t0
             _LATENCY.observe(elapsed * 1e-9)
             ms = f"{elapsed // 1000}e-3"
-        self._defer([_done_line(self.session_id, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
-                                fin.error_message, "" if fin.cols is None else _result(fin))])
-        return fwd
+        return _done_line(self.session_id, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
+                          fin.error_message, "" if fin.cols is None else _result(fin))
 
     def from_upstream(self, data: bytes) -> None:
         if self.ended:
@@ -526,7 +529,6 @@ class Relay:
                 fwd = simple
             elif msgs:
                 records = []
-                sid = self.session_id
                 edits: list[tuple[int, int, bytes]] = []
                 masking = self.masking
                 tracker = self.tracker
@@ -577,14 +579,7 @@ class Relay:
                             fin = Finished(fin.seq, "denied", fin.tag, fin.rows, "42501", refused)
                         elif refusal is not None:  # an Execute in the batch of a refused Parse: never ran
                             fin = Finished(fin.seq, "skipped", fin.tag, fin.rows, "42501", refusal[1])
-                        t0 = self._starts.pop(fin.seq, None)
-                        ms = None
-                        if t0 is not None:
-                            elapsed = time.perf_counter_ns() - t0
-                            _LATENCY.observe(elapsed * 1e-9)
-                            ms = f"{elapsed // 1000}e-3"
-                        records.append(_done_line(sid, fin.seq, fin.status, ms, fin.rows, fin.tag, fin.error_code,
-                                                  fin.error_message, "" if fin.cols is None else _result(fin)))
+                        records.append(self._outcome(fin))
                 if records:
                     self._defer(records)
                 if edits:
