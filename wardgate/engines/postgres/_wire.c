@@ -428,14 +428,15 @@ static PyObject *number_key(PyObject *self, PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "number_key expects a str");
         return NULL;
     }
+#if PY_VERSION_HEX < 0x030C0000
     if (PyUnicode_READY(arg) < 0)
         return NULL;
+#endif
     const int kind = PyUnicode_KIND(arg);
     const void *d = PyUnicode_DATA(arg);
     const Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
-    _PyUnicodeWriter w;
-    int writing = 0;
-    Py_ssize_t copied = 0; /* text[copied:] is not written yet */
+    Py_UCS4 *out = NULL; /* allocated at the first number: most texts come back as they are */
+    Py_ssize_t o = 0, copied = 0; /* text[copied:] is not in out yet */
     Py_ssize_t i = 0;
     int prev_word = 0;
     while (i < n) {
@@ -464,27 +465,23 @@ static PyObject *number_key(PyObject *self, PyObject *arg)
             i = j;
             continue;
         }
-        if (!writing) {
-            _PyUnicodeWriter_Init(&w);
-            w.min_length = n;
-            writing = 1;
-        }
-        if ((i > copied && _PyUnicodeWriter_WriteSubstring(&w, arg, copied, i) < 0) || _PyUnicodeWriter_WriteChar(&w, '0') < 0) {
-            _PyUnicodeWriter_Dealloc(&w);
-            return NULL;
-        }
+        if (out == NULL && (out = PyMem_Malloc((size_t)n * sizeof(Py_UCS4))) == NULL)
+            return PyErr_NoMemory();
+        for (; copied < i; copied++)
+            out[o++] = PyUnicode_READ(kind, d, copied);
+        out[o++] = '0'; /* never longer than the text: a number becomes one character */
         copied = i = end;
         prev_word = 1; /* the last character replaced was a digit */
     }
-    if (!writing) {
+    if (out == NULL) {
         Py_INCREF(arg);
         return arg;
     }
-    if (n > copied && _PyUnicodeWriter_WriteSubstring(&w, arg, copied, n) < 0) {
-        _PyUnicodeWriter_Dealloc(&w);
-        return NULL;
-    }
-    return _PyUnicodeWriter_Finish(&w);
+    for (; copied < n; copied++)
+        out[o++] = PyUnicode_READ(kind, d, copied);
+    PyObject *result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, o);
+    PyMem_Free(out);
+    return result;
 }
 
 static PyMethodDef methods[] = {
