@@ -203,9 +203,10 @@ class StatementTracker:
                 end = body.find(b"\x00")
                 tag = (body if end < 0 else body[:end]).decode("utf-8", "replace")
                 known = (tag, rows_from_tag(tag))
-                if len(_TAGS) >= 1024:
-                    _TAGS.clear()
-                _TAGS[body] = known
+                if len(body) <= 64:  # real tags are short; whatever else a server sends is not kept
+                    if len(_TAGS) >= 1024:
+                        _TAGS.clear()
+                    _TAGS[body] = known
             tag, rows = known
         else:
             tag, rows = ("EMPTY" if mtype == EMPTY else "SUSPENDED"), None
