@@ -7,6 +7,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 def luhn_ok(digits: str) -> bool:
@@ -96,11 +97,15 @@ def custom(name: str, pattern: str) -> Detector:
     return Detector(name, _always, compiled)
 
 
+@lru_cache(maxsize=64)
+def _in_priority(kinds: tuple[str, ...]) -> tuple[Detector, ...]:
+    return tuple(DETECTORS[k] for k in PRIORITY if k in kinds)
+
+
 def find(text: str, raw: bytes, kinds: tuple[str, ...], extra: tuple[Detector, ...] = ()) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, kind) spans of PII in `text`, in order."""
     accepted: list[tuple[int, int, str]] = []
-    detectors = [DETECTORS[k] for k in PRIORITY if k in kinds] + list(extra)
-    for det in detectors:
+    for det in _in_priority(kinds) + tuple(extra):
         if not det.prefilter(raw):
             continue
         for s, e in det.spans(text):

@@ -111,9 +111,18 @@ class RowMasker:
         self.hits = hits if hits is not None else [0] * width  # values masked, per column index
         by_index = {c.index: c for c in columns}
         self.actions: tuple[Action, ...] = tuple(self._action(by_index.get(i)) for i in range(width))
+        self._for_formats: dict[tuple[int, ...], RowMasker] = {}  # a prepared statement runs with the same few
 
     def for_formats(self, formats: tuple[int, ...]) -> RowMasker:
         """This plan for rows in the result formats a Bind asked for."""
+        plan = self._for_formats.get(formats)
+        if plan is None:
+            if len(self._for_formats) >= 16:
+                self._for_formats.clear()
+            plan = self._for_formats[formats] = self._formatted(formats)
+        return plan
+
+    def _formatted(self, formats: tuple[int, ...]) -> RowMasker:
         def fmt(i: int) -> int:
             return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
 
@@ -152,8 +161,7 @@ class RowMasker:
                 return _redacted(col.name)  # the same bytes for every row
             return (functools.partial(self._mask_whole, col), False, 0, False, True)
         kinds, patterns, _ = col.detectors  # type: ignore[misc]
-        min_digits = min((_MIN_DIGITS[k] for k in kinds if k in _MIN_DIGITS), default=0)
-        return (functools.partial(self._mask_content, col), "email" in kinds, min_digits, "ip" in kinds, bool(patterns))
+        return (functools.partial(self._mask_content, col), *_screen(kinds), bool(patterns))
 
     def _mask_whole(self, col: _Column, raw: bytes) -> bytes:
         self.hits[col.index] += 1
@@ -176,6 +184,14 @@ class RowMasker:
             last = e
         out.append(text[last:])
         return _value("".join(out))
+
+
+@lru_cache(maxsize=64)
+def _screen(kinds: tuple[str, ...]) -> tuple[bool, int, bool]:
+    """What _worth_a_look needs to know of detector kinds: (email among them, fewest digits any
+    digit-based kind needs, ip among them)."""
+    min_digits = min((_MIN_DIGITS[k] for k in kinds if k in _MIN_DIGITS), default=0)
+    return "email" in kinds, min_digits, "ip" in kinds
 
 
 def _worth_a_look(raw: bytes, at: bool, min_digits: int, ip: bool) -> bool:
@@ -339,7 +355,12 @@ class MaskingPolicy:
         """A free-standing value (a statement's parameter, for its record) with the content detectors applied."""
         for r in self.rules:
             if r.detectors or r.patterns:
-                spans = find(text, text.encode("utf-8"), r.detectors, r.patterns)
+                raw = text.encode("utf-8")
+                if not r.patterns and not _worth_a_look(raw, *_screen(r.detectors)):
+                    return text  # no detector of this rule can match (their own pre-filters would say so too)
+                spans = find(text, raw, r.detectors, r.patterns)
+                if not spans:
+                    return text
                 out, last = [], 0
                 for s, e, kind in spans:
                     out.append(text[last:s])
