@@ -44,6 +44,9 @@ def _event_id(*parts: object) -> str:
     """A stable id for an event derived from a record, so that a journal applied twice adds it once."""
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:32]
 _STMT_COLUMN_LIST = ", ".join(f'"{c}"' for c in _STMT_COLUMNS)
+# Where a statement's outcome and result go in its row (apply_records fills them in place).
+_OUTCOME = slice(_STMT_COLUMNS.index("status"), _STMT_COLUMNS.index("error_message") + 1)
+_RESULT = _STMT_COLUMNS.index("result")
 CREDENTIAL_PREFIX = "wgc_"
 
 
@@ -707,8 +710,8 @@ class Store:
                                     {"columns": r["cols"], "sample": r["sample"]})
                 row = stmts.get((r["sid"], r["seq"]))
                 if row is not None:  # one insert
-                    row[6:12] = r["status"], r.get("ms"), r.get("rows"), r.get("tag"), r.get("code"), r.get("msg")
-                    row[15] = result
+                    row[_OUTCOME] = r["status"], r.get("ms"), r.get("rows"), r.get("tag"), r.get("code"), r.get("msg")
+                    row[_RESULT] = result
                     continue
                 outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
                            "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
