@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,21 @@ password_env = "SHOP_PASSWORD"
 sslmode = "verify-full"
 sslrootcert = "{ca}"
 """
+
+
+def until_refused(attempt: Callable[[], object], rule: str, failure: str, timeout: float = 10.0) -> None:
+    """Run `attempt` until the gateway refuses it by `rule` (a policy change takes effect), or fail with `failure`."""
+    import psycopg
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            attempt()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            assert rule in str(exc)
+            return
+        assert time.time() < deadline, failure
+        time.sleep(0.2)
 
 
 def clean_env() -> dict[str, str]:
