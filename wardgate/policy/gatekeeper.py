@@ -25,6 +25,16 @@ COPY_OUT_RULE = Rule(
 # gateway's parser (like PostgreSQL's default) sees one SELECT of two strings. Every rule relies on
 # reading statements as the server does, so wherever a rule applies, the setting stays on: this rule
 # refuses changing it, and the gateway refuses sessions (and ends any) where the server reports it off.
+# Column masking rewrites result columns that come straight from a masked column; PostgreSQL names
+# their origin in RowDescription, even through aliases, subqueries and CTEs. A value computed from a
+# masked column (`upper(status)`, `status || ''`, `to_jsonb(t)`, a UNION, a scalar subquery, a copy into
+# another table or view) has no origin to go by, so for identities the masking applies to, it is refused.
+DERIVED_RULE = Rule(
+    "masking:derived", masked_derived=True,
+    message="column masking applies to you on this connection, and only plain masked columns can be masked in "
+            "results; select the column itself (it comes back masked), or ask for an exemption",
+)
+
 ESCAPES_RULE = Rule(
     "gateway:string-escapes", escapes_off=True,
     message="the gateway reads SQL with standard_conforming_strings on, as PostgreSQL does by default; "
@@ -78,6 +88,7 @@ class Gatekeeper:
             # COPY output names no columns, so column rules cannot apply to it: without this rule,
             # COPY (SELECT masked_column ...) TO STDOUT would be a way around them.
             rules.append(COPY_OUT_RULE)
+            rules.append(dataclasses.replace(DERIVED_RULE, masked_columns=masked))
         if rules:
             rules.append(ESCAPES_RULE)
         return StatementPolicy(rules)

@@ -40,6 +40,7 @@ class Rule:
     copy_program: bool = False
     escapes_off: bool = False  # statements that turn standard_conforming_strings off
     masked_filters: bool = False  # statements that filter, join, group or sort on a masked column
+    masked_derived: bool = False  # statements that compute values from a masked column, or take whole rows
     masked_columns: tuple[str, ...] = ()  # filled per session from the masking rules that apply
     shadow: bool = False
     approvers: tuple[str, ...] = ()  # review: groups whose members may approve (none: the admins)
@@ -72,10 +73,34 @@ class Rule:
         if self.escapes_off and c.escapes_off:
             return "turns standard_conforming_strings off"
         if self.masked_filters and self.masked_columns:
-            for col in sorted(c.filter_columns):
-                if any(fnmatch.fnmatchcase(col, p) for p in self.masked_columns):
-                    return f"filters, joins, groups or sorts on masked column {col} (its values could be inferred)"
+            if col := _first_masked(c.filter_columns, self.masked_columns, c.renames):
+                return f"filters, joins, groups or sorts on masked column {col} (its values could be inferred)"
+        if self.masked_derived and self.masked_columns:
+            if c.whole_rows:
+                return "takes whole rows as one value, with their masked columns inside"
+            if col := _first_masked(c.derived_columns, self.masked_columns, c.renames):
+                return f"computes a value from masked column {col}"
         return None
+
+
+def _first_masked(columns: frozenset[str], patterns: tuple[str, ...], renames: frozenset[tuple[str, str]]) -> str | None:
+    """The first of `columns` (plain names, as a statement writes them) that may be a masked column.
+    A rule's `table.column` is matched by its column name (a statement's reference seldom names the
+    table, and an alias hides it), and names a subquery or CTE gives a masked column are masked too."""
+    masks = {p.rsplit(".", 1)[-1].lower() for p in patterns}
+
+    def masked(name: str) -> bool:
+        return name in aliases or any(fnmatch.fnmatchcase(name, m) for m in masks)
+
+    aliases: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for out, src in renames:
+            if out not in aliases and (src == "*" or masked(src)):
+                aliases.add(out)
+                grew = True
+    return next((col for col in sorted(columns) if masked(col)), None)
 
 
 def standard_rules(scope: dict[str, Any]) -> list[Rule]:

@@ -64,6 +64,15 @@ class Classification:
     # SET standard_conforming_strings to anything but on: PostgreSQL would then read backslashes in
     # plain string literals as escapes, and the statements after it differently from this parser
     escapes_off: bool = False
+    # Lineage of result values, for column masking (which works on plain result columns only):
+    # columns whose values are computed into a result or another row (inside expressions, set
+    # operations, scalar subqueries, INSERT ... SELECT, UPDATE ... SET, views and tables made from queries),
+    derived_columns: frozenset[str] = frozenset()
+    # (output name, source name) of plain columns passed through a subquery or CTE under another name
+    # ("*" as source: a star under renamed columns),
+    renames: frozenset[tuple[str, str]] = frozenset()
+    # and whether a whole row of a relation is taken as one value (`SELECT t FROM t`, `row_to_json(t.*)`).
+    whole_rows: bool = False
 
     @property
     def is_write(self) -> bool:
@@ -75,6 +84,7 @@ class Classification:
             "functions": sorted(self.functions), "unconditional": sorted(self.unconditional),
             "copy_program": self.copy_program, "statements": self.statements, "error": self.error,
             "filter_columns": sorted(self.filter_columns), "escapes_off": self.escapes_off,
+            "derived_columns": sorted(self.derived_columns), "whole_rows": self.whole_rows,
         }
 
 
@@ -204,6 +214,139 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
     _visit(rest, w)
 
 
+@dataclass
+class _Lineage:
+    derived: set[str] = field(default_factory=set)
+    renames: set[tuple[str, str]] = field(default_factory=set)
+    singles: set[str] = field(default_factory=set)  # one-name references: a column, or a whole row
+    relations: set[str] = field(default_factory=set)  # relation, alias, subquery and CTE names in scope
+    star_value: bool = False  # `t.*` or `*` used as a value, not expanded into result columns
+
+    def ref(self, ref: dict[str, Any]) -> tuple[str | None, bool]:
+        """A ColumnRef's last name (None for a star) and whether it has one name only."""
+        fields = [f for f in ref.get("fields", []) if isinstance(f, dict)]
+        if not fields or "String" not in fields[-1]:
+            return None, False
+        return fields[-1]["String"]["sval"].lower(), len(fields) == 1
+
+    def values(self, node: Any) -> None:
+        """Every column in an expression whose value reaches a result or a row: derived."""
+        if isinstance(node, list):
+            for item in node:
+                self.values(item)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key == "ColumnRef" and isinstance(value, dict):
+                    name, single = self.ref(value)
+                    if name is None:
+                        self.star_value = True
+                    else:
+                        self.derived.add(name)
+                        if single:
+                            self.singles.add(name)
+                elif key == "SelectStmt" and isinstance(value, dict):
+                    self.select(value, tracked=False)  # a scalar, ARRAY or EXISTS subquery: no column origin
+                elif isinstance(value, (dict, list)):
+                    self.values(value)
+
+    def targets(self, items: Any, tracked: bool) -> list[tuple[str, str]]:
+        """A target list. Plain columns of a `tracked` list keep their origin (PostgreSQL reports it in
+        RowDescription, so masking finds them); everything else is derived. Returns (output, source)."""
+        plain: list[tuple[str, str]] = []
+        for item in items or []:
+            target = item.get("ResTarget", {}) if isinstance(item, dict) else {}
+            val = target.get("val")
+            ref = val.get("ColumnRef") if isinstance(val, dict) and len(val) == 1 else None
+            if tracked and isinstance(ref, dict):
+                name, single = self.ref(ref)
+                if single and name is not None:
+                    self.singles.add(name)
+                plain.append((str(target.get("name") or name or "*").lower(), name or "*"))
+            else:
+                self.values(val)
+        return plain
+
+    def select(self, s: dict[str, Any], tracked: bool, colnames: Any = None) -> None:
+        if s.get("op") not in (None, "SETOP_NONE"):  # UNION, INTERSECT, EXCEPT: result columns have no origin
+            for arm in ("larg", "rarg"):
+                if isinstance(s.get(arm), dict):
+                    self.select(s[arm], tracked=False)
+            self.other(s.get("withClause"))
+            return
+        plain = self.targets(s.get("targetList"), tracked)
+        self.values(s.get("valuesLists"))
+        names = [c.get("String", {}).get("sval", "").lower() for c in colnames or [] if isinstance(c, dict)]
+        for out, src in plain:
+            self.renames.add((out, src))
+            for renamed in names:  # `AS s(a, b)` renames by position; a star hides which: all of them
+                self.renames.add((renamed, src))
+        for key, value in s.items():
+            if key not in ("targetList", "valuesLists", "larg", "rarg"):
+                self.other(value)
+
+    def other(self, node: Any) -> None:
+        """Any other part of a statement: find the queries, relations and value lists inside it."""
+        if isinstance(node, list):
+            for item in node:
+                self.other(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if not isinstance(value, (dict, list)):
+                continue
+            if key == "SelectStmt":
+                self.select(value, tracked=False)
+            elif key == "RangeVar":
+                self.relations.add(str(value.get("relname", "")).lower())
+                self.alias(value)
+            elif key == "RangeSubselect":
+                self.alias(value)
+                if isinstance(value.get("subquery", {}).get("SelectStmt"), dict):
+                    self.select(value["subquery"]["SelectStmt"], True, (value.get("alias") or {}).get("colnames"))
+            elif key == "CommonTableExpr":
+                self.relations.add(str(value.get("ctename", "")).lower())
+                query = value.get("ctequery", {})
+                if isinstance(query.get("SelectStmt"), dict):
+                    self.select(query["SelectStmt"], True, value.get("aliascolnames"))
+                else:
+                    self.statement(query)
+            elif key == "RangeFunction":  # functions in FROM compute rows from their arguments
+                self.alias(value)
+                self.values(value.get("functions"))
+            elif key == "returningList":
+                for out, src in self.targets(value, tracked=True):
+                    self.renames.add((out, src))
+            elif key == "targetList":  # UPDATE ... SET: values written into another column
+                self.targets(value, tracked=False)
+            else:
+                self.other(value)
+
+    def alias(self, node: dict[str, Any]) -> None:
+        if isinstance(node.get("alias"), dict):
+            self.relations.add(str(node["alias"].get("aliasname", "")).lower())
+
+    def statement(self, stmt: Any) -> None:
+        """A top-level statement: a SELECT's (and PREPARE's, DECLARE's) plain columns keep their origin."""
+        if not isinstance(stmt, dict):
+            return
+        for key, value in stmt.items():
+            if key == "SelectStmt" and isinstance(value, dict):
+                self.select(value, tracked=True)
+            elif key in ("PrepareStmt", "DeclareCursorStmt") and isinstance(value, dict):
+                self.statement(value.get("query"))
+                self.other({k: v for k, v in value.items() if k != "query"})
+            else:
+                self.other({key: value})
+
+
+def lineage(stmts: list[Any]) -> _Lineage:
+    lin = _Lineage()
+    for stmt in stmts:
+        lin.statement(stmt)
+    return lin
+
+
 _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
 
 
@@ -234,8 +377,11 @@ def classify(text: str) -> Classification:
         return Classification(error=str(exc.args[0]) if exc.args else "syntax error")
     stmts = tree.get("stmts", [])
     w = _Walk()
-    _visit([s.get("stmt", {}) for s in stmts], w)
+    bodies = [s.get("stmt", {}) for s in stmts]
+    _visit(bodies, w)
+    lin = lineage(bodies)
     return Classification(
         frozenset(w.kinds), frozenset(w.reads), frozenset(w.writes), frozenset(w.functions),
         frozenset(w.unconditional), w.copy_program, len(stmts), None, frozenset(w.filter_columns), w.escapes_off,
+        frozenset(lin.derived), frozenset(lin.renames), lin.star_value or bool(lin.singles & lin.relations),
     )
