@@ -75,7 +75,7 @@ def test_policy_file_included(tmp_path) -> None:
     )
     (tmp_path / "w.toml").write_text('include = ["policy.toml"]\n[[access]]\ngroups = ["ops"]\nconnections = ["shop"]\n')
     s = load(tmp_path / "w.toml", env={})
-    assert len(s.access) == 2 and len(s.guardrails) == 5 and s.masking[0].columns == ("email",)
+    assert len(s.access) == 2 and len(s.guardrails) == 6 and s.masking[0].columns == ("email",)
     (tmp_path / "bad.toml").write_text('include = ["w2.toml"]\n')
     (tmp_path / "w2.toml").write_text('[gateway]\nlisten = "1.2.3.4:5"\n')
     with pytest.raises(ConfigError, match="may be included"):

@@ -26,7 +26,7 @@ from ..domain import Identity
 from ..engines.postgres import codec, upstream
 from ..engines.postgres.stream import PeerClosed
 from ..masking.plan import MaskingPolicy
-from ..policy.guardrails import Decision, Match
+from ..policy.guardrails import Decision, Match, StatementPolicy
 from ..recording.views import show_session
 from ..store import NotFound
 
@@ -270,14 +270,14 @@ class ExecRunner:
         masking = gw.gatekeeper.masking_policy(caller, connection)
         try:
             return await self._run_upstream(sid, connection, sql, params, masking, started,
-                                            bool(gw.gatekeeper.statement_policy(caller, connection).rules))
+                                            gw.gatekeeper.statement_policy(caller, connection))
         except Exception:
             log.exception("exec session %s failed", sid)
             self._close_session(sid, "internal gateway error")
             raise
 
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
-                            masking: MaskingPolicy, started: float, ruled: bool) -> dict[str, Any]:
+                            masking: MaskingPolicy, started: float, policy: StatementPolicy) -> dict[str, Any]:
         gw = self.gateway
         up = None
         try:
@@ -285,7 +285,7 @@ class ExecRunner:
             if spec is None:
                 raise upstream.UpstreamError(f"connection {connection!r} does not exist", "3D000")
             up = await upstream.connect(spec, {"application_name": "wardgate exec"}, gw.settings.gateway.upstream_connect_timeout,
-                                        standard_strings=ruled)
+                                        standard_strings=bool(policy.rules), read_only=policy.read_only)
             if masking and masking.needs_catalog:
                 masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))
             result = await self._query(up, sql, params, masking if masking else None)

@@ -29,6 +29,31 @@ STRATEGIES = ("redact", "partial", "hash", "null")
 # and arrays of text-like types.
 TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19, 114, 3802, 142, 705, 1009, 1015, 1014, 199, 3807})
 PLAIN_TEXT_OIDS = frozenset({25, 1043, 1042, 19, 705})
+# Types that cannot hold what a content detector looks for: bool, dates and times, intervals, uuid. Every
+# other type is searched: numbers (a card number kept as bigint), and types whose text form embeds text
+# (a whole row, a record, an enum, a domain, an array, a range).
+NO_PII_OIDS = frozenset({16, 1082, 1083, 1266, 1114, 1184, 1186, 2950})
+# Number types: a found value cannot be rewritten in place (a client would fail to read "[card]"), so it
+# becomes NULL. Numbers wide enough for a card number (bigint, double, numeric) are searched in binary
+# format too, as their decimal text.
+NUMBER_OIDS = frozenset({20, 21, 23, 26, 700, 701, 790, 1700})
+_WIDE_NUMBERS = frozenset({20, 701, 1700})
+
+
+def binary_number_text(type_oid: int, raw: bytes) -> bytes:
+    """The decimal digits of a bigint, double or numeric in PostgreSQL's binary format."""
+    if type_oid == 20:
+        return str(int.from_bytes(raw, "big", signed=True)).encode()
+    if type_oid == 701:
+        return format(struct.unpack("!d", raw)[0], "f").encode()
+    ndigits, weight, sign = struct.unpack_from("!hhH", raw)  # numeric: base-10000 digits
+    if sign == 0xC000 or ndigits <= 0:
+        return b"0"
+    digits = struct.unpack_from(f"!{ndigits}h", raw, 8)
+    whole = "".join(f"{d:04d}" for d in digits[: weight + 1]).lstrip("0") + "0000" * max(0, weight + 1 - ndigits)
+    fraction = "".join(f"{d:04d}" for d in digits[max(0, weight + 1):])
+    fraction = "0000" * max(0, -weight - 1) + fraction if fraction else ""
+    return f"{whole or '0'}.{fraction}".rstrip(".").encode()
 NULL_VALUE = b"\xff\xff\xff\xff"
 
 
@@ -161,7 +186,9 @@ class RowMasker:
                 return _redacted(col.name)  # the same bytes for every row
             return (functools.partial(self._mask_whole, col), False, 0, False, True)
         kinds, patterns, _ = col.detectors  # type: ignore[misc]
-        return (functools.partial(self._mask_content, col), *_screen(kinds), bool(patterns))
+        # A binary number's bytes are not its digits: the pre-filter cannot judge it, so it is always looked at.
+        always = bool(patterns) or (col.binary and col.type_oid in _WIDE_NUMBERS)
+        return (functools.partial(self._mask_content, col), *_screen(kinds), always)
 
     def _mask_whole(self, col: _Column, raw: bytes) -> bytes:
         self.hits[col.index] += 1
@@ -170,12 +197,14 @@ class RowMasker:
 
     def _mask_content(self, col: _Column, raw: bytes) -> bytes | None:
         kinds, patterns, strategy = col.detectors  # type: ignore[misc]
+        if col.binary and col.type_oid in _WIDE_NUMBERS:
+            raw = binary_number_text(col.type_oid, raw)
         text = raw.decode("utf-8", "replace")
         spans = find(text, raw, kinds, patterns)
         if not spans:
             return None
         self.hits[col.index] += len(spans)
-        if strategy == "null" or col.binary:
+        if strategy == "null" or col.binary or col.type_oid in NUMBER_OIDS:
             return NULL_VALUE
         out, last = [], 0
         for s, e, kind in spans:
@@ -340,7 +369,7 @@ class MaskingPolicy:
                 names += [column, f"{rel}.{column}", f"{schema}.{rel}.{column}"]
             whole = next((r for r in self.rules if any(fnmatch.fnmatchcase(n, c) for n in names for c in r.columns)), None)
             detectors = None
-            if whole is None and type_oid in TEXT_LIKE_OIDS:
+            if whole is None and type_oid not in NO_PII_OIDS:
                 for r in self.rules:
                     if r.detectors or r.patterns:
                         detectors = (r.detectors, r.patterns, r.strategy)

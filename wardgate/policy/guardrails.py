@@ -38,6 +38,7 @@ class Rule:
     unconditional: bool = False
     writes: bool = False
     copy_program: bool = False
+    role_switch: bool = False  # SET ROLE / SET SESSION AUTHORIZATION
     escapes_off: bool = False  # statements that turn standard_conforming_strings off
     masked_filters: bool = False  # statements that filter, join, group or sort on a masked column
     masked_derived: bool = False  # statements that compute values from a masked column, or take whole rows
@@ -70,6 +71,10 @@ class Rule:
             return "a write on a read-only connection"
         if self.copy_program and c.copy_program:
             return "COPY ... PROGRAM"
+        if self.copy_program and c.copy_file:
+            return "COPY to or from a file on the database server"
+        if self.role_switch and c.role_switch:
+            return "switches the database role"
         if self.escapes_off and c.escapes_off:
             return "turns standard_conforming_strings off"
         if self.masked_filters and self.masked_columns:
@@ -111,6 +116,11 @@ def standard_rules(scope: dict[str, Any]) -> list[Rule]:
         Rule("standard:destructive-ddl", kinds=("drop", "truncate", "alter_system", "drop_database", "drop_role"),
              message="destroys data or reconfigures the server", **scope),
         Rule("standard:unconditional-writes", unconditional=True, message="would change every row; add a WHERE clause", **scope),
+        # The gateway logs in as the connection's role; acting as another would escape what that role
+        # is allowed, and what the record says of who did what.
+        Rule("standard:role-switch", role_switch=True,
+             message="the gateway acts as the connection's database role; SET ROLE and SET SESSION AUTHORIZATION "
+                     "would act as another", **scope),
         Rule("standard:opaque-code", kinds=tuple(sorted(OPAQUE_KINDS)), message="DO blocks and procedures cannot be inspected", **scope),
         # Code stored in the server runs later, out of the gateway's sight: a function body is a string
         # to the parser, so creating one would be a way around every rule above.
@@ -163,6 +173,9 @@ class StatementPolicy:
 
     def __init__(self, rules: list[Rule], cache_size: int = 2048) -> None:
         self.rules = rules
+        # An enforced rule refuses every write: the session's transactions are made read-only upstream too,
+        # so a write no rule can see (a function that writes, called in a SELECT) fails in the database.
+        self.read_only = any(r.writes and not r.shadow and r.action == "deny" for r in rules)
         self._cache: OrderedDict[str, Decision] = OrderedDict()
         self._cache_size = cache_size
 
@@ -222,7 +235,7 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
             hint = ", ".join(f"{k!r} (use {kind_of(k)!r}?)" if kind_of(k) in known_kinds() else repr(k) for k in unknown_kinds)
             raise ValueError(f"guardrail {name!r}: unknown statement kinds {hint}; kinds are snake_case statement "
                              "names such as select, insert, update, delete, truncate, drop, alter_system, do, call")
-        for key in ("unconditional", "writes", "copy_program", "masked_filters"):
+        for key in ("unconditional", "writes", "copy_program", "masked_filters", "role_switch"):
             if key in entry:
                 fields[key] = bool(entry.pop(key))
         if entry.get("dangerous_functions"):
@@ -240,6 +253,6 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
             raise ValueError(f"guardrail {name!r}: unknown keys {sorted(entry)}")
         if not set(fields) - {"approvers", "min_approvals"}:
             raise ValueError(f"guardrail {name!r} matches nothing: give kinds, relations, functions, unconditional, writes, "
-                             "copy_program or masked_filters")
+                             "copy_program, masked_filters or role_switch")
         rules.append(Rule(name, action, message, **scope, **fields))
     return rules

@@ -73,10 +73,15 @@ class Classification:
     renames: frozenset[tuple[str, str]] = frozenset()
     # and whether a whole row of a relation is taken as one value (`SELECT t FROM t`, `row_to_json(t.*)`).
     whole_rows: bool = False
+    # makes writes possible again, or locks rows: START TRANSACTION READ WRITE, SET [default_]transaction_read_only
+    # off, SELECT ... FOR UPDATE (a read-only session refuses these as writes)
+    read_write: bool = False
+    role_switch: bool = False  # SET ROLE, SET SESSION AUTHORIZATION: act as another database role
+    copy_file: bool = False  # COPY to or from a file on the database server
 
     @property
     def is_write(self) -> bool:
-        return bool(self.kinds - READ_KINDS) or bool(self.writes) or self.copy_program
+        return bool(self.kinds - READ_KINDS) or bool(self.writes) or self.copy_program or self.copy_file or self.read_write
 
     def public(self) -> dict[str, Any]:
         return {
@@ -85,6 +90,7 @@ class Classification:
             "copy_program": self.copy_program, "statements": self.statements, "error": self.error,
             "filter_columns": sorted(self.filter_columns), "escapes_off": self.escapes_off,
             "derived_columns": sorted(self.derived_columns), "whole_rows": self.whole_rows,
+            "read_write": self.read_write, "role_switch": self.role_switch, "copy_file": self.copy_file,
         }
 
 
@@ -98,6 +104,9 @@ class _Walk:
     copy_program: bool = False
     filter_columns: set[str] = field(default_factory=set)
     escapes_off: bool = False
+    read_write: bool = False
+    role_switch: bool = False
+    copy_file: bool = False
 
 
 def _relname(rv: dict[str, Any]) -> str:
@@ -130,6 +139,13 @@ def _visit(node: Any, w: _Walk) -> None:
             _visit(value, w)
         elif key == "setstmt" and isinstance(value, dict):  # ALTER ROLE / DATABASE ... SET: later sessions' settings
             _escapes(value, w)
+            _visit(value, w)
+        elif key == "DefElem" and isinstance(value, dict):  # START TRANSACTION READ WRITE and the like
+            if value.get("defname") == "transaction_read_only" and _setting_value([value.get("arg")]) not in _ON:
+                w.read_write = True
+            _visit(value, w)
+        elif key == "lockingClause" and value:
+            w.read_write = True
             _visit(value, w)
         elif key == "FuncCall" and isinstance(value, dict):
             w.functions.add(_names(value.get("funcname", [])))
@@ -173,10 +189,17 @@ def _setting_value(args: Any) -> str | None:
 
 
 def _escapes(setting: dict[str, Any], w: _Walk) -> None:
-    """A SET (of this session, or of a role's or database's sessions) that turns standard_conforming_strings off."""
-    if str(setting.get("name", "")).lower() == "standard_conforming_strings" and setting.get("kind") == "VAR_SET_VALUE" \
-            and _setting_value(setting.get("args")) not in _ON:
+    """A SET (of this session, or of a role's or database's sessions) that turns standard_conforming_strings off,
+    turns read-only transactions off, or switches the database role."""
+    name, value = str(setting.get("name", "")).lower(), _setting_value(setting.get("args"))
+    if setting.get("kind") != "VAR_SET_VALUE":
+        return
+    if name == "standard_conforming_strings" and value not in _ON:
         w.escapes_off = True
+    elif name in ("default_transaction_read_only", "transaction_read_only") and value not in _ON:
+        w.read_write = True
+    elif name in ("role", "session_authorization") and value not in ("none", "default"):
+        w.role_switch = True
 
 
 def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
@@ -210,6 +233,8 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
             (w.writes if rest.get("is_from") else w.reads).add(_relname(rel))
         if rest.get("is_program"):
             w.copy_program = True
+        elif rest.get("filename"):
+            w.copy_file = True
     w.kinds.add(kind)
     _visit(rest, w)
 
@@ -384,4 +409,5 @@ def classify(text: str) -> Classification:
         frozenset(w.kinds), frozenset(w.reads), frozenset(w.writes), frozenset(w.functions),
         frozenset(w.unconditional), w.copy_program, len(stmts), None, frozenset(w.filter_columns), w.escapes_off,
         frozenset(lin.derived), frozenset(lin.renames), lin.star_value or bool(lin.singles & lin.relations),
+        w.read_write, w.role_switch, w.copy_file,
     )

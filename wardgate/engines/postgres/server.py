@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -29,6 +30,22 @@ from .stream import PeerClosed, StreamProtocol
 log = logging.getLogger("wardgate.postgres")
 
 _HINT_CREDENTIAL = "issue a credential with `wardgate credentials issue --user {user} --connection {conn}` and use it as the password"
+
+
+_IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
+
+
+def identity_setting(params: dict[str, str]) -> str | None:
+    """A startup setting (a parameter, or `-c name=value` / `--name=value` in `options`) that would switch
+    the database role the session acts as; None when there is none."""
+    names = [k for k in params if k != "options"]
+    words = re.split(r"(?<!\\)\s+", params.get("options", "").strip())
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            names.append(word[2:].split("=", 1)[0])
+        elif word.startswith("-c"):
+            names.append((word[2:] or (words[i + 1] if i + 1 < len(words) else "")).split("=", 1)[0])
+    return next((n for n in names if n.lower().replace("-", "_").replace("\\", "") in _IDENTITY_SETTINGS), None)
 
 
 class Rejected(Exception):
@@ -253,11 +270,14 @@ class PostgresListener:
         spec = await asyncio.to_thread(self.store.get_connection, conn_name)
         if spec is None:
             raise Rejected("3D000", f"connection {conn_name!r} does not exist", hint="see `wardgate connections list`")
+        if setting := identity_setting(params):
+            raise Rejected("42501", f"the startup setting {setting} would act as another database role",
+                           hint="the gateway acts as the connection's role; remove it from the connection's options")
         forwarded = {k: v for k, v in params.items() if k not in ("user", "database", "replication")}
         policy = self.gatekeeper.statement_policy(identity, conn_name)
         try:
             up = await upstream.connect(spec, forwarded, self.settings.gateway.upstream_connect_timeout,
-                                        standard_strings=bool(policy.rules))
+                                        standard_strings=bool(policy.rules), read_only=policy.read_only)
         except upstream.UpstreamError as exc:
             if exc.code == "42501":  # refused by the gateway's own rule, not a failing database
                 raise Rejected(exc.code, str(exc), hint=exc.hint) from None

@@ -98,15 +98,19 @@ async def _open(spec: ConnectionSpec, timeout: float) -> StreamProtocol:
 
 
 async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: float = 10.0, *,
-                  standard_strings: bool = False) -> Upstream:
+                  standard_strings: bool = False, read_only: bool = False) -> Upstream:
     """Open, encrypt per sslmode, authenticate and wait for ReadyForQuery.
 
     `standard_strings`: the session's statements are read by rules, which read SQL as PostgreSQL does
     with standard_conforming_strings on; a session that starts with it off (the client's options, the
-    role's or the database's settings) is refused, on every door that opens one."""
+    role's or the database's settings) is refused, on every door that opens one.
+    `read_only`: the session's transactions are read-only (default_transaction_read_only, sent after the
+    client's own settings, which PostgreSQL applies in order, so it wins over their `options`)."""
     password = resolve_password(spec)
     proto = await _open(spec, timeout)
     try:
+        if read_only:
+            parameters = {**parameters, "default_transaction_read_only": "on"}
         up = await asyncio.wait_for(_handshake(spec, proto, password, parameters), timeout)
         if standard_strings and dict(up.parameters).get("standard_conforming_strings", "on") != "on":
             raise UpstreamError("standard_conforming_strings is off for this session; the gateway's rules read SQL "

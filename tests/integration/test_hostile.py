@@ -1,0 +1,175 @@
+"""Hostile input: the corpus of guardrail bypasses and masking evasions (tests/corpus/hostile.toml), each
+through `policy check`, psql and psycopg, as the case's user, with the outcome the case states."""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import make_gateway
+from tests.integration.test_masking import MASKING
+from wardgate.domain import Identity
+from wardgate.policy.gatekeeper import Gatekeeper
+
+CORPUS = tomllib.loads((Path(__file__).parent.parent / "corpus" / "hostile.toml").read_text())
+GUARDRAILS = CORPUS["guardrail"]
+MASKINGS = CORPUS["masking"]
+GROUPS = {"alice": ("dev",), "bob": ("ops",), "carol": ("ops", "analysts"), "dana": ("deployers",)}
+POLICY = MASKING + """
+[[guardrails]]
+preset = "standard"
+connections = ["shop"]
+
+[[guardrails]]
+name = "read-only"
+writes = true
+groups = ["analysts"]
+connections = ["shop"]
+message = "analysts read; ask an engineer for writes"
+"""
+
+
+def ident(case: dict) -> str:
+    return f"{case.get('user', 'bob')}: {case['sql'][:60]}"
+
+
+@pytest.fixture(scope="module")
+def hgw(tmp_path_factory, pg):  # noqa: ANN001, ANN201
+    gw = make_gateway(tmp_path_factory.mktemp("hostile"), pg, tail_toml=POLICY)
+    gw.cli("users", "add", "carol", "--group", "ops", "--group", "analysts")
+    gw.cli("users", "add", "dana", "--group", "deployers")
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def dsns(hgw) -> dict[str, str]:  # noqa: ANN001
+    return {user: hgw.dsn(hgw.credential(user, ttl="1h")) for user in GROUPS}
+
+
+def expected_rule(case: dict) -> str | None:
+    if "rule" in case:
+        return case["rule"]
+    assert case.get("action", case.get("expect")) in ("allow", "masked"), case
+    return None
+
+
+def run_psql(dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["psql", "-X", "-v", "VERBOSITY=verbose", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
+                          capture_output=True, text=True, timeout=30)
+
+
+def check_psql(out: subprocess.CompletedProcess[str], rule: str | None, error: str | None) -> None:
+    refused = "42501" in out.stderr and "refused by the Wardgate gateway" in out.stderr
+    if rule is not None:
+        assert refused and rule in out.stderr, out.stderr
+    elif error is not None:
+        assert out.returncode != 0 and f"{error}:" in out.stderr and not refused, out.stderr
+    else:
+        assert out.returncode == 0 and not refused, out.stderr
+
+
+def check_psycopg(dsn: str, sql: str, rule: str | None, error: str | None) -> list[tuple]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows: list[tuple] = []
+        try:
+            cur = conn.cursor(binary=True).execute(sql, prepare=True)
+            rows = cur.fetchall() if cur.description else []
+            got = None
+        except psycopg.Error as exc:
+            got = exc
+        if rule is not None:
+            assert got is not None and got.sqlstate == "42501" and rule in str(got), got
+        elif error is not None:
+            assert got is not None and got.sqlstate == error, got
+        else:
+            assert got is None, got
+        conn.rollback()
+        assert conn.execute("select 1").fetchone() == (1,)  # the session carries on
+        return rows
+
+
+@pytest.mark.parametrize("case", GUARDRAILS + MASKINGS, ids=[ident(c) for c in GUARDRAILS + MASKINGS])
+def test_policy_check(hgw, case) -> None:
+    user = case.get("user", "bob")
+    decision = Gatekeeper(hgw.settings()).decide(Identity(user, GROUPS[user]), "shop", case["sql"])
+    rule = expected_rule(case)
+    assert decision.action == ("allow" if rule is None else "deny"), decision.public()
+    if rule is not None:
+        assert rule in [m.rule for m in decision.enforced], decision.public()
+
+
+@pytest.mark.parametrize("case", GUARDRAILS, ids=[ident(c) for c in GUARDRAILS])
+def test_guardrail_bypass(dsns, case) -> None:
+    dsn, rule, error = dsns[case.get("user", "bob")], expected_rule(case), case.get("error")
+    check_psql(run_psql(dsn, case["sql"]), rule, error)
+    if not case.get("simple_only"):
+        check_psycopg(dsn, case["sql"], rule, error)
+
+
+@pytest.mark.parametrize("case", MASKINGS, ids=[ident(c) for c in MASKINGS])
+def test_masking_evasion(dsns, case) -> None:
+    dsn, rule = dsns[case["user"]], expected_rule(case)
+    hidden = case.get("hidden", [])
+    if case.get("copy"):  # COPY (SELECT ...) TO STDOUT, through psql's \copy and psycopg's copy
+        out = run_psql(dsn, "\\" + case["sql"])
+        check_psql(out, rule, None)
+        with psycopg.connect(dsn) as conn:
+            try:
+                with conn.cursor().copy(case["sql"]) as copy:
+                    data = b"".join(bytes(chunk) for chunk in copy).decode()
+                assert rule is None
+            except psycopg.errors.InsufficientPrivilege as exc:
+                assert rule is not None and rule in str(exc)
+                data = ""
+        shown = [out.stdout, data]
+    else:
+        out = run_psql(dsn, case["sql"])
+        check_psql(out, rule, None)
+        rows = check_psycopg(dsn, case["sql"], rule, None)  # binary format
+        shown = [out.stdout, repr(rows)]
+        if rule is None:
+            assert rows, "a masked case must return rows"
+    for text in shown:
+        for value in hidden:
+            assert value not in text, f"{value!r} came back in {text!r}"
+
+
+@pytest.mark.parametrize("options", ["-c role=postgres", "-crole=postgres", "--role=postgres",
+                                     "-c search_path=public -c session_authorization=postgres"])
+def test_startup_settings_cannot_switch_the_database_role(dsns, options) -> None:
+    with pytest.raises(psycopg.OperationalError, match="would act as another database role"):
+        psycopg.connect(dsns["bob"], options=options)
+    with psycopg.connect(dsns["bob"], options="-c search_path=public") as conn:  # other settings pass
+        assert conn.execute("select current_user").fetchone() == ("app",)
+
+
+def test_read_only_sessions_stay_read_only_whatever_the_client_asks(dsns) -> None:
+    with psycopg.connect(dsns["carol"], options="-c default_transaction_read_only=off", autocommit=True) as conn:
+        assert conn.execute("show default_transaction_read_only").fetchone() == ("on",)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("select setval('orders_id_seq', 1)")
+    with psycopg.connect(dsns["bob"], autocommit=True) as conn:  # read-only mode is carol's, not bob's
+        assert conn.execute("show default_transaction_read_only").fetchone() == ("off",)
+
+
+def test_binary_numbers_are_searched_as_their_digits() -> None:
+    import decimal
+    import struct
+
+    from psycopg.types.numeric import NumericBinaryDumper
+
+    from wardgate.masking.plan import binary_number_text
+
+    dump = NumericBinaryDumper(decimal.Decimal).dump
+    for text in ["4111111111111111", "0.0001", "123.45", "100000000", "12345678.000012", "0", "1E+20"]:
+        got = binary_number_text(1700, bytes(dump(decimal.Decimal(text)))).decode()
+        assert decimal.Decimal(got) == decimal.Decimal(text), (text, got)
+    assert decimal.Decimal(binary_number_text(1700, bytes(dump(decimal.Decimal("-55.5")))).decode()) == decimal.Decimal("55.5")
+    assert binary_number_text(20, (4111111111111111).to_bytes(8, "big")) == b"4111111111111111"
+    assert binary_number_text(701, struct.pack("!d", 4111111111111111.0)).startswith(b"4111111111111111")
