@@ -4,9 +4,11 @@ through `policy check`, psql and psycopg, as the case's user, with the outcome t
 from __future__ import annotations
 
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -173,3 +175,81 @@ def test_binary_numbers_are_searched_as_their_digits() -> None:
     assert decimal.Decimal(binary_number_text(1700, bytes(dump(decimal.Decimal("-55.5")))).decode()) == decimal.Decimal("55.5")
     assert binary_number_text(20, (4111111111111111).to_bytes(8, "big")) == b"4111111111111111"
     assert binary_number_text(701, struct.pack("!d", 4111111111111111.0)).startswith(b"4111111111111111")
+
+
+# --- authentication attacks -------------------------------------------------------------------------
+
+def _sign_in(dsn: str) -> str:
+    """'' when the session opens, else the gateway's error message."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            conn.execute("select 1")
+        return ""
+    except psycopg.OperationalError as exc:
+        return str(exc)
+
+
+def test_guessing_a_credential_is_locked_out_with_growing_waits(hgw) -> None:
+    hgw.cli("users", "add", "mallory", "--group", "dev")
+    cred = hgw.credential("mallory")
+    good = hgw.dsn(cred, application_name="t_guess")
+    wrong = hgw.dsn(dict(cred, credential=cred["credential"][:-4] + "AAAA"), application_name="t_guess")
+    for _ in range(5):
+        assert "password authentication failed" in _sign_in(wrong)
+    # the sixth attempt is refused unchecked, the right credential too; others from this address are not
+    assert "too many failed sign-ins" in _sign_in(wrong)
+    assert "too many failed sign-ins" in _sign_in(good)
+    assert _sign_in(hgw.dsn(hgw.credential("bob"))) == ""
+    time.sleep(1.2)  # the first lock is a second long; the next failure locks for two
+    assert "password authentication failed" in _sign_in(wrong)
+    assert "try again in 2 s" in _sign_in(good) or "try again in 3 s" in _sign_in(good)
+    time.sleep(3.2)
+    assert _sign_in(good) == ""  # a success clears the count
+    assert "password authentication failed" in _sign_in(wrong)
+    assert _sign_in(good) == ""
+    refused = [s for s in hgw.sessions(user="mallory") if s["status"] == "rejected"]
+    assert any(s["error_code"] == "28000" for s in refused) and any(s["error_code"] == "28P01" for s in refused)
+
+
+def test_guessing_an_api_key_is_locked_out(hgw) -> None:
+    key = hgw.cli_json("apikeys", "create", "--name", "guess-bot", "--group", "deployers")
+    other = hgw.cli_json("apikeys", "create", "--name", "other-bot", "--group", "deployers")
+    url = f"http://127.0.0.1:{hgw.http_port}/api/me"
+
+    def me(secret: str) -> httpx.Response:
+        return httpx.get(url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+
+    guess = key["key"][:-4] + ("AAAA" if not key["key"].endswith("AAAA") else "BBBB")
+    assert [me(guess).status_code for _ in range(5)] == [401] * 5
+    locked = me(key["key"])
+    assert locked.status_code == 429 and int(locked.headers["retry-after"]) >= 1
+    assert "too many failed sign-ins" in locked.json()["detail"]
+    assert me(other["key"]).json()["user"] == "other-bot"  # another key is not locked
+    time.sleep(1.2)
+    assert me(key["key"]).json()["user"] == "guess-bot"
+
+
+def test_oversized_and_forged_bearers_are_refused_and_the_gateway_serves_on(hgw) -> None:
+    """(An oversized token from a real provider: tests/integration/test_oidc.py.)"""
+    url = f"http://127.0.0.1:{hgw.http_port}/api/me"
+    try:  # the HTTP server's header limit: a 4xx, or the connection closed before any handler runs
+        assert 400 <= httpx.get(url, headers={"Authorization": "Bearer " + "x" * 1_000_000}, timeout=30).status_code < 500
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        pass
+    forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln"  # HS256: algorithm confusion
+    assert httpx.get(url, headers={"Authorization": f"Bearer {forged}"}, timeout=30).status_code == 401
+    key = hgw.cli_json("apikeys", "create", "--name", "after-bot", "--group", "deployers")
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key['key']}"}, timeout=30).json()["user"] == "after-bot"
+
+
+def test_a_revoked_key_and_credential_cannot_be_replayed(hgw) -> None:
+    key = hgw.cli_json("apikeys", "create", "--name", "replay-bot", "--group", "deployers")
+    url = f"http://127.0.0.1:{hgw.http_port}/api/me"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key['key']}"}, timeout=30).status_code == 200
+    hgw.cli("apikeys", "revoke", key["id"])
+    r = httpx.get(url, headers={"Authorization": f"Bearer {key['key']}"}, timeout=30)
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+    cred = hgw.credential("bob")
+    assert _sign_in(hgw.dsn(cred)) == ""
+    hgw.cli("credentials", "revoke", cred["id"])
+    assert "password authentication failed" in _sign_in(hgw.dsn(cred))

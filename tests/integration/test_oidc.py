@@ -107,3 +107,10 @@ def test_tampered_payload(idp, verifier) -> None:
 def test_garbage(verifier) -> None:
     deny(verifier, "not-a-token", "not a JWT")
     deny(verifier, "a.b.c", "well-formed")
+
+
+def test_oversized_token(idp, verifier) -> None:
+    """A token padded with a huge claim (a real signature over it) is refused before any decoding."""
+    claims = idp.claims(padding="x" * 20_000)
+    deny(verifier, idp.forge(claims), "longer than 16 KiB")
+    assert verifier.verify(idp.forge(idp.claims())).user  # a normal one from the same provider still passes

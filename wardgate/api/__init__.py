@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from ..config import ConfigError, parse_duration
 from ..domain import Identity
-from ..identity import AuthenticationError
+from ..identity import AuthenticationError, LockedOut
 from ..recording.views import event_view, iso, list_sessions, show_session
 from ..reviews import ReviewError
 from ..store import Actor, Conflict, NotFound
@@ -92,7 +92,10 @@ def create_app(gateway: "Gateway") -> FastAPI:
             event(request, "api.authenticate", "denied", detail="no bearer credentials")
             raise HTTPException(401, "send `Authorization: Bearer <token or API key>`", headers={"WWW-Authenticate": "Bearer"})
         try:
-            who = gateway.authenticator.authenticate(value)
+            who = gateway.authenticator.authenticate(value, addr=request.client.host if request.client else None)
+        except LockedOut as exc:
+            event(request, "api.authenticate", "denied", detail=str(exc))
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(max(1, round(exc.retry_after + 0.5)))}) from None
         except AuthenticationError as exc:
             event(request, "api.authenticate", "denied", detail=str(exc))
             raise HTTPException(401, str(exc), headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None

@@ -9,8 +9,9 @@ from collections import OrderedDict
 from ..config import Settings
 from ..domain import Identity
 from ..store import API_KEY_PREFIX, NotFound, Store
-from . import AuthenticationError
+from . import AuthenticationError, LockedOut
 from .oidc import Provider, TokenVerifier
+from .throttle import Throttle, lockout_message
 
 
 class Authenticator:
@@ -19,6 +20,8 @@ class Authenticator:
         self.tokens = TokenVerifier([Provider(p) for p in settings.identity_providers])
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._seen_lock = threading.Lock()
+        # API keys guessed from one address: locked out per (address, key id) after a few failures.
+        self.throttle = Throttle()
 
     SEEN = 10_000
 
@@ -35,17 +38,25 @@ class Authenticator:
                 self._seen.popitem(last=False)
             return True
 
-    def authenticate(self, bearer: str, audience: str | None = None) -> Identity:
+    def authenticate(self, bearer: str, audience: str | None = None, addr: str | None = None) -> Identity:
         """Blocking (store look-ups, JWKS fetches): call it from a thread, not the event loop.
-        `audience`: the audience a token must carry, when not the provider's (the MCP resource URL)."""
+        `audience`: the audience a token must carry, when not the provider's (the MCP resource URL).
+        `addr`: the caller's address; API keys that keep failing from it are locked out (LockedOut).
+        Tokens are not: a signature cannot be guessed, and nothing is looked up for a bad one."""
         bearer = bearer.strip()
         if not bearer:
             raise AuthenticationError("no credentials: send `Authorization: Bearer <token or API key>`")
         if bearer.startswith(API_KEY_PREFIX):
+            key = (addr, bearer[len(API_KEY_PREFIX):].split("_", 1)[0][:64])
+            if addr is not None and (wait := self.throttle.wait(key)) > 0:
+                raise LockedOut(lockout_message(wait) + " for this API key", wait)
             try:
                 row, groups = self.store.api_key(bearer)
             except NotFound as exc:
+                if addr is not None:
+                    self.throttle.failed(key)
                 raise AuthenticationError(str(exc)) from None
+            self.throttle.succeeded(key)
             if row.kind == "agent":
                 return Identity(row.user_name, tuple(groups), "agent", row.agent, f"apikey:{row.id}", row.expires_at)
             return Identity(row.user_name, tuple(groups), "service", None, f"apikey:{row.id}", row.expires_at)

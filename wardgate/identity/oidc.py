@@ -112,6 +112,9 @@ class Provider:
         return Identity(str(user), groups, kind, None, f"oidc:{s.name}", float(claims["exp"]))
 
 
+MAX_TOKEN = 16 * 1024  # decoded, verified and cached only below this size
+
+
 class TokenVerifier:
     """Verifies bearer tokens from any configured provider (chosen by the token's `iss`)."""
 
@@ -123,6 +126,8 @@ class TokenVerifier:
 
     def verify(self, token: str, audience: str | None = None) -> Identity:
         """`audience`: the one the token must carry, when not the provider's own (the MCP resource URL)."""
+        if len(token) > MAX_TOKEN:
+            raise AuthenticationError(f"the token is longer than {MAX_TOKEN // 1024} KiB; no provider issues such tokens")
         now = time.time()
         key = (audience or "", token)
         with self._lock:

@@ -38,7 +38,7 @@ from ..config import ConfigError, ConnectionSpec, parse_duration
 from ..domain import Identity
 from ..engines.postgres import upstream
 from ..engines.postgres.stream import PeerClosed
-from ..identity import AuthenticationError
+from ..identity import AuthenticationError, LockedOut
 from ..identity.login import authorization_url, exchange_code, pkce_pair
 from ..recording.views import iso, list_sessions, siem_event
 from ..reviews import ReviewError
@@ -280,7 +280,10 @@ class Console:
         key = form.get("api_key", "").strip()
         addr = request.client.host if request.client else None
         try:
-            identity = await asyncio.to_thread(self.gateway.authenticator.authenticate, key)
+            identity = await asyncio.to_thread(self.gateway.authenticator.authenticate, key, None, addr)
+        except LockedOut as exc:
+            self.gateway.record_event("console.authenticate", "denied", addr=addr, detail=str(exc))
+            return self.render(request, "login.html", 429, providers=providers, error=str(exc).capitalize() + ".")
         except AuthenticationError as exc:
             self.gateway.record_event("console.authenticate", "denied", addr=addr, detail=str(exc))
             return self.render(request, "login.html", 401, providers=providers, error="That key is not valid.")

@@ -18,6 +18,7 @@ from typing import Any
 
 from ...config import Settings
 from ...domain import Identity
+from ...identity.throttle import Throttle, lockout_message
 from ...metrics import STATS
 from ...policy.gatekeeper import Gatekeeper
 from ...recording.journal import event
@@ -90,6 +91,7 @@ class PostgresListener:
         self.server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._fake_salt_key = secrets.token_bytes(32)
+        self.throttle = Throttle()  # failed sign-ins per (client address, user name)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -219,6 +221,11 @@ class PostgresListener:
         if self.settings.gateway.require_tls and not client.tls:
             raise Rejected("28000", "the gateway requires TLS", hint="connect with sslmode=require (or verify-full)")
 
+        # Guessing a credential: after a few failures for this name from this address, refused unchecked.
+        throttled = (record["addr"].rsplit(":", 1)[0], user)
+        if (wait := self.throttle.wait(throttled)) > 0:
+            raise Rejected("28000", f'{lockout_message(wait)} for user "{user}"',
+                           hint="check the credential (`wardgate connect` prints a fresh one) and wait before retrying")
         user_row, candidates, agents = await asyncio.to_thread(self.store.auth_material, user, conn_name)
         salt = user_row.scram_salt if user_row is not None else self._fake_salt(user)
         hint = _HINT_CREDENTIAL.format(user=user, conn=conn_name)
@@ -237,6 +244,7 @@ class PostgresListener:
             # PBKDF2 takes milliseconds: off the event loop, so other sessions do not wait for it.
             probe = await asyncio.to_thread(make_verifier, password, salt, candidate.iterations if candidate else 4096)
             if candidate is None or not hmac.compare_digest(probe.stored_key, candidate.stored_key):
+                self.throttle.failed(throttled)
                 raise failed
             matched = cred_id
         else:
@@ -256,9 +264,11 @@ class PostgresListener:
                 matched, final = scram.client_final(body, candidates)  # type: ignore[arg-type,assignment]
             except ScramError as exc:
                 if "password authentication failed" in str(exc):
+                    self.throttle.failed(throttled)
                     raise failed from None
                 raise Rejected("28000", f"SCRAM authentication failed: {exc}") from None
             client.write(codec.auth_sasl_final(final))
+        self.throttle.succeeded(throttled)
         record["cred"] = matched
         record["agent"] = agents.get(matched)
         assert user_row is not None  # a credential matched, so the user exists
