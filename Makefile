@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 IDP    := tests/idp/node_modules/.package-lock.json
 AXE    := tests/browser/node_modules/.package-lock.json
+NODEPG := tests/clients/node_modules/.package-lock.json
 
-.PHONY: demo test test-fast bench lint setup system-deps system-deps-test system-deps-bench clean
+.PHONY: demo test test-fast bench soak lint setup system-deps system-deps-test system-deps-bench clean
 
 demo: system-deps setup
 	$(PY) -m wardgate.demo
 
-test: system-deps-test setup $(IDP) $(AXE)
+test: system-deps-test setup $(IDP) $(AXE) $(NODEPG)
 	$(PY) -m pytest
 
 test-fast: setup
@@ -20,8 +21,14 @@ test-fast: setup
 bench: system-deps-bench setup
 	$(PY) bench/run.py
 
+# The long attack suite: fuzzing, hostile input, every client, faults, 200 sessions of load; a summary
+# table, also written to .soak/report.md.
+soak: system-deps-test setup $(IDP) $(AXE) $(NODEPG)
+	$(PY) -m pip install -q -e '.[test,soak]'
+	$(PY) soak/run.py
+
 lint: setup
-	$(VENV)/bin/ruff check wardgate tests bench
+	$(VENV)/bin/ruff check wardgate tests bench soak
 
 setup: $(STAMP)
 
@@ -38,6 +45,10 @@ $(IDP): tests/idp/package-lock.json
 # axe-core, the accessibility checker the console's browser tests inject into its pages.
 $(AXE): tests/browser/package-lock.json
 	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
+
+# The Node.js pg driver, one of the clients the tests drive through the gateway.
+$(NODEPG): tests/clients/package-lock.json
+	cd tests/clients && npm ci --no-audit --no-fund --loglevel=error
 
 system-deps:
 	@scripts/system-deps.sh

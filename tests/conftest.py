@@ -35,7 +35,14 @@ def wardgate_cmd() -> list[str]:
 @pytest.fixture(scope="session")
 def pg(tmp_path_factory: pytest.TempPathFactory) -> LocalPostgres:
     """Upstream PostgreSQL with TLS, SCRAM (app), md5 (md5user) and trust (trustuser) roles, and the shop data."""
-    base = tmp_path_factory.mktemp("upstream")
+    server = upstream_postgres(tmp_path_factory.mktemp("upstream"))
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def upstream_postgres(base: Path) -> LocalPostgres:
+    """What the `pg` fixture starts (`make soak` starts one too): TLS, SCRAM, md5 and trust roles, the shop data."""
     ca, cert, key = ensure_self_signed(base / "tls", ["127.0.0.1"])
     # pytest's temp root is private to root; the server runs as `postgres` and needs its own place.
     server = LocalPostgres(Path(tempfile.mkdtemp(prefix="wardgate-pg-")))
@@ -53,9 +60,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> LocalPostgres:
     server.psql(f"SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD '{MD5_PASSWORD}'")
     server.psql("CREATE ROLE trustuser LOGIN")
     server.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO md5user, trustuser", database="shop")
-    yield server
-    server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
+    return server
 
 
 @dataclass

@@ -58,3 +58,21 @@ def test_client_rejects_a_server_that_does_not_know_the_password() -> None:
 def test_md5_answer_matches_postgres_formula() -> None:
     # md5(md5(password || user) || salt), as PostgreSQL documents it
     assert md5_password("u", "p", b"\x00\x01\x02\x03").startswith(b"md5") and len(md5_password("u", "p", b"abcd")) == 35
+
+
+@pytest.mark.parametrize("final", ["c=\u0080,r=x,p=AAAA", "c=biws,r=\u00e9\u00e9,p=AAAA"])
+def test_non_ascii_binding_or_nonce_is_a_clean_failure(final: str) -> None:
+    """Found by fuzzing: comparing non-ASCII text raised TypeError instead of refusing the exchange."""
+    salt = os.urandom(16)
+    server = ScramServer(salt)
+    server.client_first(b"n,,n=,r=abc")
+    with pytest.raises(ScramError):
+        server.client_final(final.encode(), [("c", make_verifier("secret", salt))])
+
+
+def test_client_rejects_a_server_signature_that_is_not_base64() -> None:
+    client = ScramClient("secret")
+    server = ScramServer(os.urandom(16))
+    client.server_first(server.client_first(client.client_first()))
+    with pytest.raises(ScramError, match="malformed"):
+        client.server_final(b"v=not base64!")

@@ -248,7 +248,7 @@ class Console:
         if not self._same_origin(request):
             return None
         form = {k: str(v) for k, v in (await request.form()).items()}
-        if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
+        if not hmac.compare_digest(form.get("csrf", "").encode(), session.csrf.encode()):
             return None
         return form
 
@@ -337,7 +337,7 @@ class Console:
 
     async def callback(self, request: Request) -> Response:
         state = request.query_params.get("state", "")
-        mine = hmac.compare_digest(state, request.cookies.get(STATE_COOKIE, ""))
+        mine = hmac.compare_digest(state.encode(), request.cookies.get(STATE_COOKIE, "").encode())
         pending = await asyncio.to_thread(self.store.console_take, "signin:" + _digest(state)) if mine and state else None
         addr = request.client.host if request.client else None
         if pending is None or "code" not in request.query_params:

@@ -102,9 +102,9 @@ class ScramServer:
             raise ScramError("SCRAM client-final-message has no proof")
         attrs = _attributes(without_proof)
         expected_binding = base64.b64encode(self._gs2_header.encode()).decode()
-        if not hmac.compare_digest(attrs.get("c", ""), expected_binding):
+        if not hmac.compare_digest(attrs.get("c", "").encode(), expected_binding.encode()):
             raise ScramError("SCRAM channel binding does not match")
-        if not hmac.compare_digest(attrs.get("r", ""), self._nonce):
+        if not hmac.compare_digest(attrs.get("r", "").encode(), self._nonce.encode()):
             raise ScramError("SCRAM nonce does not match")
         try:
             proof = base64.b64decode(proof_part, validate=True)
@@ -166,7 +166,11 @@ class ScramClient:
         attrs = _attributes(data.decode("utf-8", "replace"))
         if "e" in attrs:
             raise ScramError(f"server rejected SCRAM authentication: {attrs['e']}")
-        if not hmac.compare_digest(base64.b64decode(attrs.get("v", "")), self._server_signature):
+        try:
+            signature = base64.b64decode(attrs.get("v", ""), validate=True)
+        except ValueError:
+            raise ScramError("malformed SCRAM server-final-message") from None
+        if not hmac.compare_digest(signature, self._server_signature):
             raise ScramError("server signature does not match: the upstream server is not who it claims")
 
 
