@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -194,3 +195,32 @@ def test_recorder_process_killed_is_restarted_and_stop_does_not_hang(tmp_path, o
         assert time.time() - t0 < 20
     finally:
         gw.stop()
+
+
+def test_a_journal_that_cannot_be_written_refuses_statements_and_recovers(own_gateway, own_pg) -> None:
+    """The disk under the recording journal is full (no file of the gateway process may grow, as a file
+    size limit makes it): the open session is ended and new ones are refused, each with SQLSTATE 58030
+    and a message that says why; nothing runs unrecorded; once the journal can be written, all is as before."""
+    gw = own_gateway
+    with psycopg.connect(own_pg.dsn("app", APP_PASSWORD, "shop")) as direct:
+        direct.execute("create table if not exists journal_full (n int)")
+        direct.execute("truncate journal_full")
+    dsn = gw.dsn(gw.credential(), application_name="t_journal_full")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into journal_full values (1)")
+        subprocess.run(["prlimit", f"--pid={gw.proc.pid}", "--fsize=1:unlimited"], check=True)
+        with pytest.raises(psycopg.Error, match="cannot record this session") as exc:
+            conn.execute("insert into journal_full values (2)")
+        assert exc.value.sqlstate == "58030"
+    for n in (3, 4):  # a new session is refused before it can run anything (this was an internal error)
+        with pytest.raises(psycopg.OperationalError, match="cannot record sessions now"):
+            psycopg.connect(dsn, autocommit=True).execute(f"insert into journal_full values ({n})")
+    subprocess.run(["prlimit", f"--pid={gw.proc.pid}", "--fsize=unlimited:unlimited"], check=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("insert into journal_full values (5)")
+    with psycopg.connect(own_pg.dsn("app", APP_PASSWORD, "shop")) as direct:
+        assert [r[0] for r in direct.execute("select n from journal_full order by n")] == [1, 5]
+    s = gw.wait_for_session(lambda s: s["application_name"] == "t_journal_full" and s["status"] == "closed"
+                            and any(st["text"] == "insert into journal_full values (5)"
+                                    for st in gw.session(s["id"])["statements"]))
+    assert s["user"] == "alice"

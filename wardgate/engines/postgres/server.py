@@ -304,9 +304,16 @@ class PostgresListener:
                 up.protocol.close()
                 raise Rejected("08001", f"cannot read the catalog of {conn_name!r} to plan masking: {exc}") from None
 
-        # The session is recorded before the client can send its first statement.
-        self.recorder.write([record, _event("session.start", "ok", record, f"{conn_name} from {record['addr']}"
-                                            f"{' over TLS' if record.get('tls') else ''}")])
+        # The session is recorded before the client can send its first statement; if it cannot be, no
+        # session opens (fail closed: nothing runs unrecorded).
+        try:
+            self.recorder.write([record, _event("session.start", "ok", record, f"{conn_name} from {record['addr']}"
+                                                f"{' over TLS' if record.get('tls') else ''}")])
+        except OSError as exc:
+            up.protocol.close()
+            log.error("cannot write the recording journal: %s", exc, extra={"session_id": record["sid"]})
+            raise Rejected("58030", "the gateway cannot record sessions now (its recording journal cannot be written), "
+                           "so it opens none", hint="try again later; the gateway's operator has been told") from None
         cancel_pid = secrets.randbelow(2**31 - 1) + 1
         while cancel_pid in self.by_cancel_key:
             cancel_pid = secrets.randbelow(2**31 - 1) + 1
