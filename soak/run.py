@@ -65,9 +65,9 @@ def pytest_stage(name: str, paths: list[str], env: dict[str, str] | None = None)
             falsifying = re.search(r"Falsifying example:.*?(?=\n\n|\Z)", problem.text or "", re.S)
             check.fail(f"python -m pytest '{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}'"
                        f" — {text}" + (f"\n{falsifying.group(0)[:600]}" if falsifying else ""))
-    stats = [int(n) for n in re.findall(r"(\d+) passing examples", out.stdout)]
+    stats = [int(n) for n in re.findall(r"(\d+) passing(?: examples|,)", out.stdout)]
     if stats:
-        check.name += f" ({sum(stats):,} examples)"
+        check.name += f": {sum(stats):,} examples passed"
     return check
 
 
@@ -149,8 +149,8 @@ def main() -> int:
                       style=None if c.ok else "red")
     console.print(table)
     lines = ["| check | tried | passed | failures |", "| --- | ---: | ---: | --- |"]
-    lines += [f"| {c.name} | {c.tried:,} | {c.passed:,} | {'<br>'.join(f.replace('|', '/') for f in c.failures) or 'none'} |"
-              for c in checks]
+    lines += [f"| {c.name} | {c.tried:,} | {c.passed:,} | "
+              f"{'<br>'.join(f.replace('|', '/').replace(chr(10), '<br>') for f in c.failures) or 'none'} |" for c in checks]
     report = OUT / "report.md"
     report.write_text(f"# make soak, {time.strftime('%Y-%m-%d %H:%M')} ({os.cpu_count()} cores)\n\n" + "\n".join(lines) + "\n")
     (OUT / "report.json").write_text(json.dumps([c.__dict__ | {"ok": c.ok} for c in checks], indent=2))

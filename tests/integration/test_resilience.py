@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -224,3 +225,49 @@ def test_a_journal_that_cannot_be_written_refuses_statements_and_recovers(own_ga
                             and any(st["text"] == "insert into journal_full values (5)"
                                     for st in gw.session(s["id"])["statements"]))
     assert s["user"] == "alice"
+
+
+def test_a_store_outage_refuses_new_sign_ins_clearly_and_loses_no_record(tmp_path, own_pg) -> None:
+    """The gateway's PostgreSQL store goes away for a while: live sessions go on (their rules are in memory,
+    their records in the local journal); a new sign-in, which needs the store, is refused with a message
+    that says so; when the store is back, sign-ins work and the records made meanwhile reach it."""
+    store_pg = LocalPostgres(Path(tempfile.mkdtemp(prefix="wardgate-store-")))
+    store_pg.initdb()
+    store_pg.start()
+    gw = None
+    try:
+        store_pg.create_database("app", APP_PASSWORD, "wardgate_store")
+        gw = make_gateway(tmp_path / "gw", own_pg, store_url=store_pg.dsn("app", APP_PASSWORD, "wardgate_store"))
+        gw.start()
+        cred = gw.credential()
+        key = gw.cli_json("apikeys", "create", "--name", "outage-bot", "--group", "dev")["key"]
+        conn = psycopg.connect(gw.dsn(cred, application_name="t_store_outage"), autocommit=True)
+        conn.execute("select 0")
+        store_pg.stop()
+        for i in range(1, 6):
+            assert conn.execute(f"select {i}").fetchone() == (i,)
+        with pytest.raises(psycopg.OperationalError, match="store is unavailable") as refused:
+            psycopg.connect(gw.dsn(cred), connect_timeout=30)
+        assert "internal gateway error" not in str(refused.value)
+        api = httpx.get(f"http://127.0.0.1:{gw.http_port}/api/me", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert api.status_code == 503 and "store is unavailable" in api.json()["detail"]
+        store_pg.start()
+        deadline = time.time() + 30
+        while True:
+            try:
+                with psycopg.connect(gw.dsn(cred), connect_timeout=30) as again:
+                    assert again.execute("select 42").fetchone() == (42,)
+                break
+            except psycopg.OperationalError:
+                assert time.time() < deadline, "sign-ins did not come back with the store"
+                time.sleep(0.5)
+        conn.close()
+        s = gw.wait_for_session(lambda s: s["application_name"] == "t_store_outage" and s["status"] == "closed",
+                                timeout=60)
+        texts = [st["text"] for st in gw.session(s["id"], until=lambda d: len(d["statements"]) == 6)["statements"]]
+        assert texts == [f"select {i}" for i in range(6)]
+    finally:
+        if gw is not None:
+            gw.stop()
+        store_pg.stop()
+        shutil.rmtree(store_pg.dir, ignore_errors=True)

@@ -4,6 +4,7 @@
 
 import asyncio
 import hmac
+import logging
 import os
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,7 +18,9 @@ from ..domain import Identity
 from ..identity import AuthenticationError, LockedOut
 from ..recording.views import event_view, iso, list_sessions, show_session
 from ..reviews import ReviewError
-from ..store import Actor, Conflict, NotFound
+from ..store import UNAVAILABLE, UNAVAILABLE_MESSAGE, Actor, Conflict, NotFound
+
+log = logging.getLogger("wardgate.api")
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -104,6 +107,14 @@ def create_app(gateway: "Gateway") -> FastAPI:
         return who
 
     Caller = Annotated[Identity, Depends(identity)]
+
+    def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.error("the store is unavailable: %s", exc)
+        return JSONResponse({"detail": f"{UNAVAILABLE_MESSAGE}; try again in a moment"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    for kind in UNAVAILABLE:
+        app.add_exception_handler(kind, store_unavailable)
 
     from ..web import create_console
 

@@ -83,6 +83,12 @@ def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[st
     return {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
 
 
+# What the store raises when it cannot be reached (down, restarting, out of connections, a locked or
+# failing SQLite file): callers answer "try again" instead of an internal error.
+UNAVAILABLE: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError)
+UNAVAILABLE_MESSAGE = "the gateway's store is unavailable"
+
+
 class NotFound(LookupError):
     pass
 

@@ -22,7 +22,7 @@ from ...identity.throttle import Throttle, lockout_message
 from ...metrics import STATS
 from ...policy.gatekeeper import Gatekeeper
 from ...recording.journal import event
-from ...store import CREDENTIAL_PREFIX, Store
+from ...store import CREDENTIAL_PREFIX, UNAVAILABLE, UNAVAILABLE_MESSAGE, Store
 from . import codec, upstream
 from .scram import MECHANISM, ScramError, ScramServer, make_verifier
 from .session import Relay
@@ -164,6 +164,11 @@ class PostgresListener:
             return
         except codec.ProtocolViolation as exc:
             self._reject(client, record, Rejected("08P01", f"protocol violation during authentication: {exc}"))
+            return
+        except UNAVAILABLE as exc:
+            log.error("the store is unavailable: %s", exc, extra={"session_id": record["sid"]})
+            self._reject(client, record, Rejected("57P03", f"{UNAVAILABLE_MESSAGE}, so it cannot check credentials now",
+                                                  hint="try again in a moment; sessions already open go on"))
             return
         except Exception as exc:  # noqa: BLE001 - any fault here must end in a clear error, not a hang
             log.exception("handshake failed")
