@@ -205,6 +205,9 @@ def test_forms_need_the_session_token(cgw, idp, page) -> None:
     no_token = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/keys", data={"agent": "evil"},
                           cookies={"wardgate_console": cookie["value"]})
     assert no_token.status_code == 403
+    non_ascii = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/keys", data={"agent": "evil", "csrf": "\u00e9t\u00e9"},
+                           cookies={"wardgate_console": cookie["value"]})
+    assert non_ascii.status_code == 403  # a non-ASCII token was an internal error (comparing text, not bytes)
     assert not [k for k in cgw.cli_json("apikeys", "list") if k["agent"] == "evil"]
     bad_key = httpx.post(f"http://127.0.0.1:{cgw.http_port}/console/login", data={"api_key": "wgk_nope_nope"})
     assert bad_key.status_code == 401
@@ -220,6 +223,8 @@ def test_a_sign_in_answer_only_counts_in_the_browser_that_asked(cgw, idp, page) 
     page.goto(f"http://127.0.0.1:{cgw.http_port}/console/callback?code=stolen&state={state}")
     expect(page.locator("main")).to_contain_text("Sign-in failed")
     assert not [c for c in page.context.cookies() if c["name"] == "wardgate_console"]
+    odd = httpx.get(f"http://127.0.0.1:{cgw.http_port}/console/callback?code=x&state=%C3%A9t%C3%A9")
+    assert 400 <= odd.status_code < 500  # a non-ASCII state was an internal error
 
 
 def test_exec_policies_and_audit_pages(cgw, idp, page, tmp_path) -> None:

@@ -29,15 +29,15 @@ STRATEGIES = ("redact", "partial", "hash", "null")
 # and arrays of text-like types.
 TEXT_LIKE_OIDS = frozenset({25, 1043, 1042, 19, 114, 3802, 142, 705, 1009, 1015, 1014, 199, 3807})
 PLAIN_TEXT_OIDS = frozenset({25, 1043, 1042, 19, 705})
-# Types that cannot hold what a content detector looks for: bool, dates and times, intervals, uuid. Every
-# other type is searched: numbers (a card number kept as bigint), and types whose text form embeds text
-# (a whole row, a record, an enum, a domain, an array, a range).
-NO_PII_OIDS = frozenset({16, 1082, 1083, 1266, 1114, 1184, 1186, 2950})
-# Number types: a found value cannot be rewritten in place (a client would fail to read "[card]"), so it
-# becomes NULL. Numbers wide enough for a card number (bigint, double, numeric) are searched in binary
-# format too, as their decimal text.
-NUMBER_OIDS = frozenset({20, 21, 23, 26, 700, 701, 790, 1700})
-_WIDE_NUMBERS = frozenset({20, 701, 1700})
+# Types that cannot hold what a content detector looks for: bool, dates and times, intervals, uuid, and
+# numbers too narrow for any kind (a bare number can only be a card number, of 13 digits or more):
+# smallint, integer, real, oid, money. Every other type is searched: wide numbers (a card number kept as
+# bigint), and types whose text form embeds text (a whole row, a record, an enum, a domain, an array).
+NO_PII_OIDS = frozenset({16, 1082, 1083, 1266, 1114, 1184, 1186, 2950, 21, 23, 700, 26, 790})
+# Numbers wide enough for a card number (bigint, double, numeric): searched in binary format too, as their
+# decimal text; a found value cannot be rewritten in place (a client would fail to read "[card]"), so it
+# becomes NULL.
+NUMBER_OIDS = frozenset({20, 701, 1700})
 
 
 def binary_number_text(type_oid: int, raw: bytes) -> bytes:
@@ -187,7 +187,7 @@ class RowMasker:
             return (functools.partial(self._mask_whole, col), False, 0, False, True)
         kinds, patterns, _ = col.detectors  # type: ignore[misc]
         # A binary number's bytes are not its digits: the pre-filter cannot judge it, so it is always looked at.
-        always = bool(patterns) or (col.binary and col.type_oid in _WIDE_NUMBERS)
+        always = bool(patterns) or (col.binary and col.type_oid in NUMBER_OIDS)
         return (functools.partial(self._mask_content, col), *_screen(kinds), always)
 
     def _mask_whole(self, col: _Column, raw: bytes) -> bytes:
@@ -197,7 +197,7 @@ class RowMasker:
 
     def _mask_content(self, col: _Column, raw: bytes) -> bytes | None:
         kinds, patterns, strategy = col.detectors  # type: ignore[misc]
-        if col.binary and col.type_oid in _WIDE_NUMBERS:
+        if col.binary and col.type_oid in NUMBER_OIDS:
             raw = binary_number_text(col.type_oid, raw)
         text = raw.decode("utf-8", "replace")
         spans = find(text, raw, kinds, patterns)
