@@ -336,9 +336,8 @@ class _Lineage:
                     self.select(query["SelectStmt"], True, value.get("aliascolnames"))
                 else:
                     self.statement(query)
-            elif key == "RangeFunction":  # functions in FROM compute rows from their arguments
-                self.alias(value)
-                self.values(value.get("functions"))
+            elif key == "RangeFunction":  # functions in FROM compute rows from their arguments (values, so
+                self.values(value.get("functions"))  # derived); their alias names no table row
             elif key == "returningList":
                 for out, src in self.targets(value, tracked=True):
                     self.renames.add((out, src))
