@@ -92,13 +92,30 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self.fd, self.path, self.size = fd, path, 0
+        self._torn = False
 
     def write(self, data: bytes) -> None:
-        n = os.write(self.fd, data)
-        if n < len(data):  # a short write (rare for a regular file): the rest, until all is written
-            view = memoryview(data)[n:]
-            while view:
-                view = view[os.write(self.fd, view):]
+        """Append `data` whole, or raise OSError having appended nothing: a write that fails part way (a
+        full disk) is cut off again, so no torn record sits before the ones written once there is room."""
+        if self._torn:
+            os.ftruncate(self.fd, self.size)
+            self._torn = False
+        try:
+            n = os.write(self.fd, data)
+            if n < len(data):  # a short write (rare for a regular file): the rest, until all is written
+                self._torn = True
+                view = memoryview(data)[n:]
+                while view:
+                    view = view[os.write(self.fd, view):]
+                self._torn = False
+        except OSError:
+            if self._torn:
+                try:
+                    os.ftruncate(self.fd, self.size)
+                    self._torn = False
+                except OSError:
+                    pass  # cut off before the next write
+            raise
         self.size += len(data)
 
     def _finish(self) -> None:

@@ -108,10 +108,9 @@ class Recorder:
     def write_lines(self, lines: list[str]) -> None:
         """`write` for records the relay encoded itself (one JSON object a line). Any thread may write."""
         with self._lock:
-            if self._deferred:
-                lines = self._deferred + lines
-                self._deferred = []
-            self.journal.write("".join(lines).encode("utf-8"))
+            # Deferred outcomes stay deferred until they are written: a failed write loses none of them.
+            self.journal.write("".join(self._deferred + lines if self._deferred else lines).encode("utf-8"))
+            self._deferred = []
 
     def defer(self, lines: list[str]) -> None:
         with self._lock:
