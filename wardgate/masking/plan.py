@@ -41,7 +41,14 @@ NUMBER_OIDS = frozenset({20, 701, 1700})
 
 
 def binary_number_text(type_oid: int, raw: bytes) -> bytes:
-    """The decimal digits of a bigint, double or numeric in PostgreSQL's binary format."""
+    """The decimal digits of a bigint, double or numeric in PostgreSQL's binary format (b"" if malformed)."""
+    try:
+        return _binary_number_text(type_oid, raw)
+    except (struct.error, ValueError):
+        return b""
+
+
+def _binary_number_text(type_oid: int, raw: bytes) -> bytes:
     if type_oid == 20:
         return str(int.from_bytes(raw, "big", signed=True)).encode()
     if type_oid == 701:
