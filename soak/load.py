@@ -1,5 +1,6 @@
 """Load and faults for `make soak`: many TLS + SCRAM client sessions through one gateway, then the checks
-a user relies on afterwards; `kill -9` of the gateway under load; the recording journal failing.
+a user relies on afterwards; `kill -9` of the gateway under load. (The recording journal failing and the
+store going away are tests in tests/integration/test_resilience.py, which the soak runs too.)
 
 Each stage returns a list of Check rows: what was tried, how many passed, and for each failure a
 reproducer (the session, the statement, what came back)."""
@@ -11,7 +12,6 @@ import random
 import shutil
 import signal
 import ssl
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.conftest import Gateway, make_gateway
+from tests.conftest import Gateway, make_gateway, upstream_postgres
 from wardgate.localpg import LocalPostgres
 from wardgate.recording import views
 
@@ -322,68 +322,7 @@ def kill9_stage(work: Path, pg: LocalPostgres, workers: int = 40, seconds: float
     return check
 
 
-def journal_stage(work: Path, pg: LocalPostgres) -> Check:
-    """The recording journal cannot be written (the disk is full, as a file size limit on the gateway makes
-    it): statements are refused with a clear error, never run unrecorded; once it can write again, the
-    gateway serves as before."""
-    import psycopg
-
-    gw = make_gateway(work / "journal", pg, tail_toml=POLICY, users=False)
-    gw.cli("users", "add", "loader", "--group", "dev")
-    gw.start()
-    check = Check("the recording journal cannot be written, then can again")
-    pg.psql("create table if not exists soak_journal (n int); truncate soak_journal; grant all on soak_journal to app",
-            database="shop")
-    try:
-        dsn = gw.dsn(gw.credential("loader", ttl="1h"))
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("insert into soak_journal values (1)")
-            pid = gw.proc.pid
-            # No file of the gateway process may grow past one byte from now on, new journal segments
-            # included: to it, the disk is full. (Its recorder process, which fills the store, is not limited.)
-            subprocess.run(["prlimit", f"--pid={pid}", "--fsize=1:unlimited"], check=True)
-            refused = 0
-            for n in range(2, 12):
-                check.tried += 1
-                try:
-                    conn.execute(f"insert into soak_journal values ({n})")
-                    check.fail(f"insert {n} ran while the journal could not be written")
-                except psycopg.Error as exc:
-                    if exc.sqlstate == "58030" or "cannot record" in str(exc):
-                        refused += 1
-                        check.passed += 1
-                    else:
-                        check.fail(f"insert {n}: {exc.sqlstate} {exc}")
-                    break  # the session is ended: a new one is needed
-        for n in range(12, 15):  # new sessions while the journal is still full: refused too
-            check.tried += 1
-            try:
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute(f"insert into soak_journal values ({n})")
-                check.fail(f"a new session ran insert {n} while the journal could not be written")
-            except psycopg.Error as exc:
-                check.passed += 1 if ("record" in str(exc) or "58030" in str(exc.sqlstate)) else 0
-                if "record" not in str(exc) and exc.sqlstate != "58030":
-                    check.fail(f"insert {n}: {exc.sqlstate} {exc}")
-        subprocess.run(["prlimit", f"--pid={pid}", "--fsize=unlimited:unlimited"], check=True)
-        check.tried += 1
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("insert into soak_journal values (100)")
-            check.passed += 1
-        except psycopg.Error as exc:
-            check.fail(f"after the journal could be written again: {exc}")
-        ran = {int(x) for x in pg.psql("select n from soak_journal", database="shop").split()}
-        if ran - {1, 100}:
-            check.fail(f"statements ran while unrecorded: {sorted(ran - {1, 100})}")
-    finally:
-        gw.stop()
-    return check
-
-
 def start_upstream(work: Path) -> LocalPostgres:
-    from tests.conftest import upstream_postgres
-
     return upstream_postgres(work / "upstream")
 
 
