@@ -1,5 +1,7 @@
 """Hostile input: the corpus of guardrail bypasses and masking evasions (tests/corpus/hostile.toml), each
-through `policy check`, psql and psycopg, as the case's user, with the outcome the case states."""
+through `policy check`, psql and psycopg, as the case's user, with the outcome the case states; startup
+settings that would switch roles; and authentication attacks (guessing a credential or an API key,
+oversized and forged bearers, replay after revocation)."""
 
 from __future__ import annotations
 
