@@ -20,29 +20,16 @@ from pathlib import Path
 import asyncpg
 
 from tests.conftest import Gateway, make_gateway, upstream_postgres
+from tests.integration.test_hostile import POLICY as HOSTILE_POLICY
 from wardgate.localpg import LocalPostgres
 from wardgate.recording import views
 
-POLICY = """
-[[guardrails]]
-preset = "standard"
-connections = ["shop"]
-
+# The hostile corpus's policy (standard guardrails, column and content masking), and a review for deletes.
+POLICY = HOSTILE_POLICY + """
 [[guardrails]]
 name = "deletes-need-review"
 kinds = ["delete"]
 action = "review"
-connections = ["shop"]
-
-[[masking]]
-name = "cards"
-columns = ["card_number"]
-strategy = "partial"
-connections = ["shop"]
-
-[[masking]]
-name = "pii"
-detectors = ["email", "phone"]
 connections = ["shop"]
 """
 

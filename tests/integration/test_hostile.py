@@ -14,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import make_gateway
+from tests.conftest import make_gateway, psql
 from tests.integration.test_masking import MASKING
 from wardgate.domain import Identity
 from wardgate.policy.gatekeeper import Gatekeeper
@@ -64,8 +64,7 @@ def expected_rule(case: dict) -> str | None:
 
 
 def run_psql(dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["psql", "-X", "-v", "VERBOSITY=verbose", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
-                          capture_output=True, text=True, timeout=30)
+    return psql(dsn, "-v", "VERBOSITY=verbose", "-c", sql, check=False)
 
 
 def check_psql(out: subprocess.CompletedProcess[str], rule: str | None, error: str | None) -> None:

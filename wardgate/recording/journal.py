@@ -103,18 +103,14 @@ class Journal:
         try:
             n = os.write(self.fd, data)
             if n < len(data):  # a short write (rare for a regular file): the rest, until all is written
-                self._torn = True
                 view = memoryview(data)[n:]
                 while view:
                     view = view[os.write(self.fd, view):]
-                self._torn = False
         except OSError:
-            if self._torn:
-                try:
-                    os.ftruncate(self.fd, self.size)
-                    self._torn = False
-                except OSError:
-                    pass  # cut off before the next write
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                self._torn = True  # cut off before the next write
             raise
         self.size += len(data)
 

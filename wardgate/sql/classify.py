@@ -173,6 +173,8 @@ def _columns(node: Any, out: set[str]) -> None:
 
 
 _ON = frozenset({"on", "true", "yes", "1"})
+# Settings that make a session act as another database role (in SET, or in a session's startup options).
+ROLE_SETTINGS = frozenset({"role", "session_authorization"})
 
 
 def _setting_value(args: Any) -> str | None:
@@ -198,7 +200,7 @@ def _escapes(setting: dict[str, Any], w: _Walk) -> None:
         w.escapes_off = True
     elif name in ("default_transaction_read_only", "transaction_read_only") and value not in _ON:
         w.read_write = True
-    elif name in ("role", "session_authorization") and value not in ("none", "default"):
+    elif name in ROLE_SETTINGS and value not in ("none", "default"):
         w.role_switch = True
 
 

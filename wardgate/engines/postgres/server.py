@@ -22,6 +22,7 @@ from ...identity.throttle import Throttle, lockout_message
 from ...metrics import STATS
 from ...policy.gatekeeper import Gatekeeper
 from ...recording.journal import event
+from ...sql.classify import ROLE_SETTINGS
 from ...store import CREDENTIAL_PREFIX, UNAVAILABLE, UNAVAILABLE_MESSAGE, Store
 from . import codec, upstream
 from .scram import MECHANISM, ScramError, ScramServer, make_verifier
@@ -31,9 +32,6 @@ from .stream import PeerClosed, StreamProtocol
 log = logging.getLogger("wardgate.postgres")
 
 _HINT_CREDENTIAL = "issue a credential with `wardgate credentials issue --user {user} --connection {conn}` and use it as the password"
-
-
-_IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
 
 
 def identity_setting(params: dict[str, str]) -> str | None:
@@ -46,7 +44,7 @@ def identity_setting(params: dict[str, str]) -> str | None:
             names.append(word[2:].split("=", 1)[0])
         elif word.startswith("-c"):
             names.append((word[2:] or (words[i + 1] if i + 1 < len(words) else "")).split("=", 1)[0])
-    return next((n for n in names if n.lower().replace("-", "_").replace("\\", "") in _IDENTITY_SETTINGS), None)
+    return next((n for n in names if n.lower().replace("-", "_").replace("\\", "") in ROLE_SETTINGS), None)
 
 
 class Rejected(Exception):
