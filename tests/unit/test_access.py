@@ -57,16 +57,21 @@ def test_rules_from_config(tmp_path) -> None:
 
 def test_guardrail_cache_key_keeps_what_decides() -> None:
     from wardgate.policy.guardrails import Rule, StatementPolicy, standard_rules
-    from wardgate.sql.classify import cache_key
+    from wardgate.sql.classify import template_key
 
-    assert cache_key("select * from t where id = 42 and x = 1.5") == "select * from t where id = 0 and x = 0"
-    assert cache_key("select * from t2 where a = $3") == "select * from t2 where a = $0"
-    assert cache_key('select * from "secret 1"') == 'select * from "secret 1"'
+    # PostgreSQL's own normalisation: constants, as its parser found them, become placeholders
+    assert template_key("select * from t where id = 42 and x = 1.5") == "select * from t where id = $1 and x = $2"
+    assert template_key("select * from t2 where a = $3") is None  # a parameter: exact text only
+    assert template_key('select * from "secret 1"') == 'select * from "secret 1"'
+    assert template_key("select U&'\\0027'") == "select $1"  # a digit inside a string is not a number
     policy = StatementPolicy(standard_rules({}) + [Rule("r", relations=("secret 1",))])
     assert policy.decide("delete from t where id = 1").action == "allow"
     assert policy.decide("delete from t where true").action == "deny"  # TRUE is not a number
     assert policy.decide('select * from "secret 2"').action == "allow"
     assert policy.decide('select * from "secret 1"').action == "deny"
+    # a dollar-quote tag of non-word characters ends where PostgreSQL ends it: the DROP is seen
+    assert policy.decide("select $€1$ $€2$::text || ' $€1$; drop table t; --'").action == "deny"
+    assert policy.decide("select U&'\\0027'").action == "allow"  # valid SQL, read as it is
 
 
 def test_policy_file_included(tmp_path) -> None:

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from wardgate.engines.postgres import _wire, codec
 from wardgate.engines.postgres.framing import BAD, DONE, HOLD, ROWS, SKIP, Framer, scan_py
 from wardgate.masking.plan import NULL_VALUE, MaskingPolicy, mask_rows_py, parse_rules
-from wardgate.sql import classify
 
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,7 +27,6 @@ def test_the_c_part_is_built():
 
     assert framing.scan is _wire.scan
     assert plan.mask_rows is _wire.mask_rows
-    assert classify.number_key is _wire.number_key
 
 
 def _limits(cap: int = 1 << 20, allowed: bytes | None = None) -> bytes:
@@ -206,30 +204,3 @@ def test_a_masking_function_must_return_a_valid_value():
     assert _wire.mask_rows(row, 0, len(row), (NULL_VALUE,), [0]) == data_row(None)
 
 
-# Statement texts built from what decides where a number ends: digits (ASCII and other scripts'),
-# word characters, dots, quotes, dollars, spaces and some that are none of these.
-key_text = st.text(alphabet=st.sampled_from(list("0123456789._$aZé\u0663\u0664\u00b2\u2167 \t'\"-+e()x;") + ["\U0001d7d8"]),
-                   max_size=40)
-
-
-@given(key_text)
-@FAST
-def test_number_key_agrees_with_the_regular_expression(text):
-    """The statement cache's key: the same text as re.sub gives, so statements share an entry exactly as before."""
-    assert _wire.number_key(text) == classify.number_key_py(text)
-
-
-@given(st.text(max_size=60))
-@FAST
-def test_number_key_of_any_text_agrees(text):
-    assert _wire.number_key(text) == classify.number_key_py(text)
-
-
-def test_number_key_keeps_names_and_replaces_numbers():
-    assert _wire.number_key("select a1, 2b, 3 from t9 where x = 1.5 and y = 4.5e3 and z = 1.2.3") == \
-        "select a1, 2b, 0 from t9 where x = 0 and y = 0.5e3 and z = 0.0"  # as re.sub: "4" then "5e3" (a word)
-    text = "select 1"
-    assert _wire.number_key("select x") == "select x"
-    assert _wire.number_key(text) == "select 0"
-    with pytest.raises(TypeError):
-        _wire.number_key(b"select 1")

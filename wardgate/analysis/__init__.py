@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..policy.access import DAYS, in_window, parse_hours
-from ..sql.classify import READ_KINDS, cache_key, classify
+from ..policy.guardrails import StatementPolicy
+from ..sql.classify import READ_KINDS
 
 LEVELS = ("low", "medium", "high")
 PRIVILEGE_KINDS = frozenset({
@@ -121,8 +122,9 @@ def analyze(statements: list[StatementFacts], settings: AnalysisSettings, *, mas
     hours = parse_hours(settings.business_hours)
     days = tuple(settings.business_days)
     privileged, destructive, ddl, off_hours = [], [], [], []
+    classified = StatementPolicy([])  # no rules: its cache of classifications, as a session repeats a few statements
     for st in statements:
-        c = classify(cache_key(st.text))  # cached: a session repeats the same few statements
+        c = classified.decide(st.text).classification
         kinds = set(c.kinds)
         ran = not _refused(st)
         if kinds & PRIVILEGE_KINDS or ("variable_set" in kinds and _SET_ROLE.search(st.text)):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..domain import Identity
-from ..sql.classify import OPAQUE_KINDS, Classification, cache_key, classify, kind_of, known_kinds
+from ..sql.classify import OPAQUE_KINDS, Classification, classify, kind_of, known_kinds, template_key
 from .scope import in_scope
 
 DANGEROUS_FUNCTIONS = (
@@ -168,8 +168,16 @@ class Decision:
                 "classification": self.classification.public()}
 
 
+# Statements longer than this are decided every time rather than kept: the cache holds short texts only.
+CACHE_TEXT_LIMIT = 16 * 1024
+
+
 class StatementPolicy:
-    """The rules that apply to one identity on one connection; decisions cached by statement text."""
+    """The rules that apply to one identity on one connection.
+
+    Decisions are made on the exact text the server will parse, and cached under that text; a decision
+    whose classification read no constant's value is cached under the statement's template instead (see
+    classify.template_key), so `WHERE aid = 7` and `WHERE aid = 8` are decided once between them."""
 
     def __init__(self, rules: list[Rule], cache_size: int = 2048) -> None:
         self.rules = rules
@@ -180,14 +188,25 @@ class StatementPolicy:
         self._cache_size = cache_size
 
     def decide(self, text: str) -> Decision:
-        key = cache_key(text)
-        hit = self._cache.get(key)
+        cache = self._cache
+        hit = cache.get(text)
         if hit is not None:
             return hit
-        decision = self._decide(key)
-        self._cache[key] = decision
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if len(text) > CACHE_TEXT_LIMIT:
+            return self._decide(text)
+        template = template_key(text)
+        if template is not None:
+            # A template key starts with NUL, which no statement text holds (PostgreSQL reads a C string),
+            # so the two kinds of key never meet.
+            template = "\0" + template
+            hit = cache.get(template)
+            if hit is not None:
+                return hit
+        decision = self._decide(text)
+        key = template if template is not None and not decision.classification.value_dependent else text
+        cache[key] = decision
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
         return decision
 
     def _decide(self, text: str) -> Decision:

@@ -3,8 +3,12 @@
 `classify(text)` parses with `parse_sql_json` (the fast path) and walks the tree once, collecting
 statement kinds (inside CTEs, EXPLAIN, PREPARE and multi-statement strings too), relations read
 and written, functions called, conditionless writes and COPY details. Literals and comments are
-data in the tree, so keyword text inside them never looks like a statement. Results are cached
-by statement text.
+data in the tree, so keyword text inside them never looks like a statement.
+
+The classification is of the exact text the server will parse. It also says whether it read the value
+of any constant (`value_dependent`): one that did not is the same for every text that PostgreSQL's own
+parser reads as the same tree with other constants in it, which is what lets the statement cache share
+it (see `template_key`).
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
-from pglast.parser import ParseError, parse_sql_json
+from pglast.parser import ParseError, normalize, parse_sql_json
 
 # Kinds that only read (or only touch the session). Anything else counts as a write: unknown = write.
 READ_KINDS = frozenset({
@@ -78,6 +81,14 @@ class Classification:
     read_write: bool = False
     role_switch: bool = False  # SET ROLE, SET SESSION AUTHORIZATION: act as another database role
     copy_file: bool = False  # COPY to or from a file on the database server
+    # The top-level statements' node names, in order (`SelectStmt`, `DropStmt`, ...): what the server will run
+    nodes: tuple[str, ...] = ()
+    # Per top-level statement, the CommandComplete tags the server may answer it with (None: any); the
+    # session relay compares them with what the server says it ran (see sql/tags.py)
+    expected_tags: tuple[frozenset[str] | None, ...] = ()
+    # Whether the walk read the value of a constant (a literal's value decided something): then the
+    # classification holds for this exact text only, not for others that differ in their constants
+    value_dependent: bool = False
 
     @property
     def is_write(self) -> bool:
@@ -91,6 +102,7 @@ class Classification:
             "filter_columns": sorted(self.filter_columns), "escapes_off": self.escapes_off,
             "derived_columns": sorted(self.derived_columns), "whole_rows": self.whole_rows,
             "read_write": self.read_write, "role_switch": self.role_switch, "copy_file": self.copy_file,
+            "nodes": list(self.nodes),
         }
 
 
@@ -107,6 +119,19 @@ class _Walk:
     read_write: bool = False
     role_switch: bool = False
     copy_file: bool = False
+    value_dependent: bool = False
+
+
+def _const(node: Any, w: _Walk) -> dict[str, Any] | None:
+    """The body of a constant (A_Const), read for its value. Every read of a literal's value goes through
+    here, and marks the classification as holding for this text only (see Classification.value_dependent)."""
+    if not isinstance(node, dict):
+        return None
+    const = node.get("A_Const")
+    if not isinstance(const, dict):
+        return None
+    w.value_dependent = True
+    return const
 
 
 def _relname(rv: dict[str, Any]) -> str:
@@ -118,8 +143,9 @@ def _names(items: list[Any]) -> str:
     return ".".join(i.get("String", {}).get("sval", "?") for i in items if isinstance(i, dict))
 
 
-def _is_true(node: Any) -> bool:
-    return isinstance(node, dict) and node.get("A_Const", {}).get("boolval", {}).get("boolval") is True
+def _is_true(node: Any, w: _Walk) -> bool:
+    const = _const(node, w)
+    return const is not None and const.get("boolval", {}).get("boolval") is True
 
 
 def _visit(node: Any, w: _Walk) -> None:
@@ -130,6 +156,8 @@ def _visit(node: Any, w: _Walk) -> None:
     if not isinstance(node, dict):
         return
     for key, value in node.items():
+        if key == "A_Const":  # a literal: holds no statement, relation or call (its value is read by _const only)
+            continue
         if key.endswith("Stmt") and isinstance(value, dict):
             _statement(key, value, w)
         elif key == "RangeVar" and isinstance(value, dict):
@@ -141,7 +169,7 @@ def _visit(node: Any, w: _Walk) -> None:
             _escapes(value, w)
             _visit(value, w)
         elif key == "DefElem" and isinstance(value, dict):  # START TRANSACTION READ WRITE and the like
-            if value.get("defname") == "transaction_read_only" and _setting_value([value.get("arg")]) not in _ON:
+            if value.get("defname") == "transaction_read_only" and _setting_value([value.get("arg")], w) not in _ON:
                 w.read_write = True
             _visit(value, w)
         elif key == "lockingClause" and value:
@@ -167,8 +195,8 @@ def _columns(node: Any, out: set[str]) -> None:
             names = [f["String"]["sval"] for f in ref.get("fields", []) if isinstance(f, dict) and "String" in f]
             if names:
                 out.add(names[-1].lower())
-        for value in node.values():
-            if isinstance(value, (dict, list)):
+        for key, value in node.items():
+            if key != "A_Const" and isinstance(value, (dict, list)):
                 _columns(value, out)
 
 
@@ -177,12 +205,12 @@ _ON = frozenset({"on", "true", "yes", "1"})
 ROLE_SETTINGS = frozenset({"role", "session_authorization"})
 
 
-def _setting_value(args: Any) -> str | None:
+def _setting_value(args: Any, w: _Walk) -> str | None:
     """The value of `SET name = value` as text, when it is one plain constant; else None."""
-    if not isinstance(args, list) or len(args) != 1 or not isinstance(args[0], dict):
+    if not isinstance(args, list) or len(args) != 1:
         return None
-    const = args[0].get("A_Const")
-    if not isinstance(const, dict):
+    const = _const(args[0], w)
+    if const is None:
         return None
     for key, inner in (("sval", "sval"), ("ival", "ival"), ("boolval", "boolval")):
         if key in const:
@@ -193,7 +221,7 @@ def _setting_value(args: Any) -> str | None:
 def _escapes(setting: dict[str, Any], w: _Walk) -> None:
     """A SET (of this session, or of a role's or database's sessions) that turns standard_conforming_strings off,
     turns read-only transactions off, or switches the database role."""
-    name, value = str(setting.get("name", "")).lower(), _setting_value(setting.get("args"))
+    name, value = str(setting.get("name", "")).lower(), _setting_value(setting.get("args"), w)
     if setting.get("kind") != "VAR_SET_VALUE":
         return
     if name == "standard_conforming_strings" and value not in _ON:
@@ -212,9 +240,9 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
             _columns(rest[key], w.filter_columns)
     if name in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt") and "relation" in rest:
         w.writes.add(_relname(rest.pop("relation")))
-        if name in ("UpdateStmt", "DeleteStmt") and (rest.get("whereClause") is None or _is_true(rest.get("whereClause"))):
+        if name in ("UpdateStmt", "DeleteStmt") and (rest.get("whereClause") is None or _is_true(rest.get("whereClause"), w)):
             w.unconditional.add(kind)
-        if name == "MergeStmt" and _is_true(rest.get("joinCondition")):
+        if name == "MergeStmt" and _is_true(rest.get("joinCondition"), w):
             w.unconditional.add(kind)
     elif name == "SelectStmt" and rest.get("intoClause"):
         w.writes.add(_relname(rest.pop("intoClause").get("rel", {})))
@@ -373,42 +401,51 @@ def lineage(stmts: list[Any]) -> _Lineage:
     return lin
 
 
-_NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
+def template_key(text: str) -> str | None:
+    """A key that `text` shares with the texts PostgreSQL's parser reads as the same statements with other
+    constants: libpg_query's normalisation (the one pg_stat_statements uses), in which each constant the
+    parser found becomes a placeholder. None when there is none to share.
+
+    Two texts with one key have equal tokens outside their constants, so the parser builds them the same
+    tree but for the constants' values, and a classification that read no value (not value_dependent)
+    holds for both. A text with a `$` is left out: its own parameters would look like the placeholders
+    (`select $1 + 5` and `select $1 + $2` normalise alike), and so would a dollar-quoted string."""
+    if "$" in text:
+        return None
+    try:
+        return normalize(text)
+    except (ParseError, RecursionError, ValueError):
+        return None
 
 
-def number_key_py(text: str) -> str:
-    """The reference for number_key in engines/postgres/_wire.c: every number replaced by 0."""
-    return _NUMBER.sub("0", text)
+def _expected_tags(stmts: list[Any]) -> tuple[frozenset[str] | None, ...]:
+    try:
+        from .tags import expected_tag
+    except ImportError:
+        return tuple(None for _ in stmts)
+    return tuple(expected_tag(s) for s in stmts)
 
 
-try:
-    from ..engines.postgres._wire import number_key
-except ImportError:  # built without a C compiler: the same contract, slower
-    number_key = number_key_py
-
-
-def cache_key(text: str) -> str:
-    """Statements that differ only in numbers classify alike (`WHERE id = 7` and `WHERE id = 8`), so
-    they share one cache entry. Numbers never decide a classification: only TRUE constants and names
-    do, and neither is touched here. Text with quoted identifiers is left whole, since a digit there
-    is part of a name."""
-    return text if '"' in text else number_key(text)
-
-
-@lru_cache(maxsize=8192)
 def classify(text: str) -> Classification:
+    """The classification of exactly `text`, as PostgreSQL's parser reads it. Anything it cannot read
+    (a syntax error, or nesting too deep to follow) has `error` set, and is refused by every policy."""
     try:
         tree = json.loads(parse_sql_json(text))
+        stmts = tree.get("stmts", [])
+        w = _Walk()
+        bodies = [s.get("stmt", {}) for s in stmts]
+        _visit(bodies, w)
+        lin = lineage(bodies)
     except ParseError as exc:
         return Classification(error=str(exc.args[0]) if exc.args else "syntax error")
-    stmts = tree.get("stmts", [])
-    w = _Walk()
-    bodies = [s.get("stmt", {}) for s in stmts]
-    _visit(bodies, w)
-    lin = lineage(bodies)
+    except RecursionError:
+        # libpg_query follows nesting PostgreSQL itself would refuse (its max_stack_depth); the JSON
+        # decoder and the walk stop earlier. Either way there is nothing sound to decide on.
+        return Classification(error="the statement is nested too deeply for the gateway to read; simplify it")
     return Classification(
         frozenset(w.kinds), frozenset(w.reads), frozenset(w.writes), frozenset(w.functions),
         frozenset(w.unconditional), w.copy_program, len(stmts), None, frozenset(w.filter_columns), w.escapes_off,
         frozenset(lin.derived), frozenset(lin.renames), lin.star_value or bool(lin.singles & lin.relations),
         w.read_write, w.role_switch, w.copy_file,
+        tuple(next(iter(b), "") for b in bodies), _expected_tags(bodies), w.value_dependent,
     )

@@ -409,85 +409,9 @@ done:
     return result;
 }
 
-/* number_key(text) -> str: `text` with every match of the regular expression \b\d+(?:\.\d+)?\b
- * replaced by "0", exactly as re.sub does it for a str (Unicode decimal digits and word characters;
- * see cache_key_py in sql/classify.py). The statement cache's key: numbers never decide a
- * classification, so statements that differ only in them share an entry. */
-static inline int is_word(Py_UCS4 c)
-{
-    if (c < 128)
-        return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
-    return Py_UNICODE_ISALNUM(c);
-}
-
-static inline int is_digit(Py_UCS4 c) { return c < 128 ? (c >= '0' && c <= '9') : Py_UNICODE_ISDECIMAL(c); }
-
-static PyObject *number_key(PyObject *self, PyObject *arg)
-{
-    if (!PyUnicode_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "number_key expects a str");
-        return NULL;
-    }
-#if PY_VERSION_HEX < 0x030C0000
-    if (PyUnicode_READY(arg) < 0)
-        return NULL;
-#endif
-    const int kind = PyUnicode_KIND(arg);
-    const void *d = PyUnicode_DATA(arg);
-    const Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
-    Py_UCS4 *out = NULL; /* allocated at the first number: most texts come back as they are */
-    Py_ssize_t o = 0, copied = 0; /* text[copied:] is not in out yet */
-    Py_ssize_t i = 0;
-    int prev_word = 0;
-    while (i < n) {
-        Py_UCS4 c = PyUnicode_READ(kind, d, i);
-        if (prev_word || !is_digit(c)) {
-            prev_word = is_word(c);
-            i++;
-            continue;
-        }
-        /* a run of digits at a word boundary */
-        Py_ssize_t j = i + 1;
-        while (j < n && is_digit(PyUnicode_READ(kind, d, j)))
-            j++;
-        Py_ssize_t end = -1;
-        if (j + 1 < n && PyUnicode_READ(kind, d, j) == '.' && is_digit(PyUnicode_READ(kind, d, j + 1))) {
-            Py_ssize_t k = j + 2;
-            while (k < n && is_digit(PyUnicode_READ(kind, d, k)))
-                k++;
-            if (k == n || !is_word(PyUnicode_READ(kind, d, k)))
-                end = k;
-        }
-        if (end < 0 && (j == n || !is_word(PyUnicode_READ(kind, d, j))))
-            end = j;
-        if (end < 0) { /* digits run into a word character: no boundary anywhere in them */
-            prev_word = 1;
-            i = j;
-            continue;
-        }
-        if (out == NULL && (out = PyMem_Malloc((size_t)n * sizeof(Py_UCS4))) == NULL)
-            return PyErr_NoMemory();
-        for (; copied < i; copied++)
-            out[o++] = PyUnicode_READ(kind, d, copied);
-        out[o++] = '0'; /* never longer than the text: a number becomes one character */
-        copied = i = end;
-        prev_word = 1; /* the last character replaced was a digit */
-    }
-    if (out == NULL) {
-        Py_INCREF(arg);
-        return arg;
-    }
-    for (; copied < n; copied++)
-        out[o++] = PyUnicode_READ(kind, d, copied);
-    PyObject *result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, o);
-    PyMem_Free(out);
-    return result;
-}
-
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "Frame a read: (pos, state, extra, msgs). See framing.py."},
     {"mask_rows", mask_rows, METH_VARARGS, "Mask a run of DataRows. See masking/plan.py."},
-    {"number_key", number_key, METH_O, "A statement's cache key: its numbers replaced by 0. See sql/classify.py."},
     {NULL, NULL, 0, NULL},
 };
 
