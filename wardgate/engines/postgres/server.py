@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 import socket
 import ssl
@@ -22,9 +21,8 @@ from ...identity.throttle import Throttle, lockout_message
 from ...metrics import STATS
 from ...policy.gatekeeper import Gatekeeper
 from ...recording.journal import event
-from ...sql.classify import ROLE_SETTINGS
 from ...store import CREDENTIAL_PREFIX, UNAVAILABLE, UNAVAILABLE_MESSAGE, Store
-from . import codec, upstream
+from . import codec, options, upstream
 from .scram import MECHANISM, ScramError, ScramServer, make_verifier
 from .session import Relay
 from .stream import PeerClosed, StreamProtocol
@@ -32,19 +30,6 @@ from .stream import PeerClosed, StreamProtocol
 log = logging.getLogger("wardgate.postgres")
 
 _HINT_CREDENTIAL = "issue a credential with `wardgate credentials issue --user {user} --connection {conn}` and use it as the password"
-
-
-def identity_setting(params: dict[str, str]) -> str | None:
-    """A startup setting (a parameter, or `-c name=value` / `--name=value` in `options`) that would switch
-    the database role the session acts as; None when there is none."""
-    names = [k for k in params if k != "options"]
-    words = re.split(r"(?<!\\)\s+", params.get("options", "").strip())
-    for i, word in enumerate(words):
-        if word.startswith("--"):
-            names.append(word[2:].split("=", 1)[0])
-        elif word.startswith("-c"):
-            names.append((word[2:] or (words[i + 1] if i + 1 < len(words) else "")).split("=", 1)[0])
-    return next((n for n in names if n.lower().replace("-", "_").replace("\\", "") in ROLE_SETTINGS), None)
 
 
 class Rejected(Exception):
@@ -283,9 +268,11 @@ class PostgresListener:
         spec = await asyncio.to_thread(self.store.get_connection, conn_name)
         if spec is None:
             raise Rejected("3D000", f"connection {conn_name!r} does not exist", hint="see `wardgate connections list`")
-        if setting := identity_setting(params):
-            raise Rejected("42501", f"the startup setting {setting} would act as another database role",
-                           hint="the gateway acts as the connection's role; remove it from the connection's options")
+        if refused := options.refused_setting(params):
+            setting, why = refused
+            raise Rejected("42501", f"the startup setting {setting} {why}",
+                           hint="remove it from PGOPTIONS / the connection string (the gateway acts as the connection's "
+                                f"role); the settings it passes on: {', '.join(sorted(options.ALLOWED))}")
         forwarded = {k: v for k, v in params.items() if k not in ("user", "database", "replication")}
         policy = self.gatekeeper.statement_policy(identity, conn_name)
         try:
