@@ -284,7 +284,9 @@ class ExecRunner:
             spec = await asyncio.to_thread(gw.store.get_connection, connection)
             if spec is None:
                 raise upstream.UpstreamError(f"connection {connection!r} does not exist", "3D000")
-            up = await upstream.connect(spec, {"application_name": "wardgate exec"}, gw.settings.gateway.upstream_connect_timeout,
+            # The statement goes out as UTF-8: say so, over any role's or database's default encoding.
+            up = await upstream.connect(spec, {"application_name": "wardgate exec", "client_encoding": "UTF8"},
+                                        gw.settings.gateway.upstream_connect_timeout,
                                         standard_strings=bool(policy.rules), read_only=policy.read_only)
             if masking and masking.needs_catalog:
                 masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))

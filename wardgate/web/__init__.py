@@ -427,7 +427,8 @@ class Console:
             spec = await asyncio.to_thread(gw.store.get_connection, connection)
             if spec is None:
                 return {"error": f"connection {connection!r} is gone"}
-            up = await upstream.connect(spec, {"application_name": "wardgate review preview"}, 5.0, standard_strings=True)
+            up = await upstream.connect(spec, {"application_name": "wardgate review preview", "client_encoding": "UTF8"}, 5.0,
+                                        standard_strings=True)
             # Read-only for the dry run: EXPLAIN without ANALYZE plans the statement and executes nothing.
             await upstream.simple_query(up, "set default_transaction_read_only = on")
             rows = await upstream.simple_query(up, "explain (format json) " + statement, timeout=5.0)

@@ -315,6 +315,7 @@ class PostgresListener:
             policy=policy,
             masking=masking, user=user, agent=record["agent"], results=self.settings.recording.results,
             sample_rows=self.settings.recording.sample_rows, sample_bytes=self.settings.recording.sample_bytes,
+            client_encoding=dict(up.parameters).get("client_encoding", "UTF8"),
             review=None if self.reviews is None else (
                 lambda statement, decision, sid=record["sid"]: self.reviews.native(identity, conn_name, statement, decision, sid)),
         )

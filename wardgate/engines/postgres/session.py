@@ -21,6 +21,7 @@ from ...masking.plan import MaskingPolicy, RowMasker
 from ...metrics import STATS
 from ...policy.guardrails import StatementPolicy
 from ...recording.journal import event
+from ...sql import encoding
 from . import codec
 from .framing import ROWS, Framer
 from .stream import StreamProtocol
@@ -129,8 +130,9 @@ class _Unmaskable(Exception):
     pass
 
 
-class _EscapesOff(Exception):
-    pass
+class _ReadPast(Exception):
+    """The session can no longer be read as the server reads it (a setting changed by code the rules
+    could not see): (message to the client, reason in the record)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,7 @@ class Relay:
         results: str = "summary",
         sample_rows: int = 5,
         sample_bytes: int = 64 * 1024,
+        client_encoding: str = "UTF8",
     ) -> None:
         self.user, self.agent = user, agent
         # For statements a rule holds for review: None to run it (approved), else the refusal naming the review.
@@ -176,6 +179,12 @@ class Relay:
         self.masking = masking if masking else None
         self.tracker = StatementTracker(track_describe=self.masking is not None)
         self.policy = policy or StatementPolicy([])
+        # Client text is read in the session's client_encoding, as the server converts it. Where rules
+        # read statements, bytes that do not decode are refused rather than guessed at (see sql/encoding.py).
+        self._strict = bool(self.policy.rules)
+        self.client_encoding = client_encoding
+        self._codec = encoding.codec(client_encoding) if encoding.refusal(client_encoding) is None else "utf-8"
+        self.tracker.codec = self._codec
         self._plans: dict[tuple[int, bytes], RowMasker | None] = {}  # (S or P, name) -> plan from its Describe
         self._copy_out = False
         self._refusals: dict[str, str] = {}  # marker sent upstream -> the refusal it stands for
@@ -236,8 +245,10 @@ class Relay:
                 sid = self.session_id
                 for mtype, body, offset in msgs:
                     if mtype == _QUERY:  # the common case, in one place
-                        text = codec.read_cstr(body, 0)[0].decode("utf-8", "replace")
-                        refusal = self._decide(text, records)
+                        raw = codec.read_cstr(body, 0)[0]
+                        text, refusal = self._read_sql(raw)
+                        if refusal is None:
+                            refusal = self._decide(text, records)
                         if refusal is not None:
                             self._refuse(mtype, body, offset, refusal, records, edits)
                             continue
@@ -251,8 +262,9 @@ class Relay:
                     if mtype == _PARSE:  # decided on its text, which is read once
                         name, pos = codec.read_cstr(body, 0)
                         raw, pos = codec.read_cstr(body, pos)
-                        text = raw.decode("utf-8", "replace")
-                        refusal = self._decide(text, records, extended=True)
+                        text, refusal = self._read_sql(raw)
+                        if refusal is None:
+                            refusal = self._decide(text, records, extended=True)
                         if refusal is not None:
                             self._refuse(mtype, body, offset, refusal, records, edits)
                             continue
@@ -296,6 +308,36 @@ class Relay:
             return
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _read_sql(self, raw: bytes) -> tuple[str, str | None]:
+        """A statement's text as the server will read it, and the refusal when the gateway cannot be sure
+        it reads the same (None: go on and decide)."""
+        if raw.isascii():  # the same characters in every encoding PostgreSQL accepts from a client
+            return raw.decode("ascii"), None
+        try:
+            text = raw.decode(self._codec)
+        except UnicodeDecodeError:
+            text = raw.decode(self._codec, "replace")
+            if self._strict:
+                return text, self._gateway_refusal(
+                    f"the statement is not valid {self.client_encoding} (the session's client_encoding); "
+                    "the gateway refuses what it cannot read exactly as the server does")
+            return text, None
+        if self._strict and self.tracker.in_flight:
+            # A statement still running may change client_encoding (SET, set_config, a function's SET
+            # clause), and the server would read these bytes in the new one; ASCII reads alike in all.
+            return text, self._gateway_refusal(
+                "a statement with non-ASCII text was sent while another was still running, which could change "
+                "the session's client_encoding; send it after the previous result has arrived")
+        return text, None
+
+    def _gateway_refusal(self, reason: str) -> str:
+        """A refusal of the gateway's own (rule gateway:encoding), recorded like a rule's."""
+        _DECIDED["deny"] += 1
+        _RULES[("gateway:encoding", "deny")] += 1
+        self._verdict = ',"d":"deny","r":' + _json([{"rule": "gateway:encoding", "action": "deny", "reason": reason,
+                                                      "message": "", "shadow": False}])
+        return f"denied by rule gateway:encoding: {reason}"
 
     def _masked_params(self, values: list[str | None]) -> list[str | None]:
         """Bound values for the record: content detectors apply, as they would to results."""
@@ -438,7 +480,7 @@ class Relay:
         if mtype == _PARSE:
             name, pos = codec.read_cstr(body, 0)
             raw, pos = codec.read_cstr(body, pos)
-            text = raw.decode("utf-8", "replace")
+            text = raw.decode(self._codec, "replace")
             seq = self.tracker.next_seq()
             verdict = self._take_verdict()
             records.append(_stmt_line(sid, seq, "extended", 0, text, verdict))
@@ -539,10 +581,7 @@ class Relay:
                             self._sample(masked if masked is not None else fwd[offset:body])  # type: ignore[misc]
                         continue
                     if mtype == _PARAMETER_STATUS:
-                        # standard_conforming_strings must stay on wherever a rule reads statements
-                        name, value = codec.parse_parameter_status(body)
-                        if name == "standard_conforming_strings" and value != "on" and self.policy.rules:
-                            raise _EscapesOff()
+                        self._parameter(*codec.parse_parameter_status(body))
                         continue
                     if masking is not None and mtype in _MASK_TYPES:
                         self._mask(mtype, body, offset, edits)
@@ -589,12 +628,11 @@ class Relay:
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
             return
-        except _EscapesOff:
-            # Something the rules could not see (server code) turned it off: what follows would be read
-            # differently by PostgreSQL than by the gateway, so nothing more runs in this session.
-            self.fail(codec.fatal("42501", "the session turned standard_conforming_strings off, which the gateway's "
-                                  "rules cannot read safely; the session is closed"),
-                      "standard_conforming_strings turned off", "42501")
+        except _ReadPast as exc:
+            # Something the rules could not see (server code) changed how the server reads SQL: what
+            # follows would be read differently by PostgreSQL than by the gateway, so nothing more runs.
+            message, reason = exc.args
+            self.fail(codec.fatal("42501", message), reason, "42501")
             return
         except _Unmaskable as exc:
             # Fail closed: nothing unmasked leaves the gateway.
@@ -605,6 +643,20 @@ class Relay:
             return
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _parameter(self, name: str, value: str) -> None:
+        """A setting the server reports (ParameterStatus). Those that decide how it reads SQL are followed:
+        standard_conforming_strings must stay on, and client_encoding must stay one the gateway reads."""
+        if name == "client_encoding":
+            refused = encoding.refusal(value)
+            if refused is not None and self._strict:
+                raise _ReadPast(f"the session's client_encoding changed to {value}: {refused}; the session is closed",
+                                f"client_encoding changed to {value}")
+            self.client_encoding = value
+            self.tracker.codec = self._codec = "utf-8" if refused is not None else encoding.codec(value)
+        elif name == "standard_conforming_strings" and value != "on" and self._strict:
+            raise _ReadPast("the session turned standard_conforming_strings off, which the gateway's rules cannot "
+                            "read safely; the session is closed", "standard_conforming_strings turned off")
 
     def _name_the_connection(self, body: bytes) -> bytes:
         """Upstream is ending the session: say which connection, so the client's error is clear."""

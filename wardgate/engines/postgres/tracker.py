@@ -63,7 +63,7 @@ class _Pending:
 
 class StatementTracker:
     __slots__ = ("_seq", "_statements", "_portals", "_portal_stmt", "_portal_formats", "_pending", "transaction_status",
-                 "track_describe")
+                 "track_describe", "codec")
 
     def __init__(self, track_describe: bool = False) -> None:
         self._seq = 0
@@ -75,17 +75,18 @@ class StatementTracker:
         # Follow Describe answers too (needed to know which result a RowDescription describes).
         self.track_describe = track_describe
         self.transaction_status = b"I"
+        self.codec = "utf-8"  # the Python codec of the session's client_encoding, for text in the record
 
     # -- frontend
 
     def frontend(self, mtype: int, body: bytes) -> Started | None:
         if mtype == Q:
             text, _ = read_cstr(body, 0)
-            return self._start(Q, text.decode("utf-8", "replace"), 0, "simple")
+            return self._start(Q, text.decode(self.codec, "replace"), 0, "simple")
         if mtype == P:
             name, pos = read_cstr(body, 0)
             text, pos = read_cstr(body, pos)
-            self.parsed(name, text.decode("utf-8", "replace"), body, pos)
+            self.parsed(name, text.decode(self.codec, "replace"), body, pos)
             return None
         if mtype == B:
             portal, pos = read_cstr(body, 0)
@@ -105,7 +106,7 @@ class StatementTracker:
                         continue
                     binary = formats[(2 * i + 1) if nformats > 1 else 1] == 1 if nformats else False
                     values.append(f"<binary, {length} bytes>" if binary else
-                                  body[pos:pos + min(length, PARAM_LIMIT)].decode("utf-8", "replace"))
+                                  body[pos:pos + min(length, PARAM_LIMIT)].decode(self.codec, "replace"))
                     pos += length
                 if self.track_describe:
                     (nresults,) = _I16.unpack_from(body, pos)

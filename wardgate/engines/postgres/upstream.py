@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from ...config import ConnectionSpec
+from ...sql import encoding
 from . import codec
 from .scram import MECHANISM, ScramClient, ScramError, md5_password
 from .stream import PeerClosed, StreamProtocol
@@ -102,8 +103,9 @@ async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: flo
     """Open, encrypt per sslmode, authenticate and wait for ReadyForQuery.
 
     `standard_strings`: the session's statements are read by rules, which read SQL as PostgreSQL does
-    with standard_conforming_strings on; a session that starts with it off (the client's options, the
-    role's or the database's settings) is refused, on every door that opens one.
+    with standard_conforming_strings on, in an encoding the gateway decodes exactly (sql/encoding.py);
+    a session that starts otherwise (the client's options, the role's or the database's settings) is
+    refused, on every door that opens one.
     `read_only`: the session's transactions are read-only (default_transaction_read_only, sent after the
     client's own settings, which PostgreSQL applies in order, so it wins over their `options`)."""
     password = resolve_password(spec)
@@ -112,10 +114,15 @@ async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: flo
         if read_only:
             parameters = {**parameters, "default_transaction_read_only": "on"}
         up = await asyncio.wait_for(_handshake(spec, proto, password, parameters), timeout)
-        if standard_strings and dict(up.parameters).get("standard_conforming_strings", "on") != "on":
+        settings = dict(up.parameters)
+        if standard_strings and settings.get("standard_conforming_strings", "on") != "on":
             raise UpstreamError("standard_conforming_strings is off for this session; the gateway's rules read SQL "
                                 "with it on", "42501",
                                 hint="do not set it in the connection's options (PGOPTIONS) or the role's settings")
+        refused = encoding.refusal(settings.get("client_encoding", "UTF8"), settings.get("server_encoding", "UTF8"))
+        if standard_strings and refused is not None:
+            raise UpstreamError(refused, "42501", hint="set client_encoding to UTF8 (PGCLIENTENCODING, the connection "
+                                "string, or the role's and database's settings)")
         return up
     except TimeoutError as exc:
         proto.abort()
