@@ -67,6 +67,7 @@ ALLOWED = frozenset({
     "lc_monetary", "lc_numeric", "lc_time",
     "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout", "idle_session_timeout",
     "search_path",
+    # a read-only policy's default_transaction_read_only=on is sent after the client's settings, so it wins
     "default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable",
     "geqo", "jit", "work_mem", *_PLAN_TYPES.values(),
     "escape_string_warning", "standard_conforming_strings",  # the latter only on: see _value_refused
@@ -75,14 +76,13 @@ ALLOWED = frozenset({
 # parse_bool's spellings of true, any case (guc.c: a prefix of true or yes, on, 1; no surrounding space).
 _TRUE = frozenset({"t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"})
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
 
 def _fold(name: str) -> str:
     # GUC names compare case-insensitively in ASCII only (guc_name_compare); str.lower() would also
     # fold non-ASCII letters (the Kelvin sign to k) that the server keeps as they are.
     return name.translate(_ASCII_LOWER)
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def split_options(text: str) -> list[str]:
@@ -158,41 +158,52 @@ class _Switch:
 
 
 def _switches(text: str) -> Iterator[_Switch]:
-    """The switches of `options` in order, read with getopt() as the server does (bundled letters, an
-    argument attached or in the next word, `--` ending the switches); OptionsError where it would refuse."""
-    words = split_options(text)
-    i = 0
-    while i < len(words):
-        word = words[i]
+    """The switches of `options` in order, read with glibc's getopt() as the server does (bundled letters,
+    an argument attached or in the next word, `--` ending the switches); OptionsError where it refuses."""
+    argv = ["postgres", *split_options(text)]  # the server puts its own name first
+    optind = 1
+    plain: list[str] = []  # words that are not switches: getopt moves them after the switches
+    while optind < len(argv):
+        word = argv[optind]
         if word == "--":
-            # getopt stops here; anything after it is an argument the session start does not take
-            if i + 1 < len(words):
-                raise _invalid(words[i + 1])
-            return
+            plain += argv[optind + 1:]
+            break
         if not word.startswith("-") or word == "-":
-            # no database name is taken from the startup packet's options, so a plain word is an error
-            # (glibc's getopt moves it to the end and reads the switches after it first, but the session
-            # still fails to start)
-            raise _invalid(word)
-        i += 1
-        pos = 1
+            plain.append(word)
+            optind += 1
+            continue
+        start, pos = optind, 1
         while pos < len(word):
             letter = word[pos]
             pos += 1
+            if pos == len(word):
+                optind += 1  # getopt moves past a word when it reads its last letter
             if letter not in _LETTERS:
-                raise _invalid(word)
+                # The server names argv[optind - 1] of getopt's permuted argv: this word if getopt has
+                # moved past it (the bad letter was its last byte), else the word before it there, which
+                # is the last plain word so far, if any. getopt reads bytes: a non-ASCII letter's first
+                # byte is never a word's last.
+                if pos == len(word) and letter.isascii():
+                    raise _invalid(word)
+                raise _invalid(plain[-1] if plain else argv[start - 1])
             arg = ""
             if letter in _TAKES_ARG:
                 if pos < len(word):
                     arg, pos = word[pos:], len(word)
-                elif i < len(words):
-                    arg, i = words[i], i + 1  # the next word, whatever it looks like
+                    optind += 1
+                elif optind < len(argv):
+                    arg = argv[optind]  # the next word, whatever it looks like
+                    optind += 1
                 else:
                     raise _invalid(word)
-            yield _switch(letter, arg, word)
+            yield _switch(letter, arg, argv[optind - 1])
+    if plain:
+        # no database name is taken from the startup packet's options: any plain word is refused (the
+        # switches around it were read first, but the session does not start)
+        raise _invalid(plain[0])
 
 
-def _switch(letter: str, arg: str, word: str) -> _Switch:
+def _switch(letter: str, arg: str, last_word: str) -> _Switch:
     if letter in "c-":
         # ParseLongOption: the name is up to the first '=', with '-' read as '_'
         name, eq, value = arg.partition("=")
@@ -206,12 +217,12 @@ def _switch(letter: str, arg: str, word: str) -> _Switch:
         return _Switch("-d", True, tuple(_debug_settings(_atoi(arg))))
     if letter == "f":
         if arg[:1] not in _PLAN_TYPES:
-            raise _invalid(word)
+            raise _invalid(last_word)
         return _Switch("-f", True, ((_PLAN_TYPES[arg[:1]], "false"),))
     if letter == "t":
         name = _stats_setting(arg)
         if name is None:
-            raise _invalid(word)
+            raise _invalid(last_word)
         return _Switch("-t", True, ((name, "true"),))
     assert letter in _INERT
     return _Switch(f"-{letter}", True, ())
