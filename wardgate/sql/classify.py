@@ -20,6 +20,8 @@ from typing import Any
 
 from pglast.parser import ParseError, normalize, parse_sql_json
 
+from .tags import expected_tag
+
 # Kinds that only read (or only touch the session). Anything else counts as a write: unknown = write.
 READ_KINDS = frozenset({
     "select", "explain", "prepare", "execute", "deallocate", "transaction", "variable_set", "variable_show",
@@ -418,14 +420,6 @@ def template_key(text: str) -> str | None:
         return None
 
 
-def _expected_tags(stmts: list[Any]) -> tuple[frozenset[str] | None, ...]:
-    try:
-        from .tags import expected_tag
-    except ImportError:
-        return tuple(None for _ in stmts)
-    return tuple(expected_tag(s) for s in stmts)
-
-
 def classify(text: str) -> Classification:
     """The classification of exactly `text`, as PostgreSQL's parser reads it. Anything it cannot read
     (a syntax error, or nesting too deep to follow) has `error` set, and is refused by every policy."""
@@ -447,5 +441,5 @@ def classify(text: str) -> Classification:
         frozenset(w.unconditional), w.copy_program, len(stmts), None, frozenset(w.filter_columns), w.escapes_off,
         frozenset(lin.derived), frozenset(lin.renames), lin.star_value or bool(lin.singles & lin.relations),
         w.read_write, w.role_switch, w.copy_file,
-        tuple(next(iter(b), "") for b in bodies), _expected_tags(bodies), w.value_dependent,
+        tuple(next(iter(b), "") for b in bodies), tuple(expected_tag(b) for b in bodies), w.value_dependent,
     )

@@ -22,6 +22,8 @@ from ...metrics import STATS
 from ...policy.guardrails import StatementPolicy
 from ...recording.journal import event
 from ...sql import encoding
+from ...sql.classify import Classification
+from ...sql.tags import matches as tag_matches
 from . import codec
 from .framing import ROWS, Framer
 from .stream import StreamProtocol
@@ -111,6 +113,7 @@ _QUERY = ord("Q")
 _PARSE = ord("P")
 _FUNCTION_CALL = ord("F")
 _EXECUTE = ord("E")
+_BIND = ord("B")
 _CLOSE = ord("C")
 _ROW_DESCRIPTION = ord("T")
 _NO_DATA = ord("n")
@@ -122,6 +125,9 @@ _COMMAND_COMPLETE = ord("C")
 _PARAMETER_STATUS = ord("S")
 _FAST_PATH_REFUSED = "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
 _PLACEHOLDER = re.compile(r"\$[0-9]")
+# An Execute that stopped at its row limit (the rest comes with the next Execute of its portal), an empty one
+_UNTAGGED = frozenset({"SUSPENDED", "EMPTY"})
+_NAMES_SQL = frozenset({"prepare", "deallocate", "discard", "declare_cursor", "close_portal"})
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _UNSEEN = object()  # no Describe seen for this result
 
@@ -214,6 +220,14 @@ class Relay:
                                         rows=_DATA_ROW)
         self._starts: dict[int, int] = {}  # seq -> perf_counter_ns at its start
         self._verdict = ""  # decision fields for the next statement record, when a rule matched
+        # The tripwire: what the classification says the server will run, compared with the tags of what
+        # it ran (CommandComplete). Per statement in flight (seq), and per prepared statement and portal
+        # name, since an Execute runs what its portal was bound to.
+        self._classified: Classification | None = None  # of the statement _decide saw last
+        self._expect: dict[int, tuple[frozenset[str] | None, ...]] = {}
+        self._stmt_expect: dict[bytes, frozenset[str] | None] = {}
+        self._portal_expect: dict[bytes, frozenset[str] | None] = {}
+        self._read_past: list[str] = []  # what the server ran that the gateway did not classify
         self.ended = False
         self.terminating = False
         self.upstream_fatal = False
@@ -255,6 +269,7 @@ class Relay:
                         seq = self.tracker.start_query(text)
                         self._starts[seq] = time.perf_counter_ns()
                         records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict()))
+                        self._expect_query(seq)
                         continue
                     if mtype == _TERMINATE:
                         self.terminating = True
@@ -269,6 +284,9 @@ class Relay:
                             self._refuse(mtype, body, offset, refusal, records, edits)
                             continue
                         self.tracker.parsed(name, text, body, pos, self._take_verdict())
+                        c = self._classified
+                        # One statement or none (empty: EmptyQueryResponse); more, and the server refuses the Parse
+                        self._stmt_expect[name] = c.expected_tags[0] if c is not None and c.statements == 1 else None
                         if self.masking is not None:
                             self._plans.pop((ord("S"), name), None)
                         continue
@@ -284,10 +302,20 @@ class Relay:
                             verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
                         records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text,
                                                   verdict))
-                        if mtype == _EXECUTE and self.masking is not None:
-                            self._plan_execute(body)
-                    elif self.masking is not None and mtype == _CLOSE and len(body) >= 2:
-                        self._plans.pop((body[0], codec.read_cstr(body, 1)[0]), None)
+                        if mtype == _EXECUTE:
+                            expected = self._portal_expect.get(codec.read_cstr(body, 0)[0])
+                            if expected is not None:
+                                self._expect[started.seq] = (expected,)
+                            if self.masking is not None:
+                                self._plan_execute(body)
+                    elif mtype == _BIND:
+                        portal, pos = codec.read_cstr(body, 0)
+                        self._portal_expect[portal] = self._stmt_expect.get(codec.read_cstr(body, pos)[0])
+                    elif mtype == _CLOSE and len(body) >= 2:
+                        name = codec.read_cstr(body, 1)[0]
+                        (self._stmt_expect if body[0] == ord("S") else self._portal_expect).pop(name, None)
+                        if self.masking is not None:
+                            self._plans.pop((body[0], name), None)
                 if records:
                     self._record(records)
                 if edits:
@@ -308,6 +336,28 @@ class Relay:
             return
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _expect_query(self, seq: int) -> None:
+        """What the classification of the Query just started predicts, for the tripwire."""
+        c = self._classified
+        if c is None:
+            return
+        self._expect[seq] = c.expected_tags
+        if c.kinds & _NAMES_SQL:
+            # SQL PREPARE, DECLARE and the like name prepared statements and portals in the namespace the
+            # protocol's use: what a protocol name was bound to is no longer known.
+            self._stmt_expect.clear()
+            self._portal_expect.clear()
+
+    def _as_predicted(self, seq: int, fin: Finished) -> bool:
+        """Whether the tags of what the server ran agree with the classification (True when none is kept)."""
+        expected = self._expect.pop(seq, None)
+        if expected is None or fin.tag is None or fin.tag in _UNTAGGED:
+            return True
+        got = [t for t in fin.tag.split(";") if t != "EMPTY"]
+        if len(got) > len(expected) or (fin.status == "ok" and len(got) < len(expected)):
+            return False
+        return all(tag_matches(e, t) for e, t in zip(expected, got, strict=False))
 
     def _read_sql(self, raw: bytes) -> tuple[str, str | None]:
         """A statement's text as the server will read it, and the refusal when the gateway cannot be sure
@@ -434,6 +484,7 @@ class Relay:
         """None to let the statement through, else the refusal message. Shadow rules that matched are
         recorded as events: what they would have done, enforced by nothing."""
         decision = self.policy.decide(statement)
+        self._classified = decision.classification
         if decision.action == "allow" and not decision.matches:
             _DECIDED["allow"] += 1
             return None
@@ -487,6 +538,7 @@ class Relay:
             records.append(_done_line(sid, seq, "denied", None, None, None, "42501", message))
             # Its name still maps to the real text (and the refusal), for the records of its Executes.
             self.tracker.parsed(name, text, body, pos, verdict)
+            self._stmt_expect.pop(name, None)
             replacement = codec.message(b"P", codec.cstr(name) + codec.cstr(marker) + b"\x00\x00")
         else:
             started = self.tracker.frontend(mtype, body)
@@ -553,6 +605,11 @@ class Relay:
 
     def _outcome(self, fin: Finished) -> str:
         """A finished statement's record, with its duration."""
+        if self._expect and not self._as_predicted(fin.seq, fin):
+            what = f"the server answered {fin.tag!r}, which its classification did not predict"
+            self._read_past.append(f"statement {fin.seq}: {what}")
+            fin = Finished(fin.seq, "differential", fin.tag, fin.rows, "42501",
+                           f"the gateway was read past: {what}", fin.cols, fin.sample)
         t0 = self._starts.pop(fin.seq, None)
         ms = None
         if t0 is not None:
@@ -625,6 +682,9 @@ class Relay:
                     fwd = _splice(fwd, edits)
                 if self._refusals and not self.tracker.in_flight:
                     self._refusals.clear()
+            if self._read_past:
+                self._tripped()
+                return
         except codec.ProtocolViolation as exc:
             self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data: {exc}"), f"upstream protocol violation: {exc}", "08P01")
             return
@@ -643,6 +703,20 @@ class Relay:
             return
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _tripped(self) -> None:
+        """The server ran something other than what the gateway classified: the gateway was read past.
+        Nothing more runs in this session, and the alarm is raised in the audit chain."""
+        detail = "; ".join(self._read_past)[:2000]
+        log.error("read past: %s", detail, extra={"session_id": self.session_id})
+        try:
+            self._record([self._event_line("statement.differential", "high", f"the server ran what the gateway did "
+                                           f"not classify ({detail}); the session was ended")])
+        except OSError:
+            log.exception("cannot record the differential of session %s", self.session_id)
+        self.fail(codec.fatal("42501", "the server ran a statement other than the one the gateway classified; the "
+                              "session is closed and the security team alerted"),
+                  "read past: the server's command tags disagreed with the classification", "42501")
 
     def _parameter(self, name: str, value: str) -> None:
         """A setting the server reports (ParameterStatus). Those that decide how it reads SQL are followed:
@@ -690,7 +764,8 @@ class Relay:
                             hint="reconnect; the gateway serves new sessions once the database is back")
             )
         self.client.close()
-        self.end("upstream closed the connection")
+        # After the client's Terminate the server closing is the end the client asked for, whichever side is seen first
+        self.end("client terminated" if self.terminating else "upstream closed the connection")
 
     def fail(self, error: bytes, reason: str, code: str | None = None) -> None:
         """Send `error` to the client and end the session."""
