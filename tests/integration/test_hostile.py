@@ -1,20 +1,25 @@
 """Hostile input: the corpus of guardrail bypasses and masking evasions (tests/corpus/hostile.toml), each
-through `policy check`, psql and psycopg, as the case's user, with the outcome the case states; startup
+through `policy check`, psql and psycopg (guardrail cases also through asyncpg and a raw protocol
+client, which sends the case's bytes as they are), as the case's user, with the outcome the case states; startup
 settings that would switch roles; and authentication attacks (guessing a credential or an API key,
 oversized and forged bearers, replay after revocation)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import tomllib
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psycopg
 import pytest
 
 from tests.conftest import make_gateway, psql
+from tests.pgwire import RawClient
+from wardgate.engines.postgres import codec
 from tests.integration.test_masking import MASKING
 from wardgate.domain import Identity
 from wardgate.policy.gatekeeper import Gatekeeper
@@ -107,12 +112,58 @@ def test_policy_check(hgw, case) -> None:
         assert rule in [m.rule for m in decision.enforced], decision.public()
 
 
+def check_asyncpg(dsn: str, sql: str, rule: str | None, error: str | None, simple: bool) -> None:
+    """asyncpg: `execute` without arguments is the simple protocol; `fetch` prepares (Parse, Describe, Bind)."""
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            got = None
+            try:
+                await (conn.execute(sql) if simple else conn.fetch(sql))
+            except asyncpg.PostgresError as exc:
+                got = exc
+            if rule is not None:
+                assert got is not None and got.sqlstate == "42501" and rule in str(got), got
+            elif error is not None:
+                assert got is not None and got.sqlstate == error, got
+            else:
+                assert got is None, got
+            assert await conn.fetchval("select 1") == 1  # the session carries on
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def check_raw(hgw, user: str, sql: str, rule: str | None, error: str | None) -> None:  # noqa: ANN001
+    """A raw protocol client: the case's bytes in one Query, with nothing a driver would add or check."""
+    cred = hgw.credential(user, ttl="5m")
+    client = RawClient(hgw.port)
+    try:
+        client.login(user, cred["credential"], "shop")
+        client.send(codec.message(b"Q", sql.encode() + b"\x00"))
+        errors = [codec.parse_error_fields(b) for t, b in client.read_until("Z") if t == "E"]
+        if rule is not None:
+            assert errors and errors[0]["C"] == "42501" and rule in errors[0]["M"], errors
+        elif error is not None:
+            assert errors and errors[0]["C"] == error, errors
+        else:
+            assert not errors, errors
+        client.send(codec.message(b"Q", b"select 1\x00"))
+        assert not [t for t, _ in client.read_until("Z") if t == "E"]  # the session carries on
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("case", GUARDRAILS, ids=[ident(c) for c in GUARDRAILS])
-def test_guardrail_bypass(dsns, case) -> None:
-    dsn, rule, error = dsns[case.get("user", "bob")], expected_rule(case), case.get("error")
+def test_guardrail_bypass(hgw, dsns, case) -> None:
+    user = case.get("user", "bob")
+    dsn, rule, error = dsns[user], expected_rule(case), case.get("error")
     check_psql(run_psql(dsn, case["sql"]), rule, error)
     if not case.get("simple_only"):
         check_psycopg(dsn, case["sql"], rule, error)
+    check_asyncpg(dsn, case["sql"], rule, error, simple=bool(case.get("simple_only")))
+    check_raw(hgw, user, case["sql"], rule, error)
 
 
 @pytest.mark.parametrize("case", MASKINGS, ids=[ident(c) for c in MASKINGS])
