@@ -115,7 +115,11 @@ def standard_rules(scope: dict[str, Any]) -> list[Rule]:
              message="reads or writes server files, runs programs or reaches other servers", **scope),
         Rule("standard:destructive-ddl", kinds=("drop", "truncate", "alter_system", "drop_database", "drop_role"),
              message="destroys data or reconfigures the server", **scope),
-        Rule("standard:unconditional-writes", unconditional=True, message="would change every row; add a WHERE clause", **scope),
+        # A condition that holds for every row whose columns have values (1 = 1, NOT false, id IS NOT NULL,
+        # x = x, or one naming no column at all) is no condition: see wardgate/sql/conditions.py.
+        Rule("standard:unconditional-writes", unconditional=True,
+             message="would change every row; add a WHERE clause that chooses rows by their columns (one that holds "
+                     "for every row, such as 1 = 1 or id IS NOT NULL, counts as none)", **scope),
         # The gateway logs in as the connection's role; acting as another would escape what that role
         # is allowed, and what the record says of who did what.
         Rule("standard:role-switch", role_switch=True,

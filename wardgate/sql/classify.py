@@ -20,6 +20,7 @@ from typing import Any
 
 from pglast.parser import ParseError, normalize, parse_sql_json
 
+from .conditions import chooses_no_rows, names_no_column
 from .tags import expected_tag
 
 # Kinds that only read (or only touch the session). Anything else counts as a write: unknown = write.
@@ -242,9 +243,9 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
             _columns(rest[key], w.filter_columns)
     if name in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt") and "relation" in rest:
         w.writes.add(_relname(rest.pop("relation")))
-        if name in ("UpdateStmt", "DeleteStmt") and (rest.get("whereClause") is None or _is_true(rest.get("whereClause"), w)):
+        if name in ("UpdateStmt", "DeleteStmt") and chooses_no_rows(rest.get("whereClause"), lambda n: _const(n, w)):
             w.unconditional.add(kind)
-        if name == "MergeStmt" and _is_true(rest.get("joinCondition"), w):
+        if name == "MergeStmt" and _merge_touches_every_row(rest, w):
             w.unconditional.add(kind)
     elif name == "SelectStmt" and rest.get("intoClause"):
         w.writes.add(_relname(rest.pop("intoClause").get("rel", {})))
@@ -269,6 +270,32 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
             w.copy_file = True
     w.kinds.add(kind)
     _visit(rest, w)
+
+
+def _merge_touches_every_row(merge: dict[str, Any], w: _Walk) -> bool:
+    """MERGE updates or deletes every row of its target when a WHEN MATCHED clause that does so has no
+    condition of its own and ON counts as no condition (each target row matches), or a WHEN NOT MATCHED
+    BY SOURCE clause has none and ON names no column (either every row matches or none does)."""
+    on = merge.get("joinCondition")
+    on_none = on_constant = None
+    for item in merge.get("mergeWhenClauses") or []:
+        clause = item.get("MergeWhenClause") if isinstance(item, dict) else None
+        if not isinstance(clause, dict) or clause.get("commandType") not in ("CMD_UPDATE", "CMD_DELETE"):
+            continue
+        match = clause.get("matchKind") or ("MERGE_WHEN_MATCHED" if clause.get("matched") else "")
+        if not chooses_no_rows(clause.get("condition"), lambda n: _const(n, w)):
+            continue
+        if match == "MERGE_WHEN_MATCHED":
+            if on_none is None:
+                on_none = chooses_no_rows(on, lambda n: _const(n, w))
+            if on_none:
+                return True
+        elif match == "MERGE_WHEN_NOT_MATCHED_BY_SOURCE":
+            if on_constant is None:
+                on_constant = names_no_column(on)
+            if on_constant:
+                return True
+    return False
 
 
 @dataclass
