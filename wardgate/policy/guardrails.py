@@ -16,10 +16,29 @@ from ..domain import Identity
 from ..sql.classify import OPAQUE_KINDS, Classification, classify, kind_of, known_kinds, template_key
 from .scope import in_scope
 
+# Patterns (fnmatch) over a function's name and its schema-qualified name, as the parser reads them
+# (case-folded unless quoted, U&"" decoded): so pg_catalog."pg_terminate_backend" and PG_TERMINATE_BACKEND
+# are both pg_terminate_backend. Calls in column notation, `(pid).pg_terminate_backend`, count too.
 DANGEROUS_FUNCTIONS = (
-    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir",
-    "lo_import", "lo_export", "lo_from_bytea", "lo_put", "dblink*", "pg_file_write", "pg_file_rename", "pg_file_unlink",
-    "pg_reload_conf", "pg_rotate_logfile", "pg_terminate_backend", "pg_promote", "query_to_xml*", "cursor_to_xml*",
+    # files on the database server, and large objects (which lo_import and lo_export move to and from them;
+    # the rest of the family writes and reads objects shared by every session of the database)
+    "pg_read_file*", "pg_read_binary_file*", "pg_ls_*", "pg_stat_file", "pg_file_*", "pg_logdir_ls",
+    "lo_*", "loread", "lowrite",
+    # SQL the gateway cannot see: a query, cursor, table or schema named in a string
+    "query_to_xml*", "cursor_to_xml*", "table_to_xml*", "schema_to_xml*", "database_to_xml*", "ts_stat", "ts_rewrite",
+    "crosstab*", "connectby", "xpath_table",
+    # other servers
+    "dblink*",
+    # other sessions: signals to their backends
+    "pg_cancel_backend", "pg_terminate_backend", "pg_signal_backend", "pg_log_backend_memory_contexts",
+    # the server: configuration, logs, WAL, backups, replication, statistics
+    "pg_reload_conf", "pg_rotate_logfile*", "pg_logfile_rotate", "pg_promote", "pg_switch_wal", "pg_switch_xlog",
+    "pg_create_restore_point", "pg_backup_start", "pg_backup_stop", "pg_start_backup", "pg_stop_backup",
+    "pg_wal_replay_*", "pg_xlog_replay_*", "pg_create_*_replication_slot", "pg_copy_*_replication_slot",
+    "pg_drop_replication_slot", "pg_replication_slot_advance", "pg_logical_slot_*", "pg_replication_origin_*",
+    "pg_logical_emit_message", "pg_sync_replication_slots", "pg_stat_reset*", "pg_stat_statements_reset",
+    "pg_import_system_collations",
+    # settings, which SET would show the gateway (an UPDATE of pg_settings calls it too)
     "set_config",
 )
 
@@ -42,6 +61,9 @@ class Rule:
     escapes_off: bool = False  # statements that turn standard_conforming_strings off
     masked_filters: bool = False  # statements that filter, join, group or sort on a masked column
     masked_derived: bool = False  # statements that compute values from a masked column, or take whole rows
+    binds_function: bool = False  # DDL binding a function called unseen, or another server (Classification.function_bindings)
+    privileges: bool = False  # role, privilege, ownership, row-level security and database settings administration
+    destructive_alter: bool = False  # ALTER TABLE ... DROP COLUMN, ALTER COLUMN ... TYPE
     masked_columns: tuple[str, ...] = ()  # filled per session from the masking rules that apply
     shadow: bool = False
     approvers: tuple[str, ...] = ()  # review: groups whose members may approve (none: the admins)
@@ -77,6 +99,12 @@ class Rule:
             return "switches the database role"
         if self.escapes_off and c.escapes_off:
             return "turns standard_conforming_strings off"
+        if self.binds_function and c.function_bindings:
+            return f"{', '.join(sorted(c.function_bindings))} binds a function, or another server, to the database"
+        if self.privileges and c.privilege_changes:
+            return f"{', '.join(sorted(c.privilege_changes))} administers roles, privileges or the database"
+        if self.destructive_alter and c.destructive_alters:
+            return f"ALTER ... {', '.join(sorted(c.destructive_alters))} destroys or rewrites stored data"
         if self.masked_filters and self.masked_columns:
             if col := _first_masked(c.filter_columns, self.masked_columns, c.renames):
                 return f"filters, joins, groups or sorts on masked column {col} (its values could be inferred)"
@@ -112,9 +140,12 @@ def standard_rules(scope: dict[str, Any]) -> list[Rule]:
     """What a security team starts from: the preset `standard`."""
     return [
         Rule("standard:dangerous-functions", functions=DANGEROUS_FUNCTIONS, copy_program=True,
-             message="reads or writes server files, runs programs or reaches other servers", **scope),
+             message="reads or writes server files or large objects, runs programs or SQL the gateway cannot see, "
+                     "reaches other servers, signals other sessions or reconfigures the server", **scope),
         Rule("standard:destructive-ddl", kinds=("drop", "truncate", "alter_system", "drop_database", "drop_role"),
-             message="destroys data or reconfigures the server", **scope),
+             destructive_alter=True,
+             message="destroys data (DROP, TRUNCATE, a dropped column, a column's type changed, which can round or "
+                     "truncate its values) or reconfigures the server", **scope),
         # A condition that holds for every row whose columns have values (1 = 1, NOT false, id IS NOT NULL,
         # x = x, or one naming no column at all) is no condition: see wardgate/sql/conditions.py.
         Rule("standard:unconditional-writes", unconditional=True,
@@ -131,6 +162,18 @@ def standard_rules(scope: dict[str, Any]) -> list[Rule]:
         Rule("standard:server-code", kinds=("create_function", "create_trig", "create_event_trig", "rule", "load",
                                             "create_extension", "alter_extension"),
              message="creates code or loads libraries that would run out of the gateway's sight", **scope),
+        # An operator, cast, aggregate, type or language calls its function with no call in the statement that
+        # uses it (CREATE OPERATOR ### (FUNCTION = pg_terminate_backend), then `pid ### 0`): every rule on
+        # functions would be blind to it. Foreign servers and subscriptions reach other databases.
+        Rule("standard:function-binding", binds_function=True,
+             message="binds a function the server would call with no call in any statement (operators, casts, "
+                     "aggregates, types, conversions, languages, access methods, triggers), changes how stored "
+                     "functions run, or links the database to another server", **scope),
+        # Every user of a connection shares its database role: a setting, grant or ownership change on it is a
+        # change for all of them, and outlives the session.
+        Rule("standard:privileges", privileges=True,
+             message="administers roles, privileges, ownership or row-level security, or changes database-wide "
+                     "settings; the connection's database role is shared by everyone who uses it", **scope),
     ]
 
 
@@ -258,7 +301,8 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
             hint = ", ".join(f"{k!r} (use {kind_of(k)!r}?)" if kind_of(k) in known_kinds() else repr(k) for k in unknown_kinds)
             raise ValueError(f"guardrail {name!r}: unknown statement kinds {hint}; kinds are snake_case statement "
                              "names such as select, insert, update, delete, truncate, drop, alter_system, do, call")
-        for key in ("unconditional", "writes", "copy_program", "masked_filters", "role_switch"):
+        for key in ("unconditional", "writes", "copy_program", "masked_filters", "role_switch", "binds_function",
+                    "privileges", "destructive_alter"):
             if key in entry:
                 fields[key] = bool(entry.pop(key))
         if entry.get("dangerous_functions"):
@@ -276,6 +320,6 @@ def parse_rules(raw: list[dict[str, Any]]) -> list[Rule]:
             raise ValueError(f"guardrail {name!r}: unknown keys {sorted(entry)}")
         if not set(fields) - {"approvers", "min_approvals"}:
             raise ValueError(f"guardrail {name!r} matches nothing: give kinds, relations, functions, unconditional, writes, "
-                             "copy_program, masked_filters or role_switch")
+                             "copy_program, masked_filters, role_switch, binds_function, privileges or destructive_alter")
         rules.append(Rule(name, action, message, **scope, **fields))
     return rules

@@ -92,6 +92,16 @@ class Classification:
     # Whether the walk read the value of a constant (a literal's value decided something): then the
     # classification holds for this exact text only, not for others that differ in their constants
     value_dependent: bool = False
+    # DDL that binds a function the server then calls with no call in any statement (CREATE OPERATOR,
+    # CREATE CAST, CREATE AGGREGATE, a type's I/O functions, a language's handler, ...), changes how
+    # existing functions run (ALTER FUNCTION), or links the database to another server (CREATE
+    # SUBSCRIPTION, CREATE SERVER): each statement in words, "CREATE OPERATOR"
+    function_bindings: frozenset[str] = frozenset()
+    # Role, privilege and ownership administration, row-level security and database-wide settings:
+    # "GRANT", "ALTER ROLE ... SET", "ALTER TABLE ... DISABLE ROW LEVEL SECURITY"
+    privilege_changes: frozenset[str] = frozenset()
+    # ALTER TABLE commands that destroy or rewrite stored data: "DROP COLUMN", "ALTER COLUMN ... TYPE"
+    destructive_alters: frozenset[str] = frozenset()
 
     @property
     def is_write(self) -> bool:
@@ -123,6 +133,9 @@ class _Walk:
     role_switch: bool = False
     copy_file: bool = False
     value_dependent: bool = False
+    function_bindings: set[str] = field(default_factory=set)
+    privilege_changes: set[str] = field(default_factory=set)
+    destructive_alters: set[str] = field(default_factory=set)
 
 
 def _const(node: Any, w: _Walk) -> dict[str, Any] | None:
@@ -180,6 +193,13 @@ def _visit(node: Any, w: _Walk) -> None:
             _visit(value, w)
         elif key == "FuncCall" and isinstance(value, dict):
             w.functions.add(_names(value.get("funcname", [])))
+            _visit(value, w)
+        elif key == "A_Indirection" and isinstance(value, dict):
+            # `(expr).name` is a field of a composite value, or a call of the function `name` with `expr` as
+            # its one argument (PostgreSQL's column notation): `(pid).pg_terminate_backend` calls it
+            for item in value.get("indirection") or []:
+                if isinstance(item, dict) and isinstance(item.get("String"), dict):
+                    w.functions.add(str(item["String"].get("sval", "?")))
             _visit(value, w)
         elif isinstance(value, (dict, list)):
             _visit(value, w)
@@ -242,7 +262,10 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
         if rest.get(key):
             _columns(rest[key], w.filter_columns)
     if name in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt") and "relation" in rest:
-        w.writes.add(_relname(rest.pop("relation")))
+        relation = rest.pop("relation")
+        w.writes.add(_relname(relation))
+        if relation.get("relname") == "pg_settings" and relation.get("schemaname") in (None, "pg_catalog"):
+            w.functions.add("pg_catalog.set_config")  # the view's rule turns an UPDATE into set_config calls
         if name in ("UpdateStmt", "DeleteStmt") and chooses_no_rows(rest.get("whereClause"), lambda n: _const(n, w)):
             w.unconditional.add(kind)
         if name == "MergeStmt" and _merge_touches_every_row(rest, w):
@@ -268,6 +291,7 @@ def _statement(name: str, body: dict[str, Any], w: _Walk) -> None:
             w.copy_program = True
         elif rest.get("filename"):
             w.copy_file = True
+    _administration(name, rest, w)
     w.kinds.add(kind)
     _visit(rest, w)
 
@@ -296,6 +320,76 @@ def _merge_touches_every_row(merge: dict[str, Any], w: _Walk) -> bool:
             if on_constant:
                 return True
     return False
+
+
+# Statements that bind a function the server will call with no call of it in any later statement, change
+# how existing functions run, or link the database to another server (Classification.function_bindings).
+_BINDINGS = {
+    "CreateCastStmt": "CREATE CAST", "CreateConversionStmt": "CREATE CONVERSION",
+    "CreateOpClassStmt": "CREATE OPERATOR CLASS", "CreateOpFamilyStmt": "CREATE OPERATOR FAMILY",
+    "AlterOpFamilyStmt": "ALTER OPERATOR FAMILY", "AlterOperatorStmt": "ALTER OPERATOR",
+    "AlterTypeStmt": "ALTER TYPE ... SET", "CreateTransformStmt": "CREATE TRANSFORM",
+    "CreateFdwStmt": "CREATE FOREIGN DATA WRAPPER", "AlterFdwStmt": "ALTER FOREIGN DATA WRAPPER",
+    "CreatePLangStmt": "CREATE LANGUAGE", "CreateAmStmt": "CREATE ACCESS METHOD", "CreateTrigStmt": "CREATE TRIGGER",
+    "CreateEventTrigStmt": "CREATE EVENT TRIGGER", "AlterEventTrigStmt": "ALTER EVENT TRIGGER",
+    "AlterFunctionStmt": "ALTER FUNCTION", "CreateSubscriptionStmt": "CREATE SUBSCRIPTION",
+    "AlterSubscriptionStmt": "ALTER SUBSCRIPTION", "CreateForeignServerStmt": "CREATE SERVER",
+    "AlterForeignServerStmt": "ALTER SERVER", "CreateUserMappingStmt": "CREATE USER MAPPING",
+    "AlterUserMappingStmt": "ALTER USER MAPPING", "ImportForeignSchemaStmt": "IMPORT FOREIGN SCHEMA",
+}
+# CREATE AGGREGATE, OPERATOR, TYPE (with I/O functions), TEXT SEARCH PARSER and TEMPLATE all bind functions;
+# these do not (any other kind of DefineStmt counts as binding one).
+_DEFINES_NO_FUNCTION = frozenset({"OBJECT_COLLATION", "OBJECT_TSDICTIONARY", "OBJECT_TSCONFIGURATION"})
+_DEFINE_NAMES = {"OBJECT_TSPARSER": "TEXT SEARCH PARSER", "OBJECT_TSTEMPLATE": "TEXT SEARCH TEMPLATE"}
+_PRIVILEGES = {
+    "CreateRoleStmt": "CREATE ROLE", "AlterRoleStmt": "ALTER ROLE", "AlterRoleSetStmt": "ALTER ROLE ... SET",
+    "DropRoleStmt": "DROP ROLE", "AlterDefaultPrivilegesStmt": "ALTER DEFAULT PRIVILEGES",
+    "CreatePolicyStmt": "CREATE POLICY", "AlterPolicyStmt": "ALTER POLICY", "AlterOwnerStmt": "ALTER ... OWNER TO",
+    "ReassignOwnedStmt": "REASSIGN OWNED", "DropOwnedStmt": "DROP OWNED", "SecLabelStmt": "SECURITY LABEL",
+    "AlterDatabaseStmt": "ALTER DATABASE", "AlterDatabaseSetStmt": "ALTER DATABASE ... SET",
+}
+_RENAMES = {"OBJECT_ROLE": "ALTER ROLE ... RENAME", "OBJECT_POLICY": "ALTER POLICY ... RENAME",
+            "OBJECT_DATABASE": "ALTER DATABASE ... RENAME"}
+_TABLE_PRIVILEGES = {
+    "AT_EnableRowSecurity": "ENABLE ROW LEVEL SECURITY", "AT_DisableRowSecurity": "DISABLE ROW LEVEL SECURITY",
+    "AT_ForceRowSecurity": "FORCE ROW LEVEL SECURITY", "AT_NoForceRowSecurity": "NO FORCE ROW LEVEL SECURITY",
+    "AT_ChangeOwner": "OWNER TO",
+}
+_TABLE_DESTROYS = {"AT_DropColumn": "DROP COLUMN", "AT_AlterColumnType": "ALTER COLUMN ... TYPE"}
+
+
+def _administration(name: str, body: dict[str, Any], w: _Walk) -> None:
+    """Function bindings, privilege changes and destructive ALTER TABLE commands of one statement. Reads
+    node names and fields the grammar sets, never a constant's value."""
+    if name in _BINDINGS:
+        w.function_bindings.add(_BINDINGS[name])
+    elif name == "DefineStmt":
+        what = str(body.get("kind", ""))
+        if what not in _DEFINES_NO_FUNCTION and not (what == "OBJECT_TYPE" and not body.get("definition")):
+            w.function_bindings.add("CREATE " + _DEFINE_NAMES.get(what, what.removeprefix("OBJECT_").replace("_", " ")))
+    elif name == "CreateRangeStmt":
+        params = [p.get("DefElem", {}).get("defname") for p in body.get("params") or [] if isinstance(p, dict)]
+        if {"subtype_diff", "canonical"} & set(params):
+            w.function_bindings.add("CREATE TYPE ... AS RANGE")
+    elif name in _PRIVILEGES:
+        w.privilege_changes.add(_PRIVILEGES[name])
+    elif name in ("GrantStmt", "GrantRoleStmt"):
+        verb = "GRANT" if body.get("is_grant") else "REVOKE"
+        w.privilege_changes.add(verb if name == "GrantStmt" else f"{verb} (role membership)")
+    elif name == "RenameStmt" and body.get("renameType") in _RENAMES:
+        w.privilege_changes.add(_RENAMES[body["renameType"]])
+    elif name == "DropStmt" and body.get("removeType") == "OBJECT_POLICY":
+        w.privilege_changes.add("DROP POLICY")
+    elif name == "AlterTableStmt":
+        what = "TYPE" if body.get("objtype") == "OBJECT_TYPE" else "TABLE"
+        for item in body.get("cmds") or []:
+            cmd = item.get("AlterTableCmd") if isinstance(item, dict) else None
+            sub = str((cmd or {}).get("subtype", ""))
+            if sub in _TABLE_PRIVILEGES:
+                w.privilege_changes.add(f"ALTER {what} ... {_TABLE_PRIVILEGES[sub]}")
+            elif sub in _TABLE_DESTROYS:
+                label = _TABLE_DESTROYS[sub]
+                w.destructive_alters.add(label.replace("COLUMN", "ATTRIBUTE") if what == "TYPE" else label)
 
 
 @dataclass
@@ -469,4 +563,6 @@ def classify(text: str) -> Classification:
         frozenset(lin.derived), frozenset(lin.renames), lin.star_value or bool(lin.singles & lin.relations),
         w.read_write, w.role_switch, w.copy_file,
         tuple(next(iter(b), "") for b in bodies), tuple(expected_tag(b) for b in bodies), w.value_dependent,
+        function_bindings=frozenset(w.function_bindings), privilege_changes=frozenset(w.privilege_changes),
+        destructive_alters=frozenset(w.destructive_alters),
     )
