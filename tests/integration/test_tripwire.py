@@ -14,6 +14,7 @@ from tests import conftest
 from tests.conftest import make_gateway, psql
 from tests.misread_gateway import MISREAD
 from wardgate.recording import views
+from wardgate.store import NotFound
 
 POLICY = """
 [[guardrails]]
@@ -70,3 +71,26 @@ def test_an_ordinary_session_is_not_tripped(misread) -> None:  # noqa: ANN001
                "-c", "declare c cursor with hold for select * from x", "-c", "fetch 1 from c", "-c", "close c",
                "-c", "explain select 1", "-c", "copy x to stdout", "-c", "values (1), (2)")
     assert out.returncode == 0, out.stderr
+
+
+def test_the_exec_door_trips_too(misread, pg) -> None:  # noqa: ANN001
+    import httpx
+
+    pg.psql("CREATE TABLE IF NOT EXISTS tripwire_victim (id int); ALTER TABLE tripwire_victim OWNER TO app",
+            database="shop")
+    key = misread.cli_json("apikeys", "create", "--for-agent", "tripwire", "--user", "alice")["key"]
+    r = httpx.post(f"http://127.0.0.1:{misread.http_port}/api/exec", headers={"Authorization": f"Bearer {key}"},
+                   json={"connection": "shop", "sql": MISREAD}, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["status"] == "failed" and answer["code"] == "42501", answer
+    assert "other than the one the gateway classified" in answer["error"]
+    deadline, statements = time.monotonic() + 15, []
+    while time.monotonic() < deadline and not statements:
+        try:
+            statements = views.show_session(misread.store(), answer["session_id"])["statements"]
+        except NotFound:  # the recorder drains asynchronously
+            time.sleep(0.2)
+    assert [st["status"] for st in statements] == ["differential"]
+    events = misread.store().list_events(kind="statement.differential")
+    assert any(e.source == f"session:{answer['session_id']}" and e.outcome == "high" for e in events), events

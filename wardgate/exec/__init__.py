@@ -28,6 +28,7 @@ from ..engines.postgres.stream import PeerClosed
 from ..masking.plan import MaskingPolicy
 from ..policy.guardrails import Decision, Match, StatementPolicy
 from ..recording.views import show_session
+from ..sql.tags import as_predicted
 from ..store import NotFound
 
 if TYPE_CHECKING:
@@ -270,14 +271,16 @@ class ExecRunner:
         masking = gw.gatekeeper.masking_policy(caller, connection)
         try:
             return await self._run_upstream(sid, connection, sql, params, masking, started,
-                                            gw.gatekeeper.statement_policy(caller, connection))
+                                            gw.gatekeeper.statement_policy(caller, connection),
+                                            decision.classification.expected_tags, caller)
         except Exception:
             log.exception("exec session %s failed", sid)
             self._close_session(sid, "internal gateway error")
             raise
 
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
-                            masking: MaskingPolicy, started: float, policy: StatementPolicy) -> dict[str, Any]:
+                            masking: MaskingPolicy, started: float, policy: StatementPolicy,
+                            expected: tuple[frozenset[str] | None, ...] = (), caller: Identity | None = None) -> dict[str, Any]:
         gw = self.gateway
         up = None
         try:
@@ -303,6 +306,17 @@ class ExecRunner:
                 up.protocol.close()
         ms = (time.time() - started) * 1000
         tag = ";".join(result.tags) or None
+        if policy.rules and not as_predicted(expected, result.tags, result.error is None):
+            # The server ran something other than what was classified: the tripwire, as on the native door
+            what = f"the server answered {tag!r}, which the statement's classification did not predict"
+            gw.recorder.write([self._outcome(sid, "differential", ms, tag=tag, code="42501", msg=f"read past: {what}")])
+            gw.record_event("statement.differential", "high", user=caller.user if caller else None,
+                            agent=caller.agent if caller else None, source=f"session:{sid}",
+                            detail=f"the server ran what the gateway did not classify ({what})")
+            self._close_session(sid, "read past: the server's command tags disagreed with the classification")
+            return {"status": "failed", "session_id": sid, "connection": connection, "code": "42501",
+                    "error": "the server ran a statement other than the one the gateway classified; the security "
+                             "team has been alerted"}
         if result.error is not None:
             code, message = result.error.get("C", "XX000"), result.error.get("M", "error")
             gw.recorder.write([self._outcome(sid, "error", ms, tag=tag, code=code, msg=message)])

@@ -204,3 +204,17 @@ def matches(expected: frozenset[str] | None, tag: str) -> bool:
     """Whether the server's tag is one `expected` allows (None allows any)."""
     # most tags without a count ("SET", "DROP TABLE") hit the set as they are
     return expected is None or tag in expected or tag_key(tag) in expected
+
+
+# An Execute stopped at its row limit (the rest comes with the next Execute of its portal), an empty Query
+UNTAGGED = frozenset({"SUSPENDED", "EMPTY"})
+
+
+def as_predicted(expected: tuple[frozenset[str] | None, ...], tags: list[str], complete: bool) -> bool:
+    """Whether the tags a statement batch was answered with agree with the prediction for its statements,
+    in order: no more of them, each one allowed, and as many as predicted when the batch ran to the end
+    without an error (`complete`); an error stops a batch part way."""
+    got = [t for t in tags if t not in UNTAGGED]
+    if len(got) > len(expected) or (complete and got and len(got) < len(expected)):
+        return False
+    return all(matches(e, t) for e, t in zip(expected, got, strict=False))

@@ -23,7 +23,7 @@ from ...policy.guardrails import StatementPolicy
 from ...recording.journal import event
 from ...sql import encoding
 from ...sql.classify import Classification
-from ...sql.tags import matches as tag_matches
+from ...sql.tags import as_predicted
 from . import codec
 from .framing import ROWS, Framer
 from .stream import StreamProtocol
@@ -125,8 +125,6 @@ _COMMAND_COMPLETE = ord("C")
 _PARAMETER_STATUS = ord("S")
 _FAST_PATH_REFUSED = "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
 _PLACEHOLDER = re.compile(r"\$[0-9]")
-# An Execute that stopped at its row limit (the rest comes with the next Execute of its portal), an empty one
-_UNTAGGED = frozenset({"SUSPENDED", "EMPTY"})
 _NAMES_SQL = frozenset({"prepare", "deallocate", "discard", "declare_cursor", "close_portal"})
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _UNSEEN = object()  # no Describe seen for this result
@@ -352,12 +350,9 @@ class Relay:
     def _as_predicted(self, seq: int, fin: Finished) -> bool:
         """Whether the tags of what the server ran agree with the classification (True when none is kept)."""
         expected = self._expect.pop(seq, None)
-        if expected is None or fin.tag is None or fin.tag in _UNTAGGED:
+        if expected is None or fin.tag is None:
             return True
-        got = [t for t in fin.tag.split(";") if t != "EMPTY"]
-        if len(got) > len(expected) or (fin.status == "ok" and len(got) < len(expected)):
-            return False
-        return all(tag_matches(e, t) for e, t in zip(expected, got, strict=False))
+        return as_predicted(expected, fin.tag.split(";"), fin.status == "ok")
 
     def _read_sql(self, raw: bytes) -> tuple[str, str | None]:
         """A statement's text as the server will read it, and the refusal when the gateway cannot be sure
