@@ -480,3 +480,16 @@ def test_user_rules_can_name_the_new_conditions() -> None:
     assert policy.decide("grant select on orders to public").action == "review"
     shadowed = policy.decide("alter table orders drop column status")
     assert shadowed.action == "allow" and [m.rule for m in shadowed.matches] == ["no-column-drops"]
+
+
+def test_a_relation_rule_sees_the_table_a_utility_statement_acts_on() -> None:
+    """ALTER TABLE, CREATE INDEX ON, CREATE TRIGGER ON, CREATE POLICY ON name their table in a field the
+    parser does not wrap as a RangeVar: a rule on that table still applies."""
+    from wardgate.policy.guardrails import Rule, StatementPolicy
+
+    policy = StatementPolicy([Rule("secrets", relations=("secret_*",))])
+    for sql in ["alter table secret_notes add column x int", "create index on secret_notes (id)",
+                "alter table public.secret_notes disable trigger all", "create policy p on secret_notes using (true)",
+                "cluster secret_notes", "refresh materialized view secret_view"]:
+        assert policy.decide(sql).action == "deny", sql
+    assert policy.decide("alter table notes add column x int").action == "allow"

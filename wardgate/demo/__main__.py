@@ -31,9 +31,10 @@ groups = ["dev"]
 connections = ["shop"]
 verbs = ["connect", "exec"]
 
-# The guardrails a security team starts from: dangerous functions, DROP/TRUNCATE/ALTER SYSTEM,
-# DELETE/UPDATE/MERGE without a condition, DO/CALL, stored code (CREATE FUNCTION, TRIGGER, RULE,
-# EXTENSION, LOAD). Statements that do not parse are always refused.
+# The guardrails a security team starts from: dangerous functions, DROP/TRUNCATE/ALTER SYSTEM and
+# destructive ALTER TABLE, DELETE/UPDATE/MERGE whose condition holds for every row, DO/CALL, stored
+# code and DDL that binds a function, role and privilege administration. Statements that do not
+# parse are always refused.
 # Try: wardgate policy check --user demo --connection shop --sql "delete from orders"
 [[guardrails]]
 preset = "standard"

@@ -90,7 +90,9 @@ class Gatekeeper:
             rules.append(COPY_OUT_RULE)
             rules.append(dataclasses.replace(DERIVED_RULE, masked_columns=masked))
         if rules:
-            rules.append(ESCAPES_RULE)
+            # first, so that a refusal for it names it (ALTER ROLE ... SET standard_conforming_strings is a
+            # privilege change too, but the escapes are what makes it dangerous to every rule)
+            rules.insert(0, ESCAPES_RULE)
         return StatementPolicy(rules)
 
     def masking_policy(self, identity: Identity, connection: str) -> MaskingPolicy:

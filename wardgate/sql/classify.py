@@ -115,7 +115,8 @@ class Classification:
             "filter_columns": sorted(self.filter_columns), "escapes_off": self.escapes_off,
             "derived_columns": sorted(self.derived_columns), "whole_rows": self.whole_rows,
             "read_write": self.read_write, "role_switch": self.role_switch, "copy_file": self.copy_file,
-            "nodes": list(self.nodes),
+            "nodes": list(self.nodes), "function_bindings": sorted(self.function_bindings),
+            "privilege_changes": sorted(self.privilege_changes), "destructive_alters": sorted(self.destructive_alters),
         }
 
 
@@ -159,11 +160,6 @@ def _names(items: list[Any]) -> str:
     return ".".join(i.get("String", {}).get("sval", "?") for i in items if isinstance(i, dict))
 
 
-def _is_true(node: Any, w: _Walk) -> bool:
-    const = _const(node, w)
-    return const is not None and const.get("boolval", {}).get("boolval") is True
-
-
 def _visit(node: Any, w: _Walk) -> None:
     if isinstance(node, list):
         for item in node:
@@ -178,6 +174,10 @@ def _visit(node: Any, w: _Walk) -> None:
             _statement(key, value, w)
         elif key == "RangeVar" and isinstance(value, dict):
             w.reads.add(_relname(value))
+        elif key in ("relation", "table") and isinstance(value, dict) and "relname" in value:
+            # The relation a utility statement acts on (ALTER TABLE, CREATE INDEX or TRIGGER ON, CREATE
+            # POLICY ON, REFRESH, CLUSTER, ...), a typed field the JSON does not wrap as a RangeVar
+            w.writes.add(_relname(value))
         elif key == "JoinExpr" and isinstance(value, dict) and value.get("quals"):
             _columns(value["quals"], w.filter_columns)
             _visit(value, w)
