@@ -118,7 +118,11 @@ def main() -> int:
                                    pytest_stage("hostile input: malformed protocol, forged and expired tokens",
                                                 ["tests/integration/test_bad_input.py", "tests/integration/test_oidc.py"]),
                                    pytest_stage("approval attacks: another's review, a changed statement, a replay",
-                                                ["tests/integration/test_exec.py", "-k", "review or approve"])]),
+                                                ["tests/integration/test_exec.py", "-k", "review or approve"]),
+                                   pytest_stage(f"differential: generated statements, classifier against the real server, "
+                                                f"up to {EXAMPLES:,} examples each",
+                                                ["tests/integration/test_differential.py", "--hypothesis-show-statistics"],
+                                                {"WARDGATE_DIFF_EXAMPLES": str(EXAMPLES)})]),
         ("clients", lambda: [pytest_stage("real clients with TLS and SCRAM: psql, pgbench, psycopg, asyncpg, Node pg, JDBC",
                                           ["tests/integration/test_clients.py", "tests/integration/test_drivers.py"])]),
         ("faults", lambda: [pytest_stage("faults: upstream restart/down, kill -9, client gone mid-COPY, recorder killed, "
