@@ -15,8 +15,8 @@ the server says it ran must be what was classified:
 
 The server may reject what the classifier accepts (a newer parser: 0x1F, 1_000 and a vertical tab are
 PostgreSQL 16 syntax): that direction is safe and allowed. A catalogue of every statement form, run
-by the superuser, holds the tag predictions to what the server sends for each. Differentials this
-suite found and that are not fixed yet stay here as failing examples, each marked DIFFERENTIAL.
+by the superuser, holds the tag predictions to what the server sends for each. The differentials this
+suite found are kept as examples, each marked FOUND with what it was.
 WARDGATE_DIFF_EXAMPLES sets the number of generated examples (300; `make soak` runs many more).
 """
 
@@ -592,10 +592,9 @@ HARD = [
     ("select 'a\\'; drop table diff_drop; --'", "UTF8"),
     ("select E'\\u00e9\\x27' || e'\\047; drop table diff_drop; --'", "UTF8"),
     ("select E'\\400'", "UTF8"),
-    # DIFFERENTIAL (open, found by this suite): a high surrogate escape followed by a non-ASCII character.
-    # The server answers 42601 "invalid Unicode surrogate pair"; libpg_query's message for it quotes the
-    # first byte of the character only, pglast fails to decode that message, and classify() raises
-    # UnicodeDecodeError (a ValueError, which it does not catch) instead of returning an error.
+    # FOUND: a high surrogate escape followed by a non-ASCII character. The server answers 42601 "invalid
+    # Unicode surrogate pair"; libpg_query's message quotes the first byte of the character only, pglast
+    # failed to decode that message, and classify() raised UnicodeDecodeError instead of returning an error.
     ("select E'\\uD83Dé'", "UTF8"),
     ("select E'\\uD83D\x85'", "LATIN1"),
     ("select E'a'\n'b\\''; drop table diff_drop; --'", "UTF8"),
@@ -670,7 +669,7 @@ def test_a_newer_grammar_refuses(server: Server, text: str) -> None:
         assert not out.tags and out.errors
 
 
-# DIFFERENTIAL (open, found by this suite): the gateway's parser (PostgreSQL 18's grammar) reads words that
+# FOUND: the gateway's parser (PostgreSQL 18's grammar) reads words that
 # became SQL syntax in PostgreSQL 16 and 17 differently from an older server. On PostgreSQL 15:
 # - `select json_value('a', 'b')` calls a user-defined function json_value(text, text) (the server returns
 #   'a'); the classifier reads a JSON_VALUE expression, with no function call, so classify().functions is
@@ -678,8 +677,8 @@ def test_a_newer_grammar_refuses(server: Server, text: str) -> None:
 #   json_scalar, json_serialize and merge_action.
 # - `select * from system_user` reads a table named system_user; the classifier reads a call of the
 #   SYSTEM_USER function (functions {'pg_catalog.system_user'}, reads empty): a rule on that table never sees it.
-# Same tags on both sides, so the CommandComplete tripwire cannot see it either. These stay failing until
-# the gateway refuses (or reads as the server does) these words on servers older than its grammar.
+# Same tags on both sides, so the CommandComplete tripwire cannot see it either. The classification now
+# names both readings: the SQL/JSON and MERGE words as functions, SYSTEM_USER also as a relation read.
 SKEW_SETUP = """
 CREATE FUNCTION json_value(text, text) RETURNS text LANGUAGE sql AS 'select $1';
 CREATE FUNCTION merge_action() RETURNS text LANGUAGE sql AS 'select ''user function''::text';

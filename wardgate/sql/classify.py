@@ -192,7 +192,16 @@ def _visit(node: Any, w: _Walk) -> None:
             w.read_write = True
             _visit(value, w)
         elif key == "FuncCall" and isinstance(value, dict):
-            w.functions.add(_names(value.get("funcname", [])))
+            name = _names(value.get("funcname", []))
+            w.functions.add(name)
+            if name == "pg_catalog.system_user":
+                w.reads.add("system_user")  # before PostgreSQL 16 a name like any other: a table, in FROM
+            _visit(value, w)
+        elif key in _SQL_SYNTAX and isinstance(value, dict):
+            # SQL/JSON and MERGE syntax of PostgreSQL 16 and later (the parser's grammar is 18's). An older
+            # server reads `json_value(...)` as a call of whatever function of that name it finds, so the
+            # rules see the name as a function either way.
+            w.functions.add(_JSON_OPS.get(str(value.get("op")), "json_value") if key == "JsonFuncExpr" else _SQL_SYNTAX[key])
             _visit(value, w)
         elif key == "A_Indirection" and isinstance(value, dict):
             # `(expr).name` is a field of a composite value, or a call of the function `name` with `expr` as
@@ -205,6 +214,13 @@ def _visit(node: Any, w: _Walk) -> None:
             _visit(value, w)
 
 
+_SQL_SYNTAX = {
+    "JsonFuncExpr": "", "JsonTable": "json_table", "JsonScalarExpr": "json_scalar", "JsonSerializeExpr": "json_serialize",
+    "JsonParseExpr": "json", "JsonObjectConstructor": "json_object", "JsonArrayConstructor": "json_array",
+    "JsonArrayQueryConstructor": "json_array", "JsonObjectAgg": "json_objectagg", "JsonArrayAgg": "json_arrayagg",
+    "MergeSupportFunc": "merge_action",
+}
+_JSON_OPS = {"JSON_VALUE_OP": "json_value", "JSON_QUERY_OP": "json_query", "JSON_EXISTS_OP": "json_exists"}
 _FILTER_KEYS = ("whereClause", "havingClause", "groupClause", "sortClause", "quals", "joinCondition")
 
 
@@ -553,6 +569,10 @@ def classify(text: str) -> Classification:
         lin = lineage(bodies)
     except ParseError as exc:
         return Classification(error=str(exc.args[0]) if exc.args else "syntax error")
+    except ValueError as exc:
+        # libpg_query's message can quote half a character (an invalid surrogate escape before a
+        # non-ASCII one), which pglast cannot decode: a syntax error all the same
+        return Classification(error=f"the statement does not parse ({type(exc).__name__})")
     except RecursionError:
         # libpg_query follows nesting PostgreSQL itself would refuse (its max_stack_depth); the JSON
         # decoder and the walk stop earlier. Either way there is nothing sound to decide on.
