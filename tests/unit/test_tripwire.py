@@ -113,3 +113,17 @@ def test_sql_prepare_forgets_what_protocol_names_were_bound_to() -> None:
                       + codec.message(b"E", codec.cstr("") + b"\x00\x00\x00\x00") + codec.message(b"S", b""))
     relay.from_upstream(codec.message(b"2", b"") + _done("INSERT 0 1") + READY)
     assert not relay.ended and not ended
+
+
+def test_what_counts_as_predicted() -> None:
+    from wardgate.sql.tags import as_predicted
+
+    select, drop = frozenset({"SELECT"}), frozenset({"DROP TABLE"})
+    assert as_predicted((select, drop), ["SELECT 1", "DROP TABLE"], True)
+    assert as_predicted((select, drop), ["SELECT 1"], False)  # an error stopped it part way
+    assert not as_predicted((select, drop), ["SELECT 1"], True)  # ran to the end, one statement short
+    assert not as_predicted((select,), ["SELECT 1", "DROP TABLE"], True)
+    assert not as_predicted((select,), ["EMPTY"], True)  # the server saw no statement where one was read
+    assert as_predicted((select,), ["SUSPENDED"], True)  # a row limit: the portal goes on later
+    assert as_predicted((), ["EMPTY"], True)
+    assert as_predicted((None,), ["DROP TABLE"], True)  # no prediction for it (EXECUTE)
