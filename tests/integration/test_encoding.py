@@ -186,6 +186,43 @@ def test_non_ascii_behind_a_running_statement_waits_its_turn(egw, pg) -> None:  
     client, _ = login(egw)
     answers = query(client, b"select pg_sleep(0)", "select 'caf\u00e9'".encode())
     err = errors(answers)
-    assert err and "gateway:encoding" in err[0]["M"] and "still running" in err[0]["M"], answers
+    assert err and "gateway:encoding" in err[0]["M"] and "before the server had answered" in err[0]["M"], answers
     assert not errors(query(client, "select 'caf\u00e9'".encode()))
     client.close()
+
+
+VIEW = "encoding_settings_view"
+
+
+def test_a_setting_changed_out_of_sight_cannot_change_how_a_pipelined_statement_is_read(egw, pg) -> None:  # noqa: ANN001
+    """A view over pg_settings reaches set_config with no call in the statement: an UPDATE of it turns
+    standard_conforming_strings off, and the server says so only with its ReadyForQuery. A statement with
+    a backslash pipelined behind it (one write, extended protocol, one Sync) would be read by the server
+    with the setting off: `'a\\'` no longer ends the string, so `$x$` hides nothing and the DELETE runs."""
+    pg.psql(f"CREATE OR REPLACE VIEW {VIEW} AS SELECT name, setting FROM pg_settings; GRANT ALL ON {VIEW} TO app",
+            database="shop")
+    client, _ = login(egw)
+    change = b"UPDATE " + VIEW.encode() + b" SET setting = 'off' WHERE name = 'standard_conforming_strings'"
+    payload = b"DELETE FROM " + TABLE.encode() + b" WHERE id::text = 'a\\' || $x$' OR true -- $x$"
+
+    def execute(sql: bytes) -> bytes:
+        return (codec.message(b"P", b"\x00" + sql + b"\x00\x00\x00") + codec.message(b"B", b"\x00\x00" + b"\x00" * 6)
+                + codec.message(b"E", b"\x00" + b"\x00" * 4))
+
+    client.send(execute(change) + execute(payload) + codec.message(b"S", b""))
+    out = []
+    try:
+        out = client.read_until("Z")
+    except ConnectionError:
+        pass
+    err = errors(out)
+    assert any("gateway:encoding" in e["M"] and "backslash" in e["M"] for e in err) or client.closed(), out
+    client.close()
+    assert count(pg) == 3
+    # sent on its own, after the answer, the session has ended (the server reported the change)
+    client, _ = login(egw)
+    answers = query(client, change)
+    assert any("standard_conforming_strings" in e["M"] for e in errors(answers)), answers
+    client.close()
+    assert count(pg) == 3
+    pg.psql(f"DROP VIEW {VIEW}", database="shop")

@@ -114,6 +114,7 @@ _PARSE = ord("P")
 _FUNCTION_CALL = ord("F")
 _EXECUTE = ord("E")
 _BIND = ord("B")
+_SYNC = ord("S")
 _CLOSE = ord("C")
 _ROW_DESCRIPTION = ord("T")
 _NO_DATA = ord("n")
@@ -226,6 +227,10 @@ class Relay:
         self._stmt_expect: dict[bytes, frozenset[str] | None] = {}
         self._portal_expect: dict[bytes, frozenset[str] | None] = {}
         self._read_past: list[str] = []  # what the server ran that the gateway did not classify
+        # Queries and Syncs sent whose ReadyForQuery has not come back, and Executes sent since the last
+        # Sync: while either is nonzero, the server may have changed a setting it has not reported yet.
+        self._unanswered = 0
+        self._executed = 0
         self.ended = False
         self.terminating = False
         self.upstream_fatal = False
@@ -259,6 +264,7 @@ class Relay:
                     if mtype == _QUERY:  # the common case, in one place
                         raw = codec.read_cstr(body, 0)[0]
                         text, refusal = self._read_sql(raw)
+                        self._unanswered += 1  # after reading it: it waits on the ones before, not on itself
                         if refusal is None:
                             refusal = self._decide(text, records)
                         if refusal is not None:
@@ -289,11 +295,16 @@ class Relay:
                             self._plans.pop((ord("S"), name), None)
                         continue
                     if mtype == _FUNCTION_CALL:
+                        self._unanswered += 1  # sent on as a Query, answered with ReadyForQuery
                         _DECIDED["deny"] += 1
                         self._refuse(mtype, body, offset, _FAST_PATH_REFUSED, records, edits)
                         continue
+                    if mtype == _SYNC:
+                        self._unanswered += 1
+                        self._executed = 0
                     started = self.tracker.frontend(mtype, body)
                     if started is not None:
+                        self._executed += mtype == _EXECUTE
                         self._starts[started.seq] = time.perf_counter_ns()
                         verdict = started.verdict
                         if started.params:
@@ -335,6 +346,11 @@ class Relay:
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
 
+    def _answered(self) -> None:
+        """A ReadyForQuery: the server has reported every setting changed before it."""
+        if self._unanswered:
+            self._unanswered -= 1
+
     def _expect_query(self, seq: int) -> None:
         """What the classification of the Query just started predicts, for the tripwire."""
         c = self._classified
@@ -357,10 +373,20 @@ class Relay:
     def _read_sql(self, raw: bytes) -> tuple[str, str | None]:
         """A statement's text as the server will read it, and the refusal when the gateway cannot be sure
         it reads the same (None: go on and decide)."""
+        if self._strict and (self._unanswered or self._executed) and (b"\\" in raw or not raw.isascii()):
+            # Statements the server has run since its last ReadyForQuery may have changed how it reads this
+            # one (standard_conforming_strings decides what a backslash does, client_encoding what a
+            # non-ASCII byte is), through code no rule sees: a view over pg_settings, a trigger, a function's
+            # SET clause. The server reports such changes only with ReadyForQuery; text with neither reads
+            # alike under every setting, so only this text has to wait for the answer.
+            return raw.decode(self._codec, "replace"), self._gateway_refusal(
+                "a statement with a backslash or non-ASCII text was sent before the server had answered the "
+                "statements before it (ReadyForQuery), which could change how it reads the text "
+                "(standard_conforming_strings, client_encoding); send it after their results have arrived")
         if raw.isascii():  # the same characters in every encoding PostgreSQL accepts from a client
             return raw.decode("ascii"), None
         try:
-            text = raw.decode(self._codec)
+            return raw.decode(self._codec), None
         except UnicodeDecodeError:
             text = raw.decode(self._codec, "replace")
             if self._strict:
@@ -368,13 +394,6 @@ class Relay:
                     f"the statement is not valid {self.client_encoding} (the session's client_encoding); "
                     "the gateway refuses what it cannot read exactly as the server does")
             return text, None
-        if self._strict and self.tracker.in_flight:
-            # A statement still running may change client_encoding (SET, set_config, a function's SET
-            # clause), and the server would read these bytes in the new one; ASCII reads alike in all.
-            return text, self._gateway_refusal(
-                "a statement with non-ASCII text was sent while another was still running, which could change "
-                "the session's client_encoding; send it after the previous result has arrived")
-        return text, None
 
     def _gateway_refusal(self, reason: str) -> str:
         """A refusal of the gateway's own (rule gateway:encoding), recorded like a rule's."""
@@ -596,6 +615,7 @@ class Relay:
             names = self._column_names.get(description)
             entry.cols = names if names is not None else self._columns(description)
         self._defer([self._outcome(tracker.finish_sole(msgs[-2][1], msgs[-1][1]))])
+        self._answered()
         return fwd
 
     def _outcome(self, fin: Finished) -> str:
@@ -648,6 +668,7 @@ class Relay:
                                 entry.cols = names
                         continue
                     if mtype == _READY:
+                        self._answered()
                         finished = tracker.ready(body)
                     elif mtype == _COMMAND_COMPLETE:
                         fin = tracker.complete(body)
