@@ -41,6 +41,12 @@ ESCAPES_RULE = Rule(
             "use E'...' strings for backslash escapes",
 )
 
+NULL_EQUALS_RULE = Rule(
+    "gateway:null-equals", null_equals=True,
+    message="the gateway reads x = NULL as PostgreSQL does by default (never true), as its rules on conditions "
+            "rely on; write x IS NULL",
+)
+
 
 class Gatekeeper:
     def __init__(self, settings: Settings, masking_salt: bytes | None = None) -> None:
@@ -93,6 +99,7 @@ class Gatekeeper:
             # first, so that a refusal for it names it (ALTER ROLE ... SET standard_conforming_strings is a
             # privilege change too, but the escapes are what makes it dangerous to every rule)
             rules.insert(0, ESCAPES_RULE)
+            rules.insert(1, NULL_EQUALS_RULE)
         return StatementPolicy(rules)
 
     def masking_policy(self, identity: Identity, connection: str) -> MaskingPolicy:

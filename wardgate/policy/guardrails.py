@@ -59,6 +59,7 @@ class Rule:
     copy_program: bool = False
     role_switch: bool = False  # SET ROLE / SET SESSION AUTHORIZATION
     escapes_off: bool = False  # statements that turn standard_conforming_strings off
+    null_equals: bool = False  # statements that turn transform_null_equals on
     masked_filters: bool = False  # statements that filter, join, group or sort on a masked column
     masked_derived: bool = False  # statements that compute values from a masked column, or take whole rows
     binds_function: bool = False  # DDL binding a function called unseen, or another server (Classification.function_bindings)
@@ -97,6 +98,8 @@ class Rule:
             return "COPY to or from a file on the database server"
         if self.role_switch and c.role_switch:
             return "switches the database role"
+        if self.null_equals and c.null_equals:
+            return "turns transform_null_equals on (x = NULL would then mean x IS NULL)"
         if self.escapes_off and c.escapes_off:
             return "turns standard_conforming_strings off"
         if self.binds_function and c.function_bindings:
