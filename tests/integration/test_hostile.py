@@ -18,10 +18,10 @@ import psycopg
 import pytest
 
 from tests.conftest import make_gateway, psql
-from tests.pgwire import RawClient
-from wardgate.engines.postgres import codec
 from tests.integration.test_masking import MASKING
+from tests.pgwire import RawClient
 from wardgate.domain import Identity
+from wardgate.engines.postgres import codec
 from wardgate.policy.gatekeeper import Gatekeeper
 
 CORPUS = tomllib.loads((Path(__file__).parent.parent / "corpus" / "hostile.toml").read_text())
