@@ -126,6 +126,7 @@ _COMMAND_COMPLETE = ord("C")
 _PARAMETER_STATUS = ord("S")
 _FAST_PATH_REFUSED = "function calls over the fast-path protocol are refused by the gateway; call the function in SQL"
 _PLACEHOLDER = re.compile(r"\$[0-9]")
+_PREDICTED: dict[tuple[tuple[frozenset[str] | None, ...], str, str], bool] = {}  # tripwire verdicts, shared
 _NAMES_SQL = frozenset({"prepare", "deallocate", "discard", "declare_cursor", "close_portal"})
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _UNSEEN = object()  # no Describe seen for this result
@@ -368,7 +369,13 @@ class Relay:
         expected = self._expect.pop(seq, None)
         if expected is None or fin.tag is None:
             return True
-        return as_predicted(expected, fin.tag.split(";"), fin.status == "ok")
+        key = (expected, fin.tag, fin.status)
+        ok = _PREDICTED.get(key)
+        if ok is None:
+            ok = as_predicted(expected, fin.tag.split(";"), fin.status == "ok")
+            if len(_PREDICTED) < 4096:  # sessions answer the same few tags to the same few statements
+                _PREDICTED[key] = ok
+        return ok
 
     def _read_sql(self, raw: bytes) -> tuple[str, str | None]:
         """A statement's text as the server will read it, and the refusal when the gateway cannot be sure
