@@ -82,6 +82,17 @@ def check_psql(out: subprocess.CompletedProcess[str], rule: str | None, error: s
         assert out.returncode == 0 and not refused, out.stderr
 
 
+def check_outcome(code: str | None, message: str, rule: str | None, error: str | None) -> None:
+    """What a door answered (SQLSTATE or None, and the message) is the case's outcome: refused naming the
+    rule, the server's own error, or nothing."""
+    if rule is not None:
+        assert code == "42501" and rule in message, (code, message)
+    elif error is not None:
+        assert code == error, (code, message)
+    else:
+        assert code is None, (code, message)
+
+
 def check_psycopg(dsn: str, sql: str, rule: str | None, error: str | None) -> list[tuple]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows: list[tuple] = []
@@ -91,12 +102,7 @@ def check_psycopg(dsn: str, sql: str, rule: str | None, error: str | None) -> li
             got = None
         except psycopg.Error as exc:
             got = exc
-        if rule is not None:
-            assert got is not None and got.sqlstate == "42501" and rule in str(got), got
-        elif error is not None:
-            assert got is not None and got.sqlstate == error, got
-        else:
-            assert got is None, got
+        check_outcome(None if got is None else got.sqlstate, str(got), rule, error)
         conn.rollback()
         assert conn.execute("select 1").fetchone() == (1,)  # the session carries on
         return rows
@@ -122,12 +128,7 @@ def check_asyncpg(dsn: str, sql: str, rule: str | None, error: str | None, simpl
                 await (conn.execute(sql) if simple else conn.fetch(sql))
             except asyncpg.PostgresError as exc:
                 got = exc
-            if rule is not None:
-                assert got is not None and got.sqlstate == "42501" and rule in str(got), got
-            elif error is not None:
-                assert got is not None and got.sqlstate == error, got
-            else:
-                assert got is None, got
+            check_outcome(None if got is None else got.sqlstate, str(got), rule, error)
             assert await conn.fetchval("select 1") == 1  # the session carries on
         finally:
             await conn.close()
@@ -143,12 +144,7 @@ def check_raw(hgw, user: str, sql: str, rule: str | None, error: str | None) -> 
         client.login(user, cred["credential"], "shop")
         client.send(codec.message(b"Q", sql.encode() + b"\x00"))
         errors = [codec.parse_error_fields(b) for t, b in client.read_until("Z") if t == "E"]
-        if rule is not None:
-            assert errors and errors[0]["C"] == "42501" and rule in errors[0]["M"], errors
-        elif error is not None:
-            assert errors and errors[0]["C"] == error, errors
-        else:
-            assert not errors, errors
+        check_outcome(errors[0]["C"] if errors else None, errors[0]["M"] if errors else "", rule, error)
         client.send(codec.message(b"Q", b"select 1\x00"))
         assert not [t for t, _ in client.read_until("Z") if t == "E"]  # the session carries on
     finally:
