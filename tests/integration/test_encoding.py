@@ -1,4 +1,5 @@
-"""Statements are read in the session's client_encoding, as the server converts them.
+"""Statements are read in the session's client_encoding, as the server converts them, and settings that
+change how the server reads them cannot be changed out of the gateway's sight.
 
 In SJIS (and BIG5, GBK, GB18030, UHC, JOHAB, SHIFT_JIS_2004) a character's second byte can be `\\`,
 so `select E'<0x81>\\'; delete from ...; -- '` is one string to a UTF-8 reader and a DELETE to the
@@ -223,6 +224,25 @@ def test_a_setting_changed_out_of_sight_cannot_change_how_a_pipelined_statement_
     client, _ = login(egw)
     answers = query(client, change)
     assert any("standard_conforming_strings" in e["M"] for e in errors(answers)), answers
+    client.close()
+    assert count(pg) == 3
+    pg.psql(f"DROP VIEW {VIEW}", database="shop")
+
+
+def test_a_setting_the_server_does_not_report_cannot_turn_a_condition_into_none(egw, pg) -> None:  # noqa: ANN001
+    """transform_null_equals is not reported by the server, and a view over pg_settings made outside the
+    gateway turns it on out of sight; then `NOT (id = NULL)` holds for every row. Conditions are read
+    under both meanings of `= NULL`, so the DELETE is refused either way."""
+    pg.psql(f"CREATE OR REPLACE VIEW {VIEW} AS SELECT name, setting FROM pg_settings; GRANT ALL ON {VIEW} TO app",
+            database="shop")
+    client, _ = login(egw)
+    answers = query(client, b"UPDATE " + VIEW.encode() + b" SET setting = 'on' WHERE name = 'transform_null_equals'")
+    assert not errors(answers), answers  # the server turned it on, and said nothing
+    for delete in (b"delete from ", b"update "):
+        sql = delete + TABLE.encode() + (b" where not (id = null)" if delete.startswith(b"delete")
+                                         else b" set id = id where id = null or not id = null")
+        err = errors(query(client, sql))
+        assert err and "standard:unconditional-writes" in err[0]["M"], (sql, err)
     client.close()
     assert count(pg) == 3
     pg.psql(f"DROP VIEW {VIEW}", database="shop")

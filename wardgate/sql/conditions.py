@@ -380,7 +380,16 @@ class _Fold:
         if isinstance(rexpr, dict) and isinstance(rexpr.get("List"), dict):  # IN (...), BETWEEN a AND b
             rexpr = rexpr["List"].get("items")
         if kind == "AEXPR_OP" and lexpr is not None and rexpr is not None and op in _SAME:
-            return self._cmp(op, self._value(lexpr, d), self._value(rexpr, d))
+            left, right = self._value(lexpr, d), self._value(rexpr, d)
+            out = self._cmp(op, left, right)
+            if op == "=":
+                # With transform_null_equals on, the server reads `x = NULL` (a NULL literal) as `x IS NULL`.
+                # A session can turn it on where no rule sees (a view over pg_settings, a function) and the
+                # server does not report it, so both readings count. A constant not read yet may be NULL.
+                for const, values, other in ((lexpr, left, rexpr), (rexpr, right, lexpr)):
+                    if isinstance(const, dict) and "A_Const" in const and (NULL in values or ANY in values):
+                        out |= self._nulltest({"nulltesttype": "IS_NULL", "arg": other}, d)
+            return out
         if kind in ("AEXPR_DISTINCT", "AEXPR_NOT_DISTINCT") and op == "=":
             return self._distinct(kind == "AEXPR_DISTINCT", self._value(lexpr, d), self._value(rexpr, d))
         if kind == "AEXPR_IN" and op in ("=", "<>") and isinstance(rexpr, list) and rexpr:
