@@ -221,15 +221,7 @@ def _and1(a: Any, b: Any) -> Any:
 
 
 def _or1(a: Any, b: Any) -> Any:
-    if TRUE in (a, b):
-        return TRUE
-    if ROW in (a, b):
-        return ROW
-    if ROW_NN in (a, b):
-        return ROW if NULL in (a, b) else ROW_NN
-    if NULL in (a, b):
-        return NULL
-    return FALSE
+    return _not1(_and1(_not1(a), _not1(b)))  # De Morgan holds in three-valued logic, and for row-dependent truths
 
 
 def _combine(f: Callable[[Any, Any], Any], a: frozenset[Any], b: frozenset[Any]) -> frozenset[Any]:

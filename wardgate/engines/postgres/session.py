@@ -19,7 +19,7 @@ from typing import Any
 
 from ...masking.plan import MaskingPolicy, RowMasker
 from ...metrics import STATS
-from ...policy.guardrails import StatementPolicy
+from ...policy.guardrails import Match, StatementPolicy
 from ...recording.journal import event
 from ...sql import encoding
 from ...sql.classify import Classification
@@ -188,9 +188,7 @@ class Relay:
         # Client text is read in the session's client_encoding, as the server converts it. Where rules
         # read statements, bytes that do not decode are refused rather than guessed at (see sql/encoding.py).
         self._strict = bool(self.policy.rules)
-        self.client_encoding = client_encoding
-        self._codec = encoding.codec(client_encoding) if encoding.refusal(client_encoding) is None else "utf-8"
-        self.tracker.codec = self._codec
+        self._follow_encoding(client_encoding)
         self._plans: dict[tuple[int, bytes], RowMasker | None] = {}  # (S or P, name) -> plan from its Describe
         self._copy_out = False
         self._refusals: dict[str, str] = {}  # marker sent upstream -> the refusal it stands for
@@ -406,8 +404,7 @@ class Relay:
         """A refusal of the gateway's own (rule gateway:encoding), recorded like a rule's."""
         _DECIDED["deny"] += 1
         _RULES[("gateway:encoding", "deny")] += 1
-        self._verdict = ',"d":"deny","r":' + _json([{"rule": "gateway:encoding", "action": "deny", "reason": reason,
-                                                      "message": "", "shadow": False}])
+        self._verdict = ',"d":"deny","r":' + _json([Match("gateway:encoding", "deny", reason, "", False).public()])
         return f"denied by rule gateway:encoding: {reason}"
 
     def _masked_params(self, values: list[str | None]) -> list[str | None]:
@@ -741,6 +738,13 @@ class Relay:
                               "session is closed and the security team alerted"),
                   "read past: the server's command tags disagreed with the classification", "42501")
 
+    def _follow_encoding(self, client_encoding: str) -> None:
+        """Read client text from now on as the server converts `client_encoding` (where no rule reads
+        statements, an encoding the gateway does not read exactly is shown as UTF-8, for the record)."""
+        self.client_encoding = client_encoding
+        exact = encoding.refusal(client_encoding) is None
+        self.tracker.codec = self._codec = encoding.codec(client_encoding) if exact else "utf-8"
+
     def _parameter(self, name: str, value: str) -> None:
         """A setting the server reports (ParameterStatus). Those that decide how it reads SQL are followed:
         standard_conforming_strings must stay on, and client_encoding must stay one the gateway reads."""
@@ -749,8 +753,7 @@ class Relay:
             if refused is not None and self._strict:
                 raise _ReadPast(f"the session's client_encoding changed to {value}: {refused}; the session is closed",
                                 f"client_encoding changed to {value}")
-            self.client_encoding = value
-            self.tracker.codec = self._codec = "utf-8" if refused is not None else encoding.codec(value)
+            self._follow_encoding(value)
         elif name == "standard_conforming_strings" and value != "on" and self._strict:
             raise _ReadPast("the session turned standard_conforming_strings off, which the gateway's rules cannot "
                             "read safely; the session is closed", "standard_conforming_strings turned off")
