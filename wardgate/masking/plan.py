@@ -143,26 +143,6 @@ class RowMasker:
         self.hits = hits if hits is not None else [0] * width  # values masked, per column index
         by_index = {c.index: c for c in columns}
         self.actions: tuple[Action, ...] = tuple(self._action(by_index.get(i)) for i in range(width))
-        self._for_formats: dict[tuple[int, ...], RowMasker] = {}  # a prepared statement runs with the same few
-
-    def for_formats(self, formats: tuple[int, ...]) -> RowMasker:
-        """This plan for rows in the result formats a Bind asked for."""
-        plan = self._for_formats.get(formats)
-        if plan is None:
-            if len(self._for_formats) >= 16:
-                self._for_formats.clear()
-            plan = self._for_formats[formats] = self._formatted(formats)
-        return plan
-
-    def _formatted(self, formats: tuple[int, ...]) -> RowMasker:
-        def fmt(i: int) -> int:
-            return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
-
-        columns = [
-            _Column(c.index, c.name, c.type_oid, fmt(c.index) == 1 and c.type_oid not in PLAIN_TEXT_OIDS, c.whole, c.detectors)
-            for c in self.columns
-        ]
-        return RowMasker(columns, self.salt, self.hits)  # one tally per result description
 
     def take_counts(self, into: Counter[str]) -> None:
         """Add the values masked per column name since the last call to `into`."""

@@ -27,7 +27,7 @@ from ...sql.tags import as_predicted
 from . import codec
 from .framing import ROWS, Framer
 from .stream import StreamProtocol
-from .tracker import BACKEND_INSPECT, Finished, StatementTracker
+from .tracker import BACKEND_INSPECT, UNSEEN, Finished, StatementTracker
 
 log = logging.getLogger("wardgate.session")
 _DECIDED = STATS.statements  # decision -> count; bumped inline on the hot path
@@ -129,7 +129,8 @@ _PLACEHOLDER = re.compile(r"\$[0-9]")
 _PREDICTED: dict[tuple[tuple[frozenset[str] | None, ...], str, str], bool] = {}  # tripwire verdicts, shared
 _NAMES_SQL = frozenset({"prepare", "deallocate", "discard", "declare_cursor", "close_portal"})
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
-_UNSEEN = object()  # no Describe seen for this result
+_DESCRIBE = ord("D")
+_FLUSH = ord("H")
 
 
 class _Unmaskable(Exception):
@@ -141,11 +142,13 @@ class _ReadPast(Exception):
     could not see): (message to the client, reason in the record)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Lookup:
-    portal: bytes
-    statement: bytes | None
-    formats: tuple[int, ...]
+class _Described:
+    """What a Describe of a portal told of the rows its Execute returns: the plan, once the answer came."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self) -> None:
+        self.plan: RowMasker | None | object = UNSEEN
 
 
 class Relay:
@@ -189,7 +192,10 @@ class Relay:
         # read statements, bytes that do not decode are refused rather than guessed at (see sql/encoding.py).
         self._strict = bool(self.policy.rules)
         self._follow_encoding(client_encoding)
-        self._plans: dict[tuple[int, bytes], RowMasker | None] = {}  # (S or P, name) -> plan from its Describe
+        # With masking on, an Execute's rows are masked by what the server said of that very portal just
+        # before it ran: a Describe of it, the client's or the gateway's own, with no other message between
+        # (a Bind, a Close or any statement could give the name to other rows). (portal, what it learns)
+        self._described: tuple[bytes, _Described] | None = None
         self._copy_out = False
         self._refusals: dict[str, str] = {}  # marker sent upstream -> the refusal it stands for
         self._refused_queries: dict[int, str] = {}  # seq -> refusal, for Queries and function calls
@@ -260,6 +266,8 @@ class Relay:
                 edits: list[tuple[int, int, bytes]] = []  # (offset, length, replacement) in fwd
                 sid = self.session_id
                 for mtype, body, offset in msgs:
+                    if mtype != _EXECUTE and mtype != _FLUSH:
+                        self._described = None
                     if mtype == _QUERY:  # the common case, in one place
                         raw = codec.read_cstr(body, 0)[0]
                         text, refusal = self._read_sql(raw)
@@ -290,8 +298,6 @@ class Relay:
                         c = self._classified
                         # One statement or none (empty: EmptyQueryResponse); more, and the server refuses the Parse
                         self._stmt_expect[name] = c.expected_tags[0] if c is not None and c.statements == 1 else None
-                        if self.masking is not None:
-                            self._plans.pop((ord("S"), name), None)
                         continue
                     if mtype == _FUNCTION_CALL:
                         self._unanswered += 1  # sent on as a Query, answered with ReadyForQuery
@@ -301,6 +307,8 @@ class Relay:
                     if mtype == _SYNC:
                         self._unanswered += 1
                         self._executed = 0
+                    elif mtype == _EXECUTE and self.masking is not None:
+                        described = self._describe_first(body, offset, edits)
                     started = self.tracker.frontend(mtype, body)
                     if started is not None:
                         self._executed += mtype == _EXECUTE
@@ -315,15 +323,17 @@ class Relay:
                             if expected is not None:
                                 self._expect[started.seq] = (expected,)
                             if self.masking is not None:
-                                self._plan_execute(body)
+                                self.tracker.last().plan = described  # type: ignore[union-attr]
+                    elif mtype == _DESCRIBE:
+                        if self.masking is not None and body[:1] == b"P":
+                            learnt = self.tracker.last().plan = _Described()  # type: ignore[union-attr]
+                            self._described = (codec.read_cstr(body, 1)[0], learnt)
                     elif mtype == _BIND:
                         portal, pos = codec.read_cstr(body, 0)
                         self._portal_expect[portal] = self._stmt_expect.get(codec.read_cstr(body, pos)[0])
                     elif mtype == _CLOSE and len(body) >= 2:
                         name = codec.read_cstr(body, 1)[0]
                         (self._stmt_expect if body[0] == ord("S") else self._portal_expect).pop(name, None)
-                        if self.masking is not None:
-                            self._plans.pop((body[0], name), None)
                 if records:
                     self._record(records)
                 if edits:
@@ -414,22 +424,18 @@ class Relay:
             return values
         return [None if v is None else masking.mask_text(v) for v in values]
 
-    def _plan_execute(self, body: bytes) -> None:
-        """An Execute's rows are masked with the plan of its portal's (or statement's) Describe. The
-        answer to that Describe may still be on its way, so the plan is looked up at the first row."""
+    def _describe_first(self, body: bytes, offset: int, edits: list[tuple[int, int, bytes]]) -> _Described:
+        """Where the rows of an Execute will come from. Only a Describe of its portal sent just before it
+        (with nothing but a Flush or Executes of the same portal between) says for sure: a plan kept by
+        name from earlier could describe other rows by now (SQL PREPARE, DECLARE, CLOSE, a new Bind). So
+        without one, the gateway sends its own Describe in front of the Execute and consumes the answer."""
         portal = codec.read_cstr(body, 0)[0]
-        entry = self.tracker.last()
-        if entry is not None:
-            entry.plan = _Lookup(portal, self.tracker.statement_of(portal), self.tracker.result_formats(portal))
-
-    def _resolve(self, lookup: _Lookup) -> RowMasker | None | object:
-        plan = self._plans.get((ord("P"), lookup.portal), _UNSEEN)
-        if plan is _UNSEEN and lookup.statement is not None:
-            plan = self._plans.get((ord("S"), lookup.statement), _UNSEEN)
-        if isinstance(plan, RowMasker):
-            # A statement's RowDescription says "text" for every column: the formats are Bind's.
-            plan = plan.for_formats(lookup.formats)
-        return plan
+        if self._described is not None and self._described[0] == portal:
+            return self._described[1]
+        learnt = self.tracker.describe_portal(portal).plan = _Described()
+        edits.append((offset, 0, codec.message(b"D", b"P" + codec.cstr(portal))))
+        self._described = (portal, learnt)
+        return learnt
 
     def _columns(self, body: bytes) -> str:
         """A RowDescription's column names as JSON, for the record of the statement it describes (cached:
@@ -458,10 +464,10 @@ class Relay:
         """data[start:end], a run of DataRows, masked in one call with the plan of their result; the
         masked run, or None when nothing in it changed."""
         entry = self.tracker.current()
-        plan = entry.plan if entry is not None else _UNSEEN
-        if isinstance(plan, _Lookup):
-            plan = entry.plan = self._resolve(plan)  # type: ignore[union-attr]
-        if plan is _UNSEEN:
+        plan = entry.plan if entry is not None else UNSEEN
+        if isinstance(plan, _Described):
+            plan = plan.plan
+        if plan is UNSEEN:
             raise _Unmaskable("a result arrived whose columns the gateway has not seen described")
         if plan is not None:
             try:
@@ -478,12 +484,16 @@ class Relay:
         masking = self.masking
         assert masking is not None
         if mtype == _ROW_DESCRIPTION or mtype == _NO_DATA:
-            plan = masking.plan(body) if mtype == _ROW_DESCRIPTION else None
-            target = self.tracker.described()
-            if target is not None:
-                self._plans[target] = plan
-            elif (entry := self.tracker.current()) is not None:
-                entry.plan = plan
+            described = self.tracker.described()
+            if described is None:  # a simple Query's statement: its rows follow
+                if (entry := self.tracker.current()) is not None:
+                    entry.plan = masking.plan(body) if mtype == _ROW_DESCRIPTION else None
+                return
+            if isinstance(described.plan, _Described):  # a portal's (a statement's is not what runs)
+                # A portal's RowDescription has the formats its rows come in, as Bind chose them.
+                described.plan.plan = masking.plan(body) if mtype == _ROW_DESCRIPTION else None
+            if described.hidden:
+                edits.append((offset, 5 + len(body), b""))
         elif mtype == _COPY_OUT:
             if body[:1] == b"\x01":
                 raise _Unmaskable("binary COPY output cannot be masked; use COPY in text or CSV format")
@@ -495,8 +505,12 @@ class Relay:
         elif mtype == _COMMAND_COMPLETE:
             self._copy_out = False
             entry = self.tracker.current()
-            if entry is not None and isinstance(entry.plan, RowMasker):
-                entry.plan.take_counts(masking.totals)
+            if entry is not None:
+                plan = entry.plan.plan if isinstance(entry.plan, _Described) else entry.plan
+                if isinstance(plan, RowMasker):
+                    plan.take_counts(masking.totals)
+                if entry.kind == _QUERY:  # the next statement of the Query has rows of its own
+                    entry.plan = UNSEEN
 
     def _decide(self, statement: str, records: list[str], extended: bool = False) -> str | None:
         """None to let the statement through, else the refusal message. Shadow rules that matched are

@@ -24,6 +24,9 @@ FRONTEND_INSPECT = b"QPBECSF"
 BACKEND_INSPECT = b"CIsEZ"
 PARAM_LIMIT = 1000  # characters of a bound value kept in the record
 _TAGS: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete body -> (tag, rows): sessions repeat a few
+# A statement's masking plan before the server has described its result: rows that arrive while it is
+# still this were never described, and are refused rather than guessed at.
+UNSEEN = object()
 
 
 @dataclass(slots=True)
@@ -55,22 +58,20 @@ class _Pending:
     tags: list[str] | None = None
     rows: int | None = None
     error: dict[str, str] | None = None
-    plan: object = None  # the relay's masking plan for this statement's rows
+    plan: object = UNSEEN  # the relay's masking plan for this statement's rows (DESCRIBE: what it learns)
     target: tuple[int, bytes] | None = None  # DESCRIBE: (ord('S') or ord('P'), name)
+    hidden: bool = False  # DESCRIBE: sent by the gateway itself; its answer is not the client's
     cols: str | None = None
     sample: list[list[str | None]] | None = None
 
 
 class StatementTracker:
-    __slots__ = ("_seq", "_statements", "_portals", "_portal_stmt", "_portal_formats", "_pending", "transaction_status",
-                 "track_describe", "codec")
+    __slots__ = ("_seq", "_statements", "_portals", "_pending", "transaction_status", "track_describe", "codec")
 
     def __init__(self, track_describe: bool = False) -> None:
         self._seq = 0
         self._statements: dict[bytes, tuple[str, int, str]] = {}  # name -> (text, parameters, verdict)
         self._portals: dict[bytes, tuple[str, list[str | None], str]] = {}  # name -> (text, values, verdict)
-        self._portal_stmt: dict[bytes, bytes] = {}
-        self._portal_formats: dict[bytes, tuple[int, ...]] = {}
         self._pending: deque[_Pending] = deque()
         # Follow Describe answers too (needed to know which result a RowDescription describes).
         self.track_describe = track_describe
@@ -108,14 +109,10 @@ class StatementTracker:
                     values.append(f"<binary, {length} bytes>" if binary else
                                   body[pos:pos + min(length, PARAM_LIMIT)].decode(self.codec, "replace"))
                     pos += length
-                if self.track_describe:
-                    (nresults,) = _I16.unpack_from(body, pos)
-                    self._portal_formats[portal] = struct.unpack_from(f"!{nresults}h", body, pos + 2)
             except (struct.error, IndexError):
                 pass  # upstream will reject the malformed Bind; the statement is still recorded
             text, _, verdict = self._statements.get(stmt, ("<unknown prepared statement>", 0, ""))
             self._portals[portal] = (text, values, verdict)
-            self._portal_stmt[portal] = stmt
             return None
         if mtype == E:
             portal, _ = read_cstr(body, 0)
@@ -146,23 +143,23 @@ class StatementTracker:
         nparams = _I16.unpack_from(body, pos)[0] if len(body) >= pos + 2 else 0
         self._statements[name] = (text, nparams, verdict)
 
-    def statement_of(self, portal: bytes) -> bytes | None:
-        return self._portal_stmt.get(portal)
-
-    def result_formats(self, portal: bytes) -> tuple[int, ...]:
-        """The result format codes the client asked for in Bind: () all text, (f,) all f, or one per column."""
-        return self._portal_formats.get(portal, ())
-
     def last(self) -> _Pending | None:
         return self._pending[-1] if self._pending else None
 
-    def described(self) -> tuple[int, bytes] | None:
-        """Upstream sent RowDescription or NoData: which Describe it answers, or None if it belongs
+    def describe_portal(self, portal: bytes) -> _Pending:
+        """A Describe of `portal` the gateway sends itself, in front of its Execute, to learn what that
+        Execute will return; its answer is consumed, not forwarded."""
+        pending = _Pending(-1, DESCRIBE, target=(ord("P"), portal), hidden=True)
+        self._pending.append(pending)
+        return pending
+
+    def described(self) -> _Pending | None:
+        """Upstream sent RowDescription or NoData: the Describe it answers, or None if it belongs
         to the current statement (a simple Query)."""
         head = self._head()
         if head is not None and head.kind == DESCRIBE:
             self._pending.popleft()
-            return head.target
+            return head
         return None
 
     def next_seq(self) -> int:

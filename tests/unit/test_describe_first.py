@@ -1,0 +1,117 @@
+"""An Execute's rows are masked by what the server says of that very portal just before it runs.
+
+A plan kept by name would describe whatever ran under the name before (the unnamed portal of an
+earlier statement, a cursor redeclared in SQL). So unless the client's own Describe of the portal comes
+right before its Execute, the relay sends one itself and consumes the answer.
+"""
+
+from __future__ import annotations
+
+from wardgate.engines.postgres import codec
+from wardgate.engines.postgres.session import Relay
+
+from .test_relay_paths import _field, _relay
+
+
+def _messages(data: bytes) -> list[tuple[str, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 1:pos + 5], "big")
+        out.append((chr(data[pos]), data[pos + 5:pos + 1 + length]))
+        pos += 1 + length
+    return out
+
+
+def _sent(relay: Relay, peer: str) -> list[tuple[str, bytes]]:
+    transport = getattr(relay, peer).transport
+    data = b"".join(transport.out)
+    transport.out.clear()
+    return _messages(data)
+
+
+def _parse(text: str, name: str = "") -> bytes:
+    return codec.message(b"P", codec.cstr(name) + codec.cstr(text) + b"\x00\x00")
+
+
+def _bind(portal: str = "", stmt: str = "") -> bytes:
+    return codec.message(b"B", codec.cstr(portal) + codec.cstr(stmt) + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+
+
+def _describe(portal: str = "") -> bytes:
+    return codec.message(b"D", b"P" + codec.cstr(portal))
+
+
+def _execute(portal: str = "") -> bytes:
+    return codec.message(b"E", codec.cstr(portal) + b"\x00\x00\x00\x00")
+
+
+SYNC = codec.message(b"S")
+EMAIL_DESC = codec.message(b"T", (1).to_bytes(2, "big") + _field("email"))
+ROW = codec.message(b"D", (1).to_bytes(2, "big") + (17).to_bytes(4, "big") + b"ada@example.com!!")
+
+
+def _answer(*middle: bytes) -> bytes:
+    return b"".join((codec.message(b"1"), codec.message(b"2"), *middle, codec.message(b"C", codec.cstr("SELECT 1")),
+                     codec.message(b"Z", b"I")))
+
+
+def test_an_execute_without_describe_is_described_by_the_gateway_and_masked():
+    relay, _ = _relay(masked=True)
+    relay.from_client(_parse("select email from people") + _bind() + _execute() + SYNC)
+    assert [t for t, _ in _sent(relay, "upstream")] == ["P", "B", "D", "E", "S"]
+    relay.from_upstream(_answer(EMAIL_DESC, ROW))
+    got = _sent(relay, "client")
+    assert [t for t, _ in got] == ["1", "2", "D", "C", "Z"]  # the gateway's own RowDescription is not forwarded
+    assert b"ada@example.com" not in b"".join(b for _, b in got)
+
+
+def test_the_clients_describe_right_before_execute_is_used_and_forwarded():
+    relay, _ = _relay(masked=True)
+    relay.from_client(_parse("select email from people") + _bind() + _describe() + _execute() + SYNC)
+    assert [t for t, _ in _sent(relay, "upstream")] == ["P", "B", "D", "E", "S"]
+    relay.from_upstream(_answer(EMAIL_DESC, ROW))
+    got = _sent(relay, "client")
+    assert [t for t, _ in got] == ["1", "2", "T", "D", "C", "Z"]
+    assert b"ada@example.com" not in b"".join(b for _, b in got)
+
+
+def test_a_describe_before_a_new_bind_says_nothing_of_the_rows():
+    relay, _ = _relay(masked=True)
+    # Describe the unnamed portal of `select 1`, then bind it again to the email query and execute it.
+    relay.from_client(_parse("select 1") + _bind() + _describe() + _parse("select email from people") + _bind()
+                      + _execute() + SYNC)
+    assert [t for t, _ in _sent(relay, "upstream")] == ["P", "B", "D", "P", "B", "D", "E", "S"]
+    one = codec.message(b"T", (1).to_bytes(2, "big") + _field("?column?", 23))
+    relay.from_upstream(codec.message(b"1") + codec.message(b"2") + one + _answer(EMAIL_DESC, ROW))
+    got = _sent(relay, "client")
+    assert [t for t, _ in got] == ["1", "2", "T", "1", "2", "D", "C", "Z"]
+    assert b"ada@example.com" not in b"".join(b for _, b in got)
+
+
+def test_executes_of_one_portal_in_a_row_share_its_describe_across_reads():
+    relay, _ = _relay(masked=True)
+    relay.from_client(_parse("select email from people") + _bind("c") + _describe("c") + codec.message(b"H"))
+    relay.from_client(_execute("c") + _execute("c") + SYNC)
+    assert [t for t, _ in _sent(relay, "upstream")] == ["P", "B", "D", "H", "E", "E", "S"]
+    suspended = codec.message(b"s")
+    relay.from_upstream(codec.message(b"1") + codec.message(b"2") + EMAIL_DESC + ROW + suspended + ROW
+                        + codec.message(b"C", codec.cstr("SELECT 1")) + codec.message(b"Z", b"I"))
+    got = _sent(relay, "client")
+    assert [t for t, _ in got] == ["1", "2", "T", "D", "s", "D", "C", "Z"]
+    assert b"ada@example.com" not in b"".join(b for _, b in got)
+
+
+def test_an_execute_of_another_portal_between_voids_the_describe():
+    relay, _ = _relay(masked=True)
+    relay.from_client(_bind("a") + _describe("a") + _bind("b") + _execute("b") + _execute("a") + SYNC)
+    assert [t for t, _ in _sent(relay, "upstream")] == ["B", "D", "B", "D", "E", "D", "E", "S"]
+
+
+def test_rows_of_a_query_statement_need_its_own_row_description():
+    relay, _ = _relay(masked=True)
+    relay.from_client(codec.message(b"Q", codec.cstr("select email from people; select 2")))
+    # A server that sent rows for the second statement without describing them: refused, not guessed at.
+    relay.from_upstream(EMAIL_DESC + ROW + codec.message(b"C", codec.cstr("SELECT 1")) + ROW)
+    got = _sent(relay, "client")
+    assert relay.ended
+    assert b"ada@example.com" not in b"".join(b for _, b in got)
