@@ -25,6 +25,7 @@ from ..analysis import exec_action
 from ..domain import Identity
 from ..engines.postgres import codec, upstream
 from ..engines.postgres.stream import PeerClosed
+from ..masking.messages import mask_report
 from ..masking.plan import MaskingPolicy
 from ..policy.guardrails import Decision, Match, StatementPolicy
 from ..recording.views import show_session
@@ -369,6 +370,8 @@ class ExecRunner:
             ]))
         result = _Result()
         plan = None
+        # NoticeResponse and NotificationResponse are read past, not kept: neither reaches the caller or
+        # the record, so what they may quote (masking/messages.py) goes nowhere.
         max_rows, max_bytes = self.settings.max_rows, self.settings.max_bytes
         while True:
             mtype, body = await proto.read_message()
@@ -391,8 +394,10 @@ class ExecRunner:
                 result.tags.append(codec.read_cstr(body, 0)[0].decode("utf-8", "replace"))
                 if plan is not None and masking is not None:
                     plan.take_counts(masking.totals)
-            elif mtype == 0x45:  # ErrorResponse
-                result.error = codec.parse_error_fields(body)
+            elif mtype == 0x45:  # ErrorResponse: it may quote stored values (masking/messages.py), masked
+                # before it becomes the answer, the record and the result kept for long-polls
+                masked = mask_report(body, masking) if masking is not None else None
+                result.error = codec.parse_error_fields(body if masked is None else masked)
             elif mtype == 0x47:  # CopyInResponse: there is no data to send over exec
                 proto.write(codec.message(b"f", codec.cstr("COPY FROM STDIN is not available over exec")))
             elif mtype == 0x5A:  # ReadyForQuery
