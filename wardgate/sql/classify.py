@@ -21,6 +21,7 @@ from typing import Any
 from pglast.parser import ParseError, normalize, parse_sql_json
 
 from .conditions import chooses_no_rows, names_no_column
+from .lineage import lineage as resolve_lineage
 from .tags import expected_tag
 
 # Kinds that only read (or only touch the session). Anything else counts as a write: unknown = write.
@@ -105,6 +106,12 @@ class Classification:
     # SET transform_null_equals on: the server would then read `x = NULL` as `x IS NULL`, so a condition
     # the gateway reads as choosing no rows (`id = NULL OR NOT id = NULL`) would choose every row
     null_equals: bool = False
+    # Lineage resolved as PostgreSQL resolves names (sql/lineage.py): the sources of values computed or
+    # stored, and of plain result columns; what could not be followed; relations altered, renamed or dropped
+    computed: frozenset[tuple] = frozenset()
+    results: frozenset[tuple] = frozenset()
+    unresolved: frozenset[str] = frozenset()
+    altered: frozenset[str] = frozenset()
 
     @property
     def is_write(self) -> bool:
@@ -578,6 +585,7 @@ def classify(text: str) -> Classification:
             # no call in any statement: the view is refused as that call would be.
             w.functions.add("pg_catalog.set_config")
         lin = lineage(bodies)
+        resolved = resolve_lineage(bodies)
     except ParseError as exc:
         return Classification(error=str(exc.args[0]) if exc.args else "syntax error")
     except ValueError as exc:
@@ -596,4 +604,6 @@ def classify(text: str) -> Classification:
         tuple(next(iter(b), "") for b in bodies), tuple(expected_tag(b) for b in bodies), w.value_dependent,
         function_bindings=frozenset(w.function_bindings), privilege_changes=frozenset(w.privilege_changes),
         destructive_alters=frozenset(w.destructive_alters), null_equals=w.null_equals,
+        computed=frozenset(resolved.computed), results=frozenset(resolved.results),
+        unresolved=frozenset(resolved.unresolved), altered=frozenset(resolved.altered),
     )
