@@ -154,7 +154,8 @@ class Gateway:
         self.reviews.refresh_policy_version()
         for live in list(self.postgres.sessions.values()):
             if live.identity is not None:
-                live.relay.policy = self.gatekeeper.statement_policy(live.identity, live.connection)
+                # The session's masking (and the catalog it has read) stays as it started.
+                live.relay.policy = self.gatekeeper.statement_policy(live.identity, live.connection, live.relay.masking)
         changed = await asyncio.to_thread(self.store.note_policy, policy_snapshot(self.settings), actor)
         told = tell and await asyncio.to_thread(self.store.announce_now, "policy", "reload")
         log.info("policy reloaded (%s)%s", ", ".join(changed) if changed else "no change",

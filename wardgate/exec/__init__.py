@@ -279,6 +279,23 @@ class ExecRunner:
             self._close_session(sid, "internal gateway error")
             raise
 
+    async def _read_catalog(self, up: Any, connection: str, masking: MaskingPolicy) -> None:
+        """The connection's catalog for column masking, with the masked columns the store kept from
+        earlier (renamed columns stay masked); without the store, the rules' names still mask."""
+        gw = self.gateway
+        shared = gw.gatekeeper.shared_catalog(connection)
+        if not shared.restored:
+            try:
+                shared.restore(await asyncio.to_thread(gw.store.masked_columns, connection))
+            except Exception as exc:
+                log.warning("cannot read the masked columns of %s from the store: %s", connection, exc)
+        masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))
+        if (grown := shared.unsaved()) is not None:
+            try:
+                await asyncio.to_thread(gw.store.remember_masked, connection, grown)
+            except Exception as exc:
+                log.warning("cannot keep the masked columns of %s in the store: %s", connection, exc)
+
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
                             masking: MaskingPolicy, started: float, policy: StatementPolicy,
                             expected: tuple[frozenset[str] | None, ...] = (), caller: Identity | None = None) -> dict[str, Any]:
@@ -293,8 +310,24 @@ class ExecRunner:
                                         gw.settings.gateway.upstream_connect_timeout,
                                         standard_strings=bool(policy.rules), read_only=policy.read_only)
             if masking and masking.needs_catalog:
-                masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))
+                await self._read_catalog(up, connection, masking)
+                if caller is not None:
+                    # Decided again on the catalog just read: column rules follow columns by identity
+                    # (aliases, renames, views), which the decision made before connecting matched by name.
+                    second = gw.gatekeeper.statement_policy(caller, connection, masking).decide(sql)
+                    if second.action == "deny":
+                        message = second.error_message
+                        gw.recorder.write([self._outcome(sid, "denied", code="42501", msg=message)])
+                        gw.record_event("statement.refused", "denied", user=caller.user, agent=caller.agent,
+                                        source=f"session:{sid}", detail=f"{message} in {sql[:500]!r}")
+                        self._close_session(sid, "exec denied")
+                        return {"status": "denied", "connection": connection, "session_id": sid, "reason": message,
+                                "rules": [m.public() for m in second.enforced],
+                                "next": "change the statement, or ask for the rule to be changed; see "
+                                        "`wardgate policy check`"}
             result = await self._query(up, sql, params, masking if masking else None)
+            if any(t.startswith(("CREATE", "ALTER", "DROP", "IMPORT")) for t in result.tags):
+                gw.gatekeeper.shared_catalog(connection).changed_by(b"DDL")
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
             code = getattr(exc, "code", "08006")
             message = str(exc) or "the connection to the database was lost"

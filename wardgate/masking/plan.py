@@ -19,6 +19,7 @@ from functools import lru_cache
 from ..domain import Identity
 from ..engines.postgres.codec import row_description as row_description_fields
 from ..policy.scope import in_scope
+from .catalog import CATALOG_SQL, Catalog, Shared
 from .detectors import ALL_KINDS, Detector, custom, find
 
 _I16 = struct.Struct("!h")
@@ -305,20 +306,16 @@ def _value(text: str) -> bytes:
 class MaskingPolicy:
     """The masking rules for one session; resolves a RowMasker per RowDescription."""
 
-    # Real table and column names for RowDescription's (table OID, attribute number), read from the
-    # catalog when the session starts: aliases cannot hide a masked column, and rules can say table.column.
-    CATALOG_SQL = (
-        "select a.attrelid, a.attnum, n.nspname, c.relname, a.attname from pg_attribute a "
-        "join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace "
-        "where a.attnum > 0 and not a.attisdropped and c.relkind in ('r', 'p', 'v', 'm', 'f') "
-        "and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')"
-    )
+    # Which (table OID, attribute number) each column rule masks, read from the catalog when the session
+    # starts and again after DDL: RowDescription names a result column's origin by them, so aliases cannot
+    # hide a masked column, and rules can say table.column (see masking/catalog.py).
+    CATALOG_SQL = CATALOG_SQL
 
-    def __init__(self, rules: list[MaskRule], salt: bytes) -> None:
+    def __init__(self, rules: list[MaskRule], salt: bytes, shared: Shared | None = None) -> None:
         self.rules = rules
         self.salt = salt
         self.totals: Counter[str] = Counter()
-        self.catalog: dict[tuple[int, int], tuple[str, str, str]] = {}
+        self.catalog = Catalog(rules, shared)
         self._plans: dict[bytes, RowMasker | None] = {}  # by RowDescription: a session repeats the same few
 
     PLAN_CACHE = 256
@@ -328,7 +325,7 @@ class MaskingPolicy:
         return any(r.columns for r in self.rules)
 
     def load_catalog(self, rows: list[tuple[str | None, ...]]) -> None:
-        self.catalog = {(int(r[0]), int(r[1])): (str(r[2]), str(r[3]), str(r[4]).lower()) for r in rows if None not in r}
+        self.catalog.load(rows)
         self._plans.clear()
 
     def __bool__(self) -> bool:
@@ -349,12 +346,11 @@ class MaskingPolicy:
         columns = []
         for i, field in enumerate(row_description_fields(row_description)):
             name, table, attnum, type_oid, fmt = field.name, field.table_oid, field.attnum, field.type_oid, field.format
-            names = [name.lower()]
-            source = self.catalog.get((table, attnum)) if table else None
-            if source is not None:
-                schema, rel, column = source
-                names += [column, f"{rel}.{column}", f"{schema}.{rel}.{column}"]
-            whole = next((r for r in self.rules if any(fnmatch.fnmatchcase(n, c) for n in names for c in r.columns)), None)
+            # By the column's identity first; by the name the result gives it too (never less masking).
+            whole = self.catalog.rule_of(table, attnum) if table else None
+            if whole is None:
+                lowered = name.lower()
+                whole = next((r for r in self.rules if any(fnmatch.fnmatchcase(lowered, c) for c in r.columns)), None)
             detectors = None
             if whole is None and type_oid not in NO_PII_OIDS:
                 for r in self.rules:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import Settings
 from ..domain import Identity
+from ..masking.catalog import Shared
 from ..masking.plan import MaskingPolicy
 from .access import AccessDecision, AccessPolicy
 from .guardrails import Decision, Rule, StatementPolicy
@@ -33,6 +34,34 @@ DERIVED_RULE = Rule(
     "masking:derived", masked_derived=True,
     message="column masking applies to you on this connection, and only plain masked columns can be masked in "
             "results; select the column itself (it comes back masked), or ask for an exemption",
+)
+
+UNRESOLVED_RULE = Rule(
+    "masking:unresolved", masked_unresolved=True,
+    message="column masking applies to you on this connection, and the gateway cannot tell which columns this "
+            "statement reads or copies; name the columns of the tables themselves",
+)
+
+# Masking follows a column by its identity (table OID, attribute number), so a rename cannot unmask it for
+# anyone; but the rules that name it would no longer find it in a fresh catalog, nor a view rebuilt over it.
+SCHEMA_RULE = Rule(
+    "masking:schema", masked_schema=True,
+    message="column masking applies to you on this connection, and this statement alters, renames or drops a "
+            "table or view holding a masked column; ask someone the rule does not apply to",
+)
+
+# These serialise whole tables, schemas or databases named in a string, or the rows of a query given as a
+# string: no statement names the columns they read, so neither column rules nor the catalog can follow them,
+# and the values inside come back in a form (XML, word statistics) that content detectors do not read.
+WHOLE_TABLES_RULE = Rule(
+    "masking:whole-tables",
+    functions=("table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema", "query_to_xml",
+               "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema",
+               "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml",
+               "database_to_xmlschema", "database_to_xml_and_xmlschema", "ts_stat", "xpath_table", "crosstab",
+               "crosstab2", "crosstab3", "crosstab4", "connectby"),
+    message="masking applies to you on this connection, and this function reads tables or queries named in a "
+            "string, which the gateway cannot mask; select the columns themselves",
 )
 
 ESCAPES_RULE = Rule(
@@ -60,6 +89,8 @@ class Gatekeeper:
         self.grants: Callable[[str], dict[str, float]] | None = None
         self._admins = set(settings.roles.admins)
         self._auditors = set(settings.roles.auditors)
+        # Per connection: the columns masking rules have masked, by identity, and DDL seen by any session
+        self._catalogs: dict[str, Shared] = {}
 
     def reload(self, settings: Settings) -> None:
         """Take the policy of `settings` (access, guardrails, masking, roles): the next decision uses it."""
@@ -85,16 +116,24 @@ class Gatekeeper:
         grants = self.grants(identity.user) if self.grants is not None and self.access.has_grant_rules else None
         return self.access.check(identity, connection, verb, now, grants)
 
-    def statement_policy(self, identity: Identity, connection: str) -> StatementPolicy:
-        """The guardrails for one session, resolved once so the hot path only evaluates them."""
+    def statement_policy(self, identity: Identity, connection: str, masking: MaskingPolicy | None = None) -> StatementPolicy:
+        """The guardrails for one session, resolved once so the hot path only evaluates them. With the
+        session's `masking`, column rules follow its catalog (masked columns by identity); without, names."""
         rules = [r for r in self.guardrails if r.applies_to(identity, connection)]
-        masked = tuple(c for m in self.masking_policy(identity, connection).rules for c in m.columns)
+        if masking is None:
+            masking = self.masking_policy(identity, connection)
+        masked = tuple(c for m in masking.rules for c in m.columns)
+        if masking.rules:
+            rules.append(WHOLE_TABLES_RULE)
         if masked:
             rules = [dataclasses.replace(r, masked_columns=masked) if r.masked_filters else r for r in rules]
             # COPY output names no columns, so column rules cannot apply to it: without this rule,
             # COPY (SELECT masked_column ...) TO STDOUT would be a way around them.
             rules.append(COPY_OUT_RULE)
-            rules.append(dataclasses.replace(DERIVED_RULE, masked_columns=masked))
+            catalog = masking.catalog
+            rules.append(dataclasses.replace(DERIVED_RULE, masked_columns=masked, catalog=catalog))
+            rules.append(dataclasses.replace(UNRESOLVED_RULE, masked_columns=masked, catalog=catalog))
+            rules.append(dataclasses.replace(SCHEMA_RULE, masked_columns=masked, catalog=catalog))
         if rules:
             # first, so that a refusal for it names it (ALTER ROLE ... SET standard_conforming_strings is a
             # privilege change too, but the escapes are what makes it dangerous to every rule)
@@ -102,9 +141,15 @@ class Gatekeeper:
             rules.insert(1, NULL_EQUALS_RULE)
         return StatementPolicy(rules)
 
+    def shared_catalog(self, connection: str) -> Shared:
+        """What the sessions of `connection` share of its catalog (masked columns, DDL seen)."""
+        return self._catalogs.setdefault(connection, Shared())
+
     def masking_policy(self, identity: Identity, connection: str) -> MaskingPolicy:
-        """The masking rules for one session (empty when none apply)."""
-        return MaskingPolicy([r for r in self.masking if r.applies_to(identity, connection)], self.masking_salt)
+        """The masking rules for one session (empty when none apply). Columns a rule has masked stay masked
+        by their identity for every later session of the connection, whatever they are renamed to."""
+        return MaskingPolicy([r for r in self.masking if r.applies_to(identity, connection)], self.masking_salt,
+                             self.shared_catalog(connection))
 
     def decide(self, identity: Identity, connection: str, statement: str) -> Decision:
         """allow / deny / review for one statement, with the matched rules and reasons."""

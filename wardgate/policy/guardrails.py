@@ -66,6 +66,11 @@ class Rule:
     privileges: bool = False  # role, privilege, ownership, row-level security and database settings administration
     destructive_alter: bool = False  # ALTER TABLE ... DROP COLUMN, ALTER COLUMN ... TYPE
     masked_columns: tuple[str, ...] = ()  # filled per session from the masking rules that apply
+    masked_unresolved: bool = False  # statements whose lineage cannot be followed to the catalog
+    masked_schema: bool = False  # ALTER, RENAME or DROP of a relation holding a masked column
+    # The session's masking catalog (masking/catalog.py): masked columns by identity. Without one (a policy
+    # check outside a session), masked columns are matched by name.
+    catalog: Any = field(default=None, compare=False, repr=False)
     shadow: bool = False
     approvers: tuple[str, ...] = ()  # review: groups whose members may approve (none: the admins)
     min_approvals: int = 1  # review: approvals needed, each from a different person, never the requester
@@ -111,6 +116,25 @@ class Rule:
         if self.masked_filters and self.masked_columns:
             if col := _first_masked(c.filter_columns, self.masked_columns, c.renames):
                 return f"filters, joins, groups or sorts on masked column {col} (its values could be inferred)"
+        catalog = self.catalog
+        if (self.masked_derived or self.masked_unresolved) and catalog is not None and catalog.loaded:
+            hit = catalog.hit(c.computed, c.results)
+            if self.masked_unresolved and c.unresolved:
+                return f"{sorted(c.unresolved)[0]}; the gateway cannot tell which columns it copies"
+            if hit is not None and (hit[0] == "derived") == self.masked_derived:
+                return hit[1]
+            return None
+        if self.masked_unresolved and c.unresolved:
+            return f"{sorted(c.unresolved)[0]}; the gateway cannot tell which columns it copies"
+        if self.masked_unresolved and self.masked_columns and any(s[0] == "pos" for s in c.computed):
+            # Without the catalog, a column named by its position in an alias list cannot be placed.
+            return "computes a value from a column renamed by an alias list, which the gateway cannot place here"
+        if self.masked_schema and c.altered:
+            if catalog is not None and catalog.loaded:
+                if rel := catalog.altered(c.altered):
+                    return f"alters, renames or drops {rel}, which holds a masked column"
+            else:
+                return f"alters, renames or drops {sorted(c.altered)[0]}, which may hold a masked column"
         if self.masked_derived and self.masked_columns:
             if c.whole_rows:
                 return "takes whole rows as one value, with their masked columns inside"
@@ -236,6 +260,10 @@ class StatementPolicy:
         self.read_only = any(r.writes and not r.shadow and r.action == "deny" for r in rules)
         self._cache: OrderedDict[str, Decision] = OrderedDict()
         self._cache_size = cache_size
+
+    def forget(self) -> None:
+        """Drop every cached decision (the catalog some rules read has changed)."""
+        self._cache.clear()
 
     def decide(self, text: str) -> Decision:
         cache = self._cache

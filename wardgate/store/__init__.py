@@ -160,6 +160,11 @@ def _engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+
+def _masked_key(connection: str) -> str:
+    """The snapshot that keeps a connection's masked columns (connection names may be longer than the key)."""
+    return "masked:" + hashlib.sha256(connection.encode()).hexdigest()[:48]
+
 class Store:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -342,6 +347,25 @@ class Store:
                                f"{name}: {_dumps(diff(_connection_view(self._spec(row)), None))}; its credentials revoked")
             s.delete(row)
             s.execute(update(m.Credential).where(m.Credential.connection == name, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
+
+    def masked_columns(self, connection: str) -> dict[str, str]:
+        """The columns masking rules have masked on `connection`, by identity ("relid:attnum" -> rule), as
+        kept across restarts: a rename of one does not unmask it (see masking/catalog.py)."""
+        with self.Session() as s:
+            snap = s.get(m.Snapshot, _masked_key(connection))
+            return dict(snap.body) if snap is not None else {}
+
+    def remember_masked(self, connection: str, columns: dict[str, str]) -> None:
+        """Keep `columns` (added to what is kept already) for masked_columns."""
+        key = _masked_key(connection)
+        with self.Session.begin() as s:
+            snap = s.get(m.Snapshot, key, with_for_update=True)
+            merged = {**(snap.body if snap is not None else {}), **columns}
+            digest = hashlib.sha256(_dumps(merged).encode()).hexdigest()
+            if snap is None:
+                s.add(m.Snapshot(name=key, digest=digest, body=merged, at=time.time()))
+            elif snap.digest != digest:
+                snap.digest, snap.body, snap.at = digest, merged, time.time()
 
     def note_policy(self, body: dict[str, Any], actor: Actor) -> dict[str, Any] | None:
         """Compare the policy in force with the last one seen; on a change, record `policy.change` with

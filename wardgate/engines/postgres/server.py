@@ -18,6 +18,7 @@ from typing import Any
 from ...config import Settings
 from ...domain import Identity
 from ...identity.throttle import Throttle, lockout_message
+from ...masking.catalog import Shared
 from ...metrics import STATS
 from ...policy.gatekeeper import Gatekeeper
 from ...recording.journal import event
@@ -274,7 +275,8 @@ class PostgresListener:
                            hint="remove it from PGOPTIONS / the connection string (the gateway acts as the connection's "
                                 f"role); the settings it passes on: {', '.join(sorted(options.ALLOWED))}")
         forwarded = {k: v for k, v in params.items() if k not in ("user", "database", "replication")}
-        policy = self.gatekeeper.statement_policy(identity, conn_name)
+        masking = self.gatekeeper.masking_policy(identity, conn_name)
+        policy = self.gatekeeper.statement_policy(identity, conn_name, masking)
         try:
             up = await upstream.connect(spec, forwarded, self.settings.gateway.upstream_connect_timeout,
                                         standard_strings=bool(policy.rules), read_only=policy.read_only)
@@ -286,10 +288,14 @@ class PostgresListener:
                            hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
         self._background(asyncio.to_thread(self.store.mark_used, matched))
 
-        masking = self.gatekeeper.masking_policy(identity, conn_name)
         if masking.needs_catalog:
             try:
+                shared = self.gatekeeper.shared_catalog(conn_name)
+                if not shared.restored:
+                    await self._restore_masked(shared, conn_name)
                 masking.load_catalog(await upstream.simple_query(up, masking.CATALOG_SQL))
+                if (grown := shared.unsaved()) is not None:
+                    self._background(asyncio.to_thread(self.store.remember_masked, conn_name, grown))
             except (upstream.UpstreamError, TimeoutError, PeerClosed) as exc:
                 up.protocol.close()
                 raise Rejected("08001", f"cannot read the catalog of {conn_name!r} to plan masking: {exc}") from None
@@ -313,7 +319,8 @@ class PostgresListener:
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=policy,
-            masking=masking, user=user, agent=record["agent"], results=self.settings.recording.results,
+            masking=masking, on_ddl=self.gatekeeper.shared_catalog(conn_name).changed_by,
+            user=user, agent=record["agent"], results=self.settings.recording.results,
             sample_rows=self.settings.recording.sample_rows, sample_bytes=self.settings.recording.sample_bytes,
             client_encoding=dict(up.parameters).get("client_encoding", "UTF8"),
             review=None if self.reviews is None else (
@@ -346,6 +353,14 @@ class PostgresListener:
             log.exception("cannot record a rejected connection attempt")
         log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc,
                  extra={"session_id": record["sid"], "user": record["user"], "connection": record["conn"]})
+
+    async def _restore_masked(self, shared: Shared, conn_name: str) -> None:
+        """What the store kept of the connection's masked columns; without the store, the rules' names
+        still mask, and the next session tries again."""
+        try:
+            shared.restore(await asyncio.to_thread(self.store.masked_columns, conn_name))
+        except Exception as exc:  # the store is down: sessions go on (see test_resilience)
+            log.warning("cannot read the masked columns of %s from the store: %s", conn_name, exc)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

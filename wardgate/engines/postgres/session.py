@@ -14,9 +14,9 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from ...masking.messages import mask_message
 from ...masking.plan import MaskingPolicy, RowMasker
 from ...metrics import STATS
 from ...policy.guardrails import Match, StatementPolicy
@@ -130,6 +130,10 @@ _PREDICTED: dict[tuple[tuple[frozenset[str] | None, ...], str, str], bool] = {} 
 _NAMES_SQL = frozenset({"prepare", "deallocate", "discard", "declare_cursor", "close_portal"})
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _DESCRIBE = ord("D")
+_DDL_TAGS = (b"CREATE", b"ALTER", b"DROP", b"IMPORT")
+_DDL_FIRST = frozenset(b"CADIR")
+_ASYNC = frozenset(b"NAS")
+_REPORTS = frozenset(b"ENA")
 _FLUSH = ord("H")
 
 
@@ -166,6 +170,7 @@ class Relay:
         max_message: int,
         policy: StatementPolicy | None = None,
         masking: MaskingPolicy | None = None,
+        on_ddl: Callable[[bytes], None] | None = None,
         user: str | None = None,
         agent: str | None = None,
         review: Callable[[str, Any], str | None] | None = None,
@@ -186,6 +191,12 @@ class Relay:
         self._on_end = on_end
         self._on_abandon = on_abandon
         self.masking = masking if masking else None
+        # DDL seen here (its CommandComplete tag) makes every session of the connection with column rules
+        # read its catalog again before its next statement; meanwhile the client's bytes are held.
+        self._on_ddl = on_ddl
+        self._ddl = False  # DDL has run in this session (a ROLLBACK may then undo some)
+        self._held: list[bytes] | None = None
+        self._catalog_answer: bytearray | None = None
         self.tracker = StatementTracker(track_describe=self.masking is not None)
         self.policy = policy or StatementPolicy([])
         # Client text is read in the session's client_encoding, as the server converts it. Where rules
@@ -220,8 +231,9 @@ class Relay:
                                         rows=_DATA_ROW)
         else:
             # Rows are rewritten, so they are looked at whole (bounded like any inspected message).
-            self.server_framer = Framer(BACKEND_INSPECT + b"STnDdHG", max_inspect=max_message, max_message=max_message,
-                                        rows=_DATA_ROW)
+            # Errors, notices and notifications carry values too (masking/messages.py).
+            self.server_framer = Framer(BACKEND_INSPECT + b"STnDdHGNA", max_inspect=max_message,
+                                        max_message=max_message, rows=_DATA_ROW)
         self._starts: dict[int, int] = {}  # seq -> perf_counter_ns at its start
         self._verdict = ""  # decision fields for the next statement record, when a rule matched
         # The tripwire: what the classification says the server will run, compared with the tags of what
@@ -258,6 +270,14 @@ class Relay:
 
     def from_client(self, data: bytes) -> None:
         if self.ended:
+            return
+        if self._held is not None:
+            self._held.append(data)
+            return
+        masking = self.masking
+        if masking is not None and masking.catalog.stale and self.tracker.idle \
+                and self.tracker.transaction_status != b"E":
+            self._read_catalog(data)
             return
         try:
             fwd, msgs = self.client_framer.feed(data)
@@ -655,6 +675,10 @@ class Relay:
     def from_upstream(self, data: bytes) -> None:
         if self.ended:
             return
+        if self._catalog_answer is not None:
+            data = self._catalog_read(data)
+            if not data or self.ended:
+                return
         try:
             fwd, msgs = self.server_framer.feed(data)
             if msgs and (simple := self._simple_answer(msgs, fwd)) is not None:
@@ -676,6 +700,14 @@ class Relay:
                     if masking is not None and mtype in _MASK_TYPES:
                         self._mask(mtype, body, offset, edits)
                     refusal = None
+                    masked_report = None
+                    if masking is not None and mtype in _REPORTS:
+                        masked_report = mask_message(mtype, body, masking, self._codec)
+                        if masked_report is not None:
+                            if mtype != _ERROR:  # an error's edit is made below, with the record
+                                edits.append((offset, 5 + len(body), masked_report))
+                                continue
+                            original, body = len(body), masked_report[5:]  # the record keeps what the client gets
                     if mtype == _ROW_DESCRIPTION:
                         if self._results:
                             names = self._column_names.get(body)
@@ -689,6 +721,8 @@ class Relay:
                         self._answered()
                         finished = tracker.ready(body)
                     elif mtype == _COMMAND_COMPLETE:
+                        if body[0] in _DDL_FIRST and self._on_ddl is not None and self._is_ddl(body):
+                            self._on_ddl(body)
                         fin = tracker.complete(body)
                         if fin is None:
                             continue
@@ -699,7 +733,10 @@ class Relay:
                             edits.append((offset, 5 + len(body), codec.error_response(
                                 "42501", refusal[1], hint="refused by the Wardgate gateway; see `wardgate policy check`")))
                         elif codec.is_fatal(body):
-                            edits.append((offset, 5 + len(body), self._name_the_connection(body)))
+                            edits.append((offset, 5 + original if masked_report else 5 + len(body),
+                                          self._name_the_connection(body)))
+                        elif masked_report is not None:
+                            edits.append((offset, 5 + original, masked_report))
                         finished = tracker.backend(mtype, body)
                     else:
                         finished = tracker.backend(mtype, body)
@@ -737,6 +774,55 @@ class Relay:
             return
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _is_ddl(self, tag: bytes) -> bool:
+        if tag.startswith(_DDL_TAGS):
+            self._ddl = True
+            return True
+        return self._ddl and tag.startswith((b"ROLLBACK", b"ABORT"))
+
+    def _read_catalog(self, data: bytes) -> None:
+        """Read the catalog again (DDL ran) before the client's `data`, which waits until it is read: its
+        statements are decided on the catalog as it is now."""
+        self._held = [data]
+        self._catalog_answer = bytearray()
+        self.upstream.transport.write(codec.message(b"Q", codec.cstr(self.masking.CATALOG_SQL)))  # type: ignore[union-attr]
+
+    def _catalog_read(self, data: bytes) -> bytes:
+        """Upstream's answer to the catalog query, consumed; what follows its ReadyForQuery is returned."""
+        buf = self._catalog_answer
+        assert buf is not None
+        buf += data
+        pos, n, rows, failed, other = 0, len(buf), [], False, []
+        while n - pos >= 5:
+            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
+            if length < 4 or length > (1 << 30):
+                self.fail(codec.fatal("08P01", f"connection {self.connection!r} sent invalid protocol data"),
+                          "upstream protocol violation while reading the catalog", "08P01")
+                return b""
+            if n - pos < 1 + length:
+                break
+            mtype, body = buf[pos], bytes(buf[pos + 5:pos + 1 + length])
+            pos += 1 + length
+            if mtype == _DATA_ROW:
+                rows.append(tuple(None if v is None else v.decode("utf-8", "replace") for v in codec.data_row_raw(body)))
+            elif mtype == _ERROR:
+                failed = True
+            elif mtype in _ASYNC:  # notices, notifications, settings: the client's, after the catalog
+                other.append(bytes(buf[pos - 1 - length:pos]))
+            elif mtype == _READY:
+                rest = bytes(buf[pos:])
+                self._catalog_answer = None
+                if failed:  # decided on the catalog as read before; names it lacks are refused as unresolved
+                    self.masking.catalog.keep()  # type: ignore[union-attr]
+                else:
+                    self.masking.load_catalog(rows)  # type: ignore[union-attr]
+                    self.policy.forget()
+                held, self._held = self._held or [], None
+                self.from_client(b"".join(held))
+                return b"".join(other) + rest
+        del buf[:pos]
+        return b"".join(other)
 
     def _tripped(self) -> None:
         """The server ran something other than what the gateway classified: the gateway was read past.

@@ -283,5 +283,10 @@ class StatementTracker:
         return Finished(p.seq, "ok", tag, p.rows, cols=p.cols, sample=p.sample)
 
     @property
+    def idle(self) -> bool:
+        """Nothing sent is waiting for its answer."""
+        return not self._pending
+
+    @property
     def in_flight(self) -> int:
         return sum(1 for p in self._pending if p.kind in (Q, E, F))
