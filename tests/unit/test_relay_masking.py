@@ -1,8 +1,10 @@
-"""An Execute's rows are masked by what the server says of that very portal just before it runs.
+"""The relay masks rows by what the server says of them, on a catalog that follows DDL.
 
-A plan kept by name would describe whatever ran under the name before (the unnamed portal of an
-earlier statement, a cursor redeclared in SQL). So unless the client's own Describe of the portal comes
-right before its Execute, the relay sends one itself and consumes the answer.
+An Execute's rows are masked by what the server says of that very portal just before it runs. A plan
+kept by name would describe whatever ran under the name before (the unnamed portal of an earlier
+statement, a cursor redeclared in SQL). So unless the client's own Describe of the portal comes right
+before its Execute, the relay sends one itself and consumes the answer. After DDL, the catalog that
+column rules follow is read again before the next statement is decided.
 """
 
 from __future__ import annotations
@@ -115,3 +117,33 @@ def test_rows_of_a_query_statement_need_its_own_row_description():
     got = _sent(relay, "client")
     assert relay.ended
     assert b"ada@example.com" not in b"".join(b for _, b in got)
+
+
+def test_after_ddl_the_catalog_is_read_again_before_the_next_statement():
+    from wardgate.masking.plan import MaskingPolicy, MaskRule
+    from wardgate.policy.guardrails import StatementPolicy
+
+    from .test_relay_paths import _Peer
+
+    masking = MaskingPolicy([MaskRule("cards", columns=("card_number",))], b"s" * 16)
+    masking.load_catalog([("a", "100", "1", "public", "people", "card_number")])
+    relay = Relay(session_id="a" * 32, connection="c", client=_Peer(), upstream=_Peer(), record=lambda _: None,
+                  defer=lambda _: None, on_end=lambda *a: None, max_message=1 << 20, policy=StatementPolicy([]),
+                  masking=masking, on_ddl=masking.catalog.shared.changed_by)
+    relay.from_client(codec.message(b"Q", codec.cstr("alter table people rename card_number to cn")))
+    _sent(relay, "upstream")
+    relay.from_upstream(codec.message(b"C", codec.cstr("ALTER TABLE")) + codec.message(b"Z", b"I"))
+    _sent(relay, "client")
+    assert masking.catalog.stale
+    # The next statement waits: the gateway's own catalog query goes first, and its answer is consumed.
+    relay.from_client(codec.message(b"Q", codec.cstr("select cn from people")))
+    first = _sent(relay, "upstream")
+    assert len(first) == 1 and first[0][0] == "Q" and b"pg_attribute" in first[0][1]
+    row = codec.message(b"D", (6).to_bytes(2, "big") + b"".join(
+        len(v).to_bytes(4, "big") + v for v in (b"a", b"100", b"1", b"public", b"people", b"cn")))
+    relay.from_upstream(codec.message(b"T", b"\x00\x00") + row + codec.message(b"C", codec.cstr("SELECT 1"))
+                        + codec.message(b"Z", b"I"))
+    assert _sent(relay, "client") == []
+    assert [t for t, _ in _sent(relay, "upstream")] == ["Q"]  # the held statement, now sent
+    assert not masking.catalog.stale
+    assert masking.catalog.rule_of(100, 1) is not None  # renamed, still masked by its identity
