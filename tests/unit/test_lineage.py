@@ -116,3 +116,28 @@ def test_a_view_over_a_table_with_a_masked_column_is_masked_whole() -> None:
     catalog = _catalog()
     assert catalog.rule_of(400, 1) is not None
     assert _hit("select upper(name) from v_names", catalog)[0] == "derived"
+
+
+def test_a_partition_inherits_its_parents_masked_column_by_name() -> None:
+    rows = ROWS + [("a", "500", "1", "public", "customers_2026", "card_number"),
+                   ("a", "500", "2", "public", "customers_2026", "id"), ("i", "500", "100")]
+    catalog = Catalog([MaskRule("cards", columns=("customers.card_number",))])
+    catalog.load(rows)
+    assert catalog.rule_of(100, 5) is not None and catalog.rule_of(500, 1) is not None
+    assert catalog.rule_of(500, 2) is None
+
+
+def test_planner_statistics_and_table_serialisers_are_refused_under_masking() -> None:
+    from wardgate.config import Settings
+    from wardgate.domain import Identity
+    from wardgate.policy.gatekeeper import Gatekeeper
+
+    settings = Settings()
+    settings.masking = [MaskRule("pii", detectors=("email",))]
+    gate = Gatekeeper(settings, b"s" * 32)
+    who = Identity(user="alice", groups=("dev",))
+    for sql in ("select histogram_bounds from pg_stats where attname = 'email'",
+                "select * from pg_catalog.pg_stats_ext", "select table_to_xml('customers', true, false, '')",
+                "select ts_stat('select email from customers')"):
+        assert gate.decide(who, "shop", sql).action == "deny", sql
+    assert gate.decide(who, "shop", "select email from customers").action == "allow"

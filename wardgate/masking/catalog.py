@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 # One query, so that the session's own connection reads it in one round trip: columns of every table and
-# view outside the system schemas ('a'), and which columns each view's rule reads ('v'; attnum 0: the
-# whole table, as for every relation a view reads).
+# view outside the system schemas ('a'), which columns each view's rule reads ('v'; attnum 0: the
+# whole table, as for every relation a view reads), and which table each partition or child inherits ('i').
 CATALOG_SQL = (
     "select 'a', a.attrelid::text, a.attnum::text, n.nspname::text, c.relname::text, a.attname::text "
     "from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace "
@@ -28,7 +28,9 @@ CATALOG_SQL = (
     "union all "
     "select 'v', r.ev_class::text, d.refobjid::text, d.refobjsubid::text, null, null "
     "from pg_rewrite r join pg_depend d on d.classid = 'pg_rewrite'::regclass and d.objid = r.oid "
-    "where d.refclassid = 'pg_class'::regclass and d.refobjid <> r.ev_class"
+    "where d.refclassid = 'pg_class'::regclass and d.refobjid <> r.ev_class "
+    "union all "
+    "select 'i', i.inhrelid::text, i.inhparent::text, null, null, null from pg_inherits i"
 )
 
 
@@ -86,6 +88,7 @@ class Catalog:
         relations: dict[str, list[int]] = {}
         columns: dict[int, list[tuple[int, str]]] = {}
         reads: dict[int, set[tuple[int, int]]] = {}
+        parents: dict[int, set[int]] = {}
         for row in rows:
             if row[0] == "a" and None not in row:
                 relid, attnum = int(row[1]), int(row[2])  # type: ignore[arg-type]
@@ -97,6 +100,8 @@ class Catalog:
                 columns.setdefault(relid, []).append((attnum, col))
             elif row[0] == "v" and None not in row[:4]:
                 reads.setdefault(int(row[1]), set()).add((int(row[2]), int(row[3])))  # type: ignore[arg-type]
+            elif row[0] == "i" and None not in row[:3]:
+                parents.setdefault(int(row[1]), set()).add(int(row[2]))  # type: ignore[arg-type]
         for cols in columns.values():
             cols.sort()
         masked: dict[tuple[int, int], Any] = {}
@@ -110,6 +115,7 @@ class Catalog:
                 self.remembered.setdefault(key, rule.name)
         self.names, self.relations, self.columns = names, {k: sorted(set(v)) for k, v in relations.items()}, columns
         self.masked = masked
+        self._inherit(parents)
         self._known = {col for cols in columns.values() for _, col in cols}
         self._views(reads)
         self.masked_relations = {}
@@ -131,6 +137,23 @@ class Catalog:
         candidates = (col, f"{rel}.{col}", f"{schema}.{rel}.{col}")
         return next((r for r in self.rules if any(fnmatch.fnmatchcase(n, c) for n in candidates for c in r.columns)),
                     None)
+
+    def _inherit(self, parents: dict[int, set[int]]) -> None:
+        """A partition or child table holds its parent's rows: the column of the same name is masked too
+        (its attribute number may differ), through every level."""
+        grew = True
+        while grew:
+            grew = False
+            for child, ups in parents.items():
+                for parent in ups:
+                    for (relid, attnum), rule in list(self.masked.items()):
+                        if relid != parent:
+                            continue
+                        name = self.names.get((parent, attnum), ("", "", ""))[2]
+                        for child_attnum, child_name in self.columns.get(child, []):
+                            if child_name == name and (child, child_attnum) not in self.masked:
+                                self.masked[(child, child_attnum)] = rule
+                                grew = True
 
     def _views(self, reads: dict[int, set[tuple[int, int]]]) -> None:
         """Every column of a view over a table with a masked column is masked (through views over views
