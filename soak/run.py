@@ -3,7 +3,8 @@
 Runs, in order:
   1. the protocol properties (hypothesis) with a large example budget,
   2. coverage-guided fuzzing (atheris) of the startup, message and SCRAM parsers, for a bounded time each,
-  3. the hostile-input corpus, the bad-input and token tests,
+  3. the hostile-input corpus, the masking routes (with SOAK_EXAMPLES / 10 random protocol interleavings),
+     the bad-input and token tests,
   4. every real client (psql, pgbench, psycopg, asyncpg, Node.js pg, JDBC) with TLS and SCRAM,
   5. the fault tests (upstream restart and outage, kill -9, client gone mid-COPY, recorder killed, a full
      disk under the recording journal, the store going away),
@@ -115,6 +116,11 @@ def main() -> int:
         ("fuzzing", lambda: [fuzz_stage(t) for t in ("startup", "messages", "scram")]),
         ("hostile input", lambda: [pytest_stage("hostile input: guardrail bypasses, masking evasion, auth attacks",
                                                 ["tests/integration/test_hostile.py"]),
+                                   pytest_stage(f"masking routes: every byte a client receives against the database's values "
+                                                f"(protocol sequences, SQL routes through psql, psycopg, asyncpg, JDBC), random "
+                                                f"protocol interleavings up to {EXAMPLES // 10:,} examples",
+                                                ["tests/integration/test_masking_routes.py", "--hypothesis-show-statistics"],
+                                                {"WARDGATE_FUZZ_EXAMPLES": str(EXAMPLES // 10)}),
                                    pytest_stage("hostile input: malformed protocol, forged and expired tokens",
                                                 ["tests/integration/test_bad_input.py", "tests/integration/test_oidc.py"]),
                                    pytest_stage("approval attacks: another's review, a changed statement, a replay",
