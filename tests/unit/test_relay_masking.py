@@ -141,9 +141,15 @@ def test_after_ddl_the_catalog_is_read_again_before_the_next_statement():
     assert len(first) == 1 and first[0][0] == "Q" and b"pg_attribute" in first[0][1]
     row = codec.message(b"D", (6).to_bytes(2, "big") + b"".join(
         len(v).to_bytes(4, "big") + v for v in (b"a", b"100", b"1", b"public", b"people", b"cn")))
-    relay.from_upstream(codec.message(b"T", b"\x00\x00") + row + codec.message(b"C", codec.cstr("SELECT 1"))
-                        + codec.message(b"Z", b"I"))
+    other = codec.message(b"D", (6).to_bytes(2, "big") + b"".join(
+        len(v).to_bytes(4, "big") + v for v in (b"a", b"100", b"2", b"public", b"people", b"id")))
+    answer = codec.message(b"T", b"\x00\x00") + row + other + codec.message(b"C", codec.cstr("SELECT 2")) \
+        + codec.message(b"Z", b"I")
+    cut = len(codec.message(b"T", b"\x00\x00")) + len(row) + 7  # the answer comes in reads cut anywhere
+    relay.from_upstream(answer[:cut])
+    relay.from_upstream(answer[cut:])
     assert _sent(relay, "client") == []
     assert [t for t, _ in _sent(relay, "upstream")] == ["Q"]  # the held statement, now sent
     assert not masking.catalog.stale
     assert masking.catalog.rule_of(100, 1) is not None  # renamed, still masked by its identity
+    assert masking.catalog.names[(100, 2)][2] == "id"  # rows from every read of the answer

@@ -196,7 +196,9 @@ class Relay:
         self._on_ddl = on_ddl
         self._ddl = False  # DDL has run in this session (a ROLLBACK may then undo some)
         self._held: list[bytes] | None = None
-        self._catalog_answer: bytearray | None = None
+        self._catalog_answer: bytearray | None = None  # its answer so far, while the catalog is read again
+        self._catalog_rows: list[tuple[str | None, ...]] = []
+        self._catalog_failed = False
         self.tracker = StatementTracker(track_describe=self.masking is not None)
         self.policy = policy or StatementPolicy([])
         # Client text is read in the session's client_encoding, as the server converts it. Where rules
@@ -700,14 +702,11 @@ class Relay:
                     if masking is not None and mtype in _MASK_TYPES:
                         self._mask(mtype, body, offset, edits)
                     refusal = None
-                    masked_report = None
-                    if masking is not None and mtype in _REPORTS:
+                    if masking is not None and mtype in _REPORTS and mtype != _ERROR:
                         masked_report = mask_message(mtype, body, masking, self._codec)
                         if masked_report is not None:
-                            if mtype != _ERROR:  # an error's edit is made below, with the record
-                                edits.append((offset, 5 + len(body), masked_report))
-                                continue
-                            original, body = len(body), masked_report[5:]  # the record keeps what the client gets
+                            edits.append((offset, 5 + len(body), masked_report))
+                            continue
                     if mtype == _ROW_DESCRIPTION:
                         if self._results:
                             names = self._column_names.get(body)
@@ -728,15 +727,19 @@ class Relay:
                             continue
                         finished = [fin]
                     elif mtype == _ERROR:
-                        refusal = self._refusal_of(body)
+                        refusal = self._refusal_of(body)  # the echo of a refusal marker: replaced whole
                         if refusal is not None:
                             edits.append((offset, 5 + len(body), codec.error_response(
                                 "42501", refusal[1], hint="refused by the Wardgate gateway; see `wardgate policy check`")))
-                        elif codec.is_fatal(body):
-                            edits.append((offset, 5 + original if masked_report else 5 + len(body),
-                                          self._name_the_connection(body)))
-                        elif masked_report is not None:
-                            edits.append((offset, 5 + original, masked_report))
+                        else:
+                            length = 5 + len(body)
+                            if masking is not None and (masked := mask_message(mtype, body, masking, self._codec)):
+                                body = masked[5:]  # the record keeps what the client gets
+                                edits.append((offset, length, masked))
+                            if codec.is_fatal(body):
+                                if edits and edits[-1][0] == offset:
+                                    edits.pop()
+                                edits.append((offset, length, self._name_the_connection(body)))
                         finished = tracker.backend(mtype, body)
                     else:
                         finished = tracker.backend(mtype, body)
@@ -786,6 +789,8 @@ class Relay:
         statements are decided on the catalog as it is now."""
         self._held = [data]
         self._catalog_answer = bytearray()
+        self._catalog_rows = []
+        self._catalog_failed = False
         self.upstream.transport.write(codec.message(b"Q", codec.cstr(self.masking.CATALOG_SQL)))  # type: ignore[union-attr]
 
     def _catalog_read(self, data: bytes) -> bytes:
@@ -793,7 +798,7 @@ class Relay:
         buf = self._catalog_answer
         assert buf is not None
         buf += data
-        pos, n, rows, failed, other = 0, len(buf), [], False, []
+        pos, n, rows, other = 0, len(buf), self._catalog_rows, []
         while n - pos >= 5:
             length = int.from_bytes(buf[pos + 1:pos + 5], "big")
             if length < 4 or length > (1 << 30):
@@ -807,13 +812,14 @@ class Relay:
             if mtype == _DATA_ROW:
                 rows.append(tuple(None if v is None else v.decode("utf-8", "replace") for v in codec.data_row_raw(body)))
             elif mtype == _ERROR:
-                failed = True
+                self._catalog_failed = True
             elif mtype in _ASYNC:  # notices, notifications, settings: the client's, after the catalog
                 other.append(bytes(buf[pos - 1 - length:pos]))
             elif mtype == _READY:
                 rest = bytes(buf[pos:])
                 self._catalog_answer = None
-                if failed:  # decided on the catalog as read before; names it lacks are refused as unresolved
+                self._catalog_rows = []
+                if self._catalog_failed:  # decided on the catalog as read before; names it lacks are refused as unresolved
                     self.masking.catalog.keep()  # type: ignore[union-attr]
                 else:
                     self.masking.load_catalog(rows)  # type: ignore[union-attr]
