@@ -676,8 +676,9 @@ SQL_ROUTES.update({
     "reverse(card_number)": R("select reverse(card_number) from customers"),
     "md5(national_id) (an unsalted hash of nine digits)": R("select md5(national_id) from customers", kinds=["national_id"]),
     "card_number as bytea": R("select convert_to(card_number, 'UTF8') from customers"),
-    "phone digits only (regexp_replace)": R("select regexp_replace(phone, '[^0-9]', '', 'g') from customers",
-                                            kinds=["phone"]),
+    # Not here: a value masked by content only and transformed on purpose (`regexp_replace(phone, '[^0-9]', '',
+    # 'g')`), which detectors do not recognise by design (docs/security.md, "Content detectors are heuristics");
+    # a column rule is what covers such a column.
     # values in other messages
     "email::int (the value in the error)": R("select email::int from customers limit 1", kinds=["email"], allowed=("22",)),
     "phone::date": R("select phone::date from customers limit 1", kinds=["phone"], allowed=("22",)),
