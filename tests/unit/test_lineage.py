@@ -26,7 +26,7 @@ def _catalog(shared: Shared | None = None, rows=ROWS) -> Catalog:  # noqa: ANN00
 def _hit(sql: str, catalog: Catalog | None = None) -> tuple[str, str] | None:
     c = classify(sql)
     assert c.error is None
-    return (catalog or _catalog()).hit(c.computed, c.results)
+    return (catalog or _catalog()).hit(c.computed, c.results, c.scope_relations)
 
 
 @pytest.mark.parametrize("sql", [

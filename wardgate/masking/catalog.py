@@ -82,6 +82,8 @@ class Catalog:
         self.masked: dict[tuple[int, int], Any] = {}  # (relid, attnum) -> the rule masking it
         self.masked_relations: dict[int, Any] = {}  # relid -> a rule masking one of its columns
         self._known: set[str] = set()  # every column name in the catalog
+        self._masked_names: set[str] = set()  # the names masked columns have now
+        self._scope: list[int] = []  # relids of the statement being checked (hit)
 
     def load(self, rows: Iterable[tuple[str | None, ...]]) -> None:
         names: dict[tuple[int, int], tuple[str, str, str]] = {}
@@ -118,6 +120,7 @@ class Catalog:
         self._inherit(parents)
         self._known = {col for cols in columns.values() for _, col in cols}
         self._views(reads)
+        self._masked_names = {names[k][2] for k in self.masked if k in names}
         self.masked_relations = {}
         for (relid, _), rule in self.masked.items():
             self.masked_relations.setdefault(relid, rule)
@@ -181,15 +184,35 @@ class Catalog:
     def _relids(self, rel: str) -> list[int]:
         return self.relations.get(rel, [])
 
-    def hit(self, computed: Iterable[tuple], results: Iterable[tuple]) -> tuple[str, str] | None:
+    def hit(self, computed: Iterable[tuple], results: Iterable[tuple],
+            relations: Iterable[str] = ()) -> tuple[str, str] | None:
         """(rule kind, reason) for the first masked column a statement computes a value from: "derived" or
-        "unresolved" (a reference the catalog cannot place, on a relation with a masked column)."""
+        "unresolved" (a reference the catalog cannot place, on a relation with a masked column).
+        `relations` are the stored relations the statement names, which its unqualified names may read."""
+        self._scope = [relid for rel in relations for relid in self._relids(rel)]
         hits = [h for src in sorted(computed, key=repr) if (h := self._source(src, computed=True)) is not None]
         hits += [h for src in sorted(results, key=repr) if (h := self._source(src, computed=False)) is not None]
         return min(hits, default=None)  # "derived" first: the more telling reason
 
     def _source(self, src: tuple, computed: bool) -> tuple[str, str] | None:
         kind = src[0]
+        if kind == "any":
+            if not computed:
+                return None
+            name = src[1]
+            if name in self._masked_names:
+                for relid in self._scope:
+                    for attnum, col in self.columns.get(relid, []):
+                        if col == name and (relid, attnum) in self.masked:
+                            return "derived", f"computes a value from masked column {self._label(relid, attnum)}"
+            elif name not in self._known and any(r in self.masked_relations for r in self._scope):
+                # No table has a column by that name: the catalog is older than the statement (a rename).
+                masked = next(r for r in self._scope if r in self.masked_relations)
+                return "unresolved", f"reads {name}, which no table of the catalog the gateway read has (next " \
+                                     f"to {self._label(masked)}, which holds a masked column)"
+            if not self._scope and self._rule_for(name, "", ""):  # relations the catalog does not know
+                return "derived", f"computes a value from masked column {name}"
+            return None
         if kind == "unplaced":
             name = src[1].rsplit(".", 1)[-1]
             if any(col == name for (_, _, col) in (self.names[k] for k in self.masked)) or self._rule_for(name, "", ""):

@@ -118,7 +118,7 @@ class Rule:
                 return f"filters, joins, groups or sorts on masked column {col} (its values could be inferred)"
         catalog = self.catalog
         if (self.masked_derived or self.masked_unresolved) and catalog is not None and catalog.loaded:
-            hit = catalog.hit(c.computed, c.results)
+            hit = catalog.hit(c.computed, c.results, c.scope_relations)
             if self.masked_unresolved and c.unresolved:
                 return f"{sorted(c.unresolved)[0]}; the gateway cannot tell which columns it copies"
             if hit is not None and (hit[0] == "derived") == self.masked_derived:

@@ -112,6 +112,7 @@ class Classification:
     results: frozenset[tuple] = frozenset()
     unresolved: frozenset[str] = frozenset()
     altered: frozenset[str] = frozenset()
+    scope_relations: frozenset[str] = frozenset()  # stored relations in its FROM lists, as typed
 
     @property
     def is_write(self) -> bool:
@@ -606,4 +607,5 @@ def classify(text: str) -> Classification:
         destructive_alters=frozenset(w.destructive_alters), null_equals=w.null_equals,
         computed=frozenset(resolved.computed), results=frozenset(resolved.results),
         unresolved=frozenset(resolved.unresolved), altered=frozenset(resolved.altered),
+        scope_relations=frozenset(resolved.relations),
     )

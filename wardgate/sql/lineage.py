@@ -15,7 +15,8 @@ session maps it to (table OID, attribute number) with the catalog it has read (`
 Where it is unsure it over-approximates, so a statement is refused rather than read past: a name is
 looked up in every scope, not only the innermost that has it; a reference no scope can supply is kept
 as `unplaced`; anything a stored query or command carries (SELECT INTO, CREATE TABLE AS, views,
-INSERT ... SELECT, UPDATE ... SET, RETURNING, set operations) counts as computed.
+INSERT ... SELECT, UPDATE ... SET, set operations) counts as computed. Plain columns of a RETURNING list
+are results like a SELECT's: PostgreSQL reports their origin too.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # A source of a value: ("name", relation, column, qualified) | ("pos", relation, position) |
-# ("row", relation) | ("unplaced", column) | ("opaque", what). `relation` is as typed ("s.t" or "t").
+# ("row", relation) | ("any", column): the column of that name of any stored relation the statement
+# names (an unqualified name, which any of them could supply) | ("unplaced", column). `relation` is as
+# typed ("s.t" or "t").
 Source = tuple
+# An unqualified name is asked of every subquery or CTE over a `*` in scope; past this many in one scope the
+# statement is not followed (and is refused where column rules apply), so that the work stays linear in
+# the statement's size.
+MAX_LOOKUPS = 32
 
 
 @dataclass
@@ -38,30 +45,44 @@ class _Entry:
     columns: list[tuple[str, frozenset[Source]]] | None = None  # a subquery's or CTE's outputs
     star: tuple[_Entry, ...] = ()  # a subquery's `*`: columns of these, names unknown here
     cte: bool = False  # a WITH query, which a relation name in FROM may mean
+    _by_output: tuple[tuple, dict[str, frozenset[Source]]] | None = field(default=None, repr=False, compare=False)
 
     def column(self, name: str, qualified: bool) -> set[Source]:
         if self.rel is not None:
             # An alias list renames the first columns: a name in it means that position (a column further
             # on with the same name would make the reference ambiguous, which the server refuses).
-            found: set[Source] = {("pos", self.rel, i + 1) for i, c in enumerate(self.colnames) if c == name}
-            return found or {("name", self.rel, name, qualified)}
-        found = set()
-        outputs = self._outputs()
-        for out, sources in outputs:
-            if out == name:
-                found |= sources
+            found: set[Source] = set(self._index().get(name, ()))
+            return found or {("name", self.rel, name, qualified) if qualified else ("any", name)}
+        width = len(self.columns or ())
+        found = set(self._index().get(name, ()))
         if self.star:
             renamed = [i for i, c in enumerate(self.colnames) if c == name]
-            only = self.star[0] if len(self.star) == 1 and not outputs else None
+            only = self.star[0] if len(self.star) == 1 and not width else None
             if renamed and only is not None and only.rel is not None and not only.colnames:
                 return {("pos", only.rel, i + 1) for i in renamed}  # `(SELECT * FROM t) s(a, b)`: by position
             for entry in self.star:
                 found |= entry.column(name, qualified)
-            if renamed or len(self.colnames) > len(outputs):
+            if renamed or len(self.colnames) > width:
                 found |= self.row()  # a renamed position past a star: which column is not known here
         elif qualified and not found:
             found = self.row()  # `s.to_jsonb`: functional notation over the subquery's whole row
         return found
+
+    def _index(self) -> dict[str, frozenset[Source]]:
+        """Sources by column name, made once per state of the entry (a subquery's columns, or an alias
+        list's positions, may be asked for many times)."""
+        key = (id(self.columns), len(self.columns or ()), self.colnames)
+        index = self._by_output
+        if index is None or index[0] != key:
+            merged: dict[str, frozenset[Source]] = {}
+            if self.rel is not None:
+                for i, c in enumerate(self.colnames):
+                    merged[c] = merged.get(c, frozenset()) | {("pos", self.rel, i + 1)}
+            else:
+                for out, sources in self._outputs():
+                    merged[out] = merged.get(out, frozenset()) | sources
+            index = self._by_output = (key, merged)
+        return index[1]
 
     def _outputs(self) -> list[tuple[str, frozenset[Source]]]:
         outputs = list(self.columns or [])
@@ -95,12 +116,53 @@ class _Entry:
         return found
 
 
+class _Scope:
+    """One FROM list's entries (or a WITH list's), indexed as they are added, so that an unqualified name is
+    answered at once: what the entries with known column names (alias lists, subqueries and CTEs without a
+    star) give for it, whether a stored relation may hold it under its own name (`any_for`), and the
+    entries with a star, which are asked one by one."""
+
+    __slots__ = ("count", "by_name", "plain", "aliased", "hits", "named", "starred")
+
+    def __init__(self) -> None:
+        self.count = 0  # entries indexed so far
+        self.by_name: dict[str, list[_Entry]] = {}
+        self.plain = False  # a stored relation without an alias list: it may hold any name
+        self.aliased = 0  # stored relations with an alias list
+        self.hits: dict[str, int] = {}  # name -> how many of those rename a position to it
+        self.named: dict[str, set[Source]] = {}
+        self.starred: list[_Entry] = []
+
+    def add(self, entries: list[_Entry]) -> None:
+        for e in entries[self.count:]:
+            self.by_name.setdefault(e.name, []).append(e)
+            if e.rel is not None and not e.colnames:
+                self.plain = True
+            elif e.rel is not None or not e.star:
+                if e.rel is not None:
+                    self.aliased += 1
+                for name, sources in e._index().items():
+                    self.named.setdefault(name, set()).update(sources)
+                    if e.rel is not None:
+                        self.hits[name] = self.hits.get(name, 0) + 1
+            else:
+                self.starred.append(e)
+        self.count = len(entries)
+
+    def any_for(self, name: str) -> bool:
+        """Whether a stored relation here may hold `name` under its own name (an alias-listed one holds
+        the names past its list)."""
+        return self.plain or self.hits.get(name, 0) < self.aliased
+
+
 @dataclass
 class Lineage:
     computed: set[Source] = field(default_factory=set)  # sources of values computed or stored
     results: set[Source] = field(default_factory=set)  # sources of plain result columns (origin reported)
     unresolved: set[str] = field(default_factory=set)  # what could not be followed, in words
     altered: set[str] = field(default_factory=set)  # relations altered, renamed or dropped, as typed
+    relations: set[str] = field(default_factory=set)  # stored relations in FROM lists, as typed ("any" sources)
+    _index: dict[int, tuple[list, _Scope]] = field(default_factory=dict, repr=False)
 
     def statement(self, stmt: Any) -> None:
         if not isinstance(stmt, dict) or not stmt:
@@ -260,6 +322,7 @@ class Lineage:
             if cte is not None:  # a CTE read under its name or an alias
                 return [_Entry(name, columns=cte.columns, star=cte.star, colnames=_strings(alias.get("colnames")) or
                                cte.colnames)]
+            self.relations.add(rel)
             return [_Entry(name, rel=rel, colnames=_strings(alias.get("colnames")))]
         if "JoinExpr" in item:
             j = item["JoinExpr"]
@@ -352,25 +415,46 @@ class Lineage:
                     elif isinstance(value, (dict, list)):
                         stack.append(value)
 
+    def _levels(self, scopes: list[list[_Entry]]) -> list[_Scope]:
+        """Each scope's index, brought up to date (a FROM list grows as it is walked; each entry is indexed
+        once), so that a reference is looked up in time independent of how many entries are in scope."""
+        out = []
+        for scope in scopes:
+            cached = self._index.get(id(scope))
+            if cached is None or cached[0] is not scope:
+                cached = self._index[id(scope)] = (scope, _Scope())
+            cached[1].add(scope)
+            out.append(cached[1])
+        return out
+
     def resolve(self, names: list[str], scopes: list[list[_Entry]]) -> set[Source]:
         """The sources a column reference may read, in every scope that could supply it."""
         if not names:
             return set()
-        entries = [e for scope in scopes for e in scope]
         if names == ["*"]:
-            return {s for e in entries for s in e.row()}
+            return {s for scope in scopes for e in scope for s in e.row()}
+        levels = self._levels(scopes)
         if len(names) == 1:
             (name,) = names
             found: set[Source] = set()
-            for e in entries:
-                if e.name == name:
+            starred = 0
+            for level in levels:
+                for e in level.by_name.get(name, ()):
                     found |= e.row()  # `SELECT c FROM customers c`: the whole row as one value
-                found |= e.column(name, False)
+                if level.any_for(name):
+                    found.add(("any", name))  # one source for every stored relation's column of that name
+                found |= level.named.get(name, set())
+                starred += len(level.starred)
+                if starred > MAX_LOOKUPS:
+                    self.unresolved.add(f"a statement with more than {MAX_LOOKUPS} subqueries over `*` in scope")
+                    return found
+                for e in level.starred:
+                    found |= e.column(name, False)
             return found or {("unplaced", name)}
         qualifier, last = names[-2], names[-1]
         schema = ".".join(names[:-2]) if len(names) > 2 else None
-        named = [e for e in entries if e.name == qualifier and (schema is None or (e.rel or "").endswith(
-            f"{schema}.{qualifier}"))]
+        named = [e for level in levels for e in level.by_name.get(qualifier, ()) if schema is None or
+                 (e.rel or "").endswith(f"{schema}.{qualifier}")]
         if not named:
             # Not a relation: a composite column and one of its fields (`comp.field`), or a name from a
             # scope this walk does not model. Either way its value is the column's.
