@@ -52,6 +52,23 @@ def _hit(sql: str, catalog: Catalog | None = None) -> tuple[str, str] | None:
     "select upper(j.card_number) from (customers join orders on true) j",
     "select upper(last4) from v_cards",
     "select card_number from customers union all select card_number from customers",
+    # a merged USING column has no origin (COALESCE in a FULL or RIGHT join, a coercion between types)
+    "select k from (select null::text k) a full join (select card_number k from customers) b using (k)",
+    # VALUES rows have no origin
+    "select x from customers c, lateral (values (c.card_number)) v(x)",
+    "select (select k from (values (c.card_number)) v(k)) from customers c",
+    # copies through the statement's own WITH queries, and through a LATERAL join's right side
+    "with w as (select * from customers) insert into orders select * from w",
+    "with w(a, b, e, p, k) as (select * from customers) insert into orders (status) select k from w",
+    "insert into orders (status) select x from customers c cross join lateral (select c.card_number) s(x)",
+    # computed in a condition or an ordering: an error, a notification or a setting could carry it out
+    "select 1 from customers where case when id = 57 then current_setting(card_number) end is null",
+    "select 1 from customers order by quote_ident(card_number)::regclass",
+    "select 1 from customers where pg_notify('ch', card_number) is null",
+    "select 1 from customers c join orders o on current_setting(c.card_number) = ''",
+    "select count(*) from customers having max(card_number) > ''",
+    "explain analyze select 1 from customers where current_setting(card_number) = ''",
+    "delete from orders o using customers c where o.customer_id = c.id and current_setting(c.card_number) = ''",
 ])
 def test_computed_from_a_masked_column_is_found(sql: str) -> None:
     hit = _hit(sql)
@@ -68,6 +85,10 @@ def test_computed_from_a_masked_column_is_found(sql: str) -> None:
     "select upper(name), status from customers c join orders o on o.customer_id = c.id",
     "select upper(total) from (select count(*)::text total from customers) s",
     "select now()",
+    "select id from customers where card_number = '4111'",
+    "select id from customers where card_number like '4%' and id > 3 or card_number is not null",
+    "select id from customers where card_number in ('a', 'b') order by card_number",
+    "select id from customers c join orders o on o.customer_id = c.id where c.card_number <> o.status",
     "update customers set name = name where id = 1 returning card_number as x",
     "with u as (update customers set name = name returning card_number) select card_number from u",
 ])

@@ -153,3 +153,21 @@ def test_after_ddl_the_catalog_is_read_again_before_the_next_statement():
     assert not masking.catalog.stale
     assert masking.catalog.rule_of(100, 1) is not None  # renamed, still masked by its identity
     assert masking.catalog.names[(100, 2)][2] == "id"  # rows from every read of the answer
+
+
+def test_create_table_as_is_ddl_though_its_tag_says_select():
+    seen: list[bytes] = []
+    relay = Relay(session_id="a" * 32, connection="c", client=_peer(), upstream=_peer(), record=lambda _: None,
+                  defer=lambda _: None, on_end=lambda *a: None, max_message=1 << 20, on_ddl=seen.append)
+    relay.from_client(codec.message(b"Q", codec.cstr("create table t as select 1 as x")))
+    relay.from_upstream(codec.message(b"C", codec.cstr("SELECT 1")) + codec.message(b"Z", b"I"))
+    assert len(seen) == 1
+    relay.from_client(codec.message(b"Q", codec.cstr("select 1")))
+    relay.from_upstream(codec.message(b"C", codec.cstr("SELECT 1")) + codec.message(b"Z", b"I"))
+    assert len(seen) == 1
+
+
+def _peer():  # noqa: ANN202
+    from .test_relay_paths import _Peer
+
+    return _Peer()

@@ -326,7 +326,7 @@ class ExecRunner:
                                 "next": "change the statement, or ask for the rule to be changed; see "
                                         "`wardgate policy check`"}
             result = await self._query(up, sql, params, masking if masking else None)
-            if any(t.startswith(("CREATE", "ALTER", "DROP", "IMPORT")) for t in result.tags):
+            if policy.decide(sql).classification.changes_schema:  # the decision is cached: no second parse
                 gw.gatekeeper.shared_catalog(connection).changed_by(b"DDL")
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
             code = getattr(exc, "code", "08006")

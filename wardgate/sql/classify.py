@@ -31,6 +31,7 @@ READ_KINDS = frozenset({
     "lock",
 })
 OPAQUE_KINDS = frozenset({"do", "call"})
+_NOT_DDL = READ_KINDS | {"insert", "update", "delete", "merge", "copy_from"}
 _NAMES = {
     "SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete", "MergeStmt": "merge",
     "DropStmt": "drop", "TruncateStmt": "truncate", "AlterSystemStmt": "alter_system", "DoStmt": "do",
@@ -113,6 +114,12 @@ class Classification:
     unresolved: frozenset[str] = frozenset()
     altered: frozenset[str] = frozenset()
     scope_relations: frozenset[str] = frozenset()  # stored relations in its FROM lists, as typed
+
+    @property
+    def changes_schema(self) -> bool:
+        """DDL: anything but reads, row writes and session commands (CREATE TABLE AS and SELECT INTO too,
+        whose command tag says SELECT)."""
+        return bool(self.kinds - _NOT_DDL)
 
     @property
     def is_write(self) -> bool:

@@ -194,12 +194,13 @@ class Lineage:
         else:
             self.other(body, [])
 
-    def stored(self, query: Any) -> None:
-        """A query whose rows are kept (a table, a view): every value in it is a copy."""
+    def stored(self, query: Any, scopes: list[list[_Entry]] | None = None) -> None:
+        """A query whose rows are kept (a table, a view): every value in it is a copy. `scopes`: the WITH
+        queries of the statement around it (INSERT ... SELECT)."""
         if isinstance(query, dict) and isinstance(query.get("SelectStmt"), dict):
-            self.select(query["SelectStmt"], [], "value")
+            self.select(query["SelectStmt"], scopes or [], "value")
         else:
-            self.other(query, [])
+            self.other(query, scopes or [])
 
     # -- queries
 
@@ -222,13 +223,83 @@ class Lineage:
         for item in s.get("fromClause") or []:
             here.extend(self.from_item(item, scopes))
         outputs = self.targets(s.get("targetList"), scopes, mode)
-        self.values(s.get("valuesLists"), scopes)
-        for key in ("whereClause", "groupClause", "havingClause", "sortClause", "windowClause", "distinctClause",
-                    "limitCount", "limitOffset", "lockingClause"):
-            # Conditions and orderings choose rows; the values they read do not reach the result (the
-            # masked_filters rule is about those). Subqueries in them are walked for what they compute.
-            self.other(s.get(key), scopes)
+        self.computed |= self.values(s.get("valuesLists"), scopes)  # VALUES rows have no origin
+        for key in ("whereClause", "havingClause"):
+            self.condition(s.get(key), scopes)
+        for key in ("groupClause", "sortClause", "windowClause", "distinctClause"):
+            self.keys(s.get(key), scopes)
+        for key in ("limitCount", "limitOffset"):
+            self.computed |= self.values(s.get(key), scopes)
         return outputs
+
+    # Operators that only compare: a masked column may be an operand of one (and is then matched, which the
+    # masked_filters rule is about), as the rows chosen tell nothing more than the comparison.
+    _COMPARE_KINDS = frozenset({"AEXPR_LIKE", "AEXPR_ILIKE", "AEXPR_IN", "AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN",
+                                "AEXPR_BETWEEN_SYM", "AEXPR_NOT_BETWEEN_SYM", "AEXPR_DISTINCT",
+                                "AEXPR_NOT_DISTINCT", "AEXPR_NULLIF"})
+    _COMPARE_OPS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">=", "~", "!~", "~*", "!~*", "~~", "!~~", "~~*",
+                              "!~~*"})
+
+    def condition(self, node: Any, scopes: list[list[_Entry]]) -> None:
+        """A condition (WHERE, HAVING, JOIN ... ON). A masked column may be compared in it, as a plain
+        operand of a comparison, but nothing may be computed from one: a function, a cast or any
+        expression over it could carry its value out through an error message, a notification or a
+        setting (`current_setting(card_number)`, `pg_notify('c', card_number)`), so that counts as computed."""
+        if isinstance(node, list):
+            for item in node:
+                self.condition(item, scopes)
+            return
+        if not isinstance(node, dict) or not node:
+            return
+        kind, body = next(iter(node.items()))
+        if not isinstance(body, dict):
+            return
+        if kind == "ColumnRef":
+            self.resolve(_names(body), scopes)
+        elif kind == "BoolExpr":
+            self.condition(body.get("args"), scopes)
+        elif kind in ("NullTest", "BooleanTest"):
+            self.operand(body.get("arg"), scopes)
+        elif kind == "A_Expr" and (body.get("kind") in self._COMPARE_KINDS or (
+                body.get("kind") in ("AEXPR_OP", "AEXPR_OP_ANY", "AEXPR_OP_ALL")
+                and _strings(body.get("name")) and _strings(body.get("name"))[-1] in self._COMPARE_OPS)):
+            for side in ("lexpr", "rexpr"):
+                self.operand(body.get(side), scopes)
+        elif kind == "SubLink":  # EXISTS, IN (SELECT ...), = ANY (SELECT ...)
+            self.operand(body.get("testexpr"), scopes)
+            self.computed |= self.values(body.get("subselect"), scopes)
+        elif kind not in ("A_Const", "ParamRef"):
+            self.computed |= self.values(node, scopes)
+
+    def operand(self, node: Any, scopes: list[list[_Entry]]) -> None:
+        """An operand of a comparison: a plain column (or a list of them) is compared; anything else is computed."""
+        if isinstance(node, list):
+            for item in node:
+                self.operand(item, scopes)
+        elif isinstance(node, dict) and "ColumnRef" in node and len(node) == 1:
+            self.resolve(_names(node["ColumnRef"]), scopes)
+        elif isinstance(node, dict) and ("A_Const" in node or "ParamRef" in node):
+            return
+        elif node is not None:
+            self.computed |= self.values(node, scopes)
+
+    def keys(self, node: Any, scopes: list[list[_Entry]]) -> None:
+        """GROUP BY, ORDER BY, DISTINCT ON and window clauses: plain columns order or group rows; an
+        expression over a masked column is computed (an error or a side effect could carry it out)."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, list):
+                stack.extend(n)
+            elif isinstance(n, dict):
+                for key, value in n.items():
+                    if key in ("SortBy", "GroupingSet", "WindowDef") and isinstance(value, dict):
+                        stack.append([value.get(k) for k in ("node", "content", "partitionClause", "orderClause")])
+                    elif key in ("ColumnRef", "A_Const"):
+                        if key == "ColumnRef":
+                            self.resolve(_names(value), scopes)
+                    else:
+                        self.computed |= self.values({key: value}, scopes)
 
     def targets(self, items: Any, scopes: list[list[_Entry]], mode: str) -> _Entry:
         """A target list (a SELECT's, or a RETURNING list), read in `mode` (see select)."""
@@ -326,8 +397,15 @@ class Lineage:
             return [_Entry(name, rel=rel, colnames=_strings(alias.get("colnames")))]
         if "JoinExpr" in item:
             j = item["JoinExpr"]
-            sides = self.from_item(j.get("larg"), scopes) + self.from_item(j.get("rarg"), scopes)
-            self.other(j.get("quals"), scopes + [sides])
+            left = self.from_item(j.get("larg"), scopes)
+            sides = left + self.from_item(j.get("rarg"), scopes + [left])  # a LATERAL right side sees the left
+            self.condition(j.get("quals"), scopes + [sides])
+            # A column merged by USING or NATURAL is computed (COALESCE in a FULL or RIGHT join, a coercion
+            # when the sides' types differ), so it reports no origin: what it reads counts as computed.
+            for name in _strings(j.get("usingClause")):
+                self.computed |= self.resolve([name], [sides])
+            if j.get("isNatural"):
+                self.computed |= {src for e in sides for src in e.row()}
             alias = j.get("alias")
             if isinstance(alias, dict):  # (a JOIN b) AS j: one name for both sides' columns
                 return sides + [_Entry(str(alias.get("aliasname", "")).lower(), columns=[], star=tuple(sides),
@@ -367,12 +445,13 @@ class Lineage:
                 here.extend(self.from_item(item, scopes))
         if name == "MergeStmt":
             here.extend(self.from_item(body.get("sourceRelation"), scopes))
+            self.condition(body.get("joinCondition"), scopes)
         if isinstance(body.get("selectStmt"), dict):
-            self.stored(body["selectStmt"])
+            self.stored(body["selectStmt"], scopes[:1])
         self.computed |= self.values(body.get("targetList"), scopes)
         self.computed |= self.values(body.get("onConflictClause"), scopes)
         self.computed |= self.values(body.get("mergeWhenClauses"), scopes)
-        self.other(body.get("whereClause"), scopes)
+        self.condition(body.get("whereClause"), scopes)
         returning = body.get("returningClause") or {}
         items = returning.get("exprs") if isinstance(returning, dict) else returning
         return self.targets(items or body.get("returningList"), scopes, mode)
@@ -458,7 +537,8 @@ class Lineage:
         if not named:
             # Not a relation: a composite column and one of its fields (`comp.field`), or a name from a
             # scope this walk does not model. Either way its value is the column's.
-            return self.resolve(names[:-1], scopes) if len(names) == 2 else {("unplaced", ".".join(names))}
+            unplaced: set[Source] = {("unplaced", ".".join(names))}
+            return self.resolve(names[:-1], scopes) | unplaced if len(names) == 2 else unplaced
         if last == "*":
             return {s for e in named for s in e.row()}
         return {s for e in named for s in e.column(last, True)}

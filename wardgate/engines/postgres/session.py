@@ -195,6 +195,7 @@ class Relay:
         # read its catalog again before its next statement; meanwhile the client's bytes are held.
         self._on_ddl = on_ddl
         self._ddl = False  # DDL has run in this session (a ROLLBACK may then undo some)
+        self._ddl_sent = False  # DDL sent whose ReadyForQuery has not come (its tag may say SELECT)
         self._held: list[bytes] | None = None
         self._catalog_answer: bytearray | None = None  # its answer so far, while the catalog is read again
         self._catalog_rows: list[tuple[str | None, ...]] = []
@@ -539,6 +540,8 @@ class Relay:
         recorded as events: what they would have done, enforced by nothing."""
         decision = self.policy.decide(statement)
         self._classified = decision.classification
+        if self._on_ddl is not None and decision.classification.changes_schema:
+            self._ddl_sent = True  # the catalog is read again once the server has answered (ReadyForQuery)
         if decision.action == "allow" and not decision.matches:
             _DECIDED["allow"] += 1
             return None
@@ -718,6 +721,9 @@ class Relay:
                         continue
                     if mtype == _READY:
                         self._answered()
+                        if self._ddl_sent:
+                            self._ddl_sent, self._ddl = False, True
+                            self._on_ddl(b"")  # type: ignore[misc]
                         finished = tracker.ready(body)
                     elif mtype == _COMMAND_COMPLETE:
                         if body[0] in _DDL_FIRST and self._on_ddl is not None and self._is_ddl(body):
