@@ -703,6 +703,25 @@ SQL_ROUTES.update({
                                 target=1),
     "pg_notify(national_id)": R("listen x", "select pg_notify('x', national_id) from customers limit 3", "select 1",
                                 kinds=["national_id"], target=1),
+    # found by an attack run against the demo
+    "a FULL JOIN's merged USING column (no origin)": R(
+        "select k from (select null::text k) a full join (select card_number k from customers) b using (k)"),
+    "a LATERAL VALUES row (no origin)": R("select x from customers c, lateral (values (c.card_number)) v(x)"),
+    "a scalar subquery over VALUES": R("select (select k from (values (c.card_number)) v(k)) from customers c"),
+    "INSERT from the statement's own WITH over the table, then read the copy": R(
+        "create temp table wr_copy (a int, b text, c text, d text, k text, f text, g timestamptz)",
+        "with w as (select * from customers) insert into wr_copy select * from w", "select k from wr_copy"),
+    "INSERT from a LATERAL join's right side, then read the copy": R(
+        "create temp table wr_lateral (k text)",
+        "insert into wr_lateral (k) select x from customers c cross join lateral (select c.card_number) s(x)",
+        "select k from wr_lateral"),
+    "current_setting(card_number) in a condition (the value in the error)": R(
+        "select 1 from customers where case when id = 57 then current_setting(card_number) end is null",
+        allowed=("42704",)),
+    "a regclass cast in ORDER BY (the value in the error)": R(
+        "select 1 from customers order by quote_ident(card_number)::regclass", allowed=("42P01",)),
+    "pg_notify(card_number) in a condition": R("listen x", "select 1 from customers where pg_notify('x', card_number) "
+                                               "is null", "select 1", target=1),
 })
 
 
