@@ -33,6 +33,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import make_gateway
 from tests.integration.test_hostile import GROUPS, GUARDRAILS, POLICY, expected_rule, ident
+from tests.integration.test_masking_routes import SQL_ROUTES, truth  # noqa: F401 (truth: a fixture)
 from tests.pgwire import RawClient
 from wardgate.engines.postgres import codec
 
@@ -336,3 +337,23 @@ def test_guardrail_case_through_every_door(doors, native, superuser, door, case)
         assert got["columns"] == want["columns"], (got, want)
         shown = [["NULL" if v is None else v for v in row] for row in want["rows"]] if door == "console" else want["rows"]
         assert got["rows"] == shown, (got, want)
+
+
+# --- masking: the single-statement routes of test_masking_routes through every other door -----------------
+
+MASKING_ROUTES = [pytest.param(door, name, id=f"{door}-{name}") for door in DOORS
+                  for name, route in SQL_ROUTES.items() if len(route.steps) == 1]
+
+
+@pytest.mark.parametrize(("door", "name"), MASKING_ROUTES)
+def test_masking_route_through_every_door(doors, truth, door, name) -> None:  # noqa: ANN001, F811
+    """What alice gets (rows, an error's text, the page) holds none of the values read from the database;
+    the route ends refused, completed, or failed with the server error it is about."""
+    route = SQL_ROUTES[name]
+    got = doors[door]("alice", route.steps[0])
+    leaks = truth.leaks_in_text(json.dumps(got, ensure_ascii=False), f"the {door} answer")
+    assert not leaks, f"{name} through {door}: " + "; ".join(map(str, leaks))
+    status = got.get("status")
+    refused = status == "denied" or (door == "mcp" and status == "tool error")
+    failed_as_meant = status == "failed" and bool(route.allowed) and str(got.get("code", "")).startswith(route.allowed)
+    assert refused or status == "completed" or failed_as_meant, got
