@@ -720,6 +720,11 @@ SQL_ROUTES.update({
         allowed=("42704",)),
     "a regclass cast in ORDER BY (the value in the error)": R(
         "select 1 from customers order by quote_ident(card_number)::regclass", allowed=("42P01",)),
+    "CREATE INDEX over an expression of the masked column (the value in the error)": R(
+        "create index wr_index on customers ((card_number::tsquery)) where id = 57", allowed=("42601",)),
+    "CREATE STATISTICS over an expression, then ANALYZE (the value in the error)": R(
+        "begin", "create statistics wr_stats on (card_number::tsquery) from customers", "analyze customers",
+        "rollback", target=2, allowed=("42601",)),
     "pg_notify(card_number) in a condition": R("listen x", "select 1 from customers where pg_notify('x', card_number) "
                                                "is not null", "select 1", target=1),
 })

@@ -54,17 +54,19 @@ SCHEMA_RULE = Rule(
 # string, or read a table's pages: no statement names the columns they read, so neither column rules nor
 # the catalog can follow them, and the values inside come back in a form (XML, word statistics, raw
 # tuples) that content detectors do not read. The planner's statistics keep samples of every column's
-# values (pg_stats.most_common_vals, histogram_bounds), readable by anyone who may read the table.
+# values (pg_stats.most_common_vals, histogram_bounds), readable by anyone who may read the table, and
+# pg_stat_activity shows the text of every session of the same role, values others typed included.
 WHOLE_TABLES_RULE = Rule(
     "masking:whole-tables",
-    relations=("pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"),
+    relations=("pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data",
+               "pg_stat_activity", "pg_stat_statements", "pg_stat_statements_info"),
     functions=("table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema", "query_to_xml",
                "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema",
                "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml",
                "database_to_xmlschema", "database_to_xml_and_xmlschema", "ts_stat", "xpath_table", "crosstab",
                "crosstab2", "crosstab3", "crosstab4", "connectby", "get_raw_page", "heap_page_items",
                "heap_page_item_attrs", "tuple_data_split", "bt_page_items", "brin_page_items", "gin_leafpage_items",
-               "pg_mcv_list_items"),
+               "pg_mcv_list_items", "pg_stat_get_activity", "pg_stat_statements"),
     message="masking applies to you on this connection, and this reads tables or queries named in a string, or "
             "samples of stored values, which the gateway cannot mask; select the columns themselves",
 )

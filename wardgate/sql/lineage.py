@@ -186,13 +186,22 @@ class Lineage:
             self.write(name, body)
         elif name in ("AlterTableStmt", "RenameStmt", "AlterObjectSchemaStmt") and isinstance(body.get("relation"), dict):
             self.altered.add(_relation(body["relation"]))
-            self.other(body, [])
+            self.ddl(body)
         elif name == "DropStmt" and body.get("removeType") in _DROPS_RELATIONS:
             for obj in body.get("objects") or []:
                 items = obj.get("List", {}).get("items", []) if isinstance(obj, dict) else []
                 self.altered.add(".".join(_strings(items)))
         else:
-            self.other(body, [])
+            self.ddl(body)
+
+    def ddl(self, body: dict[str, Any]) -> None:
+        """Any other statement. An expression in DDL is evaluated over stored rows by the server: an index's
+        expressions and predicate, extended statistics, a constraint, a policy, a default. Its errors can
+        quote the value (`CREATE INDEX ON customers ((card_number::tsquery))` fails with the card number in
+        the message), so every column an expression in it names counts as computed, over the relations the
+        statement names."""
+        entries = [e for rv in _range_vars(body) for e in self.from_item({"RangeVar": rv}, [])]
+        self.computed |= self.values(body, [entries])
 
     def stored(self, query: Any, scopes: list[list[_Entry]] | None = None) -> None:
         """A query whose rows are kept (a table, a view): every value in it is a copy. `scopes`: the WITH
@@ -545,6 +554,24 @@ class Lineage:
 
 
 _DROPS_RELATIONS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE"})
+
+
+def _range_vars(node: Any) -> list[dict[str, Any]]:
+    """Every RangeVar in a statement, outside the queries in it (which have FROM lists of their own)."""
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(n)
+        elif isinstance(n, dict):
+            for key, value in n.items():
+                if key == "RangeVar" and isinstance(value, dict):
+                    out.append(value)
+                elif key in ("relation", "relations") and isinstance(value, dict) and "relname" in value:
+                    out.append(value)
+                elif key != "SelectStmt" and isinstance(value, (dict, list)):
+                    stack.append(value)
+    return out
 
 
 def _relation(rv: dict[str, Any]) -> str:
