@@ -1238,3 +1238,26 @@ def test_report_sessions_the_gateway_closed() -> None:
     session), shown in pytest's warnings summary."""
     for route, why in CLOSED.items():
         warnings.warn(f"session closed by the gateway: {route}: {why}", stacklevel=1)
+
+
+def test_a_masked_column_renamed_outside_the_gateway_stays_masked_after_a_restart(tmp_path, pg, truth) -> None:  # noqa: ANN001
+    """The identities of masked columns are kept in the store: a column renamed straight on the database
+    (no session of the gateway sees the DDL) is still masked by the gateway started again afterwards."""
+    gw = make_gateway(tmp_path / "restart", pg, tail_toml=MASKING)
+    gw.start()
+    attnum = card_attnum(pg)
+    try:
+        with psycopg.connect(gw.dsn(gw.credential()), autocommit=True) as conn:  # alice: the catalog is read
+            assert conn.execute("select card_number from customers where id = 1").fetchone()[0] != \
+                truth.values["card_number"][0]
+        gw.stop()
+        with psycopg.connect(pg.dsn(database="shop"), autocommit=True) as conn:
+            conn.execute("alter table customers rename column card_number to wr_renamed")
+        gw.start()
+        with psycopg.connect(gw.dsn(gw.credential()), autocommit=True) as conn:
+            shown = [r[0] for r in conn.execute("select wr_renamed from customers order by id").fetchall()]
+        clear = set(truth.values["card_number"])
+        assert shown and not clear & set(shown), "a renamed masked column came back in clear after a restart"
+    finally:
+        gw.stop()
+        restore_card_number(pg, attnum)
