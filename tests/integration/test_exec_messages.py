@@ -20,28 +20,7 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import APP_PASSWORD, make_gateway
-
-MASKING = """
-[[masking]]
-name = "cards"
-columns = ["card_number"]
-strategy = "partial"
-connections = ["shop"]
-except_groups = ["ops", "deployers"]
-
-[[masking]]
-name = "national-ids"
-columns = ["national_id"]
-strategy = "hash"
-connections = ["shop"]
-except_groups = ["ops", "deployers"]
-
-[[masking]]
-name = "pii"
-detectors = ["email", "card", "ssn", "phone", "iban", "ip"]
-connections = ["shop"]
-except_groups = ["ops"]
-"""
+from tests.integration.test_masking import MASKING
 
 CAST = "select email::int from customers order by id limit 1"
 NOT_NULL = "update customers set name = null where id = 1"

@@ -272,8 +272,9 @@ class ExecRunner:
         masking = gw.gatekeeper.masking_policy(caller, connection)
         try:
             return await self._run_upstream(sid, connection, sql, params, masking, started,
-                                            gw.gatekeeper.statement_policy(caller, connection),
-                                            decision.classification.expected_tags, caller)
+                                            gw.gatekeeper.statement_policy(caller, connection, masking),
+                                            decision.classification.expected_tags, caller,
+                                            changes_schema=decision.classification.changes_schema)
         except Exception:
             log.exception("exec session %s failed", sid)
             self._close_session(sid, "internal gateway error")
@@ -298,7 +299,8 @@ class ExecRunner:
 
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
                             masking: MaskingPolicy, started: float, policy: StatementPolicy,
-                            expected: tuple[frozenset[str] | None, ...] = (), caller: Identity | None = None) -> dict[str, Any]:
+                            expected: tuple[frozenset[str] | None, ...] = (), caller: Identity | None = None,
+                            changes_schema: bool = False) -> dict[str, Any]:
         gw = self.gateway
         up = None
         try:
@@ -314,7 +316,7 @@ class ExecRunner:
                 if caller is not None:
                     # Decided again on the catalog just read: column rules follow columns by identity
                     # (aliases, renames, views), which the decision made before connecting matched by name.
-                    second = gw.gatekeeper.statement_policy(caller, connection, masking).decide(sql)
+                    second = policy.decide(sql)  # `policy` follows `masking`'s catalog
                     if second.action == "deny":
                         message = second.error_message
                         gw.recorder.write([self._outcome(sid, "denied", code="42501", msg=message)])
@@ -326,7 +328,7 @@ class ExecRunner:
                                 "next": "change the statement, or ask for the rule to be changed; see "
                                         "`wardgate policy check`"}
             result = await self._query(up, sql, params, masking if masking else None)
-            if policy.decide(sql).classification.changes_schema:  # the decision is cached: no second parse
+            if changes_schema:
                 gw.gatekeeper.shared_catalog(connection).changed_by(b"DDL")
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
             code = getattr(exc, "code", "08006")

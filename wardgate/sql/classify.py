@@ -13,6 +13,7 @@ it (see `template_key`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ class Classification:
     altered: frozenset[str] = frozenset()
     scope_relations: frozenset[str] = frozenset()  # stored relations in its FROM lists, as typed
 
-    @property
+    @functools.cached_property
     def changes_schema(self) -> bool:
         """DDL: anything but reads, row writes and session commands (CREATE TABLE AS and SELECT INTO too,
         whose command tag says SELECT)."""

@@ -209,7 +209,7 @@ class Lineage:
         if isinstance(query, dict) and isinstance(query.get("SelectStmt"), dict):
             self.select(query["SelectStmt"], scopes or [], "value")
         else:
-            self.other(query, scopes or [])
+            self.computed |= self.values(query, scopes or [])
 
     # -- queries
 
@@ -486,22 +486,6 @@ class Lineage:
                     elif isinstance(value, (dict, list)):
                         stack.append(value)
         return found
-
-    def other(self, node: Any, scopes: list[list[_Entry]]) -> None:
-        """A part of a statement whose column reads do not become values: walk its subqueries."""
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if isinstance(n, list):
-                stack.extend(n)
-            elif isinstance(n, dict):
-                for key, value in n.items():
-                    if key == "SelectStmt" and isinstance(value, dict):
-                        self.computed |= self.select(value, scopes, "value").row()
-                    elif key in ("ViewStmt", "CreateTableAsStmt") and isinstance(value, dict):
-                        self.statement({key: value})
-                    elif isinstance(value, (dict, list)):
-                        stack.append(value)
 
     def _levels(self, scopes: list[list[_Entry]]) -> list[_Scope]:
         """Each scope's index, brought up to date (a FROM list grows as it is walked; each entry is indexed
