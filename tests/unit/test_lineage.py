@@ -121,7 +121,7 @@ def test_ddl_anywhere_makes_every_catalog_of_the_connection_stale() -> None:
     shared = Shared()
     one, two = _catalog(shared), _catalog(shared)
     assert not one.stale and not two.stale
-    shared.changed_by(b"ALTER TABLE")
+    shared.changed()
     assert one.stale and two.stale
 
 

@@ -129,7 +129,7 @@ def test_after_ddl_the_catalog_is_read_again_before_the_next_statement():
     masking.load_catalog([("a", "100", "1", "public", "people", "card_number")])
     relay = Relay(session_id="a" * 32, connection="c", client=_Peer(), upstream=_Peer(), record=lambda _: None,
                   defer=lambda _: None, on_end=lambda *a: None, max_message=1 << 20, policy=StatementPolicy([]),
-                  masking=masking, on_ddl=masking.catalog.shared.changed_by)
+                  masking=masking, on_ddl=masking.catalog.shared.changed)
     relay.from_client(codec.message(b"Q", codec.cstr("alter table people rename card_number to cn")))
     _sent(relay, "upstream")
     relay.from_upstream(codec.message(b"C", codec.cstr("ALTER TABLE")) + codec.message(b"Z", b"I"))
@@ -158,7 +158,7 @@ def test_after_ddl_the_catalog_is_read_again_before_the_next_statement():
 def test_create_table_as_is_ddl_though_its_tag_says_select():
     seen: list[bytes] = []
     relay = Relay(session_id="a" * 32, connection="c", client=_peer(), upstream=_peer(), record=lambda _: None,
-                  defer=lambda _: None, on_end=lambda *a: None, max_message=1 << 20, on_ddl=seen.append)
+                  defer=lambda _: None, on_end=lambda *a: None, max_message=1 << 20, on_ddl=lambda: seen.append(b""))
     relay.from_client(codec.message(b"Q", codec.cstr("create table t as select 1 as x")))
     relay.from_upstream(codec.message(b"C", codec.cstr("SELECT 1")) + codec.message(b"Z", b"I"))
     assert len(seen) == 1
@@ -171,3 +171,15 @@ def _peer():  # noqa: ANN202
     from .test_relay_paths import _Peer
 
     return _Peer()
+
+
+def test_the_commit_of_a_transaction_that_ran_ddl_is_told_too():
+    # Other sessions see the DDL only once it commits: they read their catalogs again after the COMMIT.
+    seen: list[str] = []
+    relay = Relay(session_id="a" * 32, connection="c", client=_peer(), upstream=_peer(), record=lambda _: None,
+                  defer=lambda _: None, on_end=lambda *a: None, max_message=1 << 20, on_ddl=lambda: seen.append("x"))
+    for sql, tag, told in (("begin", "BEGIN", 0), ("alter table t rename a to b", "ALTER TABLE", 1),
+                           ("select 1", "SELECT 1", 1), ("commit", "COMMIT", 2), ("commit", "COMMIT", 3)):
+        relay.from_client(codec.message(b"Q", codec.cstr(sql)))
+        relay.from_upstream(codec.message(b"C", codec.cstr(tag)) + codec.message(b"Z", b"T" if told < 2 else b"I"))
+        assert len(seen) == told, sql

@@ -329,7 +329,7 @@ class ExecRunner:
                                         "`wardgate policy check`"}
             result = await self._query(up, sql, params, masking if masking else None)
             if changes_schema:
-                gw.gatekeeper.shared_catalog(connection).changed_by(b"DDL")
+                gw.gatekeeper.shared_catalog(connection).changed()
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
             code = getattr(exc, "code", "08006")
             message = str(exc) or "the connection to the database was lost"

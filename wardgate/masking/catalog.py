@@ -61,8 +61,8 @@ class Shared:
         self._saved = len(self.remembered)
         return {f"{relid}:{attnum}": rule for (relid, attnum), rule in self.remembered.items()}
 
-    def changed_by(self, tag: bytes) -> None:
-        """A session of the connection saw this DDL complete (its CommandComplete tag)."""
+    def changed(self) -> None:
+        """A session of the connection ran DDL, or ended the transaction it ran DDL in."""
         self.generation += 1
 
 

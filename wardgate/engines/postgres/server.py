@@ -319,7 +319,7 @@ class PostgresListener:
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=policy,
-            masking=masking, on_ddl=self.gatekeeper.shared_catalog(conn_name).changed_by,
+            masking=masking, on_ddl=self.gatekeeper.shared_catalog(conn_name).changed,
             user=user, agent=record["agent"], results=self.settings.recording.results,
             sample_rows=self.settings.recording.sample_rows, sample_bytes=self.settings.recording.sample_bytes,
             client_encoding=dict(up.parameters).get("client_encoding", "UTF8"),

@@ -130,8 +130,6 @@ _PREDICTED: dict[tuple[tuple[frozenset[str] | None, ...], str, str], bool] = {} 
 _NAMES_SQL = frozenset({"prepare", "deallocate", "discard", "declare_cursor", "close_portal"})
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _DESCRIBE = ord("D")
-_DDL_TAGS = (b"CREATE", b"ALTER", b"DROP", b"IMPORT")
-_DDL_FIRST = frozenset(b"CADIR")
 _ASYNC = frozenset(b"NAS")
 _REPORTS = frozenset(b"ENA")
 _FLUSH = ord("H")
@@ -170,7 +168,7 @@ class Relay:
         max_message: int,
         policy: StatementPolicy | None = None,
         masking: MaskingPolicy | None = None,
-        on_ddl: Callable[[bytes], None] | None = None,
+        on_ddl: Callable[[], None] | None = None,
         user: str | None = None,
         agent: str | None = None,
         review: Callable[[str, Any], str | None] | None = None,
@@ -191,11 +189,11 @@ class Relay:
         self._on_end = on_end
         self._on_abandon = on_abandon
         self.masking = masking if masking else None
-        # DDL seen here (its CommandComplete tag) makes every session of the connection with column rules
+        # DDL run here (told by its classification) makes every session of the connection with column rules
         # read its catalog again before its next statement; meanwhile the client's bytes are held.
         self._on_ddl = on_ddl
-        self._ddl = False  # DDL has run in this session (a ROLLBACK may then undo some)
-        self._ddl_sent = False  # DDL sent whose ReadyForQuery has not come (its tag may say SELECT)
+        self._ddl = False  # DDL has run in this session: its transaction's end changes what others see
+        self._ddl_sent = False  # DDL (or the end of its transaction) sent, whose ReadyForQuery has not come
         self._held: list[bytes] | None = None
         self._catalog_answer: bytearray | None = None  # its answer so far, while the catalog is read again
         self._catalog_rows: list[tuple[str | None, ...]] = []
@@ -540,8 +538,13 @@ class Relay:
         recorded as events: what they would have done, enforced by nothing."""
         decision = self.policy.decide(statement)
         self._classified = decision.classification
-        if self._on_ddl is not None and decision.classification.changes_schema:
-            self._ddl_sent = True  # the catalog is read again once the server has answered (ReadyForQuery)
+        c = decision.classification
+        if self._on_ddl is not None and (c.changes_schema or (self._ddl and "transaction" in c.kinds)):
+            # Told by the classification, not the command tag (CREATE TABLE AS answers SELECT). Catalogs are
+            # read again once the server has answered (ReadyForQuery): after the DDL for this session, and
+            # after the COMMIT or ROLLBACK that ends its transaction for every other session.
+            self._ddl = self._ddl or c.changes_schema
+            self._ddl_sent = True
         if decision.action == "allow" and not decision.matches:
             _DECIDED["allow"] += 1
             return None
@@ -722,12 +725,10 @@ class Relay:
                     if mtype == _READY:
                         self._answered()
                         if self._ddl_sent:
-                            self._ddl_sent, self._ddl = False, True
-                            self._on_ddl(b"")  # type: ignore[misc]
+                            self._ddl_sent = False
+                            self._on_ddl()  # type: ignore[misc]
                         finished = tracker.ready(body)
                     elif mtype == _COMMAND_COMPLETE:
-                        if body[0] in _DDL_FIRST and self._on_ddl is not None and self._is_ddl(body):
-                            self._on_ddl(body)
                         fin = tracker.complete(body)
                         if fin is None:
                             continue
@@ -783,12 +784,6 @@ class Relay:
             return
         if fwd:
             self.client.transport.write(fwd)  # type: ignore[union-attr]
-
-    def _is_ddl(self, tag: bytes) -> bool:
-        if tag.startswith(_DDL_TAGS):
-            self._ddl = True
-            return True
-        return self._ddl and tag.startswith((b"ROLLBACK", b"ABORT"))
 
     def _read_catalog(self, data: bytes) -> None:
         """Read the catalog again (DDL ran) before the client's `data`, which waits until it is read: its
