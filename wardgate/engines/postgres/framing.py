@@ -3,7 +3,8 @@
 A `Framer` finds message boundaries in what one read returned. Messages of the types it was told
 to inspect are returned whole (buffered across reads, bounded); every other message streams
 through as it arrives, so a 1 GB DataRow or CopyData never sits in memory. When a read is consumed
-whole, the read's own buffer is forwarded unchanged.
+whole, the read's own buffer is forwarded unchanged. A message that spans reads is kept as the list of
+those reads and joined once, when its last byte has come: its cost is linear in its size.
 
 The per-message loop is `scan`, in C (`_wire.c`) when it is built, else the Python reference below;
 both have the same contract and the tests hold them to it.
@@ -73,7 +74,7 @@ except ImportError:  # built without a C compiler: the same contract, slower
 
 class Framer:
     __slots__ = ("_inspect", "_allowed", "_small", "_max_inspect", "_max_message", "_limits", "_buf", "_skip",
-                 "_limits_raw", "_inspect_raw", "_rows")
+                 "_limits_raw", "_inspect_raw", "_rows", "_have", "_need")
 
     def __init__(
         self,
@@ -90,7 +91,9 @@ class Framer:
         self._small = small or {}
         self._max_inspect = max_inspect
         self._max_message = max_message
-        self._buf = b""
+        self._buf: list[bytes] = []  # the reads holding an incomplete message, in order
+        self._have = 0  # their total length
+        self._need = 0  # the bytes the held message needs in all (5 while its header is incomplete)
         self._skip = 0
         # Largest valid length per message type (0: type not allowed), so the hot loop checks with one lookup.
         self._limits = [self._limit(t) for t in range(256)]
@@ -112,8 +115,13 @@ class Framer:
         With `rows` set, a run of those messages is one entry (type | ROWS, end, offset).
         """
         if self._buf:
-            data = self._buf + data
-            self._buf = b""
+            self._buf.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return b"", []
+            data = b"".join(self._buf)
+            self._buf = []
+            self._have = 0
         pos = 0
         skip = self._skip
         if skip:
@@ -124,7 +132,10 @@ class Framer:
             self._skip = 0
         pos, state, extra, msgs = scan(data, pos, self._limits_raw, self._inspect_raw, self._rows)
         if state == HOLD:
-            self._buf = data[pos:]
+            rest = data[pos:] if pos else data
+            self._buf = [rest]
+            self._have = len(rest)
+            self._need = 1 + _unpack_len(rest, 1)[0] if len(rest) >= 5 else 5
             return data[:pos], msgs
         if state == SKIP:
             self._skip = extra
@@ -150,4 +161,4 @@ class Framer:
     @property
     def pending(self) -> int:
         """Bytes held back waiting for the rest of a message."""
-        return len(self._buf)
+        return self._have
