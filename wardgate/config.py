@@ -59,6 +59,14 @@ class GatewaySettings:
     client_auth: str = "scram-sha-256"
     require_tls: bool = False
     max_message_size: int = 128 * 1024 * 1024
+    # Bytes held for inspection across all sessions (partial messages, rows being masked); past it, the
+    # session holding the most is ended with 53200 and everyone else is served.
+    inspect_budget: int = 512 * 1024 * 1024
+    # Text values longer than this are masked whole ("[unscanned]") where content detectors apply, rather
+    # than searched: detection is linear, yet one value must not hold the event loop for long.
+    max_scanned_value: int = 1024 * 1024
+    # Seconds a worker may spend classifying one long statement before it is refused as too costly.
+    inspect_timeout: float = 10.0
     upstream_connect_timeout: float = 10.0
     auth_timeout: float = 30.0
     # /metrics (Prometheus): open on the HTTP listener, or, with this set, only to a bearer token

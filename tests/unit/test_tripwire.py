@@ -14,7 +14,7 @@ from tests.unit.test_relay_paths import _answer, _Peer
 from wardgate.engines.postgres import codec
 from wardgate.engines.postgres.session import Relay
 from wardgate.policy.guardrails import Decision, StatementPolicy, standard_rules
-from wardgate.sql.classify import classify
+from wardgate.sql.classify import Classification, classify
 
 
 class Misreading(StatementPolicy):
@@ -24,10 +24,10 @@ class Misreading(StatementPolicy):
         super().__init__(standard_rules({}))
         self.text, self.pretend = text, pretend
 
-    def _decide(self, text: str) -> Decision:
+    def _decide(self, text: str, c: Classification | None = None) -> Decision:
         if text == self.text:
             return dataclasses.replace(super()._decide(self.pretend), classification=classify(self.pretend))
-        return super()._decide(text)
+        return super()._decide(text, c)
 
 
 def _relay(policy: StatementPolicy) -> tuple[Relay, list[str], list[str]]:

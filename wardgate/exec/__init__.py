@@ -29,6 +29,8 @@ from ..masking.messages import mask_report
 from ..masking.plan import MaskingPolicy
 from ..policy.guardrails import Decision, Match, StatementPolicy
 from ..recording.views import show_session
+from ..sql.classify import Classification
+from ..sql.offload import INLINE_CHARS
 from ..sql.tags import as_predicted
 from ..store import NotFound
 
@@ -90,7 +92,9 @@ class ExecRunner:
                                       source=caller.source, detail=f"{connection}: {access.reason}")
             return {"status": "denied", "connection": connection, "reason": access.reason,
                     "rules": [], "next": "ask an administrator for exec access to this connection"}
-        decision = gk.decide(caller, connection, sql)
+        # A long statement is classified off the event loop, like a native client's (sql/offload.py).
+        classified = await self.gateway.postgres.offload.classify(sql) if len(sql) > INLINE_CHARS else None
+        decision = gk.decide(caller, connection, sql, classified)
         if decision.action == "allow" and review_id is None and self.gateway.settings.analysis.enabled:
             decision = await self._weigh_risk(caller, sql, decision)
         if decision.action == "review" and review_id is None:
@@ -274,7 +278,8 @@ class ExecRunner:
             return await self._run_upstream(sid, connection, sql, params, masking, started,
                                             gw.gatekeeper.statement_policy(caller, connection, masking),
                                             decision.classification.expected_tags, caller,
-                                            changes_schema=decision.classification.changes_schema)
+                                            changes_schema=decision.classification.changes_schema,
+                                            classification=decision.classification)
         except Exception:
             log.exception("exec session %s failed", sid)
             self._close_session(sid, "internal gateway error")
@@ -300,7 +305,8 @@ class ExecRunner:
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
                             masking: MaskingPolicy, started: float, policy: StatementPolicy,
                             expected: tuple[frozenset[str] | None, ...] = (), caller: Identity | None = None,
-                            changes_schema: bool = False) -> dict[str, Any]:
+                            changes_schema: bool = False,
+                            classification: Classification | None = None) -> dict[str, Any]:
         gw = self.gateway
         up = None
         try:
@@ -316,7 +322,7 @@ class ExecRunner:
                 if caller is not None:
                     # Decided again on the catalog just read: column rules follow columns by identity
                     # (aliases, renames, views), which the decision made before connecting matched by name.
-                    second = policy.decide(sql)  # `policy` follows `masking`'s catalog
+                    second = policy.decide(sql, classification)  # `policy` follows `masking`'s catalog
                     if second.action == "deny":
                         message = second.error_message
                         gw.recorder.write([self._outcome(sid, "denied", code="42501", msg=message)])

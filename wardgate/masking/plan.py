@@ -63,6 +63,11 @@ def _binary_number_text(type_oid: int, raw: bytes) -> bytes:
     fraction = "0000" * max(0, -weight - 1) + fraction if fraction else ""
     return f"{whole or '0'}.{fraction}".rstrip(".").encode()
 NULL_VALUE = b"\xff\xff\xff\xff"
+# A text value longer than this is masked whole rather than searched: detection is linear in a value's
+# length, yet a single value must not hold the event loop for long ([gateway] max_scanned_value).
+SCAN_LIMIT = 1 << 20
+# What such a value becomes (NULL for the null strategy): whatever the strategy, no work in its length.
+UNSCANNED = "[unscanned]"
 
 
 @dataclass(frozen=True)
@@ -137,9 +142,11 @@ Action = bytes | tuple | None  # see mask_rows in engines/postgres/_wire.c
 class RowMasker:
     """The plan for one result: which columns to mask and how, as one action per column index."""
 
-    def __init__(self, columns: list[_Column], salt: bytes, hits: list[int] | None = None) -> None:
+    def __init__(self, columns: list[_Column], salt: bytes, hits: list[int] | None = None,
+                 scan_limit: int = SCAN_LIMIT) -> None:
         self.columns = columns
         self.salt = salt
+        self.scan_limit = scan_limit
         width = max((c.index for c in columns), default=-1) + 1
         self.hits = hits if hits is not None else [0] * width  # values masked, per column index
         by_index = {c.index: c for c in columns}
@@ -187,6 +194,9 @@ class RowMasker:
         kinds, patterns, strategy = col.detectors  # type: ignore[misc]
         if col.binary and col.type_oid in NUMBER_OIDS:
             raw = binary_number_text(col.type_oid, raw)
+        if len(raw) > self.scan_limit:
+            self.hits[col.index] += 1
+            return NULL_VALUE if strategy == "null" or col.binary else _value(UNSCANNED)
         text = raw.decode("utf-8", "replace")
         spans = find(text, raw, kinds, patterns)
         if not spans:
@@ -311,9 +321,11 @@ class MaskingPolicy:
     # hide a masked column, and rules can say table.column (see masking/catalog.py).
     CATALOG_SQL = CATALOG_SQL
 
-    def __init__(self, rules: list[MaskRule], salt: bytes, shared: Shared | None = None) -> None:
+    def __init__(self, rules: list[MaskRule], salt: bytes, shared: Shared | None = None,
+                 scan_limit: int = SCAN_LIMIT) -> None:
         self.rules = rules
         self.salt = salt
+        self.scan_limit = scan_limit
         self.totals: Counter[str] = Counter()
         self.catalog = Catalog(rules, shared)
         self._plans: dict[bytes, RowMasker | None] = {}  # by RowDescription: a session repeats the same few
@@ -361,12 +373,14 @@ class MaskingPolicy:
                 # Text types are the same bytes in binary format; others can only become NULL.
                 binary = fmt == 1 and type_oid not in PLAIN_TEXT_OIDS
                 columns.append(_Column(i, name, type_oid, binary, whole, detectors))
-        return RowMasker(columns, self.salt) if columns else None
+        return RowMasker(columns, self.salt, scan_limit=self.scan_limit) if columns else None
 
     def mask_text(self, text: str) -> str:
         """A free-standing value (a statement's parameter, for its record) with the content detectors applied."""
         for r in self.rules:
             if r.detectors or r.patterns:
+                if len(text) > self.scan_limit:
+                    return UNSCANNED
                 raw = text.encode("utf-8")
                 if not r.patterns and not _worth_a_look(raw, *_screen(r.detectors)):
                     return text  # no detector of this rule can match (their own pre-filters would say so too)
@@ -383,9 +397,23 @@ class MaskingPolicy:
         return text
 
     def mask_copy_line(self, data: bytes) -> bytes | None:
-        """COPY ... TO STDOUT data in text form: detectors apply to the whole line."""
+        """COPY ... TO STDOUT data in text form: detectors apply to the whole line (field by field when
+        it is longer than the scan limit, and a field longer than that is masked whole)."""
+        if len(data) > self.scan_limit:
+            body, end = (data[:-1], data[-1:]) if data.endswith(b"\n") else (data, b"")
+            fields = body.split(b"\t")
+            masked = [self._copy_field(f) for f in fields]
+            if all(m is None for m in masked):
+                return None
+            return b"\t".join(f if m is None else m for f, m in zip(fields, masked, strict=True)) + end
+        return self._copy_field(data)
+
+    def _copy_field(self, data: bytes) -> bytes | None:
         for r in self.rules:
             if r.detectors or r.patterns:
+                if len(data) > self.scan_limit:
+                    self.totals["(copy)"] += 1
+                    return b"\\N" if r.strategy == "null" else UNSCANNED.encode()
                 text = data.decode("utf-8", "replace")
                 spans = find(text, data, r.detectors, r.patterns)
                 if not spans:

@@ -12,6 +12,7 @@ from ..config import Settings
 from ..domain import Identity
 from ..masking.catalog import Shared
 from ..masking.plan import MaskingPolicy
+from ..sql.classify import Classification
 from .access import AccessDecision, AccessPolicy
 from .guardrails import Decision, Rule, StatementPolicy
 
@@ -89,6 +90,7 @@ class Gatekeeper:
         self.access = AccessPolicy(list(settings.access))
         self.guardrails = list(settings.guardrails)
         self.masking = list(settings.masking)
+        self.scan_limit = settings.gateway.max_scanned_value
         # Hash-masked values stay equal across sessions (so joins still work), yet cannot be guessed:
         # the gateway passes a salt derived from its secret key.
         self.masking_salt = masking_salt or os.urandom(32)
@@ -104,6 +106,7 @@ class Gatekeeper:
         self.access = AccessPolicy(list(settings.access))
         self.guardrails = list(settings.guardrails)
         self.masking = list(settings.masking)
+        self.scan_limit = settings.gateway.max_scanned_value
         self._admins = set(settings.roles.admins)
         self._auditors = set(settings.roles.auditors)
 
@@ -156,11 +159,13 @@ class Gatekeeper:
         """The masking rules for one session (empty when none apply). Columns a rule has masked stay masked
         by their identity for every later session of the connection, whatever they are renamed to."""
         return MaskingPolicy([r for r in self.masking if r.applies_to(identity, connection)], self.masking_salt,
-                             self.shared_catalog(connection))
+                             self.shared_catalog(connection), scan_limit=self.scan_limit)
 
-    def decide(self, identity: Identity, connection: str, statement: str) -> Decision:
-        """allow / deny / review for one statement, with the matched rules and reasons."""
-        return self.statement_policy(identity, connection).decide(statement)
+    def decide(self, identity: Identity, connection: str, statement: str,
+               classification: Classification | None = None) -> Decision:
+        """allow / deny / review for one statement, with the matched rules and reasons (`classification`:
+        the statement's, when the caller has made it already, off the event loop)."""
+        return self.statement_policy(identity, connection).decide(statement, classification)
 
     def check(self, identity: Identity, connection: str, statement: str, verb: str = "connect") -> dict[str, Any]:
         """What `policy check` shows, at every door (CLI, MCP, console): the decision as access and the

@@ -282,13 +282,19 @@ class StatementPolicy:
         """Drop every cached decision (the catalog some rules read has changed)."""
         self._cache.clear()
 
-    def decide(self, text: str) -> Decision:
+    def decided(self, text: str) -> bool:
+        """Whether `decide(text)` is answered from the cache, without classifying."""
+        return text in self._cache
+
+    def decide(self, text: str, classification: Classification | None = None) -> Decision:
+        """The decision on `text`; `classification` is its classification when the caller already has it
+        (made off the event loop for a long statement, see sql/offload.py)."""
         cache = self._cache
         hit = cache.get(text)
         if hit is not None:
             return hit
         if len(text) > CACHE_TEXT_LIMIT:
-            return self._decide(text)
+            return self._decide(text, classification)
         template = template_key(text)
         if template is not None:
             # A template key starts with NUL, which no statement text holds (PostgreSQL reads a C string),
@@ -297,15 +303,18 @@ class StatementPolicy:
             hit = cache.get(template)
             if hit is not None:
                 return hit
-        decision = self._decide(text)
+        decision = self._decide(text, classification)
         key = template if template is not None and not decision.classification.value_dependent else text
         cache[key] = decision
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
         return decision
 
-    def _decide(self, text: str) -> Decision:
-        c = classify(text)
+    def _decide(self, text: str, c: Classification | None = None) -> Decision:
+        if c is None:
+            c = classify(text)
+        if c.uninspected:
+            return Decision("deny", (Match("gateway:inspection", "deny", c.error or "", "", False),), c)
         if c.error is not None:
             m = Match("parser", "deny", f"the statement does not parse: {c.error}", "", False)
             return Decision("deny", (m,), c)

@@ -115,6 +115,8 @@ class Classification:
     unresolved: frozenset[str] = frozenset()
     altered: frozenset[str] = frozenset()
     scope_relations: frozenset[str] = frozenset()  # stored relations in its FROM lists, as typed
+    # Not read at all: too large or complex to classify within the gateway's budget (`error` says so).
+    uninspected: bool = False
 
     @functools.cached_property
     def changes_schema(self) -> bool:

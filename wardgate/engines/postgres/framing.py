@@ -159,6 +159,11 @@ class Framer:
             )
 
     @property
+    def incomplete(self) -> int:
+        """Bytes the held message still lacks (0 when none is held, or its header is not complete)."""
+        return self._need - self._have if self._buf and self._need > 5 else 0
+
+    @property
     def pending(self) -> int:
         """Bytes held back waiting for the rest of a message."""
         return self._have

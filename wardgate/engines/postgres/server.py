@@ -22,8 +22,10 @@ from ...masking.catalog import Shared
 from ...metrics import STATS
 from ...policy.gatekeeper import Gatekeeper
 from ...recording.journal import event
+from ...sql.offload import Offload
 from ...store import CREDENTIAL_PREFIX, UNAVAILABLE, UNAVAILABLE_MESSAGE, Store
 from . import codec, options, upstream
+from .budget import Budget
 from .scram import MECHANISM, ScramError, ScramServer, make_verifier
 from .session import Relay
 from .stream import PeerClosed, StreamProtocol
@@ -70,6 +72,9 @@ class PostgresListener:
         self.recorder = recorder
         self.tls = tls
         self.sessions: dict[str, LiveSession] = {}
+        # Long statements are classified in worker processes, every door's (sql/offload.py).
+        self.offload = Offload(timeout=settings.gateway.inspect_timeout)
+        self.budget: Budget[Relay] = Budget(settings.gateway.inspect_budget)
         self.by_cancel_key: dict[int, LiveSession] = {}
         self.reviews: Any = None  # the review workflow, when the gateway has one (reviews.Reviews)
         self.server: asyncio.base_events.Server | None = None
@@ -98,6 +103,7 @@ class PostgresListener:
             live.relay.fail(codec.fatal("57P01", "the gateway is shutting down", hint="reconnect in a moment"), "gateway shutdown", "57P01")
         for task in list(self._tasks):
             task.cancel()
+        await self.offload.close()
 
     # -------------------------------------------------------------------------- handshake
 
@@ -322,7 +328,8 @@ class PostgresListener:
             masking=masking, on_ddl=self.gatekeeper.shared_catalog(conn_name).changed,
             user=user, agent=record["agent"], results=self.settings.recording.results,
             sample_rows=self.settings.recording.sample_rows, sample_bytes=self.settings.recording.sample_bytes,
-            client_encoding=dict(up.parameters).get("client_encoding", "UTF8"),
+            client_encoding=dict(up.parameters).get("client_encoding", "UTF8"), offload=self.offload,
+            budget=self.budget,
             review=None if self.reviews is None else (
                 lambda statement, decision, sid=record["sid"]: self.reviews.native(identity, conn_name, statement, decision, sid)),
         )

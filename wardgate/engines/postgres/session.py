@@ -7,6 +7,7 @@ before it is recorded. Outcomes are handed to the recorder's deferred batch (see
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -23,8 +24,10 @@ from ...policy.guardrails import Match, StatementPolicy
 from ...recording.journal import event
 from ...sql import encoding
 from ...sql.classify import Classification
+from ...sql.offload import INLINE_CHARS, Offload
 from ...sql.tags import as_predicted
 from . import codec
+from .budget import Budget
 from .framing import ROWS, Framer
 from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, UNSEEN, Finished, StatementTracker
@@ -33,6 +36,7 @@ log = logging.getLogger("wardgate.session")
 _DECIDED = STATS.statements  # decision -> count; bumped inline on the hot path
 _RULES = STATS.rules
 _LATENCY = STATS.latency
+DRAIN_SECONDS = 5.0  # how long a failed session's client may go on writing before it is closed
 
 _json = json.JSONEncoder(ensure_ascii=False).encode
 _jstring = json.encoder.encode_basestring  # a str as a JSON string, in C
@@ -176,6 +180,8 @@ class Relay:
         sample_rows: int = 5,
         sample_bytes: int = 64 * 1024,
         client_encoding: str = "UTF8",
+        offload: Offload | None = None,
+        budget: Budget[Relay] | None = None,
     ) -> None:
         self.user, self.agent = user, agent
         # For statements a rule holds for review: None to run it (approved), else the refusal naming the review.
@@ -194,7 +200,16 @@ class Relay:
         self._on_ddl = on_ddl
         self._ddl = False  # DDL has run in this session: its transaction's end changes what others see
         self._ddl_sent = False  # DDL (or the end of its transaction) sent, whose ReadyForQuery has not come
-        self._held: list[bytes] | None = None
+        self._held: list[bytes] | None = None  # the client's bytes while its earlier ones wait (catalog, worker)
+        self._upstream_full = False  # the upstream's write buffer is full: the client is not read meanwhile
+        # Long statements are classified off the event loop, in a worker (sql/offload.py); their
+        # classifications wait here for the decision that uses them.
+        self._offload = offload
+        self._prepared: dict[str, Classification] = {}
+        self._classifying: asyncio.Future[None] | None = None
+        self._budget = budget  # the gateway-wide cap on bytes held for inspection (budget.py)
+        self._waiting = 0  # bytes of a read waiting for a worker
+        self._draining = 0  # ended: bytes of the client's message to read and drop before closing (fail)
         self._catalog_answer: bytearray | None = None  # its answer so far, while the catalog is read again
         self._catalog_rows: list[tuple[str | None, ...]] = []
         self._catalog_failed = False
@@ -258,7 +273,7 @@ class Relay:
         self.upstream.on_lost = self._upstream_lost
         # Backpressure: a peer that does not read stops us reading from the other side.
         self.client.on_pause = functools.partial(_set_reading, self.upstream)
-        self.upstream.on_pause = functools.partial(_set_reading, self.client)
+        self.upstream.on_pause = self._upstream_pause
         self.upstream.start_relay(self.from_upstream)
         self.client.start_relay(self.from_client)
         # Either side may have gone while the session was being set up.
@@ -271,6 +286,10 @@ class Relay:
 
     def from_client(self, data: bytes) -> None:
         if self.ended:
+            if self._draining:
+                self._draining = max(0, self._draining - len(data))
+                if not self._draining:
+                    self.client.close()
             return
         if self._held is not None:
             self._held.append(data)
@@ -282,99 +301,182 @@ class Relay:
             return
         try:
             fwd, msgs = self.client_framer.feed(data)
-            if msgs:
-                records: list[str] = []
-                edits: list[tuple[int, int, bytes]] = []  # (offset, length, replacement) in fwd
-                sid = self.session_id
-                for mtype, body, offset in msgs:
-                    if mtype != _EXECUTE and mtype != _FLUSH:
-                        self._described = None
-                    if mtype == _QUERY:  # the common case, in one place
-                        raw = codec.read_cstr(body, 0)[0]
-                        text, refusal = self._read_sql(raw)
-                        self._unanswered += 1  # after reading it: it waits on the ones before, not on itself
-                        if refusal is None:
-                            refusal = self._decide(text, records)
-                        if refusal is not None:
-                            self._refuse(mtype, body, offset, refusal, records, edits)
-                            continue
-                        seq = self.tracker.start_query(text)
-                        self._starts[seq] = time.perf_counter_ns()
-                        records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict()))
-                        self._expect_query(seq)
-                        continue
-                    if mtype == _TERMINATE:
-                        self.terminating = True
-                        continue
-                    if mtype == _PARSE:  # decided on its text, which is read once
-                        name, pos = codec.read_cstr(body, 0)
-                        raw, pos = codec.read_cstr(body, pos)
-                        text, refusal = self._read_sql(raw)
-                        if refusal is None:
-                            refusal = self._decide(text, records, extended=True)
-                        if refusal is not None:
-                            self._refuse(mtype, body, offset, refusal, records, edits)
-                            continue
-                        self.tracker.parsed(name, text, body, pos, self._take_verdict())
-                        c = self._classified
-                        # One statement or none (empty: EmptyQueryResponse); more, and the server refuses the Parse
-                        self._stmt_expect[name] = c.expected_tags[0] if c is not None and c.statements == 1 else None
-                        continue
-                    if mtype == _FUNCTION_CALL:
-                        self._unanswered += 1  # sent on as a Query, answered with ReadyForQuery
-                        _DECIDED["deny"] += 1
-                        self._refuse(mtype, body, offset, _FAST_PATH_REFUSED, records, edits)
-                        continue
-                    if mtype == _SYNC:
-                        self._unanswered += 1
-                        self._executed = 0
-                    elif mtype == _EXECUTE and self.masking is not None:
-                        described = self._describe_first(body, offset, edits)
-                    started = self.tracker.frontend(mtype, body)
-                    if started is not None:
-                        self._executed += mtype == _EXECUTE
-                        self._starts[started.seq] = time.perf_counter_ns()
-                        verdict = started.verdict
-                        if started.params:
-                            verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
-                        records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text,
-                                                  verdict))
-                        if mtype == _EXECUTE:
-                            expected = self._portal_expect.get(codec.read_cstr(body, 0)[0])
-                            if expected is not None:
-                                self._expect[started.seq] = (expected,)
-                            if self.masking is not None:
-                                self.tracker.last().plan = described  # type: ignore[union-attr]
-                    elif mtype == _DESCRIBE:
-                        if self.masking is not None and body[:1] == b"P":
-                            learnt = self.tracker.last().plan = _Described()  # type: ignore[union-attr]
-                            self._described = (codec.read_cstr(body, 1)[0], learnt)
-                    elif mtype == _BIND:
-                        portal, pos = codec.read_cstr(body, 0)
-                        self._portal_expect[portal] = self._stmt_expect.get(codec.read_cstr(body, pos)[0])
-                    elif mtype == _CLOSE and len(body) >= 2:
-                        name = codec.read_cstr(body, 1)[0]
-                        (self._stmt_expect if body[0] == ord("S") else self._portal_expect).pop(name, None)
-                if records:
-                    self._record(records)
-                if edits:
-                    fwd = _splice(fwd, edits)
-        except codec.ProtocolViolation as exc:
-            self.fail(codec.fatal("08P01", f"protocol violation: {exc}", hint="the gateway closed this session; reconnect"), f"protocol violation: {exc}", "08P01")
+            if self._budget is not None and self._over_budget():
+                return
+            if msgs and self._offload is not None and self._classify_first(fwd, msgs):
+                return  # decided once a worker has classified its long statements; the client waits
+            fwd = self._statements(fwd, msgs)
+        except Exception as exc:  # each kind ends the session as it should (_client_failed)
+            self._client_failed(exc)
             return
-        except OSError as exc:
+        if fwd:
+            self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+
+    def _statements(self, fwd: bytes, msgs: list) -> bytes:
+        """Decide and record the client's messages `msgs` framed from `fwd`; what to forward upstream."""
+        if msgs:
+            records: list[str] = []
+            edits: list[tuple[int, int, bytes]] = []  # (offset, length, replacement) in fwd
+            sid = self.session_id
+            for mtype, body, offset in msgs:
+                if mtype != _EXECUTE and mtype != _FLUSH:
+                    self._described = None
+                if mtype == _QUERY:  # the common case, in one place
+                    raw = codec.read_cstr(body, 0)[0]
+                    text, refusal = self._read_sql(raw)
+                    self._unanswered += 1  # after reading it: it waits on the ones before, not on itself
+                    if refusal is None:
+                        refusal = self._decide(text, records)
+                    if refusal is not None:
+                        self._refuse(mtype, body, offset, refusal, records, edits)
+                        continue
+                    seq = self.tracker.start_query(text)
+                    self._starts[seq] = time.perf_counter_ns()
+                    records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict()))
+                    self._expect_query(seq)
+                    continue
+                if mtype == _TERMINATE:
+                    self.terminating = True
+                    continue
+                if mtype == _PARSE:  # decided on its text, which is read once
+                    name, pos = codec.read_cstr(body, 0)
+                    raw, pos = codec.read_cstr(body, pos)
+                    text, refusal = self._read_sql(raw)
+                    if refusal is None:
+                        refusal = self._decide(text, records, extended=True)
+                    if refusal is not None:
+                        self._refuse(mtype, body, offset, refusal, records, edits)
+                        continue
+                    self.tracker.parsed(name, text, body, pos, self._take_verdict())
+                    c = self._classified
+                    # One statement or none (empty: EmptyQueryResponse); more, and the server refuses the Parse
+                    self._stmt_expect[name] = c.expected_tags[0] if c is not None and c.statements == 1 else None
+                    continue
+                if mtype == _FUNCTION_CALL:
+                    self._unanswered += 1  # sent on as a Query, answered with ReadyForQuery
+                    _DECIDED["deny"] += 1
+                    self._refuse(mtype, body, offset, _FAST_PATH_REFUSED, records, edits)
+                    continue
+                if mtype == _SYNC:
+                    self._unanswered += 1
+                    self._executed = 0
+                elif mtype == _EXECUTE and self.masking is not None:
+                    described = self._describe_first(body, offset, edits)
+                started = self.tracker.frontend(mtype, body)
+                if started is not None:
+                    self._executed += mtype == _EXECUTE
+                    self._starts[started.seq] = time.perf_counter_ns()
+                    verdict = started.verdict
+                    if started.params:
+                        verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
+                    records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text,
+                                              verdict))
+                    if mtype == _EXECUTE:
+                        expected = self._portal_expect.get(codec.read_cstr(body, 0)[0])
+                        if expected is not None:
+                            self._expect[started.seq] = (expected,)
+                        if self.masking is not None:
+                            self.tracker.last().plan = described  # type: ignore[union-attr]
+                elif mtype == _DESCRIBE:
+                    if self.masking is not None and body[:1] == b"P":
+                        learnt = self.tracker.last().plan = _Described()  # type: ignore[union-attr]
+                        self._described = (codec.read_cstr(body, 1)[0], learnt)
+                elif mtype == _BIND:
+                    portal, pos = codec.read_cstr(body, 0)
+                    self._portal_expect[portal] = self._stmt_expect.get(codec.read_cstr(body, pos)[0])
+                elif mtype == _CLOSE and len(body) >= 2:
+                    name = codec.read_cstr(body, 1)[0]
+                    (self._stmt_expect if body[0] == ord("S") else self._portal_expect).pop(name, None)
+            if records:
+                self._record(records)
+            if edits:
+                fwd = _splice(fwd, edits)
+        return fwd
+
+    def _client_failed(self, exc: Exception) -> None:
+        """End the session for what went wrong with the client's messages, each kind as it should."""
+        if isinstance(exc, codec.ProtocolViolation):
+            self.fail(codec.fatal("08P01", f"protocol violation: {exc}", hint="the gateway closed this session; reconnect"), f"protocol violation: {exc}", "08P01")
+        elif isinstance(exc, OSError):
             log.error("cannot write the recording journal: %s", exc, extra={"session_id": self.session_id})
             self.fail(
                 codec.fatal("58030", "the gateway cannot record this session, so it will not run statements",
                             hint="try again later; the gateway's operator has been told"),
                 "recording failed", "58030",
             )
+        else:
+            self._internal_error(exc)
+
+    def _classify_first(self, fwd: bytes, msgs: list) -> bool:
+        """Whether the read holds long statements to classify in a worker first (sql/offload.py); if so,
+        the read is decided once they are, and the client's next bytes wait for it."""
+        texts = []
+        for mtype, body, _ in msgs:
+            if mtype == _QUERY:
+                raw = codec.read_cstr(body, 0)[0]
+            elif mtype == _PARSE:
+                raw = codec.read_cstr(body, codec.read_cstr(body, 0)[1])[0]
+            else:
+                continue
+            if len(raw) > INLINE_CHARS:
+                # The text _read_sql gives whenever it does not refuse: a refused text is never classified.
+                text = raw.decode("ascii") if raw.isascii() else raw.decode(self._codec, "replace")
+                if not self.policy.decided(text):
+                    texts.append(text)
+        if not texts:
+            return False
+        self._waiting = len(fwd) + sum(map(len, texts))
+        self._held = []
+        self._set_client_reading()
+        self._classifying = asyncio.ensure_future(self._classify_then_relay(fwd, msgs, texts))
+        return True
+
+    async def _classify_then_relay(self, fwd: bytes, msgs: list, texts: list[str]) -> None:
+        offload = self._offload
+        assert offload is not None
+        for text in texts:
+            self._prepared[text] = await offload.classify(text)
+        if self.ended:
             return
-        except Exception:
-            self._internal_error()
+        try:
+            fwd = self._statements(fwd, msgs)
+        except Exception as exc:  # each kind ends the session as it should (_client_failed)
+            self._client_failed(exc)
             return
+        finally:
+            self._prepared.clear()
+            self._classifying = None
+            self._waiting = 0
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+        held, self._held = self._held or [], None
+        self._set_client_reading()
+        if held:
+            self.from_client(b"".join(held))
+
+    def _over_budget(self) -> bool:
+        """Count what this session holds for inspection against the gateway-wide budget (budget.py); end
+        the sessions holding the most when the total is over it. Whether this session was one of them."""
+        held = self.client_framer.pending + self.server_framer.pending + self._waiting
+        if self._held:
+            held += sum(map(len, self._held))
+        over = self._budget.hold(self, held)  # type: ignore[union-attr]
+        for relay in over:
+            log.warning("inspection budget of %d bytes reached: ending the session holding %d bytes",
+                        relay._budget.cap, relay._budget.held(relay), extra={"session_id": relay.session_id})
+            relay.fail(codec.fatal(
+                "53200", "the gateway is holding too much data for inspection across its sessions, and this "
+                "session held the most", hint="send smaller statements (or fetch fewer rows at a time) and reconnect"),
+                "inspection budget exceeded", "53200", drain=True)
+        return self.ended
+
+    def _set_client_reading(self) -> None:
+        """Read from the client unless its statements wait for a worker or the upstream cannot take more."""
+        _set_reading(self.client, self._held is not None or self._upstream_full)
+
+    def _upstream_pause(self, full: bool) -> None:
+        self._upstream_full = full
+        self._set_client_reading()
 
     def _answered(self) -> None:
         """A ReadyForQuery: the server has reported every setting changed before it."""
@@ -536,7 +638,7 @@ class Relay:
     def _decide(self, statement: str, records: list[str], extended: bool = False) -> str | None:
         """None to let the statement through, else the refusal message. Shadow rules that matched are
         recorded as events: what they would have done, enforced by nothing."""
-        decision = self.policy.decide(statement)
+        decision = self.policy.decide(statement, self._prepared.pop(statement, None))
         self._classified = decision.classification
         c = decision.classification
         if self._on_ddl is not None and (c.changes_schema or (self._ddl and "transaction" in c.kinds)):
@@ -689,6 +791,8 @@ class Relay:
                 return
         try:
             fwd, msgs = self.server_framer.feed(data)
+            if self._budget is not None and self._over_budget():
+                return
             if msgs and (simple := self._simple_answer(msgs, fwd)) is not None:
                 fwd = simple
             elif msgs:
@@ -876,9 +980,10 @@ class Relay:
 
     # -- endings
 
-    def _internal_error(self) -> None:
+    def _internal_error(self, exc: BaseException | None = None) -> None:
         """A fault of the gateway's own: end this session clearly (fail closed); others carry on."""
-        log.exception("internal error in session %s", self.session_id, extra={"session_id": self.session_id})
+        log.error("internal error in session %s", self.session_id, extra={"session_id": self.session_id},
+                  exc_info=exc or True)
         self.fail(codec.fatal("XX000", "internal gateway error; this session is closed",
                               hint="reconnect; the gateway's log has the details"), "internal gateway error", "XX000")
 
@@ -896,16 +1001,23 @@ class Relay:
                 codec.fatal("08006", f"the connection to {self.connection!r} was lost",
                             hint="reconnect; the gateway serves new sessions once the database is back")
             )
-        self.client.close()
+        if not self._draining:
+            self.client.close()
         # After the client's Terminate the server closing is the end the client asked for, whichever side is seen first
         self.end("client terminated" if self.terminating else "upstream closed the connection")
 
-    def fail(self, error: bytes, reason: str, code: str | None = None) -> None:
-        """Send `error` to the client and end the session."""
+    def fail(self, error: bytes, reason: str, code: str | None = None, *, drain: bool = False) -> None:
+        """Send `error` to the client and end the session. With `drain`, what the client goes on sending is
+        read and dropped for a few seconds before its connection is closed: a client still writing a long
+        message would otherwise lose the error to the reset that closing on unread bytes causes."""
         if self.ended:
             return
         self.client.write(error)
-        self.client.close()
+        if drain and self.client.transport is not None and self.client_framer.incomplete:
+            self._draining = self.client_framer.incomplete
+            asyncio.get_running_loop().call_later(DRAIN_SECONDS, self.client.close)
+        else:
+            self.client.close()
         self.upstream.close()
         self.end(reason, code)
 
@@ -913,4 +1025,8 @@ class Relay:
         if self.ended:
             return
         self.ended = True
+        if self._classifying is not None:
+            self._classifying.cancel()
+        if self._budget is not None:
+            self._budget.release(self)
         self._on_end(self, reason if code is None else f"{reason} ({code})")
