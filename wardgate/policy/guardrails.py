@@ -284,17 +284,17 @@ class StatementPolicy:
 
     def decided(self, text: str) -> bool:
         """Whether `decide(text)` is answered from the cache, without classifying."""
-        return text in self._cache
+        return len(text) <= CACHE_TEXT_LIMIT and text in self._cache
 
     def decide(self, text: str, classification: Classification | None = None) -> Decision:
         """The decision on `text`; `classification` is its classification when the caller already has it
         (made off the event loop for a long statement, see sql/offload.py)."""
+        if len(text) > CACHE_TEXT_LIMIT:  # never cached: not even hashed (64 MiB take 40 ms)
+            return self._decide(text, classification)
         cache = self._cache
         hit = cache.get(text)
         if hit is not None:
             return hit
-        if len(text) > CACHE_TEXT_LIMIT:
-            return self._decide(text, classification)
         template = template_key(text)
         if template is not None:
             # A template key starts with NUL, which no statement text holds (PostgreSQL reads a C string),

@@ -8,6 +8,7 @@ before it is recorded. Outcomes are handed to the recorder's deferred batch (see
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 from ...masking.messages import mask_message
 from ...masking.plan import MaskingPolicy, RowMasker
 from ...metrics import STATS
-from ...policy.guardrails import Match, StatementPolicy
+from ...policy.guardrails import CACHE_TEXT_LIMIT, Match, StatementPolicy
 from ...recording.journal import event
 from ...sql import encoding
 from ...sql.classify import Classification
@@ -60,16 +61,49 @@ def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+SLICE = 1 << 20  # bytes a long statement is read or encoded in at a time, other sessions served between
+
+
+async def _decoded(raw: bytes, codec_name: str) -> str | None:
+    """`raw` decoded in slices (None when it is not valid in the encoding), yielding between them."""
+    if len(raw) <= SLICE:
+        try:
+            return raw.decode("ascii" if raw.isascii() else codec_name)
+        except UnicodeDecodeError:
+            return None
+    decoder = codecs.getincrementaldecoder("ascii" if raw.isascii() else codec_name)()
+    parts = []
+    try:
+        for i in range(0, len(raw), SLICE):
+            parts.append(decoder.decode(raw[i:i + SLICE], i + SLICE >= len(raw)))
+            await asyncio.sleep(0)
+    except UnicodeDecodeError:
+        return None
+    return "".join(parts)
+
+
+async def _json_string(text: str) -> str:
+    """`text` as a JSON string, encoded in slices, yielding between them."""
+    if len(text) <= SLICE:
+        return _jstring(text)
+    parts = []
+    for i in range(0, len(text), SLICE):
+        parts.append(_jstring(text[i:i + SLICE])[1:-1])
+        await asyncio.sleep(0)
+    return '"' + "".join(parts) + '"'
+
+
 def _jstr(value: str | None) -> str:
     return "null" if value is None else _jstring(value)
 
 
-def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str, verdict: str = "") -> str:
-    """A statement's record; `verdict` is empty for the common case (allowed, no rule matched)."""
+def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str, verdict: str = "", jtext: str | None = None) -> str:
+    """A statement's record; `verdict` is empty for the common case (allowed, no rule matched); `jtext`, the
+    text as a JSON string when it was made already (off the hot path, for a long statement)."""
     # Times are written as integers with an exponent (microseconds: 1700000000123456e-6), which JSON
     # reads as the same number and which is three times cheaper to format than a float.
     return (f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time_ns() // 1000}e-6,'
-            f'"text":{_jstring(text)}{verdict}}}\n')
+            f'"text":{jtext or _jstring(text)}{verdict}}}\n')
 
 
 def _verdict(action: str, decision: Any) -> str:
@@ -205,7 +239,9 @@ class Relay:
         # Long statements are classified off the event loop, in a worker (sql/offload.py); their
         # classifications wait here for the decision that uses them.
         self._offload = offload
-        self._prepared: dict[str, Classification] = {}
+        self._prepared: dict[int, tuple[str, Classification]] = {}  # by offset in the read: (text, classification)
+        self._prep: tuple[str, Classification] | None = None  # of the statement being read and decided
+        self._json: tuple[str, str] | None = None  # the last long statement, and its text as a JSON string
         self._classifying: asyncio.Future[None] | None = None
         self._budget = budget  # the gateway-wide cap on bytes held for inspection (budget.py)
         self._waiting = 0  # bytes of a read waiting for a worker
@@ -323,6 +359,7 @@ class Relay:
                     self._described = None
                 if mtype == _QUERY:  # the common case, in one place
                     raw = codec.read_cstr(body, 0)[0]
+                    self._prep = self._prepared.pop(offset, None) if self._prepared else None
                     text, refusal = self._read_sql(raw)
                     self._unanswered += 1  # after reading it: it waits on the ones before, not on itself
                     if refusal is None:
@@ -332,7 +369,7 @@ class Relay:
                         continue
                     seq = self.tracker.start_query(text)
                     self._starts[seq] = time.perf_counter_ns()
-                    records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict()))
+                    records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict(), self._jtext(text)))
                     self._expect_query(seq)
                     continue
                 if mtype == _TERMINATE:
@@ -341,6 +378,7 @@ class Relay:
                 if mtype == _PARSE:  # decided on its text, which is read once
                     name, pos = codec.read_cstr(body, 0)
                     raw, pos = codec.read_cstr(body, pos)
+                    self._prep = self._prepared.pop(offset, None) if self._prepared else None
                     text, refusal = self._read_sql(raw)
                     if refusal is None:
                         refusal = self._decide(text, records, extended=True)
@@ -370,7 +408,7 @@ class Relay:
                     if started.params:
                         verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
                     records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text,
-                                              verdict))
+                                              verdict, self._jtext(started.text)))
                     if mtype == _EXECUTE:
                         expected = self._portal_expect.get(codec.read_cstr(body, 0)[0])
                         if expected is not None:
@@ -410,34 +448,43 @@ class Relay:
     def _classify_first(self, fwd: bytes, msgs: list) -> bool:
         """Whether the read holds long statements to classify in a worker first (sql/offload.py); if so,
         the read is decided once they are, and the client's next bytes wait for it."""
-        texts = []
-        for mtype, body, _ in msgs:
+        long = []
+        for mtype, body, offset in msgs:
             if mtype == _QUERY:
                 raw = codec.read_cstr(body, 0)[0]
             elif mtype == _PARSE:
                 raw = codec.read_cstr(body, codec.read_cstr(body, 0)[1])[0]
             else:
                 continue
-            if len(raw) > INLINE_CHARS:
-                # The text _read_sql gives whenever it does not refuse: a refused text is never classified.
-                text = raw.decode("ascii") if raw.isascii() else raw.decode(self._codec, "replace")
-                if not self.policy.decided(text):
-                    texts.append(text)
-        if not texts:
+            if len(raw) > INLINE_CHARS and (len(raw) > CACHE_TEXT_LIMIT or not self.policy.decided(
+                    raw.decode(self._codec, "replace"))):
+                long.append((offset, raw))
+        if not long:
             return False
-        self._waiting = len(fwd) + sum(map(len, texts))
+        self._waiting = len(fwd) + 2 * sum(len(raw) for _, raw in long)
         self._held = []
         self._set_client_reading()
-        self._classifying = asyncio.ensure_future(self._classify_then_relay(fwd, msgs, texts))
+        self._classifying = asyncio.ensure_future(self._classify_then_relay(fwd, msgs, long))
         return True
 
-    async def _classify_then_relay(self, fwd: bytes, msgs: list, texts: list[str]) -> None:
+    async def _classify_then_relay(self, fwd: bytes, msgs: list, long: list[tuple[int, bytes]]) -> None:
+        """Read, classify and encode for the record each long statement away from the event loop (in slices
+        between which other sessions run, and in a worker), then decide and relay the read as usual."""
         offload = self._offload
         assert offload is not None
-        for text in texts:
-            self._prepared[text] = await offload.classify(text)
+        encoding_was = self._codec
+        for offset, raw in long:
+            text = await _decoded(raw, encoding_was)
+            if text is None:
+                continue  # not valid in the session's encoding: _read_sql refuses it as it stands
+            classification = await offload.classify(text)
+            jtext = await _json_string(text)
+            self._prepared[offset] = (text, classification)
+            self._json = (text, jtext)
         if self.ended:
             return
+        if self._codec != encoding_was:
+            self._prepared.clear()  # read in another encoding than the server's now: read again, inline
         try:
             fwd = self._statements(fwd, msgs)
         except Exception as exc:  # each kind ends the session as it should (_client_failed)
@@ -453,6 +500,11 @@ class Relay:
         self._set_client_reading()
         if held:
             self.from_client(b"".join(held))
+
+    def _jtext(self, text: str) -> str | None:
+        """`text` as a JSON string, when it is the long statement last encoded off the hot path."""
+        made = self._json
+        return made[1] if made is not None and made[0] is text else None
 
     def _over_budget(self) -> bool:
         """Count what this session holds for inspection against the gateway-wide budget (budget.py); end
@@ -521,6 +573,9 @@ class Relay:
                 "a statement with a backslash or non-ASCII text was sent before the server had answered the "
                 "statements before it (ReadyForQuery), which could change how it reads the text "
                 "(standard_conforming_strings, client_encoding); send it after their results have arrived")
+        prep = self._prep
+        if prep is not None:  # read already, off the hot path (it decoded without error)
+            return prep[0], None
         if raw.isascii():  # the same characters in every encoding PostgreSQL accepts from a client
             return raw.decode("ascii"), None
         try:
@@ -638,7 +693,8 @@ class Relay:
     def _decide(self, statement: str, records: list[str], extended: bool = False) -> str | None:
         """None to let the statement through, else the refusal message. Shadow rules that matched are
         recorded as events: what they would have done, enforced by nothing."""
-        decision = self.policy.decide(statement, self._prepared.pop(statement, None))
+        prep, self._prep = self._prep, None
+        decision = self.policy.decide(statement, prep[1] if prep is not None and prep[0] is statement else None)
         self._classified = decision.classification
         c = decision.classification
         if self._on_ddl is not None and (c.changes_schema or (self._ddl and "transaction" in c.kinds)):
