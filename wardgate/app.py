@@ -306,6 +306,11 @@ def run(settings: Settings, on_ready: Any = None) -> None:
     async def main() -> None:
         gateway = Gateway(settings)
         loop = asyncio.get_running_loop()
+        if settings.gateway.slow_callback_ms:
+            # asyncio's debug mode logs every callback that held the loop longer than this ("Executing ...
+            # took"): the soak runs with it and fails on any. It costs speed, so it is off by default.
+            loop.set_debug(True)
+            loop.slow_callback_duration = settings.gateway.slow_callback_ms / 1000
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gateway.stop)
         # kill -HUP: read the policy again here and on every replica

@@ -65,6 +65,8 @@ class GatewaySettings:
     # Text values longer than this are masked whole ("[unscanned]") where content detectors apply, rather
     # than searched: detection is linear, yet one value must not hold the event loop for long.
     max_scanned_value: int = 1024 * 1024
+    # Log each event-loop callback that runs longer than this many milliseconds (0: off; costs speed).
+    slow_callback_ms: float = 0
     # Seconds a worker may spend classifying one long statement before it is refused as too costly.
     inspect_timeout: float = 10.0
     upstream_connect_timeout: float = 10.0
