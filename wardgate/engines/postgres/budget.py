@@ -9,22 +9,31 @@ pausing: a paused session keeps what it holds, and sessions that all wait for ro
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 H = TypeVar("H")
+# A holder giving back at least this much calls `on_large_release`: what it held may sit in the C
+# allocator's heap, counted in the process's RSS, until it is handed back to the system (trim_heap).
+LARGE = 8 << 20
 
 
 class Budget(Generic[H]):
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, on_large_release: Callable[[], None] | None = None) -> None:
         self.cap = cap
         self.total = 0
         self._held: dict[H, int] = {}
+        self._on_large_release = on_large_release
 
     def hold(self, holder: H, nbytes: int) -> list[H]:
         """`holder` now holds `nbytes`; the holders to end, largest first, when the total is over the cap."""
         before = self._held.get(holder, 0)
         if nbytes == before:
             return []
+        if before - nbytes >= LARGE and self._on_large_release is not None:
+            self._on_large_release()
         if nbytes:
             self._held[holder] = nbytes
         else:
@@ -41,7 +50,18 @@ class Budget(Generic[H]):
         return over
 
     def release(self, holder: H) -> None:
-        self.total -= self._held.pop(holder, 0)
+        self.hold(holder, 0)
 
     def held(self, holder: H) -> int:
         return self._held.get(holder, 0)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc's; elsewhere there is nothing to do
+
+
+def trim_heap() -> None:
+    """Hand the C allocator's free memory back to the system. A spike of large messages read in many
+    chunks leaves the heap fragmented, and RSS stays at the spike's height without this."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)

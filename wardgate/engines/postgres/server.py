@@ -25,7 +25,7 @@ from ...recording.journal import event
 from ...sql.offload import Offload
 from ...store import CREDENTIAL_PREFIX, UNAVAILABLE, UNAVAILABLE_MESSAGE, Store
 from . import codec, options, upstream
-from .budget import Budget
+from .budget import Budget, trim_heap
 from .scram import MECHANISM, ScramError, ScramServer, make_verifier
 from .session import Relay
 from .stream import PeerClosed, StreamProtocol
@@ -74,7 +74,8 @@ class PostgresListener:
         self.sessions: dict[str, LiveSession] = {}
         # Long statements are classified in worker processes, every door's (sql/offload.py).
         self.offload = Offload(timeout=settings.gateway.inspect_timeout)
-        self.budget: Budget[Relay] = Budget(settings.gateway.inspect_budget)
+        self.budget: Budget[Relay] = Budget(settings.gateway.inspect_budget, on_large_release=self._trim_soon)
+        self._trim: asyncio.TimerHandle | None = None
         self.by_cancel_key: dict[int, LiveSession] = {}
         self.reviews: Any = None  # the review workflow, when the gateway has one (reviews.Reviews)
         self.server: asyncio.base_events.Server | None = None
@@ -104,6 +105,15 @@ class PostgresListener:
         for task in list(self._tasks):
             task.cancel()
         await self.offload.close()
+
+    def _trim_soon(self) -> None:
+        """Give memory back to the system shortly after a session let go of a large message (once for a
+        burst of them: trimming walks the heap)."""
+        if self._trim is None:
+            def trim() -> None:
+                self._trim = None
+                trim_heap()
+            self._trim = asyncio.get_running_loop().call_later(0.5, trim)
 
     # -------------------------------------------------------------------------- handshake
 
