@@ -10,7 +10,10 @@ Runs, in order:
      disk under the recording journal, the store going away),
   6. load: SOAK_SESSIONS client sessions (200) for SOAK_SECONDS (60) mixing reads, writes, denied
      statements, masked results and a pending review, then the checks of what it left behind,
-  7. kill -9 of the gateway under load.
+  7. kill -9 of the gateway under load,
+  8. the noisy neighbour: one session's worst statements (a 60k value with '@' under content masking,
+     20,000 rows of long e-mails, a 64 MiB statement, rounds of 8 x 120 MiB Queries) against the others'
+     latency, /livez, PostgreSQL direct and the gateway's memory (soak/noisy.py), and its test at full size.
 Prints a table (cases tried, passed, failures with reproducers) and writes it to .soak/report.md
 (and report.json). Exits non-zero when anything failed.
 
@@ -36,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from soak.load import Check, kill9_stage, load_stage, start_upstream, stop_upstream  # noqa: E402
+from soak.noisy import noisy_stage  # noqa: E402
 
 OUT = ROOT / ".soak"
 SESSIONS = int(os.environ.get("SOAK_SESSIONS", "200"))
@@ -148,6 +152,10 @@ def main() -> int:
                                  lambda n, left: status.update(f"soak: {SESSIONS} sessions, {n:,} statements, {left:.0f} s left"))
         with console.status("soak: kill -9 under load..."):
             checks.append(kill9_stage(work, pg))
+        with console.status("soak: the noisy neighbour..."):
+            checks += [pytest_stage("noisy neighbour at full size: the others' p99 and /livez while one session sends "
+                                    "the worst statements", ["tests/integration/test_noisy_neighbour.py"],
+                                    {"NOISY_SIZE": "full"}), *noisy_stage(work, pg)]
     finally:
         stop_upstream(pg)
 
