@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import re2
@@ -143,6 +143,11 @@ class Detector:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_match", _program(self._source(), self.kind))
+
+    def __reduce__(self) -> tuple:
+        # Pickled by its fields and compiled again where it is loaded (the configuration travels to the
+        # recorder's process): a compiled RE2 program cannot be pickled.
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
 
     def _source(self) -> str:
         return self.pattern
