@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 READY_SUFFIX = ".ready"
+_IOV_MAX = 1024  # buffers one writev may take (Linux)
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -113,6 +114,30 @@ class Journal:
                 self._torn = True  # cut off before the next write
             raise
         self.size += len(data)
+
+    def write_parts(self, parts: list[bytes]) -> None:
+        """`write` of the parts joined, without joining them (writev), and as whole: all or nothing."""
+        if self._torn:
+            os.ftruncate(self.fd, self.size)
+            self._torn = False
+        total = sum(map(len, parts))
+        try:
+            views = [memoryview(p) for p in parts if p]
+            while views:
+                n = os.writev(self.fd, views[:_IOV_MAX])
+                while n and views:  # drop what was written, whole parts and the front of one
+                    if n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                self._torn = True
+            raise
+        self.size += total
 
     def _finish(self) -> None:
         """Hand the current file to the drainer: renamed to *.ready, then closed."""

@@ -112,6 +112,15 @@ class Recorder:
             self.journal.write("".join(self._deferred + lines if self._deferred else lines).encode("utf-8"))
             self._deferred = []
 
+    def write_parts(self, parts: list[bytes]) -> None:
+        """`write_lines` for records already encoded, in parts written as they are (a long statement's
+        record is never joined into one more copy of it)."""
+        with self._lock:
+            if self._deferred:
+                parts = ["".join(self._deferred).encode("utf-8"), *parts]
+            self.journal.write_parts(parts)
+            self._deferred = []
+
     def defer(self, lines: list[str]) -> None:
         with self._lock:
             self._deferred.extend(lines)

@@ -42,10 +42,10 @@ class _Worker:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
 
-    async def classify(self, text: str) -> Classification:
+    async def classify(self, text: str, utf8: bytes | None = None) -> Classification:
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
-        data = text.encode("utf-8", "surrogatepass")
+        data = utf8 if utf8 is not None else text.encode("utf-8", "surrogatepass")
         stdin.write(_LEN.pack(len(data)))
         stdin.write(data)
         await stdin.drain()
@@ -66,12 +66,22 @@ class Offload:
         self._idle: asyncio.Queue[_Worker] | None = None
         self._started = 0
         self._all: set[_Worker] = set()
+        self._turns: asyncio.Semaphore | None = None
 
-    async def classify(self, text: str) -> Classification:
-        """`text` classified in a worker, or refused as too costly when the budget runs out."""
+    def turn(self) -> asyncio.Semaphore:
+        """Held by a session while it reads, classifies and encodes its long statements: as many at a time
+        as there are workers, so that the memory they take is bounded (the others wait, their clients
+        unread)."""
+        if self._turns is None:
+            self._turns = asyncio.Semaphore(self._size)
+        return self._turns
+
+    async def classify(self, text: str, utf8: bytes | None = None) -> Classification:
+        """`text` classified in a worker, or refused as too costly when the budget runs out; `utf8`, the
+        text in UTF-8 when the caller has it already."""
         worker = await self._take()
         try:
-            result = await asyncio.wait_for(worker.classify(text), self.timeout)
+            result = await asyncio.wait_for(worker.classify(text, utf8), self.timeout)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError) as exc:
             # Killed whatever it was doing: a worker past its budget, or one that died, is not used again.
             log.warning("statement classification in a worker failed: %s", type(exc).__name__)

@@ -26,14 +26,20 @@ class Budget(Generic[H]):
         self.total = 0
         self._held: dict[H, int] = {}
         self._on_large_release = on_large_release
+        self._large: set[H] = set()  # holders that have held LARGE or more since they last gave it back
 
     def hold(self, holder: H, nbytes: int) -> list[H]:
         """`holder` now holds `nbytes`; the holders to end, largest first, when the total is over the cap."""
         before = self._held.get(holder, 0)
         if nbytes == before:
             return []
-        if before - nbytes >= LARGE and self._on_large_release is not None:
-            self._on_large_release()
+        if nbytes >= LARGE:
+            self._large.add(holder)
+        elif holder in self._large and not nbytes:
+            # What it held is gone; so may be, by now, what it made of it (its copies, read, classified).
+            self._large.discard(holder)
+            if self._on_large_release is not None:
+                self._on_large_release()
         if nbytes:
             self._held[holder] = nbytes
         else:

@@ -158,6 +158,11 @@ class Framer:
                 f"message of type {chr(mtype)!r} is {length} bytes, over the gateway's limit of {cap}"
             )
 
+    def clear(self) -> None:
+        """Drop a held incomplete message (the session has ended)."""
+        self._buf = []
+        self._have = 0
+
     @property
     def incomplete(self) -> int:
         """Bytes the held message still lacks (0 when none is held, or its header is not complete)."""

@@ -113,7 +113,7 @@ class PostgresListener:
             def trim() -> None:
                 self._trim = None
                 trim_heap()
-            self._trim = asyncio.get_running_loop().call_later(0.5, trim)
+            self._trim = asyncio.get_running_loop().call_later(1.0, trim)
 
     # -------------------------------------------------------------------------- handshake
 
@@ -333,6 +333,7 @@ class PostgresListener:
         relay = Relay(
             session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
+            record_parts=self.recorder.write_parts,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=policy,
             masking=masking, on_ddl=self.gatekeeper.shared_catalog(conn_name).changed,

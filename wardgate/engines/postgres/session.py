@@ -31,7 +31,7 @@ from . import codec
 from .budget import Budget
 from .framing import ROWS, Framer
 from .stream import StreamProtocol
-from .tracker import BACKEND_INSPECT, UNSEEN, Finished, StatementTracker
+from .tracker import BACKEND_INSPECT, UNSEEN, Finished, Started, StatementTracker
 
 log = logging.getLogger("wardgate.session")
 _DECIDED = STATS.statements  # decision -> count; bumped inline on the hot path
@@ -82,28 +82,34 @@ async def _decoded(raw: bytes, codec_name: str) -> str | None:
     return "".join(parts)
 
 
-async def _json_string(text: str) -> str:
-    """`text` as a JSON string, encoded in slices, yielding between them."""
-    if len(text) <= SLICE:
-        return _jstring(text)
+async def _json_parts(text: str) -> list[bytes]:
+    """`text` as a JSON string in UTF-8, in slices (written as they are, never joined), yielding between them."""
     parts = []
     for i in range(0, len(text), SLICE):
-        parts.append(_jstring(text[i:i + SLICE])[1:-1])
+        parts.append(_jstring(text[i:i + SLICE])[1:-1].encode("utf-8", "surrogatepass"))
         await asyncio.sleep(0)
-    return '"' + "".join(parts) + '"'
+    return [b'"', *parts, b'"']
+
+
+def _sql_of(mtype: int, body: bytes) -> bytes:
+    """The statement text of a Query or Parse body."""
+    return codec.read_cstr(body, 0 if mtype == _QUERY else codec.read_cstr(body, 0)[1])[0]
 
 
 def _jstr(value: str | None) -> str:
     return "null" if value is None else _jstring(value)
 
 
-def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str, verdict: str = "", jtext: str | None = None) -> str:
-    """A statement's record; `verdict` is empty for the common case (allowed, no rule matched); `jtext`, the
-    text as a JSON string when it was made already (off the hot path, for a long statement)."""
+def _stmt_head(sid: str, seq: int, kind: str, nparams: int) -> str:
+    """A statement's record up to its text."""
     # Times are written as integers with an exponent (microseconds: 1700000000123456e-6), which JSON
     # reads as the same number and which is three times cheaper to format than a float.
-    return (f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time_ns() // 1000}e-6,'
-            f'"text":{jtext or _jstring(text)}{verdict}}}\n')
+    return f'{{"k":"stmt","sid":"{sid}","seq":{seq},"kind":"{kind}","np":{nparams},"at":{time.time_ns() // 1000}e-6,"text":'
+
+
+def _stmt_line(sid: str, seq: int, kind: str, nparams: int, text: str, verdict: str = "") -> str:
+    """A statement's record; `verdict` is empty for the common case (allowed, no rule matched)."""
+    return f"{_stmt_head(sid, seq, kind, nparams)}{_jstring(text)}{verdict}}}\n"
 
 
 def _verdict(action: str, decision: Any) -> str:
@@ -216,6 +222,7 @@ class Relay:
         client_encoding: str = "UTF8",
         offload: Offload | None = None,
         budget: Budget[Relay] | None = None,
+        record_parts: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.user, self.agent = user, agent
         # For statements a rule holds for review: None to run it (approved), else the refusal naming the review.
@@ -241,7 +248,9 @@ class Relay:
         self._offload = offload
         self._prepared: dict[int, tuple[str, Classification]] = {}  # by offset in the read: (text, classification)
         self._prep: tuple[str, Classification] | None = None  # of the statement being read and decided
-        self._json: tuple[str, str] | None = None  # the last long statement, and its text as a JSON string
+        self._json: tuple[str, list[bytes]] | None = None  # the last long statement, its text as JSON in parts
+        self._parts = False  # records being written hold a long statement's parts
+        self._record_parts = record_parts
         self._classifying: asyncio.Future[None] | None = None
         self._budget = budget  # the gateway-wide cap on bytes held for inspection (budget.py)
         self._waiting = 0  # bytes of a read waiting for a worker
@@ -351,9 +360,8 @@ class Relay:
     def _statements(self, fwd: bytes, msgs: list) -> bytes:
         """Decide and record the client's messages `msgs` framed from `fwd`; what to forward upstream."""
         if msgs:
-            records: list[str] = []
+            records: list = []  # lines (str), and the parts of a long statement's record (_stmt_record)
             edits: list[tuple[int, int, bytes]] = []  # (offset, length, replacement) in fwd
-            sid = self.session_id
             for mtype, body, offset in msgs:
                 if mtype != _EXECUTE and mtype != _FLUSH:
                     self._described = None
@@ -365,11 +373,11 @@ class Relay:
                     if refusal is None:
                         refusal = self._decide(text, records)
                     if refusal is not None:
-                        self._refuse(mtype, body, offset, refusal, records, edits)
+                        self._refuse(mtype, body, offset, refusal, records, edits, text)
                         continue
                     seq = self.tracker.start_query(text)
                     self._starts[seq] = time.perf_counter_ns()
-                    records.append(_stmt_line(sid, seq, "simple", 0, text, self._take_verdict(), self._jtext(text)))
+                    self._stmt_record(records, seq, "simple", 0, text, self._take_verdict())
                     self._expect_query(seq)
                     continue
                 if mtype == _TERMINATE:
@@ -383,7 +391,7 @@ class Relay:
                     if refusal is None:
                         refusal = self._decide(text, records, extended=True)
                     if refusal is not None:
-                        self._refuse(mtype, body, offset, refusal, records, edits)
+                        self._refuse(mtype, body, offset, refusal, records, edits, text)
                         continue
                     self.tracker.parsed(name, text, body, pos, self._take_verdict())
                     c = self._classified
@@ -407,8 +415,7 @@ class Relay:
                     verdict = started.verdict
                     if started.params:
                         verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
-                    records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text,
-                                              verdict, self._jtext(started.text)))
+                    self._stmt_record(records, started.seq, started.kind, started.param_count, started.text, verdict)
                     if mtype == _EXECUTE:
                         expected = self._portal_expect.get(codec.read_cstr(body, 0)[0])
                         if expected is not None:
@@ -426,7 +433,7 @@ class Relay:
                     name = codec.read_cstr(body, 1)[0]
                     (self._stmt_expect if body[0] == ord("S") else self._portal_expect).pop(name, None)
             if records:
-                self._record(records)
+                self._write(records)
             if edits:
                 fwd = _splice(fwd, edits)
         return fwd
@@ -449,38 +456,42 @@ class Relay:
         """Whether the read holds long statements to classify in a worker first (sql/offload.py); if so,
         the read is decided once they are, and the client's next bytes wait for it."""
         long = []
+        size = 0
         for mtype, body, offset in msgs:
-            if mtype == _QUERY:
-                raw = codec.read_cstr(body, 0)[0]
-            elif mtype == _PARSE:
-                raw = codec.read_cstr(body, codec.read_cstr(body, 0)[1])[0]
-            else:
-                continue
-            if len(raw) > INLINE_CHARS and (len(raw) > CACHE_TEXT_LIMIT or not self.policy.decided(
-                    raw.decode(self._codec, "replace"))):
-                long.append((offset, raw))
+            if (mtype == _QUERY or mtype == _PARSE) and len(body) > INLINE_CHARS:
+                raw = _sql_of(mtype, body)
+                if len(raw) > INLINE_CHARS and (len(raw) > CACHE_TEXT_LIMIT or not self.policy.decided(
+                        raw.decode(self._codec, "replace"))):
+                    long.append((offset, mtype, body))
+                    size += len(raw)
         if not long:
             return False
-        self._waiting = len(fwd) + 2 * sum(len(raw) for _, raw in long)
+        self._waiting = len(fwd) + size  # the read, and its messages framed from it
         self._held = []
         self._set_client_reading()
         self._classifying = asyncio.ensure_future(self._classify_then_relay(fwd, msgs, long))
         return True
 
-    async def _classify_then_relay(self, fwd: bytes, msgs: list, long: list[tuple[int, bytes]]) -> None:
+    async def _classify_then_relay(self, fwd: bytes, msgs: list, long: list[tuple[int, int, bytes]]) -> None:
         """Read, classify and encode for the record each long statement away from the event loop (in slices
-        between which other sessions run, and in a worker), then decide and relay the read as usual."""
+        between which other sessions run, and in a worker), then decide and relay the read as usual. A
+        few sessions at a time do this (`Offload.turn`), so that what it takes in memory stays bounded."""
         offload = self._offload
         assert offload is not None
         encoding_was = self._codec
-        for offset, raw in long:
-            text = await _decoded(raw, encoding_was)
-            if text is None:
-                continue  # not valid in the session's encoding: _read_sql refuses it as it stands
-            classification = await offload.classify(text)
-            jtext = await _json_string(text)
-            self._prepared[offset] = (text, classification)
-            self._json = (text, jtext)
+        async with offload.turn():
+            for offset, mtype, body in long:
+                raw = _sql_of(mtype, body)
+                text = await _decoded(raw, encoding_was)
+                if text is None:
+                    continue  # not valid in the session's encoding: _read_sql refuses it as it stands
+                # The worker reads UTF-8: the client's bytes are sent as they are when they are that already.
+                wire = raw if encoding_was == "utf-8" or raw.isascii() else None
+                del raw
+                classification = await offload.classify(text, wire)
+                del wire
+                self._prepared[offset] = (text, classification)
+                self._json = (text, await _json_parts(text))
         if self.ended:
             return
         if self._codec != encoding_was:
@@ -496,15 +507,45 @@ class Relay:
             self._waiting = 0
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+        del fwd, msgs, long
+        self._over_budget()  # what it held is given back (and memory to the system, when it was much)
         held, self._held = self._held or [], None
         self._set_client_reading()
         if held:
             self.from_client(b"".join(held))
 
-    def _jtext(self, text: str) -> str | None:
-        """`text` as a JSON string, when it is the long statement last encoded off the hot path."""
+    def _stmt_record(self, records: list, seq: int, kind: str, nparams: int, text: str, verdict: str) -> None:
+        """Append a statement's record to `records`: a line, or for the long statement last encoded off the
+        hot path, the line's parts (bytes, written as they are: see _write)."""
         made = self._json
-        return made[1] if made is not None and made[0] is text else None
+        if made is None or made[0] is not text:
+            records.append(_stmt_line(self.session_id, seq, kind, nparams, text, verdict))
+            return
+        records.append([_stmt_head(self.session_id, seq, kind, nparams).encode(), *made[1], f"{verdict}}}\n".encode()])
+        self._parts = True
+
+    def _write(self, records: list) -> None:
+        """Write records to the journal: lines, and the parts of long statements' records among them."""
+        if not self._parts:
+            self._record(records)
+            return
+        self._parts = False
+        if self._record_parts is None:
+            self._record([r if isinstance(r, str) else b"".join(r).decode("utf-8", "surrogatepass") for r in records])
+            return
+        out: list[bytes] = []
+        lines: list[str] = []
+        for r in records:
+            if isinstance(r, str):
+                lines.append(r)
+                continue
+            if lines:
+                out.append("".join(lines).encode("utf-8"))
+                lines = []
+            out.extend(r)
+        if lines:
+            out.append("".join(lines).encode("utf-8"))
+        self._record_parts(out)
 
     def _over_budget(self) -> bool:
         """Count what this session holds for inspection against the gateway-wide budget (budget.py); end
@@ -735,8 +776,8 @@ class Relay:
         verdict, self._verdict = self._verdict, ""
         return verdict
 
-    def _refuse(self, mtype: int, body: bytes, offset: int, message: str, records: list[str],
-                edits: list[tuple[int, int, bytes]]) -> None:
+    def _refuse(self, mtype: int, body: bytes, offset: int, message: str, records: list,
+                edits: list[tuple[int, int, bytes]], text: str | None = None) -> None:
         """Refuse a statement by sending upstream, in its place, text that fails to parse with a marker.
 
         PostgreSQL then does exactly what it does for any statement that fails: the error comes at that
@@ -749,22 +790,26 @@ class Relay:
         if mtype == _PARSE:
             name, pos = codec.read_cstr(body, 0)
             raw, pos = codec.read_cstr(body, pos)
-            text = raw.decode(self._codec, "replace")
+            if text is None:
+                text = raw.decode(self._codec, "replace")
             seq = self.tracker.next_seq()
             verdict = self._take_verdict()
-            records.append(_stmt_line(sid, seq, "extended", 0, text, verdict))
+            self._stmt_record(records, seq, "extended", 0, text, verdict)
             records.append(_done_line(sid, seq, "denied", None, None, None, "42501", message))
             # Its name still maps to the real text (and the refusal), for the records of its Executes.
             self.tracker.parsed(name, text, body, pos, verdict)
             self._stmt_expect.pop(name, None)
             replacement = codec.message(b"P", codec.cstr(name) + codec.cstr(marker) + b"\x00\x00")
         else:
-            started = self.tracker.frontend(mtype, body)
-            assert started is not None
+            if mtype == _QUERY and text is not None:  # read already: not read again
+                started = Started(self.tracker.start_query(text), text, 0, "simple")
+            else:
+                started = self.tracker.frontend(mtype, body)  # type: ignore[assignment]
+                assert started is not None
             self._refused_queries[started.seq] = message
             self._starts[started.seq] = time.perf_counter_ns()
             verdict = self._take_verdict() if mtype == _QUERY else ',"d":"deny","r":[]'
-            records.append(_stmt_line(sid, started.seq, started.kind, started.param_count, started.text, verdict))
+            self._stmt_record(records, started.seq, started.kind, started.param_count, started.text, verdict)
             text = started.text
             replacement = codec.message(b"Q", codec.cstr(marker))
         edits.append((offset, 5 + len(body), replacement))
@@ -1083,6 +1128,16 @@ class Relay:
         self.ended = True
         if self._classifying is not None:
             self._classifying.cancel()
-        if self._budget is not None:
-            self._budget.release(self)
         self._on_end(self, reason if code is None else f"{reason} ({code})")
+        # Let go of what the session held, now: the relay sits in reference cycles with its protocols
+        # (their callbacks), which only a full garbage collection breaks, and it may hold long statements
+        # (framed, read, encoded for the record, prepared under a name).
+        self._held = None
+        self._json = None
+        self._prepared.clear()
+        self._catalog_answer = None
+        self.client_framer.clear()
+        self.server_framer.clear()
+        self.tracker.clear()
+        if self._budget is not None:
+            self._budget.release(self)  # after all the above: memory may go back to the system

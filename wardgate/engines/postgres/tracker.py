@@ -282,6 +282,12 @@ class StatementTracker:
             return Finished(p.seq, "error", tag, p.rows, p.error.get("C"), p.error.get("M"), p.cols, p.sample)
         return Finished(p.seq, "ok", tag, p.rows, cols=p.cols, sample=p.sample)
 
+    def clear(self) -> None:
+        """Forget every statement, portal and pending answer (the session has ended)."""
+        self._statements.clear()
+        self._portals.clear()
+        self._pending.clear()
+
     @property
     def idle(self) -> bool:
         """Nothing sent is waiting for its answer."""
