@@ -26,7 +26,7 @@ class Budget(Generic[H]):
         self.total = 0
         self._held: dict[H, int] = {}
         self._on_large_release = on_large_release
-        self._large: set[H] = set()  # holders that have held LARGE or more since they last gave it back
+        self._large: set[H] = set()  # holders that have held LARGE or more at some time
 
     def hold(self, holder: H, nbytes: int) -> list[H]:
         """`holder` now holds `nbytes`; the holders to end, largest first, when the total is over the cap."""
@@ -35,11 +35,8 @@ class Budget(Generic[H]):
             return []
         if nbytes >= LARGE:
             self._large.add(holder)
-        elif holder in self._large and not nbytes:
-            # What it held is gone; so may be, by now, what it made of it (its copies, read, classified).
-            self._large.discard(holder)
-            if self._on_large_release is not None:
-                self._on_large_release()
+        elif not nbytes and holder in self._large and self._on_large_release is not None:
+            self._on_large_release()  # what it held is gone, and so may be what it made of it (copies)
         if nbytes:
             self._held[holder] = nbytes
         else:
@@ -56,7 +53,12 @@ class Budget(Generic[H]):
         return over
 
     def release(self, holder: H) -> None:
+        """`holder` is gone (a session ended): what it held, and what it made of that, is given back."""
         self.hold(holder, 0)
+        if holder in self._large:
+            self._large.discard(holder)
+            if self._on_large_release is not None:
+                self._on_large_release()
 
     def held(self, holder: H) -> int:
         return self._held.get(holder, 0)
