@@ -123,3 +123,26 @@ def test_the_session_holding_most_is_ended_past_the_budget(igw, superuser, bysta
     # Under the budget, the same statement runs.
     with psycopg.connect(igw.dsn(igw.credential()), autocommit=True) as conn:
         assert _simple(conn, f"select length('{'w' * (8 << 20)}')").get_value(0, 0) == str(8 << 20).encode()
+
+
+def test_a_long_statement_read_off_the_hot_path_still_waits_for_settings(igw, bystander) -> None:
+    """A backslash after an Execute not yet answered (no Sync since) waits for the server's report of its
+    settings: refused, long as short, though the long one's text was read off the hot path."""
+    c = RawClient(igw.port, timeout=30)
+    c.login("alice", igw.credential()["credential"], "shop")
+    padding = "/* " + "p" * 100_000 + " */"
+
+    def parse(sql: str) -> bytes:
+        return codec.message(b"P", codec.cstr("") + codec.cstr(sql) + b"\x00\x00")
+
+    run = (parse("select 1") + codec.message(b"B", b"\x00\x00" + b"\x00\x00" * 3)
+           + codec.message(b"E", b"\x00" + b"\x00" * 4))
+    c.send(run + parse(f"select E'\\\\' {padding}") + codec.message(b"S", b""))
+    answer = c.read_until("Z")
+    assert [t for t, _ in answer][:4] == ["1", "2", "D", "C"]
+    errors = [body for t, body in answer if t == "E"]
+    assert errors and b"42501" in errors[0] and b"gateway:encoding" in errors[0]
+    # After the Sync's answer, the same Parse is read and runs.
+    c.send(parse(f"select E'\\\\' {padding}") + codec.message(b"B", b"\x00\x00" + b"\x00\x00" * 3)
+           + codec.message(b"E", b"\x00" + b"\x00" * 4) + codec.message(b"S", b""))
+    assert [t for t, _ in c.read_until("Z")] == ["1", "2", "D", "C", "Z"]

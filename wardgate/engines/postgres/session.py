@@ -246,8 +246,9 @@ class Relay:
         # Long statements are classified off the event loop, in a worker (sql/offload.py); their
         # classifications wait here for the decision that uses them.
         self._offload = offload
-        self._prepared: dict[int, tuple[str, Classification]] = {}  # by offset in the read: (text, classification)
-        self._prep: tuple[str, Classification] | None = None  # of the statement being read and decided
+        # By offset in the read: (text, classification, whether it has a backslash or non-ASCII)
+        self._prepared: dict[int, tuple[str, Classification, bool]] = {}
+        self._prep: tuple[str, Classification, bool] | None = None  # of the statement being read and decided
         self._json: tuple[str, list[bytes]] | None = None  # the last long statement, its text as JSON in parts
         self._parts = False  # records being written hold a long statement's parts
         self._record_parts = record_parts
@@ -366,8 +367,8 @@ class Relay:
                 if mtype != _EXECUTE and mtype != _FLUSH:
                     self._described = None
                 if mtype == _QUERY:  # the common case, in one place
-                    raw = codec.read_cstr(body, 0)[0]
-                    self._prep = self._prepared.pop(offset, None) if self._prepared else None
+                    prep = self._prep = self._prepared.pop(offset, None) if self._prepared else None
+                    raw = codec.read_cstr(body, 0)[0] if prep is None else b""  # read already: not copied again
                     text, refusal = self._read_sql(raw)
                     self._unanswered += 1  # after reading it: it waits on the ones before, not on itself
                     if refusal is None:
@@ -385,8 +386,11 @@ class Relay:
                     continue
                 if mtype == _PARSE:  # decided on its text, which is read once
                     name, pos = codec.read_cstr(body, 0)
-                    raw, pos = codec.read_cstr(body, pos)
-                    self._prep = self._prepared.pop(offset, None) if self._prepared else None
+                    prep = self._prep = self._prepared.pop(offset, None) if self._prepared else None
+                    if prep is None:
+                        raw, pos = codec.read_cstr(body, pos)
+                    else:  # read already: not copied again
+                        raw, pos = b"", body.index(0, pos) + 1
                     text, refusal = self._read_sql(raw)
                     if refusal is None:
                         refusal = self._decide(text, records, extended=True)
@@ -486,11 +490,13 @@ class Relay:
                 if text is None:
                     continue  # not valid in the session's encoding: _read_sql refuses it as it stands
                 # The worker reads UTF-8: the client's bytes are sent as they are when they are that already.
-                wire = raw if encoding_was == "utf-8" or raw.isascii() else None
+                ascii_only = raw.isascii()
+                wire = raw if ascii_only or encoding_was == "utf-8" else None
+                special = b"\\" in raw or not ascii_only  # what _read_sql asks of the text
                 del raw
                 classification = await offload.classify(text, wire)
                 del wire
-                self._prepared[offset] = (text, classification)
+                self._prepared[offset] = (text, classification, special)
                 self._json = (text, await _json_parts(text))
         if self.ended:
             return
@@ -604,17 +610,18 @@ class Relay:
     def _read_sql(self, raw: bytes) -> tuple[str, str | None]:
         """A statement's text as the server will read it, and the refusal when the gateway cannot be sure
         it reads the same (None: go on and decide)."""
-        if self._strict and (self._unanswered or self._executed) and (b"\\" in raw or not raw.isascii()):
+        prep = self._prep  # (text, classification, whether it has a backslash or non-ASCII) when read already
+        if self._strict and (self._unanswered or self._executed) and (
+                prep[2] if prep is not None else b"\\" in raw or not raw.isascii()):
             # Statements the server has run since its last ReadyForQuery may have changed how it reads this
             # one (standard_conforming_strings decides what a backslash does, client_encoding what a
             # non-ASCII byte is), through code no rule sees: a view over pg_settings, a trigger, a function's
             # SET clause. The server reports such changes only with ReadyForQuery; text with neither reads
             # alike under every setting, so only this text has to wait for the answer.
-            return raw.decode(self._codec, "replace"), self._gateway_refusal(
+            return prep[0] if prep is not None else raw.decode(self._codec, "replace"), self._gateway_refusal(
                 "a statement with a backslash or non-ASCII text was sent before the server had answered the "
                 "statements before it (ReadyForQuery), which could change how it reads the text "
                 "(standard_conforming_strings, client_encoding); send it after their results have arrived")
-        prep = self._prep
         if prep is not None:  # read already, off the hot path (it decoded without error)
             return prep[0], None
         if raw.isascii():  # the same characters in every encoding PostgreSQL accepts from a client
