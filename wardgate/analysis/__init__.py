@@ -20,7 +20,7 @@ from typing import Any
 
 from ..policy.access import DAYS, in_window, parse_hours
 from ..policy.guardrails import StatementPolicy
-from ..sql.classify import READ_KINDS
+from ..sql.classify import READ_KINDS, Classification
 
 LEVELS = ("low", "medium", "high")
 PRIVILEGE_KINDS = frozenset({
@@ -71,6 +71,7 @@ class StatementFacts:
     status: str  # ok, error, denied, skipped, aborted, running, or pending (an exec not yet run)
     decision: str = "allow"
     rows: int | None = None
+    classification: Classification | None = None  # when made already (a long exec's, in a worker)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def analyze(statements: list[StatementFacts], settings: AnalysisSettings, *, mas
     privileged, destructive, ddl, off_hours = [], [], [], []
     classified = StatementPolicy([])  # no rules: its cache of classifications, as a session repeats a few statements
     for st in statements:
-        c = classified.decide(st.text).classification
+        c = st.classification or classified.decide(st.text).classification
         kinds = set(c.kinds)
         ran = not _refused(st)
         if kinds & PRIVILEGE_KINDS or ("variable_set" in kinds and _SET_ROLE.search(st.text)):

@@ -25,6 +25,7 @@ from ..domain import Identity
 from ..masking.detectors import ALL_KINDS
 from ..masking.plan import MaskingPolicy, MaskRule
 from ..recording.journal import event
+from ..sql.classify import Classification
 from ..store import NotFound, Store
 from . import Analysis, AnalysisSettings, StatementFacts, analyze, refine
 
@@ -125,10 +126,11 @@ class Analyzer:
 
     # -- exec, before it runs
 
-    def assess_exec(self, user: str, sql: str) -> Analysis:
+    def assess_exec(self, user: str, sql: str, classification: Classification | None = None) -> Analysis:
         """An exec's risk before it runs: its statement now, and this user's refusals in the last hour. Blocking."""
         refusals = self.store.recent_refusals(user, since=time.time() - 3600)
-        return analyze([StatementFacts(sql, time.time(), "pending")], self.settings, earlier_refusals=refusals)
+        return analyze([StatementFacts(sql, time.time(), "pending", classification=classification)], self.settings,
+                       earlier_refusals=refusals)
 
     # -- answers
 

@@ -30,7 +30,6 @@ from ..masking.plan import MaskingPolicy
 from ..policy.guardrails import Decision, Match, StatementPolicy
 from ..recording.views import show_session
 from ..sql.classify import Classification
-from ..sql.offload import INLINE_CHARS
 from ..sql.tags import as_predicted
 from ..store import NotFound
 
@@ -93,8 +92,7 @@ class ExecRunner:
             return {"status": "denied", "connection": connection, "reason": access.reason,
                     "rules": [], "next": "ask an administrator for exec access to this connection"}
         # A long statement is classified off the event loop, like a native client's (sql/offload.py).
-        classified = await self.gateway.postgres.offload.classify(sql) if len(sql) > INLINE_CHARS else None
-        decision = gk.decide(caller, connection, sql, classified)
+        decision = gk.decide(caller, connection, sql, await self.gateway.postgres.offload.classify_long(sql))
         if decision.action == "allow" and review_id is None and self.gateway.settings.analysis.enabled:
             decision = await self._weigh_risk(caller, sql, decision)
         if decision.action == "review" and review_id is None:
@@ -126,7 +124,7 @@ class ExecRunner:
         """Policy acting on the exec's risk level ([analysis] on_exec_medium / on_exec_high): an allowed
         statement may still be held for review or blocked as a whole."""
         settings = self.gateway.settings.analysis
-        risk = await asyncio.to_thread(self.gateway.analyzer.assess_exec, caller.user, sql)
+        risk = await asyncio.to_thread(self.gateway.analyzer.assess_exec, caller.user, sql, decision.classification)
         action = exec_action(risk.level, settings)
         if action == "allow":
             return decision

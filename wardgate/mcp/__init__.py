@@ -314,7 +314,8 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
         who = caller()
         admin_only(who)
         row = await asyncio.to_thread(gateway.store.get_user, user)
-        result = gk.check(Identity(user, tuple(row.groups) if row else ()), connection, sql, "exec")
+        result = gk.check(Identity(user, tuple(row.groups) if row else ()), connection, sql, "exec",
+                          await gateway.postgres.offload.classify_long(sql))
         return {"action": result["action"], "matches": result["matches"], "access": result["access"]["reason"]}
 
     return server

@@ -167,11 +167,12 @@ class Gatekeeper:
         the statement's, when the caller has made it already, off the event loop)."""
         return self.statement_policy(identity, connection).decide(statement, classification)
 
-    def check(self, identity: Identity, connection: str, statement: str, verb: str = "connect") -> dict[str, Any]:
+    def check(self, identity: Identity, connection: str, statement: str, verb: str = "connect",
+              classification: Classification | None = None) -> dict[str, Any]:
         """What `policy check` shows, at every door (CLI, MCP, console): the decision as access and the
         rules make it, the matched rules, the classification, and how results would be masked."""
         access = self.authorize(identity, connection, verb)
-        decision = self.decide(identity, connection, statement)
+        decision = self.decide(identity, connection, statement, classification)
         masking = [{"rule": r.name, "strategy": r.strategy,
                     "detectors": list(r.detectors) + [f"pattern:{d.kind}" for d in r.patterns], "columns": list(r.columns)}
                    for r in self.masking_policy(identity, connection).rules]

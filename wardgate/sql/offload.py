@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 INLINE_CHARS = 2048
 TIMEOUT = 10.0  # seconds a worker may spend on one statement
 WORKERS = 2
+STARTUP_TIMEOUT = 60.0  # seconds a new worker may take to start (import the parser)
 
 _LEN = struct.Struct("!Q")
 
@@ -36,6 +37,10 @@ _LEN = struct.Struct("!Q")
 def too_costly(seconds: float) -> Classification:
     return Classification(error=f"the statement is too large or complex for the gateway to inspect within "
                                 f"{seconds:g} s; split it into smaller statements", uninspected=True)
+
+
+NO_WORKER = Classification(error="the gateway could not start a worker to inspect this long statement; try again, "
+                                 "or send a shorter one", uninspected=True)
 
 
 class _Worker:
@@ -76,10 +81,19 @@ class Offload:
             self._turns = asyncio.Semaphore(self._size)
         return self._turns
 
+    async def classify_long(self, text: str) -> Classification | None:
+        """`text`'s classification made in a worker when it is too long to make inline, else None (the
+        caller's decision classifies it, inline)."""
+        return await self.classify(text) if len(text) > INLINE_CHARS else None
+
     async def classify(self, text: str, utf8: bytes | None = None) -> Classification:
         """`text` classified in a worker, or refused as too costly when the budget runs out; `utf8`, the
         text in UTF-8 when the caller has it already."""
-        worker = await self._take()
+        try:
+            worker = await self._take()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.error("cannot start a statement classification worker: %s", exc)
+            return NO_WORKER  # refused, as anything the gateway cannot inspect
         try:
             result = await asyncio.wait_for(worker.classify(text, utf8), self.timeout)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError) as exc:
@@ -109,6 +123,13 @@ class Offload:
                 raise
             worker = _Worker(proc)
             self._all.add(worker)
+            try:
+                # Ready once it has imported the parser: the time budget is for classifying, not for starting.
+                assert proc.stdout is not None
+                await asyncio.wait_for(proc.stdout.readexactly(1), STARTUP_TIMEOUT)
+            except BaseException:
+                self._drop(worker)
+                raise
             return worker
         return await self._idle.get()
 
@@ -129,6 +150,8 @@ class Offload:
 def _serve() -> None:
     """The worker: statements in, their pickled classifications out, until stdin closes."""
     read, write = sys.stdin.buffer.read, sys.stdout.buffer
+    write.write(b"R")  # ready
+    write.flush()
     while True:
         head = read(_LEN.size)
         if len(head) < _LEN.size:

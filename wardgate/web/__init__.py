@@ -42,7 +42,7 @@ from ..identity import AuthenticationError, LockedOut
 from ..identity.login import authorization_url, exchange_code, pkce_pair
 from ..recording.views import iso, list_sessions, siem_event
 from ..reviews import ReviewError
-from ..sql.classify import classify
+from ..sql.classify import Classification, classify
 from ..store import Actor, Conflict, NotFound
 
 if TYPE_CHECKING:
@@ -410,7 +410,7 @@ class Console:
         nothing), for one plain DML statement without parameters; computed once per review."""
         if review["id"] in self._previews:
             return self._previews[review["id"]]
-        c = classify(review["statement"])
+        c = await self.gateway.postgres.offload.classify_long(review["statement"]) or classify(review["statement"])
         preview = None
         if review["kind"] == "statement" and not review["params"] and c.statements == 1 and not c.error \
                 and set(c.kinds) <= self.PREVIEW_KINDS:
@@ -550,12 +550,13 @@ class Console:
             if posted is None:
                 return self._forbidden(request)
             form = {k: posted.get(k, "") for k in form}
-            checked = await asyncio.to_thread(self._check, who, form)
+            checked = await asyncio.to_thread(self._check, who, form,
+                                              await self.gateway.postgres.offload.classify_long(form["sql"]))
         return self.render(request, "policies.html", access=settings.access, guardrails=settings.guardrails,
                            masking=settings.masking, checked=checked, form=form,
                            connections=await asyncio.to_thread(self._connections, who, "connect"))
 
-    def _check(self, who: Identity, form: dict[str, str]) -> dict[str, Any]:
+    def _check(self, who: Identity, form: dict[str, str], classification: Classification | None) -> dict[str, Any]:
         """`wardgate policy check` for the page: your own rights, or (admins) another user's."""
         gk = self.gateway.gatekeeper
         subject = who
@@ -566,7 +567,7 @@ class Console:
             if row is None:
                 return {"error": f"no user named {form['user']!r}"}
             subject = Identity(row.name, tuple(row.groups))
-        return gk.check(subject, form["connection"], form["sql"])
+        return gk.check(subject, form["connection"], form["sql"], classification=classification)
 
     # -- audit
 

@@ -480,6 +480,16 @@ class Relay:
         """Read, classify and encode for the record each long statement away from the event loop (in slices
         between which other sessions run, and in a worker), then decide and relay the read as usual. A
         few sessions at a time do this (`Offload.turn`), so that what it takes in memory stays bounded."""
+        try:
+            await self._prepare(long)
+        except Exception as exc:  # a fault of the gateway's own: this session ends, the others go on
+            self._prepared.clear()
+            self._classifying = None
+            self._internal_error(exc)
+            return
+        self._relay_prepared(fwd, msgs)
+
+    async def _prepare(self, long: list[tuple[int, int, bytes]]) -> None:
         offload = self._offload
         assert offload is not None
         encoding_was = self._codec
@@ -498,10 +508,12 @@ class Relay:
                 del wire
                 self._prepared[offset] = (text, classification, special)
                 self._json = (text, await _json_parts(text))
-        if self.ended:
-            return
         if self._codec != encoding_was:
             self._prepared.clear()  # read in another encoding than the server's now: read again, inline
+
+    def _relay_prepared(self, fwd: bytes, msgs: list) -> None:
+        if self.ended:
+            return
         try:
             fwd = self._statements(fwd, msgs)
         except Exception as exc:  # each kind ends the session as it should (_client_failed)
@@ -513,7 +525,7 @@ class Relay:
             self._waiting = 0
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
-        del fwd, msgs, long
+        del fwd, msgs
         self._over_budget()  # what it held is given back (and memory to the system, when it was much)
         held, self._held = self._held or [], None
         self._set_client_reading()
