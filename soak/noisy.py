@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import shutil
 import signal
 import sys
@@ -107,9 +108,12 @@ class Step:
     direct_s: float | None = None
     problem: str | None = None
     others: Others | None = None
+    slow: list[str] = field(default_factory=list)  # callbacks that held the event loop over SLOW_CALLBACK_MS
 
     def reasons(self) -> list[str]:
         out = [self.problem] if self.problem else []
+        if self.slow:
+            out.append(f"{len(self.slow)} callbacks held the event loop over {SLOW_CALLBACK_MS} ms, e.g. {self.slow[0]}")
         if self.gateway_s is not None and self.direct_s is not None and self.gateway_s > 3 * self.direct_s + 1.0:
             out.append("through the gateway over 3 x direct + 1 s")
         return out + (self.others.reasons() if self.others else ["no measurement of the others"])
@@ -143,10 +147,23 @@ class Memory:
         return not self.reasons()
 
 
+# The gateway logs each event-loop callback longer than this (asyncio's debug mode); any while the statements
+# run fails the step. Debug mode makes everything a little slower, so the bound is above the 10 ms slice aimed at.
+SLOW_CALLBACK_MS = 25
+
+
 def _gateway(work: Path, pg: LocalPostgres, name: str):  # noqa: ANN202
-    gw = make_gateway(work / f"noisy-{name}", pg, tail_toml=POLICY)
+    gw = make_gateway(work / f"noisy-{name}", pg, tail_toml=POLICY, extra_toml=f"slow_callback_ms = {SLOW_CALLBACK_MS}")
     gw.start()
     return gw
+
+
+def slow_callbacks(gw) -> list[str]:  # noqa: ANN001
+    """The callbacks the gateway logged as holding its event loop, once it was ready (start-up may)."""
+    lines = gw.log.read_text(errors="replace").splitlines()
+    ready = next((i for i, line in enumerate(lines) if " ready: " in line), len(lines))
+    return [re.sub(r" created at \S+", "", line.split("Executing ", 1)[1])[:300]
+            for line in lines[ready:] if "WARNING asyncio: Executing " in line]
 
 
 def _stop(gw, stalled: bool) -> None:  # noqa: ANN001
@@ -171,6 +188,7 @@ def statement_step(work: Path, pg: LocalPostgres, size: Size, name: str, label: 
         stalled = through.seconds is None
     finally:
         _stop(gw, stalled)
+        step.slow = slow_callbacks(gw)
     [direct] = asyncio.run(worst_statements(direct_target(pg), size, timeout, ops=[(label, op)], masked=False))
     step.direct_s = direct.seconds
     if direct.problem and not step.problem:
