@@ -7,8 +7,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 
-def test_a_write_that_fails_part_way_is_cut_off(tmp_path: Path) -> None:
+from wardgate.recording.journal import Journal
+
+
+@pytest.mark.parametrize("how", ["write", "write_parts"])
+def test_a_write_that_fails_part_way_is_cut_off(tmp_path: Path, how: str) -> None:
     """Found by make soak: with the disk full mid-record, a torn record stayed in the journal file, in
     front of the records written once there was room again. A file size limit (RLIMIT_FSIZE, in a child
     process) makes the kernel write part of a record and then refuse the rest."""
@@ -22,7 +27,10 @@ def test_a_write_that_fails_part_way_is_cut_off(tmp_path: Path) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (journal.size + 5, hard))  # room for five bytes more
         try:
-            journal.write(b'{{"n": 2, "padding": "xxxxxxxxxxxxxxxxxxxxxxxx"}}\\n')
+            if {how!r} == "write":
+                journal.write(b'{{"n": 2, "padding": "xxxxxxxxxxxxxxxxxxxxxxxx"}}\\n')
+            else:  # a long statement's record, written in its parts
+                journal.write_parts([b'{{"n": 2, ', b'"padding": "xxxxxxxxxxxx', b'xxxxxxxxxxxx"}}', b'\\n'])
             raise SystemExit("the write should have failed")
         except OSError as exc:
             assert exc.errno == errno.EFBIG, exc
@@ -34,3 +42,13 @@ def test_a_write_that_fails_part_way_is_cut_off(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == '{"n": 1}\n{"n": 3}\n'
+
+
+def test_parts_are_written_in_order_as_one_record(tmp_path: Path) -> None:
+    """More parts than one writev takes (1,024), empty ones among them."""
+    journal = Journal(tmp_path)
+    parts = [b'{"text": "'] + [b"%d," % i if i % 7 else b"" for i in range(3000)] + [b'"}\n']
+    journal.write_parts(parts)
+    journal.write(b'{"n": 2}\n')
+    assert journal.path.read_bytes() == b"".join(parts) + b'{"n": 2}\n'
+    assert journal.size == journal.path.stat().st_size

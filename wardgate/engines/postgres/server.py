@@ -112,7 +112,8 @@ class PostgresListener:
         if self._trim is None:
             def trim() -> None:
                 self._trim = None
-                trim_heap()
+                # In a thread: it walks the heap for milliseconds, and ctypes lets go of the interpreter.
+                asyncio.get_running_loop().run_in_executor(None, trim_heap)
             self._trim = asyncio.get_running_loop().call_later(1.0, trim)
 
     # -------------------------------------------------------------------------- handshake

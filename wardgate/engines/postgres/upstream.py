@@ -164,7 +164,9 @@ async def _handshake(spec: ConnectionSpec, proto: StreamProtocol, password: str 
                 proto.write(codec.sasl_initial_response(MECHANISM, scram.client_first()))
             elif code == 11 and scram is not None:
                 try:
-                    proto.write(codec.password_message(scram.server_first(data)))
+                    # PBKDF2 over the salt, thousands of rounds: in a thread (hashlib lets go of the
+                    # interpreter), so that connecting holds no other session up.
+                    proto.write(codec.password_message(await asyncio.to_thread(scram.server_first, data)))
                 except ScramError as exc:
                     raise UpstreamError(f"connection {spec.name!r}: {exc}", "28000") from exc
             elif code == 12 and scram is not None:
