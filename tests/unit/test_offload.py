@@ -57,3 +57,22 @@ def test_past_its_budget_a_statement_is_refused_and_the_loop_is_free() -> None:
     assert after == classify("select 1")
     decision = StatementPolicy(parse_rules([{"name": "no-drop", "kinds": ["drop"]}])).decide(costly, refused)
     assert decision.action == "deny" and decision.matches[0].rule == "gateway:inspection"
+
+
+def test_statements_waiting_for_a_worker_go_on_when_the_busy_ones_are_killed() -> None:
+    """Two workers, both past their budget, with two more statements waiting: the waiting ones get fresh
+    workers (a killed worker gives its place back), and none waits for ever."""
+    costly = "select " + ",".join(["1"] * 1_500_000)
+
+    async def run() -> list:
+        offload = Offload(workers=2, timeout=1.0)
+        try:
+            return await asyncio.wait_for(asyncio.gather(
+                offload.classify(costly), offload.classify(costly),
+                offload.classify("select 2"), offload.classify("select 3")), 60)
+        finally:
+            await offload.close()
+
+    a, b, c, d = asyncio.run(run())
+    assert a.uninspected and b.uninspected
+    assert (c, d) == (classify("select 2"), classify("select 3"))

@@ -68,8 +68,9 @@ class Offload:
     def __init__(self, workers: int = WORKERS, timeout: float = TIMEOUT) -> None:
         self.timeout = timeout
         self._size = workers
-        self._idle: asyncio.Queue[_Worker] | None = None
-        self._started = 0
+        # One slot per worker at work; a worker killed gives its slot back, and the next taker starts another.
+        self._slots: asyncio.Semaphore | None = None
+        self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
         self._turns: asyncio.Semaphore | None = None
 
@@ -89,54 +90,45 @@ class Offload:
     async def classify(self, text: str, utf8: bytes | None = None) -> Classification:
         """`text` classified in a worker, or refused as too costly when the budget runs out; `utf8`, the
         text in UTF-8 when the caller has it already."""
-        try:
-            worker = await self._take()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            log.error("cannot start a statement classification worker: %s", exc)
-            return NO_WORKER  # refused, as anything the gateway cannot inspect
-        try:
-            result = await asyncio.wait_for(worker.classify(text, utf8), self.timeout)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError) as exc:
-            # Killed whatever it was doing: a worker past its budget, or one that died, is not used again.
-            log.warning("statement classification in a worker failed: %s", type(exc).__name__)
-            self._drop(worker)
-            return too_costly(self.timeout)
-        except BaseException:
-            self._drop(worker)  # cancelled (the session ended): the worker may be mid-answer
-            raise
-        assert self._idle is not None
-        self._idle.put_nowait(worker)
-        return result
-
-    async def _take(self) -> _Worker:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-        if self._idle.empty() and self._started < self._size:
-            self._started += 1
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._size)
+        async with self._slots:
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "wardgate.sql.offload", stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    limit=1 << 20)
-            except BaseException:
-                self._started -= 1
-                raise
-            worker = _Worker(proc)
-            self._all.add(worker)
+                worker = self._idle.pop() if self._idle else await self._start()
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.error("cannot start a statement classification worker: %s", exc)
+                return NO_WORKER  # refused, as anything the gateway cannot inspect
             try:
-                # Ready once it has imported the parser: the time budget is for classifying, not for starting.
-                assert proc.stdout is not None
-                await asyncio.wait_for(proc.stdout.readexactly(1), STARTUP_TIMEOUT)
-            except BaseException:
+                result = await asyncio.wait_for(worker.classify(text, utf8), self.timeout)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError) as exc:
+                # Killed whatever it was doing: a worker past its budget, or one that died, is not used again.
+                log.warning("statement classification in a worker failed: %s", type(exc).__name__)
                 self._drop(worker)
+                return too_costly(self.timeout)
+            except BaseException:
+                self._drop(worker)  # cancelled (the session ended): the worker may be mid-answer
                 raise
-            return worker
-        return await self._idle.get()
+            self._idle.append(worker)
+            return result
+
+    async def _start(self) -> _Worker:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wardgate.sql.offload", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 20)
+        worker = _Worker(proc)
+        self._all.add(worker)
+        try:
+            # Ready once it has imported the parser: the time budget is for classifying, not for starting.
+            assert proc.stdout is not None
+            await asyncio.wait_for(proc.stdout.readexactly(1), STARTUP_TIMEOUT)
+        except BaseException:
+            self._drop(worker)
+            raise
+        return worker
 
     def _drop(self, worker: _Worker) -> None:
         worker.kill()
         self._all.discard(worker)
-        self._started -= 1
 
     async def close(self) -> None:
         workers = list(self._all)
@@ -144,7 +136,7 @@ class Offload:
             self._drop(worker)
         for worker in workers:
             await worker.proc.wait()
-        self._idle = None
+        self._idle = []
 
 
 def _serve() -> None:

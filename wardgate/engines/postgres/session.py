@@ -471,6 +471,8 @@ class Relay:
         if not long:
             return False
         self._waiting = len(fwd) + size  # the read, and its messages framed from it
+        if self._budget is not None and self._over_budget():
+            return True  # ended: holding the most while the budget is spent
         self._held = []
         self._set_client_reading()
         self._classifying = asyncio.ensure_future(self._classify_then_relay(fwd, msgs, long))
