@@ -132,6 +132,16 @@ class _Subject:
         return [(s, e) for s, e in found if check(text[s:e])]
 
 
+# Candidates one detector may meet in one value. Each costs work in Python (a check, a span, a
+# replacement), so past this many the value is not searched to its end: find raises TooManyMatches, and
+# the caller masks the value whole. A value that dense with what detectors look for is no text to keep.
+MAX_MATCHES = 256
+
+
+class TooManyMatches(Exception):
+    """A detector met more than MAX_MATCHES candidates in one value."""
+
+
 @dataclass(frozen=True)
 class Detector:
     """Spans of `pattern` (RE2 syntax) in a text whose UTF-8 bytes pass `prefilter`, where `check` accepts their text."""
@@ -162,6 +172,8 @@ class Detector:
             [(s, e)] = match(_UNANCHORED, data, pos, end)
             if s < 0:
                 break
+            if len(found) == MAX_MATCHES:
+                raise TooManyMatches
             found.append((s, e))
             if e > s:
                 pos = e
@@ -185,7 +197,7 @@ class _Bounded(Detector):
 
     def _spans(self, subject: _Subject) -> list[tuple[int, int]]:
         match, framed, ascii = self._match, subject.framed, subject.ascii  # type: ignore[attr-defined]
-        found, pos, end, check = [], 0, len(framed), self.check
+        found, pos, end, check, met = [], 0, len(framed), self.check, 0
         # The span is what lies between the two consumed characters; the next search starts at the second.
         if ascii:  # a character a byte: the span is the match less a byte each side (less one more for the NUL)
             text = subject.text
@@ -193,6 +205,9 @@ class _Bounded(Detector):
                 [(t, u)] = match(_UNANCHORED, framed, pos, end)
                 if t < 0:
                     return found
+                met += 1
+                if met > MAX_MATCHES:
+                    raise TooManyMatches
                 pos = u - 1
                 if check is None or check(text[t:u - 2]):
                     found.append((t, u - 2))
@@ -200,6 +215,8 @@ class _Bounded(Detector):
             [(t, u)] = match(_UNANCHORED, framed, pos, end)
             if t < 0:
                 break
+            if len(found) == MAX_MATCHES:
+                raise TooManyMatches
             s, pos = t + _char_len(framed[t]), u - 1
             while framed[pos] & 0xC0 == 0x80:
                 pos -= 1
@@ -260,7 +277,8 @@ def _in_priority(kinds: tuple[str, ...]) -> tuple[Detector, ...]:
 
 def find(text: str, raw: bytes, kinds: tuple[str, ...], extra: tuple[Detector, ...] = ()) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, kind) spans of PII in `text`, in order. Where spans overlap, the
-    detector first in PRIORITY keeps its own (then the configured patterns, in their order)."""
+    detector first in PRIORITY keeps its own (then the configured patterns, in their order). Raises
+    TooManyMatches when a detector meets more than MAX_MATCHES candidates."""
     accepted: list[tuple[int, int, str]] = []
     subject = None
     for det in _in_priority(kinds) + tuple(extra):

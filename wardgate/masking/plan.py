@@ -20,7 +20,7 @@ from ..domain import Identity
 from ..engines.postgres.codec import row_description as row_description_fields
 from ..policy.scope import in_scope
 from .catalog import CATALOG_SQL, Catalog, Shared
-from .detectors import ALL_KINDS, Detector, custom, find
+from .detectors import ALL_KINDS, Detector, TooManyMatches, custom, find
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -194,11 +194,19 @@ class RowMasker:
         kinds, patterns, strategy = col.detectors  # type: ignore[misc]
         if col.binary and col.type_oid in NUMBER_OIDS:
             raw = binary_number_text(col.type_oid, raw)
-        if len(raw) > self.scan_limit:
+        if len(raw) <= self.scan_limit:
+            text = raw.decode("utf-8", "replace")
+            try:
+                spans = find(text, raw, kinds, patterns)
+            except TooManyMatches:
+                spans = None
+        else:
+            spans = None
+        if spans is None:  # too long, or too dense, to search: masked whole
             self.hits[col.index] += 1
-            return NULL_VALUE if strategy == "null" or col.binary else _value(UNSCANNED)
-        text = raw.decode("utf-8", "replace")
-        spans = find(text, raw, kinds, patterns)
+            # JSON, XML and arrays would not parse as "[unscanned]": they become NULL, like binary values.
+            plain = not col.binary and col.type_oid in PLAIN_TEXT_OIDS
+            return _value(UNSCANNED) if plain and strategy != "null" else NULL_VALUE
         if not spans:
             return None
         self.hits[col.index] += len(spans)
@@ -384,7 +392,10 @@ class MaskingPolicy:
                 raw = text.encode("utf-8")
                 if not r.patterns and not _worth_a_look(raw, *_screen(r.detectors)):
                     return text  # no detector of this rule can match (their own pre-filters would say so too)
-                spans = find(text, raw, r.detectors, r.patterns)
+                try:
+                    spans = find(text, raw, r.detectors, r.patterns)
+                except TooManyMatches:
+                    return UNSCANNED
                 if not spans:
                     return text
                 out, last = [], 0
@@ -415,7 +426,11 @@ class MaskingPolicy:
                     self.totals["(copy)"] += 1
                     return b"\\N" if r.strategy == "null" else UNSCANNED.encode()
                 text = data.decode("utf-8", "replace")
-                spans = find(text, data, r.detectors, r.patterns)
+                try:
+                    spans = find(text, data, r.detectors, r.patterns)
+                except TooManyMatches:
+                    self.totals["(copy)"] += 1
+                    return b"\\N" if r.strategy == "null" else UNSCANNED.encode()
                 if not spans:
                     return None
                 self.totals["(copy)"] += len(spans)
