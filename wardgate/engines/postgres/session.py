@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,35 @@ async def _json_parts(text: str) -> list[bytes]:
         parts.append(_jstring(text[i:i + SLICE])[1:-1].encode("utf-8", "surrogatepass"))
         await asyncio.sleep(0)
     return [b'"', *parts, b'"']
+
+
+PIECE = 16 * 1024  # bytes of a long read taken at a time
+TIME_SLICE = 0.005  # seconds a session's pieces may take before other sessions are served
+
+
+def _take_pieces(backlog: deque[list], take: Callable[[bytes], None], stop: Callable[[], bool]) -> bool:
+    """Hand `take` the pieces of the reads in `backlog` ([data, offset], in order) until it is empty (True),
+    or until a slice of time is used up (False: call again, after other callbacks have run). `stop()` says
+    the pieces can wait no more here (the session ended, or its bytes are held): the rest stays in `backlog`."""
+    deadline = time.perf_counter() + TIME_SLICE
+    while backlog:
+        entry = backlog[0]
+        data, at = entry
+        if at == 0 and len(data) <= PIECE:
+            backlog.popleft()
+            take(data)
+        else:
+            piece = data[at:at + PIECE]
+            if at + PIECE >= len(data):
+                backlog.popleft()
+            else:
+                entry[1] = at + PIECE
+            take(piece)
+        if stop():
+            return True
+        if backlog and time.perf_counter() > deadline:
+            return False
+    return True
 
 
 def _sql_of(mtype: int, body: bytes) -> bytes:
@@ -243,6 +273,10 @@ class Relay:
         self._ddl_sent = False  # DDL (or the end of its transaction) sent, whose ReadyForQuery has not come
         self._held: list[bytes] | None = None  # the client's bytes while its earlier ones wait (catalog, worker)
         self._upstream_full = False  # the upstream's write buffer is full: the client is not read meanwhile
+        self._client_full = False  # and the other way round
+        # A long read's pieces not yet taken, [data, offset] (see _take_pieces); the side is not read meanwhile.
+        self._client_backlog: deque[list] | None = None
+        self._upstream_backlog: deque[list] | None = None
         # Long statements are classified off the event loop, in a worker (sql/offload.py); their
         # classifications wait here for the decision that uses them.
         self._offload = offload
@@ -318,7 +352,7 @@ class Relay:
         self.client.on_lost = self._client_lost
         self.upstream.on_lost = self._upstream_lost
         # Backpressure: a peer that does not read stops us reading from the other side.
-        self.client.on_pause = functools.partial(_set_reading, self.upstream)
+        self.client.on_pause = self._client_pause
         self.upstream.on_pause = self._upstream_pause
         self.upstream.start_relay(self.from_upstream)
         self.client.start_relay(self.from_client)
@@ -337,6 +371,34 @@ class Relay:
                 if not self._draining:
                     self.client.close()
             return
+        if self._held is not None:
+            self._held.append(data)
+            return
+        if self._client_backlog is not None:
+            self._client_backlog.append([data, 0])
+            return
+        if len(data) > PIECE:
+            # A long read (a pipeline of thousands of messages) is taken in pieces, with other sessions
+            # served between them once a slice of time is used up (see _take_pieces).
+            self._client_backlog = deque([[data, 0]])
+            self._set_client_reading()
+            self._take_client_pieces()
+            return
+        self._client_read(data)
+
+    def _take_client_pieces(self) -> None:
+        backlog = self._client_backlog
+        if backlog is None or self.ended:
+            return
+        if _take_pieces(backlog, self._client_read, lambda: self.ended or self._held is not None):
+            self._client_backlog = None
+            if self._held is not None and backlog:  # the rest waits behind what holds the session
+                self._held.extend(data[at:] for data, at in backlog)
+            self._set_client_reading()
+        else:
+            asyncio.get_running_loop().call_soon(self._take_client_pieces)
+
+    def _client_read(self, data: bytes) -> None:
         if self._held is not None:
             self._held.append(data)
             return
@@ -584,12 +646,20 @@ class Relay:
         return self.ended
 
     def _set_client_reading(self) -> None:
-        """Read from the client unless its statements wait for a worker or the upstream cannot take more."""
-        _set_reading(self.client, self._held is not None or self._upstream_full)
+        """Read from the client unless its statements wait (for a worker, the catalog, their turn in a long
+        read) or the upstream cannot take more."""
+        _set_reading(self.client, self._held is not None or self._client_backlog is not None or self._upstream_full)
+
+    def _set_upstream_reading(self) -> None:
+        _set_reading(self.upstream, self._upstream_backlog is not None or self._client_full)
 
     def _upstream_pause(self, full: bool) -> None:
         self._upstream_full = full
         self._set_client_reading()
+
+    def _client_pause(self, full: bool) -> None:
+        self._client_full = full
+        self._set_upstream_reading()
 
     def _answered(self) -> None:
         """A ReadyForQuery: the server has reported every setting changed before it."""
@@ -907,6 +977,29 @@ class Relay:
     def from_upstream(self, data: bytes) -> None:
         if self.ended:
             return
+        if self._upstream_backlog is not None:
+            self._upstream_backlog.append([data, 0])
+            return
+        if len(data) > PIECE and self.masking is not None:
+            # Masking costs up to a microsecond a byte (values dense with what detectors look for): a long
+            # read is masked in pieces, with other sessions served between them (see _take_pieces).
+            self._upstream_backlog = deque([[data, 0]])
+            self._set_upstream_reading()
+            self._take_upstream_pieces()
+            return
+        self._upstream_read(data)
+
+    def _take_upstream_pieces(self) -> None:
+        backlog = self._upstream_backlog
+        if backlog is None or self.ended:
+            return
+        if _take_pieces(backlog, self._upstream_read, lambda: self.ended):
+            self._upstream_backlog = None
+            self._set_upstream_reading()
+        else:
+            asyncio.get_running_loop().call_soon(self._take_upstream_pieces)
+
+    def _upstream_read(self, data: bytes) -> None:
         if self._catalog_answer is not None:
             data = self._catalog_read(data)
             if not data or self.ended:
