@@ -146,3 +146,19 @@ def test_a_long_statement_read_off_the_hot_path_still_waits_for_settings(igw, by
     c.send(parse(f"select E'\\\\' {padding}") + codec.message(b"B", b"\x00\x00" + b"\x00\x00" * 3)
            + codec.message(b"E", b"\x00" + b"\x00" * 4) + codec.message(b"S", b""))
     assert [t for t, _ in c.read_until("Z")] == ["1", "2", "D", "C", "Z"]
+
+
+def test_a_binds_values_are_searched_for_the_record_within_a_budget(igw, bystander) -> None:
+    """Tens of thousands of bound values would hold the event loop while each is searched for the record:
+    the first 32 Ki characters are masked, the rest recorded as [unscanned]. None is recorded in clear."""
+    values = [f"mail bob{i}@example.com " + "v" * 1000 for i in range(100)]
+    marks = ", ".join(["%s"] * len(values))
+    with psycopg.connect(igw.dsn(igw.credential(), application_name="bind-budget"), autocommit=True) as conn:
+        assert conn.execute(f"select cardinality(array[{marks}])", values).fetchone() == (100,)
+    session = igw.wait_for_session(lambda s: s["application_name"] == "bind-budget" and s["status"] != "active")
+    [stmt] = [st for st in igw.cli_json("sessions", "show", session["id"])["statements"] if "cardinality" in st["text"]]
+    recorded = stmt["params"]
+    assert len(recorded) == 100 and not any("@example.com" in v for v in recorded)
+    searched = [v for v in recorded if v != "[unscanned]"]
+    assert 20 < len(searched) < 40 and all(v.startswith("mail [email] vvv") for v in searched)
+    assert recorded[len(searched):] == ["[unscanned]"] * (100 - len(searched))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...masking.messages import mask_message
-from ...masking.plan import MaskingPolicy, RowMasker
+from ...masking.plan import UNSCANNED, MaskingPolicy, RowMasker
 from ...metrics import STATS
 from ...policy.guardrails import CACHE_TEXT_LIMIT, Match, StatementPolicy
 from ...recording.journal import event
@@ -93,6 +93,7 @@ async def _json_parts(text: str) -> list[bytes]:
 
 
 PIECE = 16 * 1024  # bytes of a long read taken at a time
+PARAM_SCAN_BUDGET = 32 * 1024  # characters of one Bind's values searched for the record (_masked_params)
 TIME_SLICE = 0.005  # seconds a session's pieces may take before other sessions are served
 
 
@@ -728,11 +729,24 @@ class Relay:
         return f"denied by rule gateway:encoding: {reason}"
 
     def _masked_params(self, values: list[str | None]) -> list[str | None]:
-        """Bound values for the record: content detectors apply, as they would to results."""
+        """Bound values for the record: content detectors apply, as they would to results, to the first
+        PARAM_SCAN_BUDGET characters of them; the values after are recorded as [unscanned]. One Bind
+        can carry tens of thousands of values, and searching them all would hold the event loop."""
         masking = self.masking
         if masking is None:
             return values
-        return [None if v is None else masking.mask_text(v) for v in values]
+        budget = PARAM_SCAN_BUDGET
+        out: list[str | None] = []
+        for v in values:
+            if v is None:
+                out.append(None)
+            elif len(v) <= budget:
+                budget -= len(v)
+                out.append(masking.mask_text(v))
+            else:
+                budget = 0
+                out.append(UNSCANNED)
+        return out
 
     def _describe_first(self, body: bytes, offset: int, edits: list[tuple[int, int, bytes]]) -> _Described:
         """Where the rows of an Execute will come from. Only a Describe of its portal sent just before it
