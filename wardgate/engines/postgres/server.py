@@ -76,6 +76,7 @@ class PostgresListener:
         self.offload = Offload(timeout=settings.gateway.inspect_timeout)
         self.budget: Budget[Relay] = Budget(settings.gateway.inspect_budget, on_large_release=self._trim_soon)
         self._trim: asyncio.TimerHandle | None = None
+        self._gone = 0  # connections ended since memory was last given back
         self.by_cancel_key: dict[int, LiveSession] = {}
         self.reviews: Any = None  # the review workflow, when the gateway has one (reviews.Reviews)
         self.server: asyncio.base_events.Server | None = None
@@ -105,6 +106,13 @@ class PostgresListener:
         for task in list(self._tasks):
             task.cancel()
         await self.offload.close()
+
+    def _connection_gone(self) -> None:
+        """Every few hundred connections ended (TLS buffers, handshakes that timed out), memory goes back."""
+        self._gone += 1
+        if self._gone >= 256:
+            self._gone = 0
+            self._trim_soon()
 
     def _trim_soon(self) -> None:
         """Give memory back to the system shortly after a session let go of a large message (once for a
@@ -363,6 +371,7 @@ class PostgresListener:
 
     def _reject(self, client: StreamProtocol, record: dict[str, Any], exc: Rejected) -> None:
         STATS.sessions_refused[exc.code] += 1
+        self._connection_gone()
         client.write(codec.fatal(exc.code, str(exc), hint=exc.hint, detail=exc.detail))
         client.close()
         record.update(status="rejected", reason=str(exc), code=exc.code, ended=time.time())
@@ -407,6 +416,7 @@ class PostgresListener:
                         extra={"session_id": live.relay.session_id})
 
     def _ended(self, relay: Relay, reason: str) -> None:
+        self._connection_gone()
         live = self.sessions.pop(relay.session_id, None)
         if live is not None:
             self.by_cancel_key.pop(live.cancel_pid, None)
