@@ -47,7 +47,7 @@ class _Worker:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
 
-    async def classify(self, text: str, utf8: bytes | None = None) -> Classification:
+    async def classify(self, text: str, utf8: bytes | memoryview | None = None) -> Classification:
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
         data = utf8 if utf8 is not None else text.encode("utf-8", "surrogatepass")
@@ -87,7 +87,7 @@ class Offload:
         caller's decision classifies it, inline)."""
         return await self.classify(text) if len(text) > INLINE_CHARS else None
 
-    async def classify(self, text: str, utf8: bytes | None = None) -> Classification:
+    async def classify(self, text: str, utf8: bytes | memoryview | None = None) -> Classification:
         """`text` classified in a worker, or refused as too costly when the budget runs out; `utf8`, the
         text in UTF-8 when the caller has it already."""
         if self._slots is None:

@@ -65,22 +65,22 @@ def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
 SLICE = 1 << 20  # bytes a long statement is read or encoded in at a time, other sessions served between
 
 
-async def _decoded(raw: bytes, codec_name: str) -> str | None:
-    """`raw` decoded in slices (None when it is not valid in the encoding), yielding between them."""
-    if len(raw) <= SLICE:
-        try:
-            return raw.decode("ascii" if raw.isascii() else codec_name)
-        except UnicodeDecodeError:
-            return None
-    decoder = codecs.getincrementaldecoder("ascii" if raw.isascii() else codec_name)()
-    parts = []
+async def _read(sql: memoryview, codec_name: str) -> tuple[str, bool, bool] | None:
+    """A statement's bytes decoded in slices, yielding between them: its text, whether they are all ASCII,
+    and whether there is a backslash (None when they are not valid in the encoding). Every encoding a
+    client may use reads ASCII as ASCII, so one decoder reads all."""
+    decoder = codecs.getincrementaldecoder(codec_name)()
+    parts, ascii_only, backslash = [], True, False
     try:
-        for i in range(0, len(raw), SLICE):
-            parts.append(decoder.decode(raw[i:i + SLICE], i + SLICE >= len(raw)))
+        for i in range(0, len(sql), SLICE):
+            piece = bytes(sql[i:i + SLICE])
+            ascii_only = ascii_only and piece.isascii()
+            backslash = backslash or b"\\" in piece
+            parts.append(decoder.decode(piece, i + SLICE >= len(sql)))
             await asyncio.sleep(0)
     except UnicodeDecodeError:
         return None
-    return "".join(parts)
+    return "".join(parts), ascii_only, backslash
 
 
 async def _json_parts(text: str) -> list[bytes]:
@@ -125,6 +125,19 @@ def _take_pieces(backlog: deque[list], take: Callable[[bytes], None], stop: Call
 def _sql_of(mtype: int, body: bytes) -> bytes:
     """The statement text of a Query or Parse body."""
     return codec.read_cstr(body, 0 if mtype == _QUERY else codec.read_cstr(body, 0)[1])[0]
+
+
+def _sql_view(mtype: int, body: bytes) -> memoryview:
+    """The statement text of a Query or Parse body, in place."""
+    start = 0
+    if mtype == _PARSE:  # its text follows its name
+        start = body.find(0) + 1
+        if not start:
+            raise codec.ProtocolViolation("unterminated string in message")
+    end = body.find(0, start)
+    if end < 0:
+        raise codec.ProtocolViolation("unterminated string in message")
+    return memoryview(body)[start:end]
 
 
 def _jstr(value: str | None) -> str:
@@ -526,11 +539,14 @@ class Relay:
         size = 0
         for mtype, body, offset in msgs:
             if (mtype == _QUERY or mtype == _PARSE) and len(body) > INLINE_CHARS:
-                raw = _sql_of(mtype, body)
-                if len(raw) > INLINE_CHARS and (len(raw) > CACHE_TEXT_LIMIT or not self.policy.decided(
-                        raw.decode(self._codec, "replace"))):
-                    long.append((offset, mtype, body))
-                    size += len(raw)
+                # A text too long for the decision cache is not copied out of its message here (_prepare
+                # reads it in place); a shorter one may have been decided already.
+                if len(body) <= CACHE_TEXT_LIMIT:
+                    raw = _sql_of(mtype, body)
+                    if len(raw) <= INLINE_CHARS or self.policy.decided(raw.decode(self._codec, "replace")):
+                        continue
+                long.append((offset, mtype, body))
+                size += len(body)
         if not long:
             return False
         self._waiting = len(fwd) + size  # the read, and its messages framed from it
@@ -547,10 +563,10 @@ class Relay:
         few sessions at a time do this (`Offload.turn`), so that what it takes in memory stays bounded."""
         try:
             await self._prepare(long)
-        except Exception as exc:  # a fault of the gateway's own: this session ends, the others go on
+        except Exception as exc:  # this session ends, as it should for each kind; the others go on
             self._prepared.clear()
             self._classifying = None
-            self._internal_error(exc)
+            self._client_failed(exc)
             return
         self._relay_prepared(fwd, msgs)
 
@@ -560,17 +576,15 @@ class Relay:
         encoding_was = self._codec
         async with offload.turn():
             for offset, mtype, body in long:
-                raw = _sql_of(mtype, body)
-                text = await _decoded(raw, encoding_was)
-                if text is None:
+                sql = _sql_view(mtype, body)
+                read = await _read(sql, encoding_was)
+                if read is None:
                     continue  # not valid in the session's encoding: _read_sql refuses it as it stands
+                text, ascii_only, backslash = read
+                special = backslash or not ascii_only  # what _read_sql asks of the text
                 # The worker reads UTF-8: the client's bytes are sent as they are when they are that already.
-                ascii_only = raw.isascii()
-                wire = raw if ascii_only or encoding_was == "utf-8" else None
-                special = b"\\" in raw or not ascii_only  # what _read_sql asks of the text
-                del raw
-                classification = await offload.classify(text, wire)
-                del wire
+                classification = await offload.classify(text, sql if ascii_only or encoding_was == "utf-8" else None)
+                del sql
                 self._prepared[offset] = (text, classification, special)
                 self._json = (text, await _json_parts(text))
         if self._codec != encoding_was:
