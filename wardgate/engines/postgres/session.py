@@ -434,8 +434,9 @@ class Relay:
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
 
-    def _statements(self, fwd: bytes, msgs: list) -> bytes:
-        """Decide and record the client's messages `msgs` framed from `fwd`; what to forward upstream."""
+    def _statements(self, fwd: bytes, msgs: list, records_out: list | None = None) -> bytes:
+        """Decide and record the client's messages `msgs` framed from `fwd`; what to forward upstream. With
+        `records_out`, the records are put there for the caller to write, instead of written here."""
         if msgs:
             records: list = []  # lines (str), and the parts of a long statement's record (_stmt_record)
             edits: list[tuple[int, int, bytes]] = []  # (offset, length, replacement) in fwd
@@ -513,7 +514,10 @@ class Relay:
                     name = codec.read_cstr(body, 1)[0]
                     (self._stmt_expect if body[0] == ord("S") else self._portal_expect).pop(name, None)
             if records:
-                self._write(records)
+                if records_out is None:
+                    self._write(records)
+                else:
+                    records_out.extend(records)
             if edits:
                 fwd = _splice(fwd, edits)
         return fwd
@@ -568,7 +572,7 @@ class Relay:
             self._classifying = None
             self._client_failed(exc)
             return
-        self._relay_prepared(fwd, msgs)
+        await self._relay_prepared(fwd, msgs)
 
     async def _prepare(self, long: list[tuple[int, int, bytes]]) -> None:
         offload = self._offload
@@ -590,11 +594,16 @@ class Relay:
         if self._codec != encoding_was:
             self._prepared.clear()  # read in another encoding than the server's now: read again, inline
 
-    def _relay_prepared(self, fwd: bytes, msgs: list) -> None:
+    async def _relay_prepared(self, fwd: bytes, msgs: list) -> None:
         if self.ended:
             return
+        records: list = []
         try:
-            fwd = self._statements(fwd, msgs)
+            fwd = self._statements(fwd, msgs, records)
+            if records:
+                # Written in a thread (the journal's writev lets go of the interpreter): a long statement's
+                # record is as long as it is. Still before the statement is forwarded.
+                await asyncio.to_thread(self._write, records)
         except Exception as exc:  # each kind ends the session as it should (_client_failed)
             self._client_failed(exc)
             return
@@ -602,6 +611,9 @@ class Relay:
             self._prepared.clear()
             self._classifying = None
             self._waiting = 0
+        del records
+        if self.ended:
+            return
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
         del fwd, msgs
