@@ -4,6 +4,7 @@ the upstream connection, cancel requests, and the hand-over to the relay."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import logging
@@ -120,7 +121,12 @@ class PostgresListener:
         if self._trim is None:
             def trim() -> None:
                 self._trim = None
-                # In a thread: it walks the heap for milliseconds, and ctypes lets go of the interpreter.
+                # What ended sessions held may still sit in reference cycles (a relay and its protocols, an
+                # exception's traceback and the frames it keeps, a read among their locals), which only a
+                # full collection frees: 8 sessions of 120 MiB left 240 MB behind a round without it. Then
+                # the heap is trimmed, in a thread: it walks the heap for milliseconds, and ctypes lets go
+                # of the interpreter.
+                gc.collect()
                 asyncio.get_running_loop().run_in_executor(None, trim_heap)
             self._trim = asyncio.get_running_loop().call_later(1.0, trim)
 
