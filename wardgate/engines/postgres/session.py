@@ -92,7 +92,7 @@ async def _json_parts(text: str) -> list[bytes]:
     return [b'"', *parts, b'"']
 
 
-PIECE = 16 * 1024  # bytes of a long read taken at a time
+PIECE = 32 * 1024  # bytes of a long read taken at a time
 PARAM_SCAN_BUDGET = 32 * 1024  # characters of one Bind's values searched for the record (_masked_params)
 TIME_SLICE = 0.005  # seconds a session's pieces may take before other sessions are served
 
@@ -291,6 +291,7 @@ class Relay:
         # A long read's pieces not yet taken, [data, offset] (see _take_pieces); the side is not read meanwhile.
         self._client_backlog: deque[list] | None = None
         self._upstream_backlog: deque[list] | None = None
+        self._to_client: list[bytes] | None = None  # while pieces are taken: what they forward, written after
         # Long statements are classified off the event loop, in a worker (sql/offload.py); their
         # classifications wait here for the decision that uses them.
         self._offload = offload
@@ -1033,7 +1034,14 @@ class Relay:
         backlog = self._upstream_backlog
         if backlog is None or self.ended:
             return
-        if _take_pieces(backlog, self._upstream_read, lambda: self.ended):
+        out = self._to_client = []  # what the pieces forward, written once (a write is a system call)
+        try:
+            done = _take_pieces(backlog, self._upstream_read, lambda: self.ended)
+        finally:
+            self._to_client = None
+        if out and not self.ended:
+            self.client.transport.writelines(out)  # type: ignore[union-attr]
+        if done:
             self._upstream_backlog = None
             self._set_upstream_reading()
         else:
@@ -1142,7 +1150,11 @@ class Relay:
             self._internal_error()
             return
         if fwd:
-            self.client.transport.write(fwd)  # type: ignore[union-attr]
+            out = self._to_client
+            if out is None:
+                self.client.transport.write(fwd)  # type: ignore[union-attr]
+            else:
+                out.append(fwd)
 
     def _read_catalog(self, data: bytes) -> None:
         """Read the catalog again (DDL ran) before the client's `data`, which waits until it is read: its
