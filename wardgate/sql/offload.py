@@ -32,6 +32,7 @@ WORKERS = 2
 STARTUP_TIMEOUT = 60.0  # seconds a new worker may take to start (import the parser)
 
 _LEN = struct.Struct("!Q")
+_SLICE = 1 << 20
 
 
 def too_costly(seconds: float) -> Classification:
@@ -50,10 +51,11 @@ class _Worker:
     async def classify(self, text: str, utf8: bytes | memoryview | None = None) -> Classification:
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
-        data = utf8 if utf8 is not None else text.encode("utf-8", "surrogatepass")
+        data = memoryview(utf8 if utf8 is not None else text.encode("utf-8", "surrogatepass"))
         stdin.write(_LEN.pack(len(data)))
-        stdin.write(data)
-        await stdin.drain()
+        for i in range(0, len(data), _SLICE):  # a slice at a time: the pipe's buffer is not a copy of it all
+            stdin.write(data[i:i + _SLICE])
+            await stdin.drain()
         (n,) = _LEN.unpack(await stdout.readexactly(_LEN.size))
         return pickle.loads(await stdout.readexactly(n))  # noqa: S301 - written by our own worker
 
