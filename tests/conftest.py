@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -363,3 +364,18 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> IdP:
     yield IdP(issuer, keys, proc)
     proc.terminate()
     proc.wait(10)
+
+
+@contextlib.contextmanager
+def bystander_session(gw: Gateway):  # noqa: ANN201
+    """A live session, mid-transaction, that must keep working while others misbehave: checked to be
+    intact when it is given back."""
+    import psycopg
+
+    with psycopg.connect(gw.dsn(gw.credential()), autocommit=True) as conn:
+        conn.execute("begin")
+        conn.execute("create temp table keep (a int)")
+        yield conn
+        conn.execute("insert into keep values (1)")
+        assert conn.execute("select count(*) from keep").fetchone() == (1,)
+        conn.execute("commit")

@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+from tests.conftest import bystander_session
 from tests.pgwire import RawClient
 from wardgate.engines.postgres import codec
 
@@ -17,14 +18,8 @@ from wardgate.engines.postgres import codec
 @pytest.fixture
 def bystander(gateway):  # noqa: ANN001, ANN201
     """A live session that must keep working while others misbehave."""
-    cred = gateway.credential()
-    with psycopg.connect(gateway.dsn(cred), autocommit=True) as conn:
-        conn.execute("begin")
-        conn.execute("create temp table keep (a int)")
+    with bystander_session(gateway) as conn:
         yield conn
-        conn.execute("insert into keep values (1)")
-        assert conn.execute("select count(*) from keep").fetchone() == (1,)
-        conn.execute("commit")
 
 
 def _assert_gateway_serves(gateway) -> None:  # noqa: ANN001

@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.conftest import make_gateway
+from tests.conftest import bystander_session, make_gateway
 from tests.integration.test_masking import MASKING
 from tests.pgwire import RawClient
 from wardgate.engines.postgres import codec
@@ -45,13 +45,8 @@ def superuser(pg):  # noqa: ANN001, ANN201
 
 @pytest.fixture
 def bystander(igw):  # noqa: ANN001, ANN201
-    with psycopg.connect(igw.dsn(igw.credential()), autocommit=True) as conn:
-        conn.execute("begin")
-        conn.execute("create temp table keep (a int)")
+    with bystander_session(igw) as conn:
         yield conn
-        conn.execute("insert into keep values (1)")
-        assert conn.execute("select count(*) from keep").fetchone() == (1,)
-        conn.execute("commit")
 
 
 def _simple(conn: psycopg.Connection, sql: str):  # noqa: ANN202

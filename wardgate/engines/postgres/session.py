@@ -8,7 +8,6 @@ before it is recorded. Outcomes are handed to the recorder's deferred batch (see
 from __future__ import annotations
 
 import asyncio
-import codecs
 import functools
 import json
 import logging
@@ -31,6 +30,7 @@ from ...sql.tags import as_predicted
 from . import codec
 from .budget import Budget
 from .framing import ROWS, Framer
+from .slices import PIECE, json_parts, read_statement, sql_of, sql_view, take_pieces
 from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, UNSEEN, Finished, Started, StatementTracker
 
@@ -62,82 +62,7 @@ def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-SLICE = 1 << 20  # bytes a long statement is read or encoded in at a time, other sessions served between
-
-
-async def _read(sql: memoryview, codec_name: str) -> tuple[str, bool, bool] | None:
-    """A statement's bytes decoded in slices, yielding between them: its text, whether they are all ASCII,
-    and whether there is a backslash (None when they are not valid in the encoding). Every encoding a
-    client may use reads ASCII as ASCII, so one decoder reads all."""
-    decoder = codecs.getincrementaldecoder(codec_name)()
-    parts, ascii_only, backslash = [], True, False
-    try:
-        for i in range(0, len(sql), SLICE):
-            piece = bytes(sql[i:i + SLICE])
-            ascii_only = ascii_only and piece.isascii()
-            backslash = backslash or b"\\" in piece
-            parts.append(decoder.decode(piece, i + SLICE >= len(sql)))
-            await asyncio.sleep(0)
-    except UnicodeDecodeError:
-        return None
-    return "".join(parts), ascii_only, backslash
-
-
-async def _json_parts(text: str) -> list[bytes]:
-    """`text` as a JSON string in UTF-8, in slices (written as they are, never joined), yielding between them."""
-    parts = []
-    for i in range(0, len(text), SLICE):
-        parts.append(_jstring(text[i:i + SLICE])[1:-1].encode("utf-8", "surrogatepass"))
-        await asyncio.sleep(0)
-    return [b'"', *parts, b'"']
-
-
-PIECE = 32 * 1024  # bytes of a long read taken at a time
 PARAM_SCAN_BUDGET = 32 * 1024  # characters of one Bind's values searched for the record (_masked_params)
-TIME_SLICE = 0.005  # seconds a session's pieces may take before other sessions are served
-
-
-def _take_pieces(backlog: deque[list], take: Callable[[bytes], None], stop: Callable[[], bool]) -> bool:
-    """Hand `take` the pieces of the reads in `backlog` ([data, offset], in order) until it is empty (True),
-    or until a slice of time is used up (False: call again, after other callbacks have run). `stop()` says
-    the pieces can wait no more here (the session ended, or its bytes are held): the rest stays in `backlog`."""
-    deadline = time.perf_counter() + TIME_SLICE
-    while backlog:
-        entry = backlog[0]
-        data, at = entry
-        if at == 0 and len(data) <= PIECE:
-            backlog.popleft()
-            take(data)
-        else:
-            piece = data[at:at + PIECE]
-            if at + PIECE >= len(data):
-                backlog.popleft()
-            else:
-                entry[1] = at + PIECE
-            take(piece)
-        if stop():
-            return True
-        if backlog and time.perf_counter() > deadline:
-            return False
-    return True
-
-
-def _sql_of(mtype: int, body: bytes) -> bytes:
-    """The statement text of a Query or Parse body."""
-    return codec.read_cstr(body, 0 if mtype == _QUERY else codec.read_cstr(body, 0)[1])[0]
-
-
-def _sql_view(mtype: int, body: bytes) -> memoryview:
-    """The statement text of a Query or Parse body, in place."""
-    start = 0
-    if mtype == _PARSE:  # its text follows its name
-        start = body.find(0) + 1
-        if not start:
-            raise codec.ProtocolViolation("unterminated string in message")
-    end = body.find(0, start)
-    if end < 0:
-        raise codec.ProtocolViolation("unterminated string in message")
-    return memoryview(body)[start:end]
 
 
 def _jstr(value: str | None) -> str:
@@ -288,7 +213,7 @@ class Relay:
         self._held: list[bytes] | None = None  # the client's bytes while its earlier ones wait (catalog, worker)
         self._upstream_full = False  # the upstream's write buffer is full: the client is not read meanwhile
         self._client_full = False  # and the other way round
-        # A long read's pieces not yet taken, [data, offset] (see _take_pieces); the side is not read meanwhile.
+        # A long read's pieces not yet taken, [data, offset] (see slices.take_pieces); the side is not read meanwhile.
         self._client_backlog: deque[list] | None = None
         self._upstream_backlog: deque[list] | None = None
         self._to_client: list[bytes] | None = None  # while pieces are taken: what they forward, written after
@@ -394,7 +319,7 @@ class Relay:
             return
         if len(data) > PIECE:
             # A long read (a pipeline of thousands of messages) is taken in pieces, with other sessions
-            # served between them once a slice of time is used up (see _take_pieces).
+            # served between them once a slice of time is used up (see slices.take_pieces).
             self._client_backlog = deque([[data, 0]])
             self._set_client_reading()
             self._take_client_pieces()
@@ -405,7 +330,7 @@ class Relay:
         backlog = self._client_backlog
         if backlog is None or self.ended:
             return
-        if _take_pieces(backlog, self._client_read, lambda: self.ended or self._held is not None):
+        if take_pieces(backlog, self._client_read, lambda: self.ended or self._held is not None):
             self._client_backlog = None
             if self._held is not None and backlog:  # the rest waits behind what holds the session
                 self._held.extend(data[at:] for data, at in backlog)
@@ -426,7 +351,8 @@ class Relay:
             fwd, msgs = self.client_framer.feed(data)
             if self._budget is not None and self._over_budget():
                 return
-            if msgs and self._offload is not None and self._classify_first(fwd, msgs):
+            # A read no longer than INLINE_CHARS holds no long statement: no second pass over its messages.
+            if len(fwd) > INLINE_CHARS and self._offload is not None and msgs and self._classify_first(fwd, msgs):
                 return  # decided once a worker has classified its long statements; the client waits
             fwd = self._statements(fwd, msgs)
         except Exception as exc:  # each kind ends the session as it should (_client_failed)
@@ -547,7 +473,7 @@ class Relay:
                 # A text too long for the decision cache is not copied out of its message here (_prepare
                 # reads it in place); a shorter one may have been decided already.
                 if len(body) <= CACHE_TEXT_LIMIT:
-                    raw = _sql_of(mtype, body)
+                    raw = sql_of(mtype, body)
                     if len(raw) <= INLINE_CHARS or self.policy.decided(raw.decode(self._codec, "replace")):
                         continue
                 long.append((offset, mtype, body))
@@ -581,8 +507,8 @@ class Relay:
         encoding_was = self._codec
         async with offload.turn():
             for offset, mtype, body in long:
-                sql = _sql_view(mtype, body)
-                read = await _read(sql, encoding_was)
+                sql = sql_view(mtype, body)
+                read = await read_statement(sql, encoding_was)
                 if read is None:
                     continue  # not valid in the session's encoding: _read_sql refuses it as it stands
                 text, ascii_only, backslash = read
@@ -591,7 +517,7 @@ class Relay:
                 classification = await offload.classify(text, sql if ascii_only or encoding_was == "utf-8" else None)
                 del sql
                 self._prepared[offset] = (text, classification, special)
-                self._json = (text, await _json_parts(text))
+                self._json = (text, await json_parts(text))
         if self._codec != encoding_was:
             self._prepared.clear()  # read in another encoding than the server's now: read again, inline
 
@@ -1023,7 +949,7 @@ class Relay:
             return
         if len(data) > PIECE and self.masking is not None:
             # Masking costs up to a microsecond a byte (values dense with what detectors look for): a long
-            # read is masked in pieces, with other sessions served between them (see _take_pieces).
+            # read is masked in pieces, with other sessions served between them (see slices.take_pieces).
             self._upstream_backlog = deque([[data, 0]])
             self._set_upstream_reading()
             self._take_upstream_pieces()
@@ -1036,7 +962,7 @@ class Relay:
             return
         out = self._to_client = []  # what the pieces forward, written once (a write is a system call)
         try:
-            done = _take_pieces(backlog, self._upstream_read, lambda: self.ended)
+            done = take_pieces(backlog, self._upstream_read, lambda: self.ended)
         finally:
             self._to_client = None
         if out and not self.ended:

@@ -1,0 +1,96 @@
+"""Long work taken a slice at a time, so that no session holds the event loop for long.
+
+A long read is handed on in pieces (`take_pieces`), other sessions served between them once a slice of
+time is used up; a long statement is read from its message in place and decoded, and encoded for its
+record, in slices (`read_statement`, `json_parts`), yielding between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+
+from . import codec
+
+_JSON_STRING = json.encoder.encode_basestring  # a str as a JSON string, in C
+_Q, _P = ord("Q"), ord("P")
+
+SLICE = 1 << 20  # bytes a long statement is read or encoded in at a time, other sessions served between
+
+
+async def read_statement(sql: memoryview, codec_name: str) -> tuple[str, bool, bool] | None:
+    """A statement's bytes decoded in slices, yielding between them: its text, whether they are all ASCII,
+    and whether there is a backslash (None when they are not valid in the encoding). Every encoding a
+    client may use reads ASCII as ASCII, so one decoder reads all."""
+    decoder = codecs.getincrementaldecoder(codec_name)()
+    parts, ascii_only, backslash = [], True, False
+    try:
+        for i in range(0, len(sql), SLICE):
+            piece = bytes(sql[i:i + SLICE])
+            ascii_only = ascii_only and piece.isascii()
+            backslash = backslash or b"\\" in piece
+            parts.append(decoder.decode(piece, i + SLICE >= len(sql)))
+            await asyncio.sleep(0)
+    except UnicodeDecodeError:
+        return None
+    return "".join(parts), ascii_only, backslash
+
+
+async def json_parts(text: str) -> list[bytes]:
+    """`text` as a JSON string in UTF-8, in slices (written as they are, never joined), yielding between them."""
+    parts = []
+    for i in range(0, len(text), SLICE):
+        parts.append(_JSON_STRING(text[i:i + SLICE])[1:-1].encode("utf-8", "surrogatepass"))
+        await asyncio.sleep(0)
+    return [b'"', *parts, b'"']
+
+
+PIECE = 32 * 1024  # bytes of a long read taken at a time
+TIME_SLICE = 0.005  # seconds a session's pieces may take before other sessions are served
+
+
+def take_pieces(backlog: deque[list], take: Callable[[bytes], None], stop: Callable[[], bool]) -> bool:
+    """Hand `take` the pieces of the reads in `backlog` ([data, offset], in order) until it is empty (True),
+    or until a slice of time is used up (False: call again, after other callbacks have run). `stop()` says
+    the pieces can wait no more here (the session ended, or its bytes are held): the rest stays in `backlog`."""
+    deadline = time.perf_counter() + TIME_SLICE
+    while backlog:
+        entry = backlog[0]
+        data, at = entry
+        if at == 0 and len(data) <= PIECE:
+            backlog.popleft()
+            take(data)
+        else:
+            piece = data[at:at + PIECE]
+            if at + PIECE >= len(data):
+                backlog.popleft()
+            else:
+                entry[1] = at + PIECE
+            take(piece)
+        if stop():
+            return True
+        if backlog and time.perf_counter() > deadline:
+            return False
+    return True
+
+
+def sql_of(mtype: int, body: bytes) -> bytes:
+    """The statement text of a Query or Parse body."""
+    return codec.read_cstr(body, 0 if mtype == _Q else codec.read_cstr(body, 0)[1])[0]
+
+
+def sql_view(mtype: int, body: bytes) -> memoryview:
+    """The statement text of a Query or Parse body, in place."""
+    start = 0
+    if mtype == _P:  # its text follows its name
+        start = body.find(0) + 1
+        if not start:
+            raise codec.ProtocolViolation("unterminated string in message")
+    end = body.find(0, start)
+    if end < 0:
+        raise codec.ProtocolViolation("unterminated string in message")
+    return memoryview(body)[start:end]
