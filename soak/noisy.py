@@ -162,8 +162,9 @@ def slow_callbacks(gw) -> list[str]:  # noqa: ANN001
     """The callbacks the gateway logged as holding its event loop, once it was ready (start-up may)."""
     lines = gw.log.read_text(errors="replace").splitlines()
     ready = next((i for i, line in enumerate(lines) if " ready: " in line), len(lines))
-    return [re.sub(r" created at \S+", "", line.split("Executing ", 1)[1])[:300]
-            for line in lines[ready:] if "WARNING asyncio: Executing " in line]
+    return [re.sub(r" created at \S+", "", line.split("Executing ", 1)[1])[:300] if "Executing " in line
+            else line.split("wardgate.loop: ", 1)[1]
+            for line in lines[ready:] if "WARNING asyncio: Executing " in line or "WARNING wardgate.loop: " in line]
 
 
 def _stop(gw, stalled: bool) -> None:  # noqa: ANN001

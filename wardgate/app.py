@@ -11,6 +11,7 @@ import ssl
 import time
 from typing import Any
 
+from . import loopwatch
 from .analysis.service import Analyzer
 from .config import ConfigError, Settings, load, parse_duration, parse_hostport
 from .engines.postgres.server import PostgresListener
@@ -306,11 +307,14 @@ def run(settings: Settings, on_ready: Any = None) -> None:
     async def main() -> None:
         gateway = Gateway(settings)
         loop = asyncio.get_running_loop()
+        watching = None
         if settings.gateway.slow_callback_ms:
             # asyncio's debug mode logs every callback that held the loop longer than this ("Executing ...
-            # took"): the soak runs with it and fails on any. It costs speed, so it is off by default.
+            # took"), and loopwatch any stretch in which the loop ran nothing else (uvloop does not time what
+            # a socket's read runs): the soak runs with both and fails on any. They cost speed: off by default.
             loop.set_debug(True)
             loop.slow_callback_duration = settings.gateway.slow_callback_ms / 1000
+            watching = loop.create_task(loopwatch.watch(settings.gateway.slow_callback_ms / 1000), name="loopwatch")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gateway.stop)
         # kill -HUP: read the policy again here and on every replica
@@ -322,6 +326,8 @@ def run(settings: Settings, on_ready: Any = None) -> None:
         if on_ready is not None:
             on_ready(gateway)
         await gateway._stop.wait()
+        if watching is not None:
+            watching.cancel()
         await gateway.shutdown()
 
     runner(main())

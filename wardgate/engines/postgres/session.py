@@ -51,6 +51,13 @@ def _set_reading(peer: StreamProtocol, paused: bool) -> None:
         t.pause_reading() if paused else t.resume_reading()
 
 
+def _resume_later(set_reading: Callable[[], None]) -> None:
+    """Resume reading once the loop has come round, never from within a read's callback: uvloop (libuv)
+    reads again at once when reading resumes there, up to 32 reads in a row, and a session whose pieces
+    each took their whole slice of time would hold the loop for all of them (150 ms, seen)."""
+    asyncio.get_running_loop().call_soon(set_reading)
+
+
 def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     """Apply (offset, length, replacement) edits, given in stream order, in one pass."""
     parts, last = [], 0
@@ -334,7 +341,7 @@ class Relay:
             self._client_backlog = None
             if self._held is not None and backlog:  # the rest waits behind what holds the session
                 self._held.extend(data[at:] for data, at in backlog)
-            self._set_client_reading()
+            _resume_later(self._set_client_reading)
         else:
             asyncio.get_running_loop().call_soon(self._take_client_pieces)
 
@@ -969,7 +976,7 @@ class Relay:
             self.client.transport.writelines(out)  # type: ignore[union-attr]
         if done:
             self._upstream_backlog = None
-            self._set_upstream_reading()
+            _resume_later(self._set_upstream_reading)
         else:
             asyncio.get_running_loop().call_soon(self._take_upstream_pieces)
 
