@@ -158,13 +158,21 @@ def _gateway(work: Path, pg: LocalPostgres, name: str):  # noqa: ANN202
     return gw
 
 
-def slow_callbacks(gw) -> list[str]:  # noqa: ANN001
-    """The callbacks the gateway logged as holding its event loop, once it was ready (start-up may)."""
-    lines = gw.log.read_text(errors="replace").splitlines()
-    ready = next((i for i, line in enumerate(lines) if " ready: " in line), len(lines))
-    return [re.sub(r" created at \S+", "", line.split("Executing ", 1)[1])[:300] if "Executing " in line
-            else line.split("wardgate.loop: ", 1)[1]
-            for line in lines[ready:] if "WARNING asyncio: Executing " in line or "WARNING wardgate.loop: " in line]
+def slow_callbacks(gw, since: float, until: float) -> list[str]:  # noqa: ANN001
+    """The callbacks the gateway logged as holding its event loop between `since` and `until` (while the
+    worst statements ran: not while the twenty others connect or end all at once, each its own work)."""
+    out = []
+    for line in gw.log.read_text(errors="replace").splitlines():
+        if "WARNING asyncio: Executing " not in line and "WARNING wardgate.loop: " not in line:
+            continue
+        try:
+            at = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+        except ValueError:
+            continue
+        if since <= at <= until:
+            out.append(re.sub(r" created at \S+", "", line.split("Executing ", 1)[1])[:300] if "Executing " in line
+                       else line.split("wardgate.loop: ", 1)[1])
+    return out
 
 
 def _stop(gw, stalled: bool) -> None:  # noqa: ANN001
@@ -176,20 +184,23 @@ def statement_step(work: Path, pg: LocalPostgres, size: Size, name: str, label: 
     step = Step(label)
     gw = _gateway(work, pg, name)
     stalled = False
+    since = until = 0.0
     try:
         target = gateway_target(gw)
         with Observer(target) as obs:
             obs.measure("baseline", BASELINE_SECONDS)
             time.sleep(0.3)
+            since = time.time()
             obs.phase(name)
             [through] = asyncio.run(worst_statements(target, size, timeout, ops=[(label, op)]))
+            until = time.time()
             stats, errors = obs.finish()
         step.others = Others.of(stats["baseline"], stats[name], errors)
         step.gateway_s, step.problem = (through.seconds, through.problem)
         stalled = through.seconds is None
     finally:
         _stop(gw, stalled)
-        step.slow = slow_callbacks(gw)
+        step.slow = slow_callbacks(gw, since, until or time.time())
     [direct] = asyncio.run(worst_statements(direct_target(pg), size, timeout, ops=[(label, op)], masked=False))
     step.direct_s = direct.seconds
     if direct.problem and not step.problem:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 READY_SUFFIX = ".ready"
+ATTACHED_SUFFIX = ".part"
 _IOV_MAX = 1024  # buffers one writev may take (Linux)
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -31,7 +32,34 @@ def encode(records: list[dict[str, Any]]) -> str:
     return "".join([_dumps(r) + "\n" for r in records])
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path, attached: list[Path] | None = None) -> list[dict[str, Any]]:
+    """The records of a journal file, with those of the files it attached (`Journal.attach`) in their
+    place; the paths of those files are added to `attached`, to remove with it once applied."""
+    records = _read_lines(path)
+    if not any(r.get("k") == "attached" for r in records):
+        return records
+    out: list[dict[str, Any]] = []
+    for r in records:
+        if r.get("k") != "attached":
+            out.append(r)
+            continue
+        part = path.parent / str(r.get("file", ""))
+        if part.parent != path.parent or not part.name.endswith(ATTACHED_SUFFIX) or not part.exists():
+            continue  # never outside the journal's folder; a missing part had been applied already
+        out.extend(_read_lines(part))
+        if attached is not None:
+            attached.append(part)
+    return out
+
+
+def remove(path: Path, attached: list[Path]) -> None:
+    """Remove an applied journal file, and then the files it attached."""
+    path.unlink(missing_ok=True)
+    for part in attached:
+        part.unlink(missing_ok=True)
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
     text = path.read_bytes().decode("utf-8", "replace")
     try:
         # One parse for the whole file: a record is one line, and JSON escapes every newline in a value.
@@ -59,6 +87,18 @@ def _try_lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _writev_all(fd: int, parts: list[bytes]) -> None:
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        while n and views:  # drop what was written, whole parts and the front of one
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0] = views[0][n:]
+                n = 0
 
 
 class Journal:
@@ -122,15 +162,7 @@ class Journal:
             self._torn = False
         total = sum(map(len, parts))
         try:
-            views = [memoryview(p) for p in parts if p]
-            while views:
-                n = os.writev(self.fd, views[:_IOV_MAX])
-                while n and views:  # drop what was written, whole parts and the front of one
-                    if n >= len(views[0]):
-                        n -= len(views.pop(0))
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+            _writev_all(self.fd, parts)
         except OSError:
             try:
                 os.ftruncate(self.fd, self.size)
@@ -138,6 +170,29 @@ class Journal:
                 self._torn = True
             raise
         self.size += total
+
+    def attach(self, parts: list[bytes]) -> str:
+        """Write records (`write_parts`) to a file of their own, and return its name, for the journal to
+        refer to once it is complete (a `{"k": "attached", "file": name}` record). A record of many
+        megabytes is written so, outside the journal's lock: the other sessions' records go on being
+        written meanwhile, where one write to the journal itself would keep them all waiting for it. A
+        file no record refers to (the process ended in between) is removed when its instance is recovered."""
+        name = f"{int(time.time() * 1000):014d}-{self.instance}-{secrets.token_hex(6)}{ATTACHED_SUFFIX}"
+        path = self.dir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _writev_all(fd, parts)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return name
+
+    def forget_attached(self, instance: str) -> None:
+        """Remove the attached files an ended instance left that no journal file referred to."""
+        for path in self.dir.glob(f"*-{instance}-*{ATTACHED_SUFFIX}"):
+            path.unlink(missing_ok=True)
 
     def _finish(self) -> None:
         """Hand the current file to the drainer: renamed to *.ready, then closed."""

@@ -22,11 +22,12 @@ from typing import Any
 
 from ..config import Settings
 from ..store import Store
-from .journal import READY_SUFFIX, Journal, encode, read_records
+from .journal import READY_SUFFIX, Journal, encode, read_records, remove
 
 log = logging.getLogger("wardgate.recording")
 
 OUTCOME_DELAY = 0.02
+ATTACH_MIN = 1 << 20  # bytes of records from which they are written to a file of their own (write_parts)
 DRAINER_NICENESS = 10
 
 
@@ -40,8 +41,9 @@ def apply_ready(store: Store, directory: Path) -> int:
     """Apply every finished journal file in order; return the number applied."""
     n = 0
     for path in sorted(directory.glob("*" + READY_SUFFIX)):
-        store.apply_records(read_records(path))
-        path.unlink(missing_ok=True)
+        attached: list[Path] = []
+        store.apply_records(read_records(path, attached))
+        remove(path, attached)
         n += 1
     return n
 
@@ -114,12 +116,22 @@ class Recorder:
 
     def write_parts(self, parts: list[bytes]) -> None:
         """`write_lines` for records already encoded, in parts written as they are (a long statement's
-        record is never joined into one more copy of it)."""
-        with self._lock:
-            if self._deferred:
-                parts = ["".join(self._deferred).encode("utf-8"), *parts]
-            self.journal.write_parts(parts)
-            self._deferred = []
+        record is never joined into one more copy of it). Records of ATTACH_MIN bytes or more go to a
+        file of their own first (`Journal.attach`), so that the lock is held only to refer to it."""
+        attached = None
+        if sum(map(len, parts)) >= ATTACH_MIN:
+            attached = self.journal.attach(parts)
+            parts = [encode([{"k": "attached", "file": attached}]).encode()]
+        try:
+            with self._lock:
+                if self._deferred:
+                    parts = ["".join(self._deferred).encode("utf-8"), *parts]
+                self.journal.write_parts(parts)
+                self._deferred = []
+        except OSError:
+            if attached is not None:
+                (self.journal.dir / attached).unlink(missing_ok=True)
+            raise
 
     def defer(self, lines: list[str]) -> None:
         with self._lock:
@@ -140,14 +152,17 @@ class Recorder:
         dead = self.journal.dead_instances()
         count = apply_ready(self.store, self.journal.dir)  # older than any unfinished file
         for path, fd in self.journal.orphans():
-            records = read_records(path)
+            attached: list[Path] = []
+            records = read_records(path, attached)
             records += _close_open_sessions(records, os.stat(path).st_mtime)
             self.store.apply_records(records)
             count += len(records)
-            path.unlink()
+            remove(path, attached)
             os.close(fd)
         if dead:
             self.store.close_sessions_of(dead, "the gateway process ended unexpectedly")
+            for instance, _ in dead:
+                self.journal.forget_attached(instance)
             self.journal.forget_instances(dead)
         return count
 
