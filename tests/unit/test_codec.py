@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from wardgate.engines.postgres import codec
+from wardgate.engines.postgres import codec, framing
 from wardgate.engines.postgres.framing import Framer
 from wardgate.engines.postgres.tracker import BACKEND_INSPECT, FRONTEND_INSPECT, StatementTracker
 
@@ -216,3 +216,56 @@ def test_tracker_parse_error_without_execute() -> None:
     assert t.backend(ord("E"), err("42601")) == []
     assert t.backend(ord("Z"), b"I") == []
     assert t.transaction_status == b"I"
+
+
+def _feed_all(f: Framer, reads: list[bytes]) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Feed `reads` as a relay does: what follows a long message in a read is fed next (take_rest)."""
+    out, msgs = [], []
+    for read in reads:
+        while read:
+            fwd, got = f.feed(read)
+            out.append(fwd)
+            msgs += [(t, fwd[o:body] if t & framing.ROWS else body) for t, body, o in got]
+            read = f.take_rest()
+    return b"".join(out), msgs
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["C", "python"])
+def test_a_long_message_is_filled_read_by_read_and_what_follows_it_comes_next(monkeypatch, native: bool) -> None:
+    """A held message of LARGE bytes or more is copied into place as its reads arrive, never joined at its
+    end; the bytes after it in its last read are left for the caller. Whatever the cuts, the bytes
+    forwarded are the stream, and the messages are the ones sent."""
+    if not native:
+        monkeypatch.setattr(framing, "blank", framing.blank_py)
+        monkeypatch.setattr(framing, "fill", framing.fill_py)
+    text = b"select '" + bytes(range(97, 123)) * ((framing.LARGE // 26) + 10) + b"'"
+    stream = q("select 1") + q(text.decode()) + codec.message(b"S") + q("select 2")
+    rng = random.Random(7)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(1, 40)))
+        reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        f = client_framer(max_inspect=1 << 22)
+        fwd, msgs = _feed_all(f, reads)
+        assert fwd == stream and f.pending == 0 and f.incomplete == 0
+        assert msgs == [(ord("Q"), b"select 1\x00"), (ord("Q"), text + b"\x00"), (ord("S"), b""), (ord("Q"), b"select 2\x00")]
+        assert all(type(body) is bytes for _, body in msgs)
+
+
+def test_a_long_row_is_returned_as_a_run_of_one() -> None:
+    row = codec.message(b"D", b"\x00\x01" + struct.pack("!i", framing.LARGE) + b"r" * framing.LARGE)
+    stream = row + codec.message(b"C", b"SELECT 1\x00")
+    f = Framer(BACKEND_INSPECT + b"D", max_inspect=1 << 22, rows=ord("D"))
+    reads = [stream[i:i + 65536] for i in range(0, len(stream), 65536)]
+    fwd, msgs = _feed_all(f, reads)
+    assert fwd == stream
+    assert msgs == [(ord("D") | framing.ROWS, row), (ord("C"), b"SELECT 1\x00")]
+
+
+def test_a_long_message_held_counts_twice_against_the_budget() -> None:
+    """Message and body are each filled: what the budget counts is what is held."""
+    f = client_framer(max_inspect=1 << 22)
+    msg = q("select '" + "a" * framing.LARGE + "'")
+    assert f.feed(msg[:100_000]) == (b"", [])
+    assert f.pending == 200_000 and f.incomplete == len(msg) - 100_000
+    f.clear()
+    assert f.pending == 0 and f.incomplete == 0

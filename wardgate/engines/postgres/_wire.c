@@ -409,8 +409,122 @@ done:
     return result;
 }
 
+/* blank(n) -> a bytes object of n bytes, not yet written: a long message is copied into it read by read
+ * (fill) as it arrives, so that no one read's callback copies all of it (framing.py). Only the framer
+ * holds it until it is whole, and nobody hashes it before. */
+static PyObject *blank(PyObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative size");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize(NULL, n);
+}
+
+/* fill(dst, at, src): copy the buffer src into the bytes object dst (from blank) at offset at. */
+static PyObject *fill(PyObject *self, PyObject *args)
+{
+    PyObject *dst;
+    Py_ssize_t at;
+    Py_buffer src;
+    if (!PyArg_ParseTuple(args, "O!ny*", &PyBytes_Type, &dst, &at, &src))
+        return NULL;
+    if (at < 0 || src.len > PyBytes_GET_SIZE(dst) - at) {
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_ValueError, "fill past the end");
+        return NULL;
+    }
+    memcpy(PyBytes_AS_STRING(dst) + at, src.buf, (size_t)src.len);
+    PyBuffer_Release(&src);
+    Py_RETURN_NONE;
+}
+
+/* blank_text(n, maxchar) -> a str of n characters, not yet written, in the form CPython gives a str whose
+ * largest character is maxchar (the largest of its parts' forms: each part is in its own, so the whole is
+ * in the one CPython would give it). A long statement's text is copied into it a slice at a time
+ * (fill_text), between which other sessions run, where "".join would copy it all in one callback. */
+static PyObject *blank_text(PyObject *self, PyObject *args)
+{
+    Py_ssize_t n;
+    unsigned int maxchar;
+    if (!PyArg_ParseTuple(args, "nI", &n, &maxchar))
+        return NULL;
+    if (n < 0 || maxchar > 0x10ffff) {
+        PyErr_SetString(PyExc_ValueError, "invalid size or character");
+        return NULL;
+    }
+    return PyUnicode_New(n, (Py_UCS4)maxchar);
+}
+
+/* fill_text(dst, at, src): copy src into dst (from blank_text) from character at. src is a str whose form
+ * is no wider than dst's, or a bytes-like object of ASCII (checked) when dst holds one byte a character. */
+static PyObject *fill_text(PyObject *self, PyObject *args)
+{
+    PyObject *dst, *src;
+    Py_ssize_t at;
+    if (!PyArg_ParseTuple(args, "UnO", &dst, &at, &src))
+        return NULL;
+    int dkind = PyUnicode_KIND(dst);
+    void *ddata = PyUnicode_DATA(dst);
+    Py_ssize_t room = PyUnicode_GET_LENGTH(dst) - at;
+    if (PyUnicode_Check(src)) {
+        Py_ssize_t n = PyUnicode_GET_LENGTH(src);
+        int skind = PyUnicode_KIND(src);
+        if (at < 0 || n > room || skind > dkind || (PyUnicode_IS_ASCII(dst) && !PyUnicode_IS_ASCII(src))) {
+            PyErr_SetString(PyExc_ValueError, "fill past the end, or with wider characters");
+            return NULL;
+        }
+        const void *sdata = PyUnicode_DATA(src);
+        if (skind == dkind) {
+            memcpy((char *)ddata + at * dkind, sdata, (size_t)(n * dkind));
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++)
+                PyUnicode_WRITE(dkind, ddata, at + i, PyUnicode_READ(skind, sdata, i));
+        }
+        Py_RETURN_NONE;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(src, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = b.buf;
+    int ok = dkind == PyUnicode_1BYTE_KIND && at >= 0 && b.len <= room;
+    for (Py_ssize_t i = 0; ok && i < b.len; i++)
+        ok = p[i] < 0x80;
+    if (!ok) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "fill past the end, or with bytes that are not ASCII");
+        return NULL;
+    }
+    memcpy((char *)ddata + at, p, (size_t)b.len);
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
+/* text_form(s) -> the largest character of the form s is stored in: 127 (ASCII), 255, 0xffff or 0x10ffff. */
+static PyObject *text_form(PyObject *self, PyObject *s)
+{
+    if (!PyUnicode_Check(s)) {
+        PyErr_SetString(PyExc_TypeError, "a str is needed");
+        return NULL;
+    }
+    if (PyUnicode_IS_ASCII(s))
+        return PyLong_FromLong(127);
+    switch (PyUnicode_KIND(s)) {
+    case PyUnicode_1BYTE_KIND: return PyLong_FromLong(0xff);
+    case PyUnicode_2BYTE_KIND: return PyLong_FromLong(0xffff);
+    default: return PyLong_FromLong(0x10ffff);
+    }
+}
+
 static PyMethodDef methods[] = {
+    {"text_form", text_form, METH_O, "The largest character of a str's form. See slices.py."},
+    {"blank_text", blank_text, METH_VARARGS, "A str of n characters to fill. See slices.py."},
+    {"fill_text", fill_text, METH_VARARGS, "Copy a str, or ASCII bytes, into a blank str. See slices.py."},
     {"scan", scan, METH_VARARGS, "Frame a read: (pos, state, extra, msgs). See framing.py."},
+    {"blank", blank, METH_O, "A bytes object of n bytes to fill. See framing.py."},
+    {"fill", fill, METH_VARARGS, "Copy a buffer into a blank bytes object at an offset. See framing.py."},
     {"mask_rows", mask_rows, METH_VARARGS, "Mask a run of DataRows. See masking/plan.py."},
     {NULL, NULL, 0, NULL},
 };

@@ -356,10 +356,13 @@ class Relay:
             return
         try:
             fwd, msgs = self.client_framer.feed(data)
+            rest = self.client_framer.take_rest()  # what followed a long message in this read: next
             if self._budget is not None and self._over_budget():
                 return
             # A read no longer than INLINE_CHARS holds no long statement: no second pass over its messages.
             if len(fwd) > INLINE_CHARS and self._offload is not None and msgs and self._classify_first(fwd, msgs):
+                if rest and self._held is not None:
+                    self._held.insert(0, rest)
                 return  # decided once a worker has classified its long statements; the client waits
             fwd = self._statements(fwd, msgs)
         except Exception as exc:  # each kind ends the session as it should (_client_failed)
@@ -367,6 +370,8 @@ class Relay:
             return
         if fwd:
             self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+        if rest and not self.ended:
+            self._client_read(rest)
 
     def _statements(self, fwd: bytes, msgs: list, records_out: list | None = None) -> bytes:
         """Decide and record the client's messages `msgs` framed from `fwd`; what to forward upstream. With
@@ -987,6 +992,7 @@ class Relay:
                 return
         try:
             fwd, msgs = self.server_framer.feed(data)
+            rest = self.server_framer.take_rest()  # what followed a long message in this read: next
             if self._budget is not None and self._over_budget():
                 return
             if msgs and (simple := self._simple_answer(msgs, fwd)) is not None:
@@ -1088,6 +1094,8 @@ class Relay:
                 self.client.transport.write(fwd)  # type: ignore[union-attr]
             else:
                 out.append(fwd)
+        if rest and not self.ended:
+            self._upstream_read(rest)
 
     def _read_catalog(self, data: bytes) -> None:
         """Read the catalog again (DDL ran) before the client's `data`, which waits until it is read: its

@@ -16,6 +16,11 @@ from collections.abc import Callable
 
 from . import codec
 
+try:
+    from ._wire import blank_text, fill_text, text_form
+except ImportError:  # built without a C compiler: texts are joined in one go
+    blank_text = fill_text = text_form = None  # type: ignore[assignment]
+
 _JSON_STRING = json.encoder.encode_basestring  # a str as a JSON string, in C
 _Q, _P = ord("Q"), ord("P")
 
@@ -25,19 +30,39 @@ SLICE = 1 << 20  # bytes a long statement is read or encoded in at a time, other
 async def read_statement(sql: memoryview, codec_name: str) -> tuple[str, bool, bool] | None:
     """A statement's bytes decoded in slices, yielding between them: its text, whether they are all ASCII,
     and whether there is a backslash (None when they are not valid in the encoding). Every encoding a
-    client may use reads ASCII as ASCII, so one decoder reads all."""
+    client may use reads ASCII as ASCII, so one decoder reads all. The text is copied into a str made for
+    it a slice at a time too (`_wire.blank_text`): one join of 64 MiB held the loop 25 ms, and 200 ms when
+    its memory had just been given back to the system."""
+    ascii_only, backslash = True, False
+    for i in range(0, len(sql), SLICE):
+        piece = bytes(sql[i:i + SLICE])
+        ascii_only = ascii_only and piece.isascii()
+        backslash = backslash or b"\\" in piece
+        await asyncio.sleep(0)
+    if ascii_only and blank_text is not None:
+        text = blank_text(len(sql), 127)
+        for i in range(0, len(sql), SLICE):
+            fill_text(text, i, sql[i:i + SLICE])
+            await asyncio.sleep(0)
+        return text, True, backslash
     decoder = codecs.getincrementaldecoder(codec_name)()
-    parts, ascii_only, backslash = [], True, False
+    parts = []
     try:
         for i in range(0, len(sql), SLICE):
-            piece = bytes(sql[i:i + SLICE])
-            ascii_only = ascii_only and piece.isascii()
-            backslash = backslash or b"\\" in piece
-            parts.append(decoder.decode(piece, i + SLICE >= len(sql)))
+            parts.append(decoder.decode(bytes(sql[i:i + SLICE]), i + SLICE >= len(sql)))
             await asyncio.sleep(0)
     except UnicodeDecodeError:
         return None
-    return "".join(parts), ascii_only, backslash
+    if blank_text is None:  # built without the C module: one join
+        return "".join(parts), ascii_only, backslash
+    # Each part is in the form its largest character asks for, so the largest of their forms is the whole's.
+    text = blank_text(sum(map(len, parts)), max(map(text_form, parts), default=127))
+    at = 0
+    for part in parts:
+        fill_text(text, at, part)
+        at += len(part)
+        await asyncio.sleep(0)
+    return text, ascii_only, backslash
 
 
 async def json_parts(text: str) -> list[bytes]:
@@ -94,3 +119,4 @@ def sql_view(mtype: int, body: bytes) -> memoryview:
     if end < 0:
         raise codec.ProtocolViolation("unterminated string in message")
     return memoryview(body)[start:end]
+
