@@ -30,6 +30,7 @@ INLINE_CHARS = 2048
 TIMEOUT = 10.0  # seconds a worker may spend on one statement
 WORKERS = 2
 STARTUP_TIMEOUT = 60.0  # seconds a new worker may take to start (import the parser)
+WORKER_NICENESS = 10
 
 _LEN = struct.Struct("!Q")
 _SLICE = 1 << 20
@@ -44,24 +45,52 @@ NO_WORKER = Classification(error="the gateway could not start a worker to inspec
                                  "or send a shorter one", uninspected=True)
 
 
+def _send(fd: int, data: memoryview) -> None:
+    """Write `data` to the blocking pipe `fd` whole, from a thread: os.write lets go of the interpreter
+    while the pipe takes it (the worker reading), where the loop's own pipe transport held the loop
+    10 ms and more for each MiB. A pipe closed by a worker that was killed raises OSError."""
+    os.write(fd, _LEN.pack(len(data)))
+    for i in range(0, len(data), _SLICE):
+        view = data[i:i + _SLICE]
+        while view:
+            view = view[os.write(fd, view):]
+
+
 class _Worker:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, to_worker: int) -> None:
         self.proc = proc
+        self.to_worker = to_worker  # the writing end of the worker's stdin, blocking: written from threads
+        self._sending: asyncio.Future[None] | None = None
 
     async def classify(self, text: str, utf8: bytes | memoryview | None = None) -> Classification:
-        stdin, stdout = self.proc.stdin, self.proc.stdout
-        assert stdin is not None and stdout is not None
+        stdout = self.proc.stdout
+        assert stdout is not None
         data = memoryview(utf8 if utf8 is not None else text.encode("utf-8", "surrogatepass"))
-        stdin.write(_LEN.pack(len(data)))
-        for i in range(0, len(data), _SLICE):  # a slice at a time: the pipe's buffer is not a copy of it all
-            stdin.write(data[i:i + _SLICE])
-            await stdin.drain()
-        (n,) = _LEN.unpack(await stdout.readexactly(_LEN.size))
-        return pickle.loads(await stdout.readexactly(n))  # noqa: S301 - written by our own worker
+        sending = self._sending = asyncio.get_running_loop().run_in_executor(None, _send, self.to_worker, data)
+        try:
+            (n,) = _LEN.unpack(await stdout.readexactly(_LEN.size))  # it answers once it has read it all
+            answer = await stdout.readexactly(n)
+        finally:
+            if not sending.done():
+                self.kill()  # cancelled or timed out mid-send: the thread's write fails and ends
+        await sending  # done: an error writing is the worker's end, and raises here
+        return pickle.loads(answer)  # noqa: S301 - written by our own worker
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
+        # The pipe is closed once no thread writes to it (the write fails as the worker dies): closed under
+        # a thread still writing, its number could be another file's by the time the thread wrote again.
+        if self._sending is not None and not self._sending.done():
+            self._sending.add_done_callback(lambda _: self._close())
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        if self.to_worker >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.to_worker)
+            self.to_worker = -1
 
 
 class Offload:
@@ -102,7 +131,7 @@ class Offload:
                 return NO_WORKER  # refused, as anything the gateway cannot inspect
             try:
                 result = await asyncio.wait_for(worker.classify(text, utf8), self.timeout)
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError) as exc:
+            except (TimeoutError, asyncio.IncompleteReadError, OSError, pickle.UnpicklingError) as exc:
                 # Killed whatever it was doing: a worker past its budget, or one that died, is not used again.
                 log.warning("statement classification in a worker failed: %s", type(exc).__name__)
                 self._drop(worker)
@@ -114,10 +143,17 @@ class Offload:
             return result
 
     async def _start(self) -> _Worker:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wardgate.sql.offload", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 20)
-        worker = _Worker(proc)
+        reading, writing = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "wardgate.sql.offload", stdin=reading,
+                stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 20)
+        except BaseException:
+            os.close(writing)
+            raise
+        finally:
+            os.close(reading)
+        worker = _Worker(proc, writing)
         self._all.add(worker)
         try:
             # Ready once it has imported the parser: the time budget is for classifying, not for starting.
@@ -143,6 +179,10 @@ class Offload:
 
 def _serve() -> None:
     """The worker: statements in, their pickled classifications out, until stdin closes."""
+    # Below the gateway's priority: on a machine with few cores, a long statement's classification would
+    # otherwise take the CPU from the loop serving every other session (their p99 doubled on 2 cores).
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
     read, write = sys.stdin.buffer.read, sys.stdout.buffer
     write.write(b"R")  # ready
     write.flush()
