@@ -204,3 +204,23 @@ def test_a_masking_function_must_return_a_valid_value():
     assert _wire.mask_rows(row, 0, len(row), (NULL_VALUE,), [0]) == data_row(None)
 
 
+
+
+def test_the_values_of_a_row_are_searched_up_to_the_scan_limit_in_all() -> None:
+    """Searching each value of a wide row up to the limit would hold the loop for all of them at once: the
+    values of one row are searched up to the limit in all, and those past it masked whole, as a value
+    longer than the limit is. Rows that fit are searched as ever, in the same run."""
+    plan = _plan([{"name": "pii", "detectors": ["email"], "strategy": "redact"}], [("a", 25), ("b", 25), ("c", 25)])
+    pad = b"x" * (plan.scan_limit * 2 // 3)
+    wide = data_row(b"ann@example.com " + pad, b"bob@example.com " + pad, b"and carl@example.com")
+    small = data_row(b"dan@example.com", None, b"x")
+    data = small + wide + small
+    got = plan.mask_run(data, 0, len(data))
+    rows = []
+    pos = 0
+    while pos < len(got):
+        (length,) = struct.unpack_from("!I", got, pos + 1)
+        rows.append(codec.data_row_raw(got[pos + 5:pos + 1 + length]))
+        pos += 1 + length
+    assert rows[0] == rows[2] == [b"[email]", None, b"x"]
+    assert rows[1] == [b"[email] " + pad, b"[unscanned]", b"and [email]"]

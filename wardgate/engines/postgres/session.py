@@ -30,7 +30,7 @@ from ...sql.tags import as_predicted
 from . import codec
 from .budget import Budget
 from .framing import ROWS, Framer
-from .slices import PIECE, json_parts, read_statement, sql_of, sql_view, take_pieces
+from .slices import PIECE, Outbox, json_parts, read_statement, sql_of, sql_view, take_pieces
 from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, UNSEEN, Finished, Started, StatementTracker
 
@@ -223,6 +223,9 @@ class Relay:
         # A long read's pieces not yet taken, [data, offset] (see slices.take_pieces); the side is not read meanwhile.
         self._client_backlog: deque[list] | None = None
         self._upstream_backlog: deque[list] | None = None
+        # What goes to each side, a slice a turn when it is long (slices.Outbox); the other side waits.
+        self._client_out = Outbox(lambda: self.client.transport, self._set_upstream_reading)
+        self._upstream_out = Outbox(lambda: self.upstream.transport, self._set_client_reading)
         self._to_client: list[bytes] | None = None  # while pieces are taken: what they forward, written after
         # Long statements are classified off the event loop, in a worker (sql/offload.py); their
         # classifications wait here for the decision that uses them.
@@ -369,7 +372,7 @@ class Relay:
             self._client_failed(exc)
             return
         if fwd:
-            self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+            self._upstream_out.write([fwd])
         if rest and not self.ended:
             self._client_read(rest)
 
@@ -554,7 +557,7 @@ class Relay:
         if self.ended:
             return
         if fwd:
-            self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+            self._upstream_out.write([fwd])
         del fwd, msgs
         self._over_budget()  # what it held is given back (and memory to the system, when it was much)
         held, self._held = self._held or [], None
@@ -614,10 +617,11 @@ class Relay:
     def _set_client_reading(self) -> None:
         """Read from the client unless its statements wait (for a worker, the catalog, their turn in a long
         read) or the upstream cannot take more."""
-        _set_reading(self.client, self._held is not None or self._client_backlog is not None or self._upstream_full)
+        _set_reading(self.client, self._held is not None or self._client_backlog is not None or self._upstream_full
+                     or self._upstream_out.busy)
 
     def _set_upstream_reading(self) -> None:
-        _set_reading(self.upstream, self._upstream_backlog is not None or self._client_full)
+        _set_reading(self.upstream, self._upstream_backlog is not None or self._client_full or self._client_out.busy)
 
     def _upstream_pause(self, full: bool) -> None:
         self._upstream_full = full
@@ -734,7 +738,7 @@ class Relay:
         names = self._column_names[body] = _json([f.name for f in codec.row_description(body)])
         return names
 
-    def _sample(self, run: bytes) -> None:
+    def _sample(self, run: bytes | memoryview) -> None:
         """The first rows of a result, as the client gets them (masked), kept for its record."""
         entry = self.tracker.current()
         if entry is None:
@@ -744,7 +748,10 @@ class Relay:
         pos, n = 0, len(run)
         while pos < n and len(entry.sample) < self._sample_rows and self._sample_budget > 0:
             length = int.from_bytes(run[pos + 1:pos + 5], "big")
-            body = run[pos + 5:pos + 1 + length]
+            if length - 4 > self._sample_budget:  # a row over what is left: none is kept after it
+                self._sample_budget = 0
+                return
+            body = bytes(run[pos + 5:pos + 1 + length])
             entry.sample.append([None if v is None else _sample_value(v) for v in codec.data_row_raw(body)])
             self._sample_budget -= len(body)
             pos += 1 + length
@@ -978,7 +985,7 @@ class Relay:
         finally:
             self._to_client = None
         if out and not self.ended:
-            self.client.transport.writelines(out)  # type: ignore[union-attr]
+            self._client_out.write(out)
         if done:
             self._upstream_backlog = None
             _resume_later(self._set_upstream_reading)
@@ -1005,8 +1012,8 @@ class Relay:
                 for mtype, body, offset in msgs:
                     if mtype == _ROW_RUN:  # (type, end, start): a run of DataRows
                         masked = self._mask_rows(body, offset, edits, fwd) if masking is not None else None  # type: ignore[arg-type]
-                        if self._sample_budget > 0:
-                            self._sample(masked if masked is not None else fwd[offset:body])  # type: ignore[misc]
+                        if self._sample_budget > 0:  # read in place: a long row is not copied to be looked at
+                            self._sample(masked if masked is not None else memoryview(fwd)[offset:body])  # type: ignore[misc]
                         continue
                     if mtype == _PARAMETER_STATUS:
                         self._parameter(*codec.parse_parameter_status(body))
@@ -1091,7 +1098,7 @@ class Relay:
         if fwd:
             out = self._to_client
             if out is None:
-                self.client.transport.write(fwd)  # type: ignore[union-attr]
+                self._client_out.write([fwd])
             else:
                 out.append(fwd)
         if rest and not self.ended:
@@ -1104,7 +1111,7 @@ class Relay:
         self._catalog_answer = bytearray()
         self._catalog_rows = []
         self._catalog_failed = False
-        self.upstream.transport.write(codec.message(b"Q", codec.cstr(self.masking.CATALOG_SQL)))  # type: ignore[union-attr]
+        self._upstream_out.write([codec.message(b"Q", codec.cstr(self.masking.CATALOG_SQL))])  # type: ignore[union-attr]
 
     def _catalog_read(self, data: bytes) -> bytes:
         """Upstream's answer to the catalog query, consumed; what follows its ReadyForQuery is returned."""
@@ -1245,6 +1252,8 @@ class Relay:
         self._catalog_answer = None
         self.client_framer.clear()
         self.server_framer.clear()
+        self._upstream_out.clear()
+        self._client_out.clear()
         self.tracker.clear()
         if self._budget is not None:
             self._budget.release(self)  # after all the above: memory may go back to the system

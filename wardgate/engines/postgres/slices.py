@@ -120,3 +120,58 @@ def sql_view(mtype: int, body: bytes) -> memoryview:
         raise codec.ProtocolViolation("unterminated string in message")
     return memoryview(body)[start:end]
 
+
+
+class Outbox:
+    """Writes to one side of a session. What is long goes a slice at a time, one slice a turn of the loop,
+    and what is written meanwhile waits behind it: a transport writes all it is given in the callback that
+    gives it, and for TLS encrypts it there (a 60 MB row held the loop 150 ms and more). While it is
+    `busy`, the session reads nothing more from the other side: `on_change` runs when it becomes busy,
+    and when it is empty again."""
+
+    __slots__ = ("_transport", "_on_change", "_queue")
+
+    def __init__(self, transport: Callable[[], asyncio.WriteTransport | None], on_change: Callable[[], None]) -> None:
+        self._transport = transport
+        self._on_change = on_change
+        self._queue: deque[memoryview] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._queue is not None
+
+    def write(self, parts: list[bytes]) -> None:
+        queue = self._queue
+        if queue is None and sum(map(len, parts)) <= SLICE:  # the common case: written at once
+            t = self._transport()
+            if t is not None:
+                t.writelines(parts) if len(parts) > 1 else t.write(parts[0])
+            return
+        first = queue is None
+        if first:
+            queue = self._queue = deque()
+        for part in parts:
+            view = memoryview(part)
+            for i in range(0, len(view), SLICE):
+                queue.append(view[i:i + SLICE])
+        if first:
+            self._on_change()  # busy now: the reading of the other side pauses
+            self._next()
+
+    def clear(self) -> None:
+        self._queue = None
+
+    def _next(self) -> None:
+        queue = self._queue
+        if queue is None:
+            return
+        t = self._transport()
+        if t is None or t.is_closing():
+            self._queue = None
+            return
+        t.write(queue.popleft())
+        if queue:
+            asyncio.get_running_loop().call_soon(self._next)
+        else:
+            self._queue = None
+            self._on_change()
