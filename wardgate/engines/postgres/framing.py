@@ -89,7 +89,7 @@ LARGE = 1 << 20  # bytes of a held message from which it is filled in place as i
 
 class Framer:
     __slots__ = ("_inspect", "_allowed", "_small", "_max_inspect", "_max_message", "_limits", "_buf", "_skip",
-                 "_limits_raw", "_inspect_raw", "_rows", "_have", "_need", "_large", "_body", "_rest")
+                 "_limits_raw", "_inspect_raw", "_rows", "_have", "_need", "_large", "_body", "rest")
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class Framer:
         self._need = 0  # the bytes the held message needs in all (5 while its header is incomplete)
         self._large: bytes | bytearray | None = None  # a held LARGE message, filled as its reads arrive
         self._body: bytes | bytearray | None = None  # and its body (None for a type returned in runs)
-        self._rest = b""  # what followed a LARGE message in the read that completed it
+        self.rest = b""  # what followed a LARGE message in the read that completed it (take_rest)
         self._skip = 0
         # Largest valid length per message type (0: type not allowed), so the hot loop checks with one lookup.
         self._limits = [self._limit(t) for t in range(256)]
@@ -187,7 +187,7 @@ class Framer:
             return b"", []
         self._large = self._body = None
         self._have = 0
-        self._rest = data[take:] if take < len(data) else b""
+        self.rest = data[take:] if take < len(data) else b""
         msg = large if isinstance(large, bytes) else bytes(large)  # a bytearray only without the C module
         if body is None:  # a run of one message of the `rows` type
             return msg, [(self._rows | ROWS, len(msg), 0)]
@@ -197,7 +197,7 @@ class Framer:
         """What followed a LARGE message in the read that completed it (b"" if nothing): the caller feeds it
         next, once it has dealt with what `feed` returned. Not fed here, so that the message is forwarded
         as it was filled, with no copy to put it in front of what followed it."""
-        rest, self._rest = self._rest, b""
+        rest, self.rest = self.rest, b""
         return rest
 
     def _check(self, mtype: int, length: int) -> None:
@@ -218,7 +218,7 @@ class Framer:
         """Drop a held incomplete message (the session has ended)."""
         self._buf = []
         self._large = self._body = None
-        self._rest = b""
+        self.rest = b""
         self._have = 0
 
     @property

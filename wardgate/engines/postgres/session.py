@@ -30,7 +30,7 @@ from ...sql.tags import as_predicted
 from . import codec
 from .budget import Budget
 from .framing import ROWS, Framer
-from .slices import PIECE, Outbox, json_parts, read_statement, sql_of, sql_view, take_pieces
+from .slices import PIECE, SLICE, Outbox, json_parts, read_statement, sql_of, sql_view, take_pieces
 from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, UNSEEN, Finished, Started, StatementTracker
 
@@ -359,7 +359,7 @@ class Relay:
             return
         try:
             fwd, msgs = self.client_framer.feed(data)
-            rest = self.client_framer.take_rest()  # what followed a long message in this read: next
+            rest = self.client_framer.rest and self.client_framer.take_rest()  # after a long message: next
             if self._budget is not None and self._over_budget():
                 return
             # A read no longer than INLINE_CHARS holds no long statement: no second pass over its messages.
@@ -372,7 +372,10 @@ class Relay:
             self._client_failed(exc)
             return
         if fwd:
-            self._upstream_out.write([fwd])
+            if len(fwd) <= SLICE and not self._upstream_out.busy:  # the common case, without a call more
+                self.upstream.transport.write(fwd)  # type: ignore[union-attr]
+            else:
+                self._upstream_out.write([fwd])
         if rest and not self.ended:
             self._client_read(rest)
 
@@ -999,7 +1002,7 @@ class Relay:
                 return
         try:
             fwd, msgs = self.server_framer.feed(data)
-            rest = self.server_framer.take_rest()  # what followed a long message in this read: next
+            rest = self.server_framer.rest and self.server_framer.take_rest()  # after a long message: next
             if self._budget is not None and self._over_budget():
                 return
             if msgs and (simple := self._simple_answer(msgs, fwd)) is not None:
@@ -1097,10 +1100,12 @@ class Relay:
             return
         if fwd:
             out = self._to_client
-            if out is None:
-                self._client_out.write([fwd])
-            else:
+            if out is not None:
                 out.append(fwd)
+            elif len(fwd) <= SLICE and not self._client_out.busy:  # the common case, without a call more
+                self.client.transport.write(fwd)  # type: ignore[union-attr]
+            else:
+                self._client_out.write([fwd])
         if rest and not self.ended:
             self._upstream_read(rest)
 
