@@ -163,3 +163,13 @@ def test_a_binds_values_are_searched_for_the_record_within_a_budget(igw, bystand
     searched = [v for v in recorded if v != "[unscanned]"]
     assert 20 < len(searched) < 40 and all(v.startswith("mail [email] vvv") for v in searched)
     assert recorded[len(searched):] == ["[unscanned]"] * (100 - len(searched))
+
+
+
+def test_a_long_statement_written_a_slice_at_a_time_arrives_whole_and_in_order(igw, bystander) -> None:
+    """What goes upstream over a MiB is written a MiB a turn of the loop, what follows waiting behind it."""
+    with psycopg.connect(igw.dsn(igw.credential()), autocommit=True) as conn:
+        text = "y" * (3 << 20)
+        assert conn.execute(f"select length('{text}'), 'after'").fetchone() == (3 << 20, "after")
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert bystander.execute("select 1").fetchone() == (1,)

@@ -49,3 +49,32 @@ def test_a_blank_text_is_filled_only_within_it_and_with_what_fits() -> None:
             slices.fill_text(t, 0, bad)
     with pytest.raises(ValueError):
         slices.fill_text(slices.blank_text(3, 0xFF), 0, "€")
+
+
+def test_an_outbox_writes_what_is_long_a_slice_a_turn_and_in_order() -> None:
+    """Over a real socket: 5 MiB and what is written after it arrive whole and in order; the long write is
+    handed to the transport a slice at a time, one a turn of the loop, and the other side is told
+    when it becomes busy and when it is idle again."""
+    import socket
+
+    async def run() -> tuple[bytes, int, list[bool]]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+        changes: list[bool] = []
+        box = slices.Outbox(lambda: transport, lambda: changes.append(box.busy))
+        long = bytes(range(256)) * (5 * 4096)
+        box.write([long])
+        given = transport.get_write_buffer_size()  # what the transport holds of it: one slice at most
+        box.write([b"after"])  # waits behind the long write
+        b.setblocking(False)
+        got = bytearray()
+        while len(got) < len(long) + 5:
+            got += await loop.sock_recv(b, 1 << 20)
+        transport.close()
+        b.close()
+        return bytes(got), given, changes
+
+    got, given, changes = asyncio.run(run())
+    assert got == bytes(range(256)) * (5 * 4096) + b"after"
+    assert given <= slices.SLICE and changes == [True, False]

@@ -103,6 +103,7 @@ class Offload:
         self._slots: asyncio.Semaphore | None = None
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
+        self._dying: set[_Worker] = set()  # killed, not yet reaped
         self._turns: asyncio.Semaphore | None = None
 
     def turn(self) -> asyncio.Semaphore:
@@ -167,12 +168,15 @@ class Offload:
     def _drop(self, worker: _Worker) -> None:
         worker.kill()
         self._all.discard(worker)
+        # Reaped once it has exited, so that no process (or its transport) outlives the loop that made it.
+        self._dying.add(worker)
+        reaping = asyncio.ensure_future(worker.proc.wait())
+        reaping.add_done_callback(lambda _: self._dying.discard(worker))
 
     async def close(self) -> None:
-        workers = list(self._all)
-        for worker in workers:
+        for worker in list(self._all):
             self._drop(worker)
-        for worker in workers:
+        for worker in list(self._dying):
             await worker.proc.wait()
         self._idle = []
 
