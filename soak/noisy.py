@@ -10,7 +10,7 @@ tests/integration/test_noisy_neighbour.py), after a baseline of those alone:
 
   1. `SELECT '@' || repeat('a', 60000)`, through the gateway and direct to PostgreSQL;
   2. 20,000 rows of `'user'||g||'@example.com '||repeat('a',1000)` fetched, through the gateway and direct;
-  3. one 64 MiB statement (a literal whose length is checked), through the gateway and direct;
+  3. one 100 MiB statement (the size the noisy-neighbour test asks for) (a literal whose length is checked), through the gateway and direct;
   4. two rounds of 8 concurrent sessions each sending a 120 MiB Query: the gateway process's RSS
      (VmRSS) before, at its peak in each round and after each (once /livez answers promptly again, and
      5 s more), then whether a new session still works.

@@ -6,7 +6,7 @@ sessions run `SELECT 1` on a fixed schedule and /livez is polled. The others' p9
 under a bound set from a baseline measured just before in the same test, and /livez must answer in
 under 100 ms throughout; the worst statements must still give the right answers.
 
-NOISY_SIZE=full (the soak) uses the sizes of the original findings: 20,000 rows, a 64 MiB statement.
+NOISY_SIZE=full (the soak) uses the full sizes: 20,000 rows, a 100 MiB statement.
 soak/noisy.py reuses the observer and the statements here to compare the gateway with PostgreSQL direct.
 """
 
@@ -43,7 +43,7 @@ class Size:
 
 SIZES = {
     "small": Size("small", 60_000, 3_000, 1_000, 12, 16),
-    "full": Size("full", 60_000, 20_000, 1_000, 64, 120),
+    "full": Size("full", 60_000, 20_000, 1_000, 100, 120),
 }
 SIZE = SIZES[os.environ.get("NOISY_SIZE", "small")]
 
