@@ -31,6 +31,7 @@ TIMEOUT = 10.0  # seconds a worker may spend on one statement
 WORKERS = 2
 STARTUP_TIMEOUT = 60.0  # seconds a new worker may take to start (import the parser)
 WORKER_NICENESS = 10
+TRIM_AFTER = 8 << 20  # bytes of a statement after which a worker gives its memory back to the system
 
 _LEN = struct.Struct("!Q")
 _SLICE = 1 << 20
@@ -179,9 +180,6 @@ class Offload:
         for worker in list(self._dying):
             await worker.proc.wait()
         self._idle = []
-
-
-TRIM_AFTER = 8 << 20  # bytes of a statement after which a worker gives its memory back to the system
 
 
 def _give_back() -> None:
