@@ -18,6 +18,7 @@ import logging
 import os
 import pickle  # noqa: S403 - only between this process and the workers it started itself
 import struct
+import subprocess
 import sys
 
 from .classify import Classification, classify
@@ -58,14 +59,19 @@ def _send(fd: int, data: memoryview) -> None:
 
 
 class _Worker:
-    def __init__(self, proc: asyncio.subprocess.Process, to_worker: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], to_worker: int, stdout: asyncio.StreamReader,
+                 reading: asyncio.BaseTransport) -> None:
         self.proc = proc
         self.to_worker = to_worker  # the writing end of the worker's stdin, blocking: written from threads
+        self.stdout = stdout
+        self._reading = reading
         self._sending: asyncio.Future[None] | None = None
 
+    async def wait(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
+
     async def classify(self, text: str, utf8: bytes | memoryview | None = None) -> Classification:
-        stdout = self.proc.stdout
-        assert stdout is not None
+        stdout = self.stdout
         data = memoryview(utf8 if utf8 is not None else text.encode("utf-8", "surrogatepass"))
         sending = self._sending = asyncio.get_running_loop().run_in_executor(None, _send, self.to_worker, data)
         try:
@@ -80,6 +86,7 @@ class _Worker:
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
+        self._reading.close()
         # The pipe is closed once no thread writes to it (the write fails as the worker dies): closed under
         # a thread still writing, its number could be another file's by the time the thread wrote again.
         if self._sending is not None and not self._sending.done():
@@ -145,22 +152,30 @@ class Offload:
             return result
 
     async def _start(self) -> _Worker:
+        loop = asyncio.get_running_loop()
         reading, writing = os.pipe()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "wardgate.sql.offload", stdin=reading,
-                stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=1 << 20)
+            # subprocess starts it with vfork, which copies nothing of this process: asyncio's and uvloop's
+            # own spawning forks, and the copy of a gateway holding a long statement took the loop 35 ms+.
+            proc = subprocess.Popen([sys.executable, "-m", "wardgate.sql.offload"], stdin=reading,  # noqa: S603, ASYNC220
+                                    stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         except BaseException:
             os.close(writing)
             raise
         finally:
             os.close(reading)
-        worker = _Worker(proc, writing)
+        try:
+            stdout = asyncio.StreamReader(limit=1 << 20)
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), proc.stdout)
+        except BaseException:
+            proc.kill()
+            os.close(writing)
+            raise
+        worker = _Worker(proc, writing, stdout, transport)
         self._all.add(worker)
         try:
             # Ready once it has imported the parser: the time budget is for classifying, not for starting.
-            assert proc.stdout is not None
-            await asyncio.wait_for(proc.stdout.readexactly(1), STARTUP_TIMEOUT)
+            await asyncio.wait_for(stdout.readexactly(1), STARTUP_TIMEOUT)
         except BaseException:
             self._drop(worker)
             raise
@@ -171,14 +186,14 @@ class Offload:
         self._all.discard(worker)
         # Reaped once it has exited, so that no process (or its transport) outlives the loop that made it.
         self._dying.add(worker)
-        reaping = asyncio.ensure_future(worker.proc.wait())
+        reaping = asyncio.ensure_future(worker.wait())
         reaping.add_done_callback(lambda _: self._dying.discard(worker))
 
     async def close(self) -> None:
         for worker in list(self._all):
             self._drop(worker)
         for worker in list(self._dying):
-            await worker.proc.wait()
+            await worker.wait()
         self._idle = []
 
 
