@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import types
 
 import pytest
 
@@ -62,11 +63,11 @@ def test_an_outbox_writes_what_is_long_a_slice_a_turn_and_in_order() -> None:
         a, b = socket.socketpair()
         transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
         changes: list[bool] = []
-        box = slices.Outbox(lambda: transport, lambda: changes.append(box.busy))
+        box = slices.Outbox(types.SimpleNamespace(transport=transport), lambda: changes.append(box.busy))
         long = bytes(range(256)) * (5 * 4096)
         box.write([long])
         given = transport.get_write_buffer_size()  # what the transport holds of it: one slice at most
-        box.write([b"after"])  # waits behind the long write
+        box.send(b"after")  # waits behind the long write
         b.setblocking(False)
         got = bytearray()
         while len(got) < len(long) + 5:

@@ -30,7 +30,7 @@ from ...sql.tags import as_predicted
 from . import codec
 from .budget import Budget
 from .framing import ROWS, Framer
-from .slices import PIECE, SLICE, Outbox, json_parts, read_statement, sql_of, sql_view, take_pieces
+from .slices import PIECE, Outbox, json_parts, read_statement, sql_of, sql_view, take_pieces
 from .stream import StreamProtocol
 from .tracker import BACKEND_INSPECT, UNSEEN, Finished, Started, StatementTracker
 
@@ -224,8 +224,8 @@ class Relay:
         self._client_backlog: deque[list] | None = None
         self._upstream_backlog: deque[list] | None = None
         # What goes to each side, a slice a turn when it is long (slices.Outbox); the other side waits.
-        self._client_out = Outbox(lambda: self.client.transport, self._set_upstream_reading)
-        self._upstream_out = Outbox(lambda: self.upstream.transport, self._set_client_reading)
+        self._client_out = Outbox(self.client, self._set_upstream_reading)
+        self._upstream_out = Outbox(self.upstream, self._set_client_reading)
         self._to_client: list[bytes] | None = None  # while pieces are taken: what they forward, written after
         # Long statements are classified off the event loop, in a worker (sql/offload.py); their
         # classifications wait here for the decision that uses them.
@@ -372,10 +372,7 @@ class Relay:
             self._client_failed(exc)
             return
         if fwd:
-            if len(fwd) <= SLICE and not self._upstream_out.busy:  # the common case, without a call more
-                self.upstream.transport.write(fwd)  # type: ignore[union-attr]
-            else:
-                self._upstream_out.write([fwd])
+            self._upstream_out.send(fwd)
         if rest and not self.ended:
             self._client_read(rest)
 
@@ -560,7 +557,7 @@ class Relay:
         if self.ended:
             return
         if fwd:
-            self._upstream_out.write([fwd])
+            self._upstream_out.send(fwd)
         del fwd, msgs
         self._over_budget()  # what it held is given back (and memory to the system, when it was much)
         held, self._held = self._held or [], None
@@ -1102,10 +1099,8 @@ class Relay:
             out = self._to_client
             if out is not None:
                 out.append(fwd)
-            elif len(fwd) <= SLICE and not self._client_out.busy:  # the common case, without a call more
-                self.client.transport.write(fwd)  # type: ignore[union-attr]
             else:
-                self._client_out.write([fwd])
+                self._client_out.send(fwd)
         if rest and not self.ended:
             self._upstream_read(rest)
 
@@ -1116,7 +1111,7 @@ class Relay:
         self._catalog_answer = bytearray()
         self._catalog_rows = []
         self._catalog_failed = False
-        self._upstream_out.write([codec.message(b"Q", codec.cstr(self.masking.CATALOG_SQL))])  # type: ignore[union-attr]
+        self._upstream_out.send(codec.message(b"Q", codec.cstr(self.masking.CATALOG_SQL)))  # type: ignore[union-attr]
 
     def _catalog_read(self, data: bytes) -> bytes:
         """Upstream's answer to the catalog query, consumed; what follows its ReadyForQuery is returned."""

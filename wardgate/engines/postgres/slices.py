@@ -13,6 +13,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from . import codec
 
@@ -129,10 +130,10 @@ class Outbox:
     `busy`, the session reads nothing more from the other side: `on_change` runs when it becomes busy,
     and when it is empty again."""
 
-    __slots__ = ("_transport", "_on_change", "_queue")
+    __slots__ = ("_peer", "_on_change", "_queue")
 
-    def __init__(self, transport: Callable[[], asyncio.WriteTransport | None], on_change: Callable[[], None]) -> None:
-        self._transport = transport
+    def __init__(self, peer: Any, on_change: Callable[[], None]) -> None:
+        self._peer = peer  # what has the transport (a StreamProtocol)
         self._on_change = on_change
         self._queue: deque[memoryview] | None = None
 
@@ -140,12 +141,22 @@ class Outbox:
     def busy(self) -> bool:
         return self._queue is not None
 
+    def send(self, data: bytes) -> None:
+        """`write([data])` for the relay's one forward of a read: on the per-message path, so the common
+        case costs a length test and nothing more."""
+        if self._queue is None and len(data) <= SLICE:
+            t = self._peer.transport
+            if t is not None:
+                t.write(data)
+            return
+        self.write([data])
+
     def write(self, parts: list[bytes]) -> None:
         queue = self._queue
         if queue is None and sum(map(len, parts)) <= SLICE:  # the common case: written at once
-            t = self._transport()
+            t = self._peer.transport
             if t is not None:
-                t.writelines(parts) if len(parts) > 1 else t.write(parts[0])
+                t.writelines(parts)
             return
         first = queue is None
         if first:
@@ -165,7 +176,7 @@ class Outbox:
         queue = self._queue
         if queue is None:
             return
-        t = self._transport()
+        t = self._peer.transport
         if t is None or t.is_closing():
             self._queue = None
             return
