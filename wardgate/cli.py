@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -997,13 +998,42 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log
 app.add_typer(audit_app, name="audit")
 
 
+def _anchor_path(given: str) -> Path:
+    """An --anchor: a configured file sink by name, else a path."""
+    spec = next((sp for sp in state.settings.audit_sinks if sp.name == given), None)
+    if spec is None:
+        return Path(given)
+    if spec.type != "file":
+        fail(f"the {spec.type} sink {given} cannot be read back from here: pass a file of what the receiver kept "
+             "(its JSON, one message a line)", 2)
+    path = Path(spec.path)
+    return path if path.is_absolute() else state.settings.data_dir / path
+
+
 @audit_app.command("verify")
-def audit_verify(json_out: bool = JsonOpt) -> None:
-    """Check the whole hash chain and every signed checkpoint; name the first broken event. Exit 1 if broken."""
+def audit_verify(
+    anchor: list[str] = typer.Option([], "--anchor", metavar="FILE|SINK",
+                                     help="Also check the store against a signed checkpoint kept outside it: the head "
+                                          "file beside the journal (journal/audit-head.json), a file sink's name or "
+                                          "file, or a file of what a SIEM received. Repeatable."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Check the whole hash chain, every signed checkpoint, and every recorded session and statement
+    against the seals the chain commits to; name the first thing changed. Exit 1 if anything is."""
+    from .recording.anchors import read_anchor
     from .store.secretbox import SecretError
 
+    anchors = []
+    for given in anchor:
+        path = _anchor_path(given)
+        try:
+            anchors.append((given, read_anchor(path)))
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read the anchor {given}: {exc}", 2)
     try:
-        verdict = open_store().audit_verify()
+        verdict = open_store().audit_verify([cp for _, cp in anchors])
+        if verdict.anchor is not None and not verdict.ok:
+            verdict.problem = f"{verdict.problem} (anchor: {anchors[verdict.anchor][0]})"
     except SecretError as exc:  # the signing key itself was replaced in the store
         if json_out:
             emit_json({"ok": False, "problem": str(exc)})
@@ -1011,13 +1041,17 @@ def audit_verify(json_out: bool = JsonOpt) -> None:
             err.print(f"[red]audit log cannot be verified[/]: {escape(str(exc))}")
         raise typer.Exit(1) from None
     if json_out:
-        emit_json(verdict.public())
+        emit_json({**verdict.public(), "anchors": [{"from": given, "seq": cp["seq"]} for given, cp in anchors]})
     elif verdict.ok:
         console.print(f"[green]audit log intact[/]: {verdict.events} events, {verdict.checkpoints} signed checkpoints, "
-                      f"head at seq {verdict.head_seq}; {verdict.statements} recorded statements match their digests")
+                      f"head at seq {verdict.head_seq}; {verdict.rows} recorded statements match their seals")
+        for given, cp in anchors:
+            console.print(f"  reaches the signed checkpoint at seq {cp['seq']} kept in {escape(given)}")
     else:
         where = f" at seq {verdict.seq}" + (f" (event {verdict.event_id})" if verdict.event_id else "") if verdict.seq else ""
-        err.print(f"[red]audit log broken{where}[/]: {verdict.problem}")
+        err.print(f"[red]audit log broken{where}[/]: {escape(verdict.problem or '')}")
+        if verdict.findings_total > 1:
+            err.print(f"  and {verdict.findings_total - 1} more finding(s); --json lists them")
     if not verdict.ok:
         raise typer.Exit(1)
 

@@ -124,12 +124,12 @@ def test_a_cut_off_tail_is_found(recorded, tmp_path) -> None:
 def test_an_edited_statement_is_found(recorded, tmp_path) -> None:
     """The chain holds a digest of every allowed statement, so the session record cannot be rewritten either."""
     v = tampered(recorded, tmp_path, "UPDATE statements SET text = 'select 2' WHERE text = 'select 1'")
-    assert v["ok"] is False and "was changed after it was recorded" in v["problem"] and "statement 1" in v["problem"]
+    assert v["ok"] is False and "text changed after it was recorded" in v["problem"] and "statement 1" in v["problem"]
 
 
 def test_edited_bound_values_are_found(recorded, tmp_path) -> None:
     v = tampered(recorded, tmp_path, """UPDATE statements SET params = '["goodbye",null]' WHERE params IS NOT NULL""")
-    assert v["ok"] is False and "was changed after it was recorded" in v["problem"]
+    assert v["ok"] is False and "params changed after it was recorded" in v["problem"]
 
 
 def test_a_forged_checkpoint_is_found(recorded, tmp_path) -> None:

@@ -27,6 +27,7 @@ class Webhook:
     def __init__(self) -> None:
         self.port = free_port()
         self.events: list[dict] = []
+        self.checkpoints: list[dict] = []
         self.bad_signatures = 0
         self.server: ThreadingHTTPServer | None = None
 
@@ -44,6 +45,8 @@ class Webhook:
                     self.end_headers()
                     return
                 outer.events.extend(json.loads(body)["events"])
+                if json.loads(body).get("checkpoint"):
+                    outer.checkpoints.append(json.loads(body)["checkpoint"])
                 self.send_response(204)
                 self.end_headers()
 
@@ -156,6 +159,9 @@ def test_a_sink_outage_loses_nothing_and_repeats_nothing(sinks) -> None:
     assert got == list(range(1, got[-1] + 1))  # every event, once, in order
     assert hook.events == exported[: len(got)]  # the same documented schema as `audit export`
     assert hook.bad_signatures == 0
+    # The signed checkpoints came with the events they cover, in order.
+    assert hook.checkpoints and [c["seq"] for c in hook.checkpoints] == sorted(c["seq"] for c in hook.checkpoints)
+    assert hook.checkpoints[-1]["seq"] <= got[-1]
     status = gw.cli_json("audit", "sinks")
     assert {s["name"] for s in status["sinks"]} == {"file", "siem", "hook"}
 
@@ -170,15 +176,25 @@ def test_file_sink_rotates_and_syslog_is_rfc5424(sinks) -> None:
         return [json.loads(line) for p in files if p.exists() for line in p.read_text().splitlines()]
 
     _until(lambda: len(file_events()) >= 30 and len(syslog.messages) >= 30)
-    events = file_events()
+    lines = file_events()
+    events = [e for e in lines if "sequence" in e["event"]]
     assert _seqs(events) == list(range(1, len(events) + 1))
+    # After the events it covers, each batch carries the signed checkpoint: an anchor outside the store.
+    checkpoints = [e["wardgate"]["checkpoint"] for e in lines if e["event"]["action"] == "audit.checkpoint"]
+    assert checkpoints and all(cp["seq"] <= events[-1]["event"]["sequence"] for cp in checkpoints)
+    anchored = gw.cli("audit", "verify", "--anchor", "file", "--json", check=False)
+    assert anchored.returncode == 0 and json.loads(anchored.stdout)["ok"], anchored.stdout + anchored.stderr
     assert (data_dir / "events.jsonl.1").exists()
     for path in data_dir.glob("events.jsonl*"):  # rotated at 4096 bytes, between whole events
         assert path.stat().st_size <= 4096 or len(path.read_text().splitlines()) == 1
     assert oct((data_dir / "events.jsonl").stat().st_mode & 0o777) == "0o600"
     pattern = re.compile(rb'^<(\d+)>1 \S+Z \S+ wardgate \d+ (\S+) \[wardgate@32473 seq="(\d+)" hash="([0-9a-f]{64})"')
     seqs = []
+    marks = [m for m in syslog.messages if b" audit.checkpoint [wardgate@32473 checkpoint=" in m]
+    assert marks and all(json.loads(m.split(b"\xef\xbb\xbf", 1)[1])["wardgate"]["checkpoint"]["signature"] for m in marks)
     for msg in syslog.messages:
+        if msg in marks:
+            continue
         m = pattern.match(msg)
         assert m, msg[:200]
         assert int(m.group(1)) in (13 * 8 + 4, 13 * 8 + 5)

@@ -14,7 +14,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -95,25 +95,46 @@ class Verdict:
     event_id: str | None = None
     seq: int | None = None
     statements: int = 0  # recorded statements checked against the digests the chain holds
+    rows: int = 0  # recorded statement rows checked against their seals (recording/seals.py)
+    anchor: int | None = None  # which anchor a finding is about (its index among those given)
+    findings: list[dict[str, Any]] = field(default_factory=list)  # each row that does not match its seals
+    findings_total: int = 0
 
     def public(self) -> dict[str, Any]:
         return {"ok": self.ok, "events": self.events, "checkpoints": self.checkpoints, "head_seq": self.head_seq,
-                "statements": self.statements, "problem": self.problem, "event_id": self.event_id, "seq": self.seq}
+                "statements": self.statements, "rows": self.rows, "anchor": self.anchor, "problem": self.problem,
+                "event_id": self.event_id, "seq": self.seq, "findings": self.findings,
+                "findings_total": self.findings_total}
+
+
+def check_signature(public: Ed25519PublicKey, checkpoint: dict[str, Any]) -> bool:
+    try:
+        public.verify(base64.b64decode(checkpoint["signature"]), f"{checkpoint['seq']}:{checkpoint['hash']}".encode())
+    except (InvalidSignature, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def verify(events: Iterable[dict[str, Any]], checkpoints: list[dict[str, Any]], head: tuple[int, str] | None,
-           public_pem: str) -> Verdict:
-    """Check the chain in seq order, every checkpoint's signature and place, and the recorded head."""
+           public_pem: str, anchors: list[dict[str, Any]] | None = None) -> Verdict:
+    """Check the chain in seq order, every checkpoint's signature and place, and the recorded head; with
+    `anchors`, signed checkpoints kept outside the store, also that the chain still holds each. A
+    finding about an anchor gives its index in `Verdict.anchor`."""
     public = serialization.load_pem_public_key(public_pem.encode())
     assert isinstance(public, Ed25519PublicKey)
     by_seq = {}
     for c in checkpoints:
-        try:
-            public.verify(base64.b64decode(c["signature"]), f"{c['seq']}:{c['hash']}".encode())
-        except (InvalidSignature, ValueError):
+        if not check_signature(public, c):
             return Verdict(False, 0, len(checkpoints), 0, f"checkpoint at seq {c['seq']} has an invalid signature",
                            seq=c["seq"])
         by_seq[c["seq"]] = c["hash"]
+    anchors = anchors or []
+    wanted: dict[int, str | None] = {}
+    for i, a in enumerate(anchors):
+        if not check_signature(public, a):
+            return Verdict(False, 0, len(checkpoints), 0, "the anchor's checkpoint is not signed with this gateway's "
+                           "audit key (it was edited, or it is another gateway's)", anchor=i)
+        wanted[int(a["seq"])] = None
     expected_seq, prev, n = 1, GENESIS, 0
     for e in events:
         n += 1
@@ -130,6 +151,8 @@ def verify(events: Iterable[dict[str, Any]], checkpoints: list[dict[str, Any]], 
         if e["seq"] in by_seq and by_seq[e["seq"]] != e["hash"]:
             return Verdict(False, n, len(checkpoints), e["seq"], "the chain differs from the signed checkpoint here",
                            e["id"], e["seq"])
+        if e["seq"] in wanted:
+            wanted[e["seq"]] = e["hash"]
         prev = e["hash"]
         expected_seq += 1
     last = expected_seq - 1
@@ -137,7 +160,14 @@ def verify(events: Iterable[dict[str, Any]], checkpoints: list[dict[str, Any]], 
     if beyond:
         return Verdict(False, n, len(checkpoints), last,
                        f"a signed checkpoint covers seq {max(beyond)}, but the log ends at seq {last}: events were removed")
+    for i, a in enumerate(anchors):
+        seq, found = int(a["seq"]), wanted[int(a["seq"])]
+        if found != a["hash"]:
+            problem = (f"the anchor holds a signed checkpoint at seq {seq}, but the log ends at seq {last}: events "
+                       "were removed, with their checkpoints" if found is None else
+                       f"the chain at seq {seq} differs from the anchor's signed checkpoint: it was rewritten")
+            return Verdict(False, n, len(checkpoints), last, problem, seq=seq, anchor=i)
     if head is not None and (head[0] != last or (last and head[1] != prev)):
         return Verdict(False, n, len(checkpoints), last,
                        f"the recorded head (seq {head[0]}) does not match the log's end (seq {last})")
-    return Verdict(True, n, len(checkpoints), last)
+    return Verdict(True, n, len(checkpoints), last, anchor=None)

@@ -8,6 +8,7 @@ files left by a process that died are applied first, so a `kill -9` loses no rec
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -26,6 +27,19 @@ def event(kind: str, outcome: str, **fields: Any) -> dict[str, Any]:
     """A security-event record (it joins the audit chain when applied to the store); `fields` are
     user, agent, source, addr and detail."""
     return {"k": "event", "id": secrets.token_hex(16), "at": time.time(), "kind": kind, "outcome": outcome, **fields}
+
+
+RESTARTED = "gateway restarted"  # the end of a session whose gateway process ended before the session did
+
+
+def ends_after_restart(session: dict[str, Any], at: float) -> list[dict[str, Any]]:
+    """A session's end record and its `session.end` event, for a session whose gateway died: ids derived
+    from the session, so that recovering twice records it once."""
+    sid = session["sid"]
+    return [{"k": "end", "sid": sid, "at": at, "reason": RESTARTED},
+            {"k": "event", "id": hashlib.sha256(f"restart-end:{sid}".encode()).hexdigest()[:32], "at": at,
+             "kind": "session.end", "outcome": "ok", "user": session.get("user"), "agent": session.get("agent"),
+             "source": f"session:{sid}", "addr": session.get("addr"), "detail": RESTARTED}]
 
 
 def encode(records: list[dict[str, Any]]) -> str:

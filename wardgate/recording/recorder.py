@@ -22,7 +22,8 @@ from typing import Any
 
 from ..config import Settings
 from ..store import Store
-from .journal import READY_SUFFIX, Journal, encode, read_records, remove
+from .anchors import HEAD_FILE, write_head
+from .journal import READY_SUFFIX, Journal, encode, ends_after_restart, read_records, remove
 
 log = logging.getLogger("wardgate.recording")
 
@@ -32,9 +33,12 @@ DRAINER_NICENESS = 10
 
 
 def _close_open_sessions(records: list[dict[str, Any]], at: float) -> list[dict[str, Any]]:
-    open_sessions = {r["sid"] for r in records if r["k"] == "session" and r.get("status", "active") == "active"}
-    open_sessions -= {r["sid"] for r in records if r["k"] == "end"}
-    return [{"k": "end", "sid": sid, "at": at, "reason": "the gateway process ended unexpectedly"} for sid in sorted(open_sessions)]
+    """The ends, and their `session.end` events, of the sessions a dead process's journal left open."""
+    open_sessions = {r["sid"]: r for r in records if r["k"] == "session" and r.get("status", "active") == "active"}
+    for r in records:
+        if r["k"] == "end":
+            open_sessions.pop(r["sid"], None)
+    return [rec for sid in sorted(open_sessions) for rec in ends_after_restart(open_sessions[sid], at)]
 
 
 def apply_ready(store: Store, directory: Path) -> int:
@@ -46,6 +50,17 @@ def apply_ready(store: Store, directory: Path) -> int:
         remove(path, attached)
         n += 1
     return n
+
+
+def anchor_head(store: Store, directory: Path, known: int = 0) -> int:
+    """Copy the store's newest signed checkpoint to the head file beside the journal, if it is newer
+    than `known` (the seq copied last); return the seq the file now holds. Only what the store has
+    committed is copied, whichever process appended it."""
+    cp = store.checkpoint_upto()
+    if cp is None or cp["seq"] <= known:
+        return known
+    write_head(directory / HEAD_FILE, cp)
+    return int(cp["seq"])
 
 
 def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any) -> None:
@@ -63,6 +78,7 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
     store = Store(settings)
     directory = settings.journal_dir
     failures = 0
+    anchored = 0
     done = threading.Event()
     if settings.analysis.enabled:
         from ..analysis.service import analysis_thread
@@ -72,6 +88,7 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
         stopping = stop.poll(0) or os.getppid() != parent_pid
         try:
             apply_ready(store, directory)
+            anchored = anchor_head(store, directory, anchored)
             failures = 0
         except Exception:  # noqa: BLE001 - the store may be down; the files stay for the next try
             failures += 1
@@ -151,16 +168,23 @@ class Recorder:
         """Apply what processes that ended left behind and close the sessions they held."""
         dead = self.journal.dead_instances()
         count = apply_ready(self.store, self.journal.dir)  # older than any unfinished file
-        for path, fd in self.journal.orphans():
-            attached: list[Path] = []
-            records = read_records(path, attached)
-            records += _close_open_sessions(records, os.stat(path).st_mtime)
+        # A dead process's unfinished files are applied as one: a session opened in one of them may have
+        # statements in the next, which must not come after its end.
+        orphans = self.journal.orphans()
+        if orphans:
+            records, attached, last = [], [], 0.0
+            for path, _ in orphans:
+                records += read_records(path, attached)
+                last = max(last, os.stat(path).st_mtime)
+            records += _close_open_sessions(records, last)
             self.store.apply_records(records)
             count += len(records)
-            remove(path, attached)
-            os.close(fd)
+            for path, fd in orphans:
+                remove(path, [])
+                os.close(fd)
+            remove(orphans[0][0], attached)
         if dead:
-            self.store.close_sessions_of(dead, "the gateway process ended unexpectedly")
+            self.store.close_sessions_of(dead)
             for instance, _ in dead:
                 self.journal.forget_attached(instance)
             self.journal.forget_instances(dead)
@@ -210,5 +234,6 @@ class Recorder:
         # Whatever the drainer could not apply is applied here, or by the next start.
         try:
             await asyncio.to_thread(apply_ready, self.store, self.journal.dir)
+            await asyncio.to_thread(anchor_head, self.store, self.journal.dir)
         except Exception:  # noqa: BLE001
             log.exception("journal left for the next start")

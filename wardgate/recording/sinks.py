@@ -29,7 +29,8 @@ import httpx
 
 from ..config import ConfigError
 from ..reviews.notify import signature
-from .views import siem_event
+from .anchors import ACTION, checkpoint_view
+from .views import iso, siem_event
 
 log = logging.getLogger("wardgate.sinks")
 
@@ -86,6 +87,20 @@ def _line(e: Any) -> str:
     return json.dumps(siem_event(e), ensure_ascii=False, separators=(",", ":"))
 
 
+def checkpoint_record(cp: dict[str, Any]) -> dict[str, Any]:
+    """A signed checkpoint as the sinks deliver it, after the events it covers: not an event of the
+    chain (it has no sequence of its own), but what `audit verify --anchor` checks the store against."""
+    from .. import __version__
+
+    return {"@timestamp": iso(cp["at"]), "event": {"action": ACTION, "kind": "state", "provider": "wardgate"},
+            "observer": {"vendor": "Wardgate", "product": "Wardgate", "version": __version__},
+            "wardgate": {"checkpoint": checkpoint_view(cp)}}
+
+
+def _checkpoint_line(cp: dict[str, Any]) -> str:
+    return json.dumps(checkpoint_record(cp), separators=(",", ":"))
+
+
 class FileSink:
     def __init__(self, spec: SinkSpec, data_dir: Path) -> None:
         self.path = Path(spec.path) if Path(spec.path).is_absolute() else data_dir / spec.path
@@ -126,8 +141,11 @@ class FileSink:
         if chunk:
             self._append(b"".join(chunk))
 
-    async def send(self, events: list[Any]) -> None:
-        await asyncio.to_thread(self._write, [(_line(e) + "\n").encode("utf-8") for e in events])
+    async def send(self, events: list[Any], checkpoint: dict[str, Any] | None = None) -> None:
+        lines = [(_line(e) + "\n").encode("utf-8") for e in events]
+        if checkpoint is not None:
+            lines.append((_checkpoint_line(checkpoint) + "\n").encode())
+        await asyncio.to_thread(self._write, lines)
 
     async def close(self) -> None:
         pass
@@ -146,6 +164,14 @@ def syslog_message(e: Any, facility: int, app_name: str, hostname: str) -> bytes
           + (f' user="{_sd_value(e.user_name)}"' if e.user_name else "") + "]")
     head = f"<{facility * 8 + severity}>1 {stamp} {hostname} {app_name[:48]} {os.getpid()} {msgid} {sd} "
     return head.encode("utf-8") + b"\xef\xbb\xbf" + _line(e).encode("utf-8")
+
+
+def syslog_checkpoint(cp: dict[str, Any], facility: int, app_name: str, hostname: str) -> bytes:
+    """A signed checkpoint as an RFC 5424 message (MSGID audit.checkpoint), after the events it covers."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(cp["at"])) + f".{int(cp['at'] % 1 * 1e6):06d}Z"
+    sd = f'[wardgate@32473 checkpoint="{cp["seq"]}" hash="{cp["hash"]}"]'
+    head = f"<{facility * 8 + 6}>1 {stamp} {hostname} {app_name[:48]} {os.getpid()} {ACTION} {sd} "
+    return head.encode("utf-8") + b"\xef\xbb\xbf" + _checkpoint_line(cp).encode("utf-8")
 
 
 class SyslogSink:
@@ -167,8 +193,10 @@ class SyslogSink:
             asyncio.open_connection(self.host, self.port, ssl=ctx), self.timeout)
         return self._writer
 
-    async def send(self, events: list[Any]) -> None:
+    async def send(self, events: list[Any], checkpoint: dict[str, Any] | None = None) -> None:
         messages = [syslog_message(e, self.facility, self.app_name, self.hostname) for e in events]
+        if checkpoint is not None:
+            messages.append(syslog_checkpoint(checkpoint, self.facility, self.app_name, self.hostname))
         if self.scheme == "udp":
             if self._udp is None:
                 self._udp = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM)
@@ -205,9 +233,11 @@ class WebhookSink:
         self.secret = secret.encode()
         self.client = httpx.AsyncClient(timeout=spec.timeout)
 
-    async def send(self, events: list[Any]) -> None:
-        body = json.dumps({"events": [siem_event(e) for e in events]}, ensure_ascii=False,
-                          separators=(",", ":")).encode("utf-8")
+    async def send(self, events: list[Any], checkpoint: dict[str, Any] | None = None) -> None:
+        payload: dict[str, Any] = {"events": [siem_event(e) for e in events]}
+        if checkpoint is not None:
+            payload["checkpoint"] = checkpoint_view(checkpoint)
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         stamp = str(int(time.time()))
         headers = {"content-type": "application/json", "x-wardgate-timestamp": stamp,
                    "x-wardgate-first-seq": str(events[0].seq), "x-wardgate-last-seq": str(events[-1].seq)}
@@ -266,7 +296,12 @@ class Shipper:
                 await asyncio.sleep(POLL)
                 continue
             try:
-                await sink.send(events)
+                # The checkpoint covering the newest of these events goes with them: the receiver then
+                # holds a signed head the store cannot be cut back behind (anchors.py).
+                checkpoint = await asyncio.to_thread(self.store.checkpoint_upto, events[-1].seq)
+                if checkpoint is not None and checkpoint["seq"] <= cursor:
+                    checkpoint = None  # sent with an earlier batch
+                await sink.send(events, checkpoint)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: keep the events, retry with backoff

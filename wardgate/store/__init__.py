@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -24,7 +26,8 @@ from sqlalchemy.orm import sessionmaker
 
 from ..config import ConfigError, ConnectionSpec, Settings, validate_connection
 from ..engines.postgres.scram import DEFAULT_ITERATIONS, Verifier, make_verifier
-from ..recording import audit
+from ..recording import audit, seals
+from ..recording.journal import ends_after_restart
 from . import bus
 from . import models as m
 from .secretbox import SecretBox, SecretError
@@ -706,17 +709,20 @@ class Store:
             return list(s.scalars(select(m.Review.id).where(m.Review.session_id == session_id).order_by(m.Review.created_at)))
 
     def apply_records(self, records: list[dict[str, Any]]) -> None:
-        """Apply journal records in one transaction, in batches. Idempotent: replaying after a crash is harmless."""
+        """Apply journal records in one transaction, in batches. Idempotent: replaying after a crash is harmless.
+        Every row part written is sealed into the audit chain (recording/seals.py) in the same transaction."""
         if not records:
             return
         sessions: dict[str, dict[str, Any]] = {}
         stmts: dict[tuple[str, int], list[Any]] = {}  # rows in _STMT_COLUMNS order
+        starts: dict[tuple[str, int], dict[str, Any]] = {}  # their records, for their seals
         finished: list[dict[str, Any]] = []
         ends: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         statement_events: list[dict[str, Any]] = []  # about a session's statements: its user is looked up
         with_result: list[dict[str, Any]] = []  # outcomes of statements started in an earlier batch, with a result
         allowed: dict[str, list[tuple[int, str, str, float]]] = {}  # session -> (seq, digest, decision, at)
+        sealed: list[tuple[str, int, str, str, str]] = []  # (session, number, part, digest, tags)
         for r in records:
             kind = r["k"]
             if kind == "stmt":
@@ -727,6 +733,7 @@ class Store:
                     sid, seq, r["kind"], text, r["np"], at, "running", None, None, None, None, None,
                     decision, None if rules is None else _dumps(rules), None if params is None else _dumps(params), None,
                 ]
+                starts[(sid, seq)] = r
                 if decision in ("allow", "approved", "shadow"):  # refusals have their own event, with the reason
                     digest = audit.statement_digest(text, params)
                     if sid in allowed:
@@ -745,6 +752,8 @@ class Store:
                     continue
                 outcome = {"status": r["status"], "duration_ms": r.get("ms"), "rows": r.get("rows"),
                            "command_tag": r.get("tag"), "error_code": r.get("code"), "error_message": r.get("msg")}
+                sealed.append((r["sid"], r["seq"], "outcome",
+                               *seals.seal(r["sid"], r["seq"], "outcome", {**outcome, "result": result})))
                 if result is not None:
                     with_result.append({"b_sid": r["sid"], "b_seq": r["seq"], "b_result": json.loads(result),
                                         **{f"b_{k}": v for k, v in outcome.items()}})
@@ -759,23 +768,35 @@ class Store:
                     "agent": r.get("agent"),
                 }
             elif kind == "end":
-                ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason"), "b_masked": r.get("masked")})
+                ends.append({"b_sid": r["sid"], "b_at": r["at"], "b_reason": r.get("reason"), "b_code": r.get("code"),
+                             "b_masked": r.get("masked")})
+                sealed.append((r["sid"], seals.SESSION_ROW, "end", *seals.seal(r["sid"], seals.SESSION_ROW, "end", {
+                    "status": "closed", "ended_at": r["at"], "end_reason": r.get("reason"), "error_code": r.get("code"),
+                    "masked": r.get("masked")})))
                 if r.get("masked"):
                     counts = ", ".join(f"{k}: {v}" for k, v in sorted(r["masked"].items()))
                     statement_events.append({"id": _event_id("masked", r["sid"]), "at": r["at"], "kind": "masking.applied",
                                              "outcome": "ok", "sid": r["sid"], "detail": f"values masked: {counts}"})
             elif kind == "event":
                 events.append(_event_row(r))
+        for sid, row in sessions.items():
+            part = "session" if row["status"] == "active" else "session+end"
+            sealed.append((sid, seals.SESSION_ROW, part, *seals.seal(sid, seals.SESSION_ROW, part, row)))
+        for key, row in stmts.items():
+            r = starts[key]
+            values = {"kind": r["kind"], "text": r["text"], "param_count": r["np"], "started_at": r["at"],
+                      "decision": row[12], "rules": r.get("r"), "params": r.get("p")}
+            part = "statement"
+            if row[6] != "running":
+                part = "statement+outcome"
+                values.update(zip(seals.STMT_OUTCOME, (*row[_OUTCOME], row[_RESULT]), strict=True))
+            sealed.append((key[0], key[1], part, *seals.seal(key[0], key[1], part, values)))
         statement_events += self._allowed_events(allowed)
         st, ss = m.Statement.__table__, m.Session.__table__
         bp = sa.bindparam
         with self.engine.begin() as conn:
             if sessions:
                 conn.execute(self._insert(ss).on_conflict_do_nothing(), list(sessions.values()))
-            if statement_events:
-                events = self._merge_session_events(conn, events, statement_events, sessions)
-            if events:
-                self._append_events(conn, events)
             if stmts:
                 # The hot insert goes to the driver as tuples: a statement a row, thousands a second.
                 ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
@@ -804,16 +825,48 @@ class Store:
             if ends:
                 conn.execute(
                     update(ss).where(ss.c.id == bp("b_sid")).values(
-                        ended_at=bp("b_at"), status="closed", end_reason=bp("b_reason"), masked=bp("b_masked", type_=sa.JSON)
+                        ended_at=bp("b_at"), status="closed", end_reason=bp("b_reason"), error_code=bp("b_code"),
+                        masked=bp("b_masked", type_=sa.JSON)
                     ),
                     ends,
                 )
-                conn.execute(
-                    update(st)
-                    .where(st.c.session_id == bp("b_sid"), st.c.status == "running")
-                    .values(status="aborted", error_message="the session ended before the statement finished"),
-                    [{"b_sid": e["b_sid"]} for e in ends],
-                )
+                sealed += self._abort_running(conn, ends)
+            if statement_events:
+                events = self._merge_session_events(conn, events, statement_events, sessions)
+            seal_event = None
+            if sealed:
+                digest = seals.batch_digest(sealed)
+                seal_event = {"id": _event_id("seal", digest), "at": time.time(), "kind": seals.KIND, "outcome": "ok",
+                              "user_name": None, "agent": None, "source": "recorder", "client_addr": None,
+                              "detail": _dumps({"sealed": len(sealed), "sha256": digest})}
+                events.append(seal_event)
+            if events:
+                self._append_events(conn, events)
+            if seal_event is not None and "seq" in seal_event:  # new: a replayed batch's seals are there already
+                ph = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+                conn.exec_driver_sql(
+                    f"INSERT INTO seals (event_seq, n, session_id, seq, part, digest, tags) VALUES ({', '.join([ph] * 7)})",
+                    [(seal_event["seq"], n, *s) for n, s in enumerate(sealed)])
+
+    @staticmethod
+    def _abort_running(conn: sa.Connection, ends: list[dict[str, Any]]) -> list[tuple[str, int, str, str, str]]:
+        """Statements still running when their session ended are `aborted` (with the end's SQLSTATE, if
+        it had one); the seals of that outcome."""
+        st = m.Statement.__table__
+        code = {e["b_sid"]: e["b_code"] for e in ends}
+        ids = list(code)
+        running: list[tuple[str, int]] = []
+        for i in range(0, len(ids), 500):
+            running += [tuple(r) for r in conn.execute(  # type: ignore[misc]
+                select(st.c.session_id, st.c.seq).where(st.c.session_id.in_(ids[i:i + 500]), st.c.status == "running"))]
+        if not running:
+            return []
+        bp = sa.bindparam
+        conn.execute(update(st).where(st.c.session_id == bp("b_sid"), st.c.seq == bp("b_seq"))
+                     .values(status="aborted", error_code=bp("b_code"), error_message=seals.ABORTED),
+                     [{"b_sid": sid, "b_seq": seq, "b_code": code[sid]} for sid, seq in running])
+        return [(sid, seq, "outcome", *seals.seal(sid, seq, "outcome", {
+            "status": "aborted", "error_code": code[sid], "error_message": seals.ABORTED})) for sid, seq in running]
 
     @staticmethod
     def _allowed_events(allowed: dict[str, list[tuple[int, str, str, float]]]) -> list[dict[str, Any]]:
@@ -898,18 +951,110 @@ class Store:
         conn.execute(sa.insert(m.AuditCheckpoint.__table__),
                      {"seq": seq, "hash": last, "at": time.time(), "signature": signer.sign(seq, last), "key_id": signer.key_id})
 
-    def audit_verify(self) -> audit.Verdict:
+    def audit_verify(self, anchors: list[dict[str, Any]] | None = None) -> audit.Verdict:
+        """The chain, its checkpoints and head, then every recorded row against its seals; with `anchor`
+        (a signed checkpoint kept outside the store), also that the store's chain still reaches it."""
         ev = m.Event.__table__
         cols = [ev.c[c] for c in (*audit.FIELDS, "seq", "prev_hash", "hash")]
         with self.engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN")  # one snapshot for every read below, while the recorder writes on
+            else:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
             checkpoints = [dict(r._mapping) for r in conn.execute(select(m.AuditCheckpoint.__table__).order_by("seq"))]
             head = conn.execute(select(m.AuditHead.seq, m.AuditHead.hash).where(m.AuditHead.id == 1)).one_or_none()
             rows = conn.execute(select(*cols).order_by(ev.c.seq)).mappings()
             verdict = audit.verify((dict(r) for r in rows), checkpoints, tuple(head) if head else None,
-                                   self.signer.public_pem)
+                                   self.signer.public_pem, anchors or [])
+            if verdict.ok:
+                verdict = self._verify_seals(conn, verdict)
             if verdict.ok:
                 verdict = self._verify_statements(conn, verdict)
+            conn.rollback()
             return verdict
+
+    def _verify_seals(self, conn: sa.Connection, verdict: audit.Verdict) -> audit.Verdict:
+        """Every batch of seals is the one its `record.seal` event commits to, and every session and
+        statement row matches its seals (recording/seals.py); the first finding (in chain order) is named."""
+        ev, sl, ss, st = m.Event.__table__, m.Seal.__table__, m.Session.__table__, m.Statement.__table__
+        committed = {seq: json.loads(detail) for seq, detail in
+                     conn.execute(select(ev.c.seq, ev.c.detail).where(ev.c.kind == seals.KIND).order_by(ev.c.seq))}
+        problems: list[seals.Problem] = []
+        batches = conn.execute(select(sl.c.event_seq, sl.c.session_id, sl.c.seq, sl.c.part, sl.c.digest, sl.c.tags)
+                               .order_by(sl.c.event_seq, sl.c.n))
+        seen = set()
+        for event_seq, group in itertools.groupby(batches, key=lambda r: r[0]):
+            items = [tuple(r[1:]) for r in group]
+            seen.add(event_seq)
+            want = committed.get(event_seq)
+            if want is None or want.get("sealed") != len(items) or want.get("sha256") != seals.batch_digest(items):
+                sid = items[0][0]
+                problems.append(seals.Problem(
+                    f"the seals of audit event seq {event_seq} were changed, added or removed in the store" if want else
+                    f"{len(items)} seal(s) at event seq {event_seq} are not committed by the audit chain (added)",
+                    sid, event_seq=event_seq))
+        for event_seq in committed.keys() - seen:
+            problems.append(seals.Problem(f"the seals of audit event seq {event_seq} were removed from the store", "",
+                                          event_seq=event_seq))
+        if problems:
+            return self._verdict_of(verdict, problems, 0)
+        first_sealed = conn.execute(select(sa.func.min(ev.c.at)).where(ev.c.kind == seals.KIND)).scalar()
+        purged, purge_problems = self._purged_sessions(conn)
+        problems += purge_problems
+        ids = sorted(set(conn.execute(select(ss.c.id)).scalars()) | set(conn.execute(select(sl.c.session_id).distinct()).scalars())
+                     | set(conn.execute(select(st.c.session_id).distinct()).scalars()))
+        checked = 0
+        for i in range(0, len(ids), 200):
+            chunk = ids[i:i + 200]
+            sessions = {r["id"]: r for r in conn.execute(select(ss).where(ss.c.id.in_(chunk))).mappings()}
+            statements: dict[str, dict[int, Any]] = {}
+            for r in conn.execute(select(st).where(st.c.session_id.in_(chunk))).mappings():
+                statements.setdefault(r["session_id"], {})[r["seq"]] = r
+            sealed: dict[str, list[seals.Seal]] = {}
+            for r in conn.execute(select(sl.c.session_id, sl.c.event_seq, sl.c.seq, sl.c.part, sl.c.digest, sl.c.tags)
+                                  .where(sl.c.session_id.in_(chunk)).order_by(sl.c.event_seq, sl.c.n)):
+                sealed.setdefault(r[0], []).append(tuple(r[1:]))  # type: ignore[arg-type]
+            for sid in chunk:
+                row = sessions.get(sid)
+                legacy = sid not in sealed and row is not None and (first_sealed is None or row["started_at"] < first_sealed)
+                problems += seals.check_session(sid, row, statements.get(sid, {}), sealed.get(sid, []),
+                                                purged=sid in purged, legacy=legacy)
+                checked += len(statements.get(sid, {}))
+        return self._verdict_of(verdict, problems, checked)
+
+    @staticmethod
+    def _verdict_of(verdict: audit.Verdict, problems: list[seals.Problem], rows: int) -> audit.Verdict:
+        verdict.rows = rows
+        if not problems:
+            return verdict
+        problems.sort(key=lambda p: (p.event_seq is None, p.event_seq or 0))
+        first = problems[0]
+        verdict.ok, verdict.problem, verdict.seq = False, first.message, first.event_seq
+        verdict.findings = [p.public() for p in problems[:50]]
+        verdict.findings_total = len(problems)
+        return verdict
+
+    @staticmethod
+    def _purged_sessions(conn: sa.Connection) -> tuple[set[str], list[seals.Problem]]:
+        """The sessions whose statements retention removed, as the chain's `retention.purge` events say
+        (each holds the SHA-256 of the ids it emptied), not as the rows' own `purged_at` say."""
+        ev, ss = m.Event.__table__, m.Session.__table__
+        digests = set()
+        for (detail,) in conn.execute(select(ev.c.detail).where(ev.c.kind == "retention.purge")):
+            digests.update(re.findall(r"sessions sha256:([0-9a-f]{64})", detail or ""))
+        groups: dict[float, list[tuple[float, str]]] = {}
+        for sid, at, started in conn.execute(select(ss.c.id, ss.c.purged_at, ss.c.started_at).where(ss.c.purged_at.is_not(None))):
+            groups.setdefault(at, []).append((started, sid))
+        purged: set[str] = set()
+        problems = []
+        for group in groups.values():
+            by_start = [sid for _, sid in sorted(group)]
+            if {hashlib.sha256("\n".join(order).encode()).hexdigest() for order in (sorted(by_start), by_start)} & digests:
+                purged.update(by_start)
+            else:
+                problems.append(seals.Problem(f"session(s) {', '.join(by_start[:5])} are marked purged, but no purge in the "
+                                              "audit chain emptied them", by_start[0], fields=["purged_at"]))
+        return purged, problems
 
     def _verify_statements(self, conn: sa.Connection, verdict: audit.Verdict) -> audit.Verdict:
         """The chain vouches for allowed statements by digest: each recorded statement must still match
@@ -949,6 +1094,16 @@ class Store:
         """The next `limit` events of the chain after `seq`, in order."""
         with self.Session() as s:
             return list(s.scalars(select(m.Event).where(m.Event.seq > seq).order_by(m.Event.seq).limit(limit)))
+
+    def checkpoint_upto(self, seq: int | None = None) -> dict[str, Any] | None:
+        """The newest signed checkpoint (at or before `seq`), as anchors keep it."""
+        cp = m.AuditCheckpoint.__table__
+        q = select(cp).order_by(cp.c.seq.desc()).limit(1)
+        if seq is not None:
+            q = q.where(cp.c.seq <= seq)
+        with self.engine.connect() as conn:
+            row = conn.execute(q).mappings().first()
+        return None if row is None else dict(row)
 
     def audit_head(self) -> int:
         with self.Session() as s:
@@ -1106,7 +1261,7 @@ class Store:
                 conn.execute(sa.delete(m.ExecResult.__table__).where(m.ExecResult.__table__.c.session_id.in_(chunk)))
             self.announce(conn, "purge", repr(before))  # replicas drop results they keep in memory
             listed = ", ".join(ids[:50]) + (f", … ({len(ids) - 50} more)" if len(ids) > 50 else "")
-            digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+            digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
             detail = (f"content of {len(ids)} session(s) that ended before "
                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(before))} removed: {summary['statements']} "
                       f"statement(s); sessions sha256:{digest}: {listed}")
@@ -1162,21 +1317,18 @@ class Store:
             return {"level": a.level, "title": a.title, "explanation": a.explanation, "findings": a.findings,
                     "source": a.source, "analyzed_at": a.at}
 
-    def close_sessions_of(self, dead: list[tuple[str, int]], reason: str) -> int:
-        """Close the sessions still marked active that gateway processes which ended held."""
+    def close_sessions_of(self, dead: list[tuple[str, int]]) -> int:
+        """End the sessions still marked active that gateway processes which ended held: as records, so
+        that each end is sealed and has its `session.end` event (reason: gateway restarted)."""
         instances = [name for name, _ in dead]
-        with self.engine.begin() as conn:
-            q = select(m.Session.id).where(m.Session.status == "active", m.Session.gateway.in_(instances))
-            ids = [i for (i,) in conn.execute(q)]
-            if ids:
-                now = time.time()
-                conn.execute(update(m.Session.__table__).where(m.Session.id.in_(ids)).values(status="closed", ended_at=now, end_reason=reason))
-                conn.execute(
-                    update(m.Statement.__table__)
-                    .where(m.Statement.session_id.in_(ids), m.Statement.status == "running")
-                    .values(status="aborted", error_message=reason)
-                )
-            return len(ids)
+        ss = m.Session.__table__
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(ss.c.id, ss.c.user_name, ss.c.agent, ss.c.client_addr)
+                                .where(ss.c.status == "active", ss.c.gateway.in_(instances))).all()
+        now = time.time()
+        self.apply_records([rec for sid, user, agent, addr in rows
+                            for rec in ends_after_restart({"sid": sid, "user": user, "agent": agent, "addr": addr}, now)])
+        return len(rows)
 
     # ---------------------------------------------------------------------------------- reviews
 

@@ -148,6 +148,21 @@ class AuditHead(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class Seal(Base):
+    """A recorded row's part as the recorder wrote it (recording/seals.py), committed to by the chain's
+    `record.seal` event at `event_seq`."""
+
+    __tablename__ = "seals"
+    event_seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, primary_key=True)  # its place among the event's seals
+    session_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer)  # the statement's number; 0 for the session's own row
+    part: Mapped[str] = mapped_column(String(20))
+    digest: Mapped[str] = mapped_column(String(32))
+    tags: Mapped[str] = mapped_column(Text)
+    __table_args__ = (Index("ix_seals_row", "session_id", "seq"),)
+
+
 class AuditCheckpoint(Base):
     """The chain head at `seq`, signed with the gateway's Ed25519 key."""
 
