@@ -56,8 +56,8 @@ class RawClient:
             if mtype == "E":
                 return codec.parse_error_fields(body)
 
-    def login(self, user: str, password: str, database: str) -> list[tuple[str, bytes]]:
-        self.send(codec.startup_message({"user": user, "database": database}))
+    def login(self, user: str, password: str, database: str, **params: str) -> list[tuple[str, bytes]]:
+        self.send(codec.startup_message({"user": user, "database": database, **params}))
         mtype, body = self.read()
         assert mtype == "R" and struct.unpack("!i", body[:4])[0] == 10, (mtype, body)
         scram = ScramClient(password)

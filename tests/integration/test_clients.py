@@ -33,7 +33,7 @@ def test_psql_queries_are_recorded_with_identity(gateway, cred) -> None:
     first = detail["statements"][0]
     assert first["status"] == "ok" and first["rows"] == 1 and first["command_tag"] == "SELECT 1"
     assert first["duration_ms"] is not None and first["started_at"]
-    assert detail["end_reason"] == "client terminated"
+    assert detail["end_reason"] == "client closed"
 
 
 def test_errors_and_multi_statement_strings(gateway, cred) -> None:

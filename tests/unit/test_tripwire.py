@@ -34,7 +34,7 @@ def _relay(policy: StatementPolicy) -> tuple[Relay, list[str], list[str]]:
     lines: list[str] = []
     ended: list[str] = []
     relay = Relay(session_id="b" * 32, connection="c", client=_Peer(), upstream=_Peer(), record=lines.extend,
-                  defer=lines.extend, on_end=lambda _r, reason: ended.append(reason), max_message=1 << 20, policy=policy)
+                  defer=lines.extend, on_end=lambda _r, reason, _code: ended.append(reason), max_message=1 << 20, policy=policy)
     return relay, lines, ended
 
 

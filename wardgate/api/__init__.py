@@ -396,7 +396,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
 
 _SESSION = {"id": "4f1c2a...", "user": "alice", "agent": None, "connection": "shop", "client_addr": "10.0.0.7",
             "started_at": "2026-11-22T10:00:00Z", "ended_at": "2026-11-22T10:05:00Z", "status": "closed",
-            "end_reason": "client terminated", "tls": True, "application_name": "psql", "statements": 3, "masked": {"email": 12}}
+            "end_reason": "client closed", "tls": True, "application_name": "psql", "statements": 3, "masked": {"email": 12}}
 _REVIEW = {"id": "c3d2...", "kind": "statement", "status": "pending", "requester": "alice", "agent": "claude-code",
            "connection": "shop", "statement": "delete from orders where id = 7", "params": [], "sha256": "9f2c...",
            "policy_version": "a1b2c3d4e5f60718", "rules": [{"rule": "deletes-need-review", "action": "review",

@@ -421,12 +421,12 @@ class PostgresListener:
             log.warning("cancel for session %s failed: %s", live.relay.session_id, exc,
                         extra={"session_id": live.relay.session_id})
 
-    def _ended(self, relay: Relay, reason: str) -> None:
+    def _ended(self, relay: Relay, reason: str, code: str | None = None) -> None:
         self._connection_gone()
         live = self.sessions.pop(relay.session_id, None)
         if live is not None:
             self.by_cancel_key.pop(live.cancel_pid, None)
-        end: dict[str, Any] = {"k": "end", "sid": relay.session_id, "at": time.time(), "reason": reason}
+        end: dict[str, Any] = {"k": "end", "sid": relay.session_id, "at": time.time(), "reason": reason, "code": code}
         detail = reason
         if relay.masking is not None and relay.masking.totals:
             end["masked"] = dict(relay.masking.totals)

@@ -127,6 +127,7 @@ def _sample_value(raw: bytes) -> str:
 
 
 _TERMINATE = ord("X")
+_TERMINATE_MESSAGE = b"X\x00\x00\x00\x04"
 _ERROR = ord("E")
 _READY = ord("Z")
 _QUERY = ord("Q")
@@ -183,7 +184,7 @@ class Relay:
         upstream: StreamProtocol,
         record: Callable[[list[str]], None],
         defer: Callable[[list[str]], None],
-        on_end: Callable[["Relay", str], None],
+        on_end: Callable[["Relay", str, str | None], None],  # (relay, reason, SQLSTATE it ended with)
         on_abandon: Callable[["Relay"], None] | None = None,
         max_message: int,
         policy: StatementPolicy | None = None,
@@ -296,7 +297,8 @@ class Relay:
         self._executed = 0
         self.ended = False
         self.terminating = False
-        self.upstream_fatal = False
+        self._client_tail = b""
+        self.upstream_fatal: str | None = None
 
     def start(self) -> None:
         self.client.on_lost = self._client_lost
@@ -315,6 +317,9 @@ class Relay:
     # -- client -> upstream
 
     def from_client(self, data: bytes) -> None:
+        # The last bytes the client sent: ending in a Terminate, they say it closed the session, even when
+        # its socket is seen closed before that message was read out of what the session holds.
+        self._client_tail = data[-5:] if len(data) >= 5 else (self._client_tail + data)[-5:]
         if self.ended:
             if self._draining:
                 self._draining = max(0, self._draining - len(data))
@@ -1048,6 +1053,7 @@ class Relay:
                         finished = [fin]
                     elif mtype == _ERROR:
                         refusal = self._refusal_of(body)  # the echo of a refusal marker: replaced whole
+                        fatal = False
                         if refusal is not None:
                             edits.append((offset, 5 + len(body), codec.error_response(
                                 "42501", refusal[1], hint="refused by the Wardgate gateway; see `wardgate policy check`")))
@@ -1060,7 +1066,8 @@ class Relay:
                                 if edits and edits[-1][0] == offset:
                                     edits.pop()
                                 edits.append((offset, length, self._name_the_connection(body)))
-                        finished = tracker.backend(mtype, body)
+                                fatal = True
+                        finished = tracker.fatal(body) if fatal else tracker.backend(mtype, body)
                     else:
                         finished = tracker.backend(mtype, body)
                     for fin in finished:
@@ -1186,8 +1193,8 @@ class Relay:
 
     def _name_the_connection(self, body: bytes) -> bytes:
         """Upstream is ending the session: say which connection, so the client's error is clear."""
-        self.upstream_fatal = True
         fields = codec.parse_error_fields(body)
+        self.upstream_fatal = fields.get("C", "08006")  # the SQLSTATE the session ends with, in its record
         return codec.error_response(
             fields.get("C", "08006"), f"connection {self.connection!r}: {fields.get('M', 'closed by the server')}",
             severity="FATAL", detail=fields.get("D"), hint=fields.get("H"),
@@ -1207,7 +1214,7 @@ class Relay:
             # Nobody will read the result: stop the work upstream instead of letting it run on.
             self._on_abandon(self)
         self.upstream.close()
-        self.end("client terminated" if self.terminating else "client disconnected")
+        self.end("client closed" if self._closed_by_client() else "client disconnected")
 
     def _upstream_lost(self, exc: Exception | None) -> None:
         if not self.ended and not self.terminating and not self.upstream_fatal:
@@ -1219,7 +1226,10 @@ class Relay:
         if not self._draining:
             self.client.close()
         # After the client's Terminate the server closing is the end the client asked for, whichever side is seen first
-        self.end("client terminated" if self.terminating else "upstream closed the connection")
+        self.end("client closed" if self._closed_by_client() else "upstream closed the connection", self.upstream_fatal)
+
+    def _closed_by_client(self) -> bool:
+        return self.terminating or self._client_tail == _TERMINATE_MESSAGE
 
     def fail(self, error: bytes, reason: str, code: str | None = None, *, drain: bool = False) -> None:
         """Send `error` to the client and end the session. With `drain`, what the client goes on sending is
@@ -1242,7 +1252,7 @@ class Relay:
         self.ended = True
         if self._classifying is not None:
             self._classifying.cancel()
-        self._on_end(self, reason if code is None else f"{reason} ({code})")
+        self._on_end(self, reason if code is None else f"{reason} ({code})", code)
         # Let go of what the session held, now: the relay sits in reference cycles with its protocols
         # (their callbacks), which only a full garbage collection breaks, and it may hold long statements
         # (framed, read, encoded for the record, prepared under a name).

@@ -237,6 +237,23 @@ class StatementTracker:
                 out.append(Finished(p.seq, status, None, None, fields.get("C"), fields.get("M")))
         return out
 
+    def fatal(self, body: bytes) -> list[Finished]:
+        """The server ends the session with this error (a FATAL one: a shutdown, a terminated backend):
+        no ReadyForQuery follows, so the statement it cut short ends with the error now, and those
+        queued behind it as skipped."""
+        out = self.error(body)
+        fields = parse_error_fields(body)
+        pending = self._pending
+        while pending:
+            p = pending.popleft()
+            if p.kind == Q or p.kind == F or p.kind == E:
+                if out:
+                    out.append(Finished(p.seq, "skipped", None, None, fields.get("C"), fields.get("M")))
+                else:
+                    p.error = p.error or fields
+                    out.append(self._finish(p))
+        return out
+
     def ready(self, body: bytes) -> list[Finished]:
         self.transaction_status = body[:1] or b"I"
         pending = self._pending

@@ -1,0 +1,109 @@
+"""How a session ended is recorded as it happened: a client's Terminate is `client closed` whichever
+socket closes first, a dropped client is `client disconnected`, and a server that ends the session
+(57P01) is recorded with its SQLSTATE on the session and on the statement it cut short."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.conftest import make_gateway, psql
+from tests.pgwire import RawClient
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, pg):  # noqa: ANN001, ANN201
+    g = make_gateway(tmp_path_factory.mktemp("ends"), pg)
+    g.start()
+    yield g
+    g.stop()
+
+
+def _ended(gw, app: str, n: int = 1) -> list[dict]:  # noqa: ANN001
+    return gw.wait_for_session(lambda s: len([x for x in gw.sessions() if x["application_name"] == app
+                                             and x["status"] == "closed"]) >= n, timeout=30) and \
+        [x for x in gw.sessions() if x["application_name"] == app and x["status"] == "closed"]
+
+
+def test_every_asyncpg_close_is_client_closed(gw) -> None:  # noqa: ANN001
+    cred = gw.credential()
+
+    async def one(i: int) -> None:
+        conn = await asyncpg.connect(gw.dsn(cred, sslmode="require" if i % 2 else "disable"),
+                                     server_settings={"application_name": "ends-asyncpg"})
+        await conn.fetchval("select 1")
+        await conn.close()
+
+    async def many() -> None:
+        await asyncio.gather(*(one(i) for i in range(40)))
+
+    asyncio.run(many())
+    ended = _ended(gw, "ends-asyncpg", 40)
+    assert [s["end_reason"] for s in ended] == ["client closed"] * 40
+
+
+def test_psycopg_and_psql_close_is_client_closed(gw) -> None:  # noqa: ANN001
+    cred = gw.credential()
+    with psycopg.connect(gw.dsn(cred, application_name="ends-psycopg")) as conn:
+        conn.execute("select 1")
+    psql(gw.dsn(cred, application_name="ends-psql"), "-c", "select 1")
+    assert _ended(gw, "ends-psycopg")[0]["end_reason"] == "client closed"
+    assert _ended(gw, "ends-psql")[0]["end_reason"] == "client closed"
+
+
+def _raw_session(gw, app: str) -> RawClient:  # noqa: ANN001
+    """A session over a plain socket, signed in, up to its first ReadyForQuery."""
+    c = RawClient(gw.port)
+    c.login("alice", gw.credential()["credential"], "shop", application_name=app)
+    return c
+
+
+def test_terminate_then_close_at_once_is_client_closed(gw) -> None:  # noqa: ANN001
+    """The client sends Terminate and closes in the same instant: its socket may be seen closed before,
+    with, or after the server's."""
+    for i in range(10):
+        c = _raw_session(gw, f"ends-raw-{i}")
+        c.send(b"X" + struct.pack("!i", 4))
+        c.close()
+    for i in range(10):
+        assert _ended(gw, f"ends-raw-{i}")[0]["end_reason"] == "client closed"
+
+
+def test_a_dropped_client_is_client_disconnected(gw) -> None:  # noqa: ANN001
+    c = _raw_session(gw, "ends-dropped")
+    c.close()
+    assert _ended(gw, "ends-dropped")[0]["end_reason"] == "client disconnected"
+
+
+def test_a_server_shutdown_is_recorded_with_its_sqlstate(gw, pg) -> None:  # noqa: ANN001
+    """The server ends the session (57P01, as a shutdown or pg_terminate_backend does) while a statement
+    runs: the client gets 57P01, and so do the record's session and statement."""
+    cred = gw.credential()
+    conn = psycopg.connect(gw.dsn(cred, application_name="ends-57p01"))
+    pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+    got: list[BaseException] = []
+
+    def sleeper() -> None:
+        try:
+            conn.execute("select pg_sleep(30)")
+        except psycopg.Error as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    with psycopg.connect(pg.dsn(database="shop"), autocommit=True) as admin:
+        while not admin.execute("select count(*) from pg_stat_activity where pid = %s and query like 'select pg_sleep%%'",
+                                [pid]).fetchone()[0]:
+            pass
+        admin.execute("select pg_terminate_backend(%s)", [pid])
+    t.join(30)
+    assert got and got[0].sqlstate == "57P01"
+    s = _ended(gw, "ends-57p01")[0]
+    assert s["error_code"] == "57P01" and "57P01" in s["end_reason"], s
+    st = next(x for x in gw.cli_json("sessions", "show", s["id"])["statements"] if x["text"] == "select pg_sleep(30)")
+    assert (st["status"], st["error_code"]) == ("error", "57P01"), st
