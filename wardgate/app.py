@@ -176,6 +176,9 @@ class Gateway:
             problems.append("starting or stopping")
         if not self.recorder.drainer_alive:
             problems.append("the recorder process is not running")
+        if self.recorder.failure is not None:
+            problems.append(f"the recording journal ({self.recorder.journal.dir}) cannot be written: "
+                            f"{self.recorder.failure}; no session opens until it can")
         try:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), 5)
         except Exception as exc:  # noqa: BLE001 - whatever the store says, it is not answering

@@ -5,10 +5,14 @@ socket closes first, a dropped client is `client disconnected`, and a server tha
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
+import subprocess
 import threading
+import time
 
 import asyncpg
+import httpx
 import psycopg
 import pytest
 
@@ -107,3 +111,82 @@ def test_a_server_shutdown_is_recorded_with_its_sqlstate(gw, pg) -> None:  # noq
     assert s["error_code"] == "57P01" and "57P01" in s["end_reason"], s
     st = next(x for x in gw.cli_json("sessions", "show", s["id"])["statements"] if x["text"] == "select pg_sleep(30)")
     assert (st["status"], st["error_code"]) == ("error", "57P01"), st
+
+
+def _readyz(gw) -> tuple[int, list[str]]:  # noqa: ANN001
+    r = httpx.get(f"http://127.0.0.1:{gw.http_port}/readyz", timeout=10)
+    return r.status_code, r.json()["problems"]
+
+
+def _until(predicate, timeout: float = 30.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _ends_in_chain(gw, sids: list[str]) -> dict[str, str]:  # noqa: ANN001
+    """session id -> the detail of its session.end event."""
+    events = gw.cli_json("events", "--kind", "session.end", "--limit", "1000")
+    return {e["source"].split(":", 1)[1]: e["detail"] for e in events if e["source"].split(":", 1)[1] in sids}
+
+
+def _fill(gw, full: bool) -> None:  # noqa: ANN001
+    """The journal's disk is full (no file of the gateway process may grow), or has room again."""
+    subprocess.run(["prlimit", f"--pid={gw.proc.pid}", "--fsize=1:unlimited" if full else "--fsize=unlimited:unlimited"],
+                   check=True)
+
+
+def test_a_full_journal_loses_no_session_end_and_readyz_says_so(tmp_path, pg) -> None:  # noqa: ANN001
+    gw = make_gateway(tmp_path / "gw", pg)
+    gw.start()
+    try:
+        cred = gw.credential()
+        conns = [psycopg.connect(gw.dsn(cred, application_name=f"full-{i}"), autocommit=True) for i in range(6)]
+        for c in conns:
+            c.execute("select 1")
+        sids = [gw.wait_for_session(lambda s, i=i: s["application_name"] == f"full-{i}")["id"] for i in range(6)]
+        assert _readyz(gw)[0] == 200
+        _fill(gw, True)
+        for c in conns[:4]:  # statements cannot be recorded: each session ends, 58030
+            with pytest.raises(psycopg.Error) as exc:
+                c.execute("select 2")
+            assert exc.value.sqlstate == "58030"
+        conns[4].close()  # a client that closes meanwhile
+        conns[5].close()
+        code, problems = _readyz(gw)
+        assert code == 503 and any("recording journal" in p and "cannot be written" in p for p in problems), problems
+        _fill(gw, False)
+        _until(lambda: _readyz(gw)[0] == 200)  # ready again once a write succeeds
+        for sid in sids:
+            s = gw.wait_for_session(lambda s, sid=sid: s["id"] == sid and s["status"] == "closed", timeout=30)
+            assert s["end_reason"], s
+        ended = {s["id"]: s for s in gw.sessions() if s["id"] in sids}
+        assert all("58030" in ended[sid]["end_reason"] for sid in sids[:4]), ended
+        assert all(ended[sid]["end_reason"] == "client closed" for sid in sids[4:]), ended
+        _until(lambda: len(_ends_in_chain(gw, sids)) == 6)
+    finally:
+        gw.stop()
+
+
+def test_a_gateway_stopped_with_the_journal_full_ends_its_sessions_at_the_next_start(tmp_path, pg) -> None:  # noqa: ANN001
+    gw = make_gateway(tmp_path / "gw", pg)
+    gw.start()
+    try:
+        cred = gw.credential()
+        conns = [psycopg.connect(gw.dsn(cred, application_name=f"stopfull-{i}"), autocommit=True) for i in range(3)]
+        for c in conns:
+            c.execute("select 1")
+        sids = [gw.wait_for_session(lambda s, i=i: s["application_name"] == f"stopfull-{i}")["id"] for i in range(3)]
+        _fill(gw, True)
+        gw.stop()  # the sessions' ends cannot be written before the process ends
+        for c in conns:
+            c.close()
+        gw.start()
+        for sid in sids:
+            s = gw.wait_for_session(lambda s, sid=sid: s["id"] == sid and s["status"] == "closed", timeout=30)
+            assert s["end_reason"] == "gateway restarted", s
+        _until(lambda: set(_ends_in_chain(gw, sids).values()) == {"gateway restarted"} and len(_ends_in_chain(gw, sids)) == 3)
+        assert json.loads(gw.cli("audit", "verify", "--json").stdout)["ok"]
+    finally:
+        gw.stop()

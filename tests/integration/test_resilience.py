@@ -52,7 +52,8 @@ def test_upstream_restart_mid_session(own_gateway, own_pg) -> None:
     with psycopg.connect(gw.dsn(gw.credential())) as again:
         assert again.execute("select count(*) from customers").fetchone() == (200,)
     s = gw.wait_for_session(lambda s: s["application_name"] == "t_restart" and s["status"] == "closed")
-    assert s["end_reason"] == "upstream closed the connection"
+    # The server's shutdown told the session why (57P01): the record says so too.
+    assert (s["end_reason"], s["error_code"]) == ("upstream closed the connection (57P01)", "57P01")
 
 
 def test_upstream_down_at_connect(own_gateway, own_pg) -> None:

@@ -261,7 +261,7 @@ class ExecRunner:
         end: dict[str, Any] = {"k": "end", "sid": sid, "at": time.time(), "reason": reason}
         if masked:
             end["masked"] = dict(masked)
-        self.gateway.recorder.write([end])
+        self.gateway.recorder.keep([end])
 
     # -- running
 
@@ -323,7 +323,7 @@ class ExecRunner:
                     second = policy.decide(sql, classification)  # `policy` follows `masking`'s catalog
                     if second.action == "deny":
                         message = second.error_message
-                        gw.recorder.write([self._outcome(sid, "denied", code="42501", msg=message)])
+                        gw.recorder.keep([self._outcome(sid, "denied", code="42501", msg=message)])
                         gw.record_event("statement.refused", "denied", user=caller.user, agent=caller.agent,
                                         source=f"session:{sid}", detail=f"{message} in {sql[:500]!r}")
                         self._close_session(sid, "exec denied")
@@ -337,7 +337,7 @@ class ExecRunner:
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
             code = getattr(exc, "code", "08006")
             message = str(exc) or "the connection to the database was lost"
-            gw.recorder.write([self._outcome(sid, "error", code=code, msg=message)])
+            gw.recorder.keep([self._outcome(sid, "error", code=code, msg=message)])
             self._close_session(sid, "exec failed")
             return {"status": "failed", "session_id": sid, "connection": connection, "code": code, "error": message}
         finally:
@@ -349,7 +349,7 @@ class ExecRunner:
         if policy.rules and not as_predicted(expected, result.tags, result.error is None):
             # The server ran something other than what was classified: the tripwire, as on the native door
             what = f"the server answered {tag!r}, which the statement's classification did not predict"
-            gw.recorder.write([self._outcome(sid, "differential", ms, tag=tag, code="42501", msg=f"read past: {what}")])
+            gw.recorder.keep([self._outcome(sid, "differential", ms, tag=tag, code="42501", msg=f"read past: {what}")])
             gw.record_event("statement.differential", "high", user=caller.user if caller else None,
                             agent=caller.agent if caller else None, source=f"session:{sid}",
                             detail=f"the server ran what the gateway did not classify ({what})")
@@ -359,7 +359,7 @@ class ExecRunner:
                              "team has been alerted"}
         if result.error is not None:
             code, message = result.error.get("C", "XX000"), result.error.get("M", "error")
-            gw.recorder.write([self._outcome(sid, "error", ms, tag=tag, code=code, msg=message)])
+            gw.recorder.keep([self._outcome(sid, "error", ms, tag=tag, code=code, msg=message)])
             self._close_session(sid, "exec finished", masking.totals if masking else None)
             envelope = {"status": "failed", "session_id": sid, "connection": connection, "code": code, "error": message}
             for key, letter in (("detail", "D"), ("hint", "H")):
@@ -378,7 +378,7 @@ class ExecRunner:
                         break
                     sample.append(row)
                 done["sample"] = sample
-        gw.recorder.write([done])
+        gw.recorder.keep([done])
         self._close_session(sid, "exec finished", masking.totals if masking else None)
         return {
             "status": "completed", "session_id": sid, "connection": connection, "columns": result.columns,

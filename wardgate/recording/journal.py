@@ -223,12 +223,28 @@ class Journal:
         self._finish()
         self._open()
 
-    def close(self) -> None:
+    def close(self, *, keep_lock: bool = False) -> None:
+        """Hand the current file on and let go of the instance; with `keep_lock`, its lock file stays, so
+        that the next start recovers this instance as one that died (records were left unwritten)."""
         if self.fd >= 0:
-            self._finish()
+            try:
+                self._finish()
+            except OSError:
+                pass  # the file stays as it is: an orphan the next start applies
         self.fd = -1
-        (self.dir / f"{self.instance}.lock").unlink(missing_ok=True)
+        if not keep_lock:
+            (self.dir / f"{self.instance}.lock").unlink(missing_ok=True)
         os.close(self._lock_fd)
+
+    def probe(self) -> None:
+        """Raise OSError unless a new record could be written now (the disk has room, the folder is writable)."""
+        path = self.dir / f"probe-{self.instance}.tmp"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
 
     def orphans(self) -> list[tuple[Path, int]]:
         """Files no live process holds (left by a process that ended), oldest first, locked for us."""

@@ -30,6 +30,7 @@ log = logging.getLogger("wardgate.recording")
 OUTCOME_DELAY = 0.02
 ATTACH_MIN = 1 << 20  # bytes of records from which they are written to a file of their own (write_parts)
 DRAINER_NICENESS = 10
+MAX_KEPT = 100_000  # record writes kept in memory while the journal cannot be written (Recorder.keep)
 
 
 def _close_open_sessions(records: list[dict[str, Any]], at: float) -> list[dict[str, Any]]:
@@ -107,6 +108,7 @@ class Recorder:
         self.journal = Journal(settings.journal_dir)
         self.flush_interval = flush_interval
         self._deferred: list[str] = []
+        self.failure: str | None = None  # why the journal cannot be written now (readiness says so)
         self._lock = threading.Lock()  # the loop and the API's worker threads write
         self._timer: asyncio.TimerHandle | None = None
         self._drainer: multiprocessing.process.BaseProcess | None = None
@@ -128,8 +130,32 @@ class Recorder:
         """`write` for records the relay encoded itself (one JSON object a line). Any thread may write."""
         with self._lock:
             # Deferred outcomes stay deferred until they are written: a failed write loses none of them.
-            self.journal.write("".join(self._deferred + lines if self._deferred else lines).encode("utf-8"))
+            try:
+                self.journal.write("".join(self._deferred + lines if self._deferred else lines).encode("utf-8"))
+            except OSError as exc:
+                self._failed(exc)
+                raise
             self._deferred = []
+            self.failure = None
+
+    def keep(self, records: list[dict[str, Any]]) -> None:
+        """`write` for records that must not be lost (a session's end): if the journal cannot take them
+        now, they are kept in memory and written before anything else by the first write that succeeds
+        (the recorder retries every flush interval). Never raises."""
+        try:
+            self.write(records)
+        except OSError:
+            with self._lock:
+                self._deferred.append(encode(records))
+                if len(self._deferred) > MAX_KEPT:  # a bound on memory: the oldest go, and the log says so
+                    dropped = len(self._deferred) - MAX_KEPT
+                    del self._deferred[:dropped]
+                    log.error("the recording journal has not been writable for long: %d kept records dropped", dropped)
+
+    def _failed(self, exc: OSError) -> None:
+        if self.failure is None:
+            log.error("cannot write the recording journal in %s: %s", self.journal.dir, exc)
+        self.failure = f"{exc.strerror or exc}"
 
     def write_parts(self, parts: list[bytes]) -> None:
         """`write_lines` for records already encoded, in parts written as they are (a long statement's
@@ -137,14 +163,23 @@ class Recorder:
         file of their own first (`Journal.attach`), so that the lock is held only to refer to it."""
         attached = None
         if sum(map(len, parts)) >= ATTACH_MIN:
-            attached = self.journal.attach(parts)
+            try:
+                attached = self.journal.attach(parts)
+            except OSError as exc:
+                self._failed(exc)
+                raise
             parts = [encode([{"k": "attached", "file": attached}]).encode()]
         try:
             with self._lock:
                 if self._deferred:
                     parts = ["".join(self._deferred).encode("utf-8"), *parts]
-                self.journal.write_parts(parts)
+                try:
+                    self.journal.write_parts(parts)
+                except OSError as exc:
+                    self._failed(exc)
+                    raise
                 self._deferred = []
+                self.failure = None
         except OSError:
             if attached is not None:
                 (self.journal.dir / attached).unlink(missing_ok=True)
@@ -162,7 +197,14 @@ class Recorder:
             try:
                 self.write_lines([])
             except OSError:
-                log.exception("cannot write the recording journal")
+                pass  # kept; said once in the log (_failed), tried again at the next flush
+        elif self.failure is not None:
+            try:  # nothing waits to be written: whether the journal takes writes again is tried on the side
+                self.journal.probe()
+                self.failure = None
+                log.warning("the recording journal in %s can be written again", self.journal.dir)
+            except OSError:
+                pass
 
     def recover(self) -> int:
         """Apply what processes that ended left behind and close the sessions they held."""
@@ -221,7 +263,12 @@ class Recorder:
             self._timer.cancel()
         self._write_deferred()
         with self._lock:
-            self.journal.close()
+            if self._deferred:
+                # Records still unwritten (the disk stayed full): the journal's lock file is left, so that
+                # the next start treats this process as one that died and ends its sessions in the record.
+                log.error("%d records could not be written to the recording journal; the next start ends the "
+                          "sessions they described", len(self._deferred))
+            self.journal.close(keep_lock=bool(self._deferred))
         if self._drainer is not None:
             try:
                 self._stop.send_bytes(b"stop")

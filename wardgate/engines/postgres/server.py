@@ -381,10 +381,7 @@ class PostgresListener:
         client.write(codec.fatal(exc.code, str(exc), hint=exc.hint, detail=exc.detail))
         client.close()
         record.update(status="rejected", reason=str(exc), code=exc.code, ended=time.time())
-        try:
-            self.recorder.write([record, _event("session.start", "denied", record, f"{exc.code}: {exc}")])
-        except OSError:
-            log.exception("cannot record a rejected connection attempt")
+        self.recorder.keep([record, _event("session.start", "denied", record, f"{exc.code}: {exc}")])
         log.info("rejected %s for user %r on %r: %s %s", record["addr"], record["user"], record["conn"], exc.code, exc,
                  extra={"session_id": record["sid"], "user": record["user"], "connection": record["conn"]})
 
@@ -433,10 +430,8 @@ class PostgresListener:
             STATS.masked.update(relay.masking.totals)
             detail += "; masked " + ", ".join(f"{k}: {v}" for k, v in sorted(relay.masking.totals.items()))
         who = {"sid": relay.session_id, "user": relay.user, "agent": relay.agent, "addr": None}
-        try:
-            self.recorder.write([end, _event("session.end", "ok", who, detail)])
-        except OSError:
-            log.exception("cannot record the end of session %s", relay.session_id, extra={"session_id": relay.session_id})
+        # Kept until written if the journal cannot take it now: no session's end goes missing.
+        self.recorder.keep([end, _event("session.end", "ok", who, detail)])
         log.info("session ended: %s", reason, extra={"session_id": relay.session_id, "user": relay.user,
                                                      "connection": relay.connection})
 
