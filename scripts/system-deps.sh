@@ -3,7 +3,8 @@
 # and client tools (psql, pgbench), and Node.js for the tests' OpenID provider. Does nothing when
 # they are already there; and a C compiler with the Python headers for the relay's C part.
 # `system-deps.sh test` also installs Chromium, for the web console's browser tests, and a Java
-# runtime with the PostgreSQL JDBC driver (Debian's build of pgjdbc), a client the tests drive;
+# runtime with the PostgreSQL JDBC driver (Debian's build of pgjdbc), a client the tests drive, and
+# strace, by which the power-loss test learns what the journal had flushed to disk;
 # `system-deps.sh bench` also installs PgBouncer, the benchmark's reference proxy.
 set -euo pipefail
 want_browser=false
@@ -18,9 +19,10 @@ have_cc() { command -v gcc >/dev/null 2>&1; }
 have_headers() { test -f "$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h"; }
 have_browser() { ! $want_browser || command -v chromium >/dev/null 2>&1; }
 have_java() { ! $want_browser || { command -v java >/dev/null 2>&1 && test -f /usr/share/java/postgresql.jar; }; }
+have_strace() { ! $want_browser || command -v strace >/dev/null 2>&1; }
 have_pgbouncer() { ! $want_pgbouncer || command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer; }
 
-if have_server && have_clients && have_node && have_cc && have_headers && have_browser && have_java && have_pgbouncer && id postgres >/dev/null 2>&1; then
+if have_server && have_clients && have_node && have_cc && have_headers && have_browser && have_java && have_strace && have_pgbouncer && id postgres >/dev/null 2>&1; then
   exit 0
 fi
 
@@ -37,6 +39,7 @@ have_node || packages="$packages nodejs npm"
 have_cc || packages="$packages gcc libc6-dev"
 have_headers || packages="$packages python3-dev"
 have_browser || packages="$packages chromium"
+have_strace || packages="$packages strace"
 have_pgbouncer || packages="$packages pgbouncer"
 if ! have_java; then
   command -v java >/dev/null 2>&1 || packages="$packages default-jre-headless"

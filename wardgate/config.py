@@ -132,6 +132,10 @@ class RecordingSettings:
     sample_rows: int = 5  # rows kept of each result, with results = "sample"
     sample_bytes: int = 64 * 1024  # sampled data kept per session at most
     retention: str = ""  # e.g. 90d: older session content is purged (the audit log keeps that it was); "" keeps all
+    # os: a record is in the operating system's cache before the statement is forwarded (survives a
+    # crash of the gateway); fsync: on disk (survives an OS crash and power loss), at the cost of a
+    # disk flush per statement, shared by the statements of all sessions that wait at once.
+    durability: str = "os"
 
     @property
     def retention_seconds(self) -> float | None:
@@ -435,6 +439,8 @@ def validate(settings: Settings) -> None:
     rec = settings.recording
     if rec.results not in ("off", "summary", "sample"):
         raise ConfigError("[recording] results must be off, summary or sample")
+    if rec.durability not in ("os", "fsync"):
+        raise ConfigError("[recording] durability must be os or fsync")
     if rec.sample_rows < 1 or rec.sample_bytes < 1:
         raise ConfigError("[recording] sample_rows and sample_bytes must be positive")
     try:

@@ -72,8 +72,9 @@ def test_upstream_down_at_connect(own_gateway, own_pg) -> None:
         assert conn.execute("select 1").fetchone() == (1,)
 
 
-def test_kill_9_loses_no_statement_that_ran(tmp_path, own_pg) -> None:
-    gw = make_gateway(tmp_path / "gw", own_pg)
+@pytest.mark.parametrize("durability", ["os", "fsync"])
+def test_kill_9_loses_no_statement_that_ran(tmp_path, own_pg, durability) -> None:  # noqa: ANN001
+    gw = make_gateway(tmp_path / "gw", own_pg, env_extra={"WARDGATE_RECORDING_DURABILITY": durability})
     gw.start()
     conn = psycopg.connect(gw.dsn(gw.credential(), application_name="t_kill9"), autocommit=True)
     conn.execute("create table if not exists kill9 (n int)")

@@ -269,8 +269,8 @@ class ExecRunner:
                        params: list[str | None] | None, verdict: str, decision: Any) -> dict[str, Any]:
         gw = self.gateway
         started = time.time()
-        # The statement is durable before it reaches the database.
-        gw.recorder.write([self._stmt(sid, sql, params, started, verdict, decision, caller, connection)])
+        # The statement is durable before it reaches the database (on disk, with durability = "fsync").
+        await gw.recorder.write_durable([self._stmt(sid, sql, params, started, verdict, decision, caller, connection)])
         masking = gw.gatekeeper.masking_policy(caller, connection)
         try:
             return await self._run_upstream(sid, connection, sql, params, masking, started,

@@ -115,8 +115,17 @@ def _writev_all(fd: int, parts: list[bytes]) -> None:
                 n = 0
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the folder's entries (files created or renamed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Journal:
-    def __init__(self, directory: Path, instance: str | None = None) -> None:
+    def __init__(self, directory: Path, instance: str | None = None, *, sync: bool = False) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.instance = instance or secrets.token_hex(6)
@@ -124,6 +133,12 @@ class Journal:
         self.fd = -1
         self.path: Path | None = None
         self.size = 0
+        # With `sync` (durability = "fsync"), the recorder's syncer flushes what was written to disk:
+        # the files finished since are handed to it (their descriptors, to flush and close), and a new
+        # file's entry in the folder is flushed with the first flush of the file.
+        self.sync = sync
+        self.retired: list[int] = []
+        self.dir_dirty = False
         # Held for the life of the process: an unlockable .lock file means its owner is alive.
         self._lock_fd = os.open(self.dir / f"{self.instance}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
@@ -148,6 +163,7 @@ class Journal:
         fcntl.flock(fd, fcntl.LOCK_EX)
         self.fd, self.path, self.size = fd, path, 0
         self._torn = False
+        self.dir_dirty = True
 
     def write(self, data: bytes) -> None:
         """Append `data` whole, or raise OSError having appended nothing: a write that fails part way (a
@@ -196,6 +212,9 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _writev_all(fd, parts)
+            if self.sync:  # on disk, with its name, before any record that refers to it can be
+                os.fdatasync(fd)
+                fsync_dir(self.dir)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -215,7 +234,10 @@ class Journal:
             os.rename(self.path, self.path.with_suffix(READY_SUFFIX))
         else:
             self.path.unlink(missing_ok=True)
-        os.close(self.fd)
+        if self.sync and self.size:
+            self.retired.append(self.fd)  # flushed (then closed) by the syncer: records in it may wait for that
+        else:
+            os.close(self.fd)
 
     def rotate(self) -> None:
         if self.size == 0:

@@ -24,6 +24,7 @@ from ..config import Settings
 from ..store import Store
 from .anchors import HEAD_FILE, write_head
 from .journal import READY_SUFFIX, Journal, encode, ends_after_restart, read_records, remove
+from .syncer import Syncer
 
 log = logging.getLogger("wardgate.recording")
 
@@ -105,7 +106,8 @@ class Recorder:
     def __init__(self, store: Store, settings: Settings, *, flush_interval: float = 0.2) -> None:
         self.store = store
         self.settings = settings
-        self.journal = Journal(settings.journal_dir)
+        sync = settings.recording.durability == "fsync"
+        self.journal = Journal(settings.journal_dir, sync=sync)
         self.flush_interval = flush_interval
         self._deferred: list[str] = []
         self.failure: str | None = None  # why the journal cannot be written now (readiness says so)
@@ -113,6 +115,10 @@ class Recorder:
         self._timer: asyncio.TimerHandle | None = None
         self._drainer: multiprocessing.process.BaseProcess | None = None
         self._stop: Any = None
+        # durability = "fsync": group commit (syncer.py); `durable()` gives the future a writer waits on
+        # before it forwards what it recorded. None with durability = "os": a write returning is enough.
+        self.syncer = Syncer(self.journal, self._lock) if sync else None
+        self.durable = self.syncer.durable if self.syncer is not None else None
 
     @property
     def instance(self) -> str:
@@ -125,6 +131,12 @@ class Recorder:
     def write(self, records: list[dict[str, Any]]) -> None:
         """Durable on return, with any deferred outcomes before them. Raises OSError: callers fail closed."""
         self.write_lines([encode(records)])
+
+    async def write_durable(self, records: list[dict[str, Any]]) -> None:
+        """`write`, then with durability = "fsync" wait until the records are on disk."""
+        self.write(records)
+        if self.durable is not None:
+            await self.durable()
 
     def write_lines(self, lines: list[str]) -> None:
         """`write` for records the relay encoded itself (one JSON object a line). Any thread may write."""
@@ -269,6 +281,8 @@ class Recorder:
                 log.error("%d records could not be written to the recording journal; the next start ends the "
                           "sessions they described", len(self._deferred))
             self.journal.close(keep_lock=bool(self._deferred))
+        if self.syncer is not None:
+            await asyncio.to_thread(self.syncer.stop)  # the last records, and the files finished, on disk
         if self._drainer is not None:
             try:
                 self._stop.send_bytes(b"stop")

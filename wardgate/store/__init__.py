@@ -141,7 +141,7 @@ def _event_row(r: dict[str, Any]) -> dict[str, Any]:
             "agent": r.get("agent"), "source": r.get("source"), "client_addr": r.get("addr"), "detail": r.get("detail")}
 
 
-def _engine(url: str) -> sa.Engine:
+def _engine(url: str, *, sync: bool = False) -> sa.Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -152,9 +152,11 @@ def _engine(url: str) -> sa.Engine:
         def _pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
             # WAL keeps readers and the gateway's writer apart; a write that returned survives a
-            # crash of the process (it is in the OS's cache), which is what recording relies on.
+            # crash of the process (it is in the OS's cache), which is what recording relies on. With
+            # durability = "fsync", a commit is on disk too: the recorder removes journal files once
+            # applied, so the store must keep what they held through a power loss.
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
             cur.close()
 
         return engine
@@ -171,7 +173,7 @@ def _masked_key(connection: str) -> str:
 class Store:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = _engine(settings.store_url)
+        self.engine = _engine(settings.store_url, sync=settings.recording.durability == "fsync")
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self.box = SecretBox.from_settings(settings.secret_key, settings.data_dir / "secret.key")
         self._insert = (sqlite.insert if self.engine.dialect.name == "sqlite" else postgresql.insert)

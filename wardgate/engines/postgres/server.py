@@ -348,7 +348,7 @@ class PostgresListener:
         relay = Relay(
             session_id=record["sid"], connection=conn_name, client=client, upstream=up.protocol,
             record=self.recorder.write_lines, defer=self.recorder.defer, on_end=self._ended,
-            record_parts=self.recorder.write_parts,
+            record_parts=self.recorder.write_parts, durable=self.recorder.durable,
             on_abandon=self._abandoned, max_message=self.settings.gateway.max_message_size,
             policy=policy,
             masking=masking, on_ddl=self.gatekeeper.shared_catalog(conn_name).changed,

@@ -200,6 +200,7 @@ class Relay:
         offload: Offload | None = None,
         budget: Budget[Relay] | None = None,
         record_parts: Callable[[list[bytes]], None] | None = None,
+        durable: Callable[[], asyncio.Future[None]] | None = None,
     ) -> None:
         self.user, self.agent = user, agent
         # For statements a rule holds for review: None to run it (approved), else the refusal naming the review.
@@ -237,6 +238,9 @@ class Relay:
         self._json: tuple[str, list[bytes]] | None = None  # the last long statement, its text as JSON in parts
         self._parts = False  # records being written hold a long statement's parts
         self._record_parts = record_parts
+        # durability = "fsync": what a read recorded is on disk before the read is forwarded (syncer.py).
+        self._durable = durable
+        self._unsynced = False  # records written that the next forward must wait on
         self._classifying: asyncio.Future[None] | None = None
         self._budget = budget  # the gateway-wide cap on bytes held for inspection (budget.py)
         self._waiting = 0  # bytes of a read waiting for a worker
@@ -377,9 +381,31 @@ class Relay:
             self._client_failed(exc)
             return
         if fwd:
+            if self._unsynced and self._durable is not None:
+                self._forward_when_durable(fwd, rest)
+                return
             self._upstream_out.send(fwd)
         if rest and not self.ended:
             self._client_read(rest)
+
+    def _forward_when_durable(self, fwd: bytes, rest: bytes | None) -> None:
+        """Forward `fwd` once its records are on disk; until then the client's further bytes wait."""
+        self._unsynced = False
+        self._held = [rest] if rest else []
+        self._set_client_reading()
+        self._durable().add_done_callback(lambda fut: self._durable_done(fut, fwd))  # type: ignore[misc]
+
+    def _durable_done(self, fut: asyncio.Future[None], fwd: bytes) -> None:
+        if self.ended:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            self._client_failed(fut.exception() or OSError("the journal's flush was cancelled"))
+            return
+        self._upstream_out.send(fwd)
+        held, self._held = self._held or [], None
+        self._set_client_reading()
+        if held:
+            self.from_client(b"".join(held))
 
     def _statements(self, fwd: bytes, msgs: list, records_out: list | None = None) -> bytes:
         """Decide and record the client's messages `msgs` framed from `fwd`; what to forward upstream. With
@@ -551,6 +577,9 @@ class Relay:
                 # Written in a thread (the journal's writev lets go of the interpreter): a long statement's
                 # record is as long as it is. Still before the statement is forwarded.
                 await asyncio.to_thread(self._write, records)
+                if self._durable is not None:
+                    self._unsynced = False
+                    await self._durable()
         except Exception as exc:  # each kind ends the session as it should (_client_failed)
             self._client_failed(exc)
             return
@@ -582,6 +611,7 @@ class Relay:
 
     def _write(self, records: list) -> None:
         """Write records to the journal: lines, and the parts of long statements' records among them."""
+        self._unsynced = True
         if not self._parts:
             self._record(records)
             return
