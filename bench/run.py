@@ -135,7 +135,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="wardgate-bench-"))
     work.chmod(0o711)  # the server may run as the postgres user
     pg = LocalPostgres(work / "pg")
-    gw_proc = relay_proc = None
+    gw_proc = relay_proc = fsync_proc = None
     bouncer_pid: Path | None = None
     replica_procs: list[subprocess.Popen] = []
     try:
@@ -167,6 +167,21 @@ def main() -> int:
                            check=True, capture_output=True, text=True, env=env).stdout
         )
         gw_proc = start_gateway(cli, env, http_port, work / "gateway.log")
+        # The same gateway with [recording] durability = "fsync": each statement's record on disk before it runs.
+        fsync_port, fsync_http = free_port(), free_port()
+        fsync_config = work / "wardgate-fsync.toml"
+        fsync_config.write_text(config.read_text().replace(str(work / "gw"), str(work / "gw-fsync"))
+                                .replace(f"127.0.0.1:{port}", f"127.0.0.1:{fsync_port}")
+                                .replace(f"127.0.0.1:{http_port}", f"127.0.0.1:{fsync_http}")
+                                + '[recording]\ndurability = "fsync"\n')
+        fsync_cli = [sys.executable, "-m", "wardgate.cli", "--config", str(fsync_config)]
+        subprocess.run([*fsync_cli, "users", "add", "bench", "--group", "bench"], check=True, capture_output=True, env=env)
+        fsync_cred = json.loads(
+            subprocess.run([*fsync_cli, "credentials", "issue", "-u", "bench", "-C", "bench", "--ttl", "2h", "--json"],
+                           check=True, capture_output=True, text=True, env=env).stdout
+        )
+        fsync_proc = start_gateway(fsync_cli, env, fsync_http, work / "gateway-fsync.log")
+        gateway_fsync = f"postgresql://bench:{fsync_cred['credential']}@127.0.0.1:{fsync_port}/bench?sslmode=disable"
         relay_port = free_port()
         relay_proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "relay.py"), str(relay_port), str(pg.port)])
         relay = pg.dsn("bench", password, "bench", sslmode="disable").replace(f":{pg.port}/", f":{relay_port}/")
@@ -194,6 +209,11 @@ def main() -> int:
             ("pgbench -S simple, 8 clients, TLS to gateway", ["-S", "-M", "simple", "-c", "8", "-j", "2"], gateway_tls),
             ("1,000-row fetch, 4 clients", ["-f", str(fetch), "-c", "4", "-j", "2"], gateway),
             ("pgbench -S simple, 1 client", ["-S", "-M", "simple", "-c", "1"], gateway),
+            ("durability os: pgbench tpcb-like (writes), 8 clients", ["-M", "simple", "-c", "8", "-j", "2"], gateway),
+            ("durability fsync: pgbench tpcb-like (writes), 8 clients", ["-M", "simple", "-c", "8", "-j", "2"],
+             gateway_fsync),
+            ("durability fsync: pgbench -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], gateway_fsync),
+            ("durability fsync: pgbench -S simple, 1 client", ["-S", "-M", "simple", "-c", "1"], gateway_fsync),
             ("policy on: pgbench -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], policy),
             ("policy on: 1,000-row fetch, 2 masked columns, 4 clients", ["-f", str(fetch), "-c", "4", "-j", "2"], policy),
             ("reference: bare Python byte relay, -S simple, 8 clients", ["-S", "-M", "simple", "-c", "8", "-j", "2"], relay),
@@ -225,13 +245,15 @@ def main() -> int:
             "Added latency is the difference of pgbench's average latency; at one client it is the cost per query.\n"
             "The reference rows relay bytes without parsing or recording anything: a bare Python relay (the ceiling\n"
             "for a Python proxy here) and PgBouncer (what a production proxy in C costs here; absent when not installed).\n"
-            "The replica rows run two pgbench processes at once; on one machine the replicas share its cores."
+            "The replica rows run two pgbench processes at once; on one machine the replicas share its cores.\n"
+            "The durability rows compare \\[recording] durability: os (the default; a record is in the OS's cache before\n"
+            "its statement runs) and fsync (on disk first; sessions waiting at once share each flush)."
         )
         return 0
     finally:
         if bouncer_pid is not None and bouncer_pid.exists():
             os.kill(int(bouncer_pid.read_text()), signal.SIGTERM)
-        for proc in (gw_proc, relay_proc, *replica_procs):
+        for proc in (gw_proc, fsync_proc, relay_proc, *replica_procs):
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)

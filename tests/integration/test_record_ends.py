@@ -190,3 +190,30 @@ def test_a_gateway_stopped_with_the_journal_full_ends_its_sessions_at_the_next_s
         assert json.loads(gw.cli("audit", "verify", "--json").stdout)["ok"]
     finally:
         gw.stop()
+
+
+def _luhn(prefix: str) -> str:
+    """`prefix` with the check digit that makes it pass Luhn."""
+    from wardgate.masking.detectors import luhn_ok
+
+    return next(prefix + d for d in "0123456789" if luhn_ok(prefix + d))
+
+
+def test_the_record_masks_bound_values_by_their_type(tmp_path, pg) -> None:  # noqa: ANN001
+    """Detectors read text-like bound values; one the Parse typed as an integer is an id, recorded as it
+    is, even when its 19 digits pass Luhn as a card number's would."""
+    gw = make_gateway(tmp_path / "gw", pg, tail_toml='[[masking]]\nname = "cards"\ndetectors = ["card"]\n'
+                      'connections = ["shop"]\n')
+    gw.start()
+    try:
+        number = _luhn("411111111111111111")
+        assert len(number) == 19 and int(number) < 2**63
+        with psycopg.connect(gw.dsn(gw.credential(), application_name="typed-params")) as conn:
+            # In text format (%t), psycopg declares an int as int8 and a str as text in its Parse.
+            conn.execute("select %t, %t::text", [int(number), number]).fetchone()
+        s = gw.wait_for_session(lambda s: s["application_name"] == "typed-params" and s["status"] == "closed")
+        (stmt,) = [st for st in gw.cli_json("sessions", "show", s["id"])["statements"] if st["params"]]
+        assert stmt["params"][0] == number, stmt  # an integer: not a card number
+        assert stmt["params"][1] == "[card]", stmt  # text: the detector masks it
+    finally:
+        gw.stop()

@@ -69,6 +69,9 @@ def _splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+# Types whose values no detector reads (the server parses them as what they are): bool, int8, int2,
+# int4, oid, float4, float8, money, date, time, timestamp, timestamptz, interval, timetz, numeric, uuid.
+NOT_TEXT_OIDS = frozenset((16, 20, 21, 23, 26, 700, 701, 790, 1082, 1083, 1114, 1184, 1186, 1266, 1700, 2950))
 PARAM_SCAN_BUDGET = 32 * 1024  # characters of one Bind's values searched for the record (_masked_params)
 
 
@@ -468,7 +471,8 @@ class Relay:
                     self._starts[started.seq] = time.perf_counter_ns()
                     verdict = started.verdict
                     if started.params:
-                        verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(started.params)]) + "]"
+                        verdict += ',"p":[' + ",".join([_jstr(v) for v in self._masked_params(
+                            started.params, started.param_types)]) + "]"
                     self._stmt_record(records, started.seq, started.kind, started.param_count, started.text, verdict)
                     if mtype == _EXECUTE:
                         expected = self._portal_expect.get(codec.read_cstr(body, 0)[0])
@@ -732,18 +736,22 @@ class Relay:
         self._verdict = ',"d":"deny","r":' + _json([Match("gateway:encoding", "deny", reason, "", False).public()])
         return f"denied by rule gateway:encoding: {reason}"
 
-    def _masked_params(self, values: list[str | None]) -> list[str | None]:
+    def _masked_params(self, values: list[str | None], types: tuple[int, ...] = ()) -> list[str | None]:
         """Bound values for the record: content detectors apply, as they would to results, to the first
-        PARAM_SCAN_BUDGET characters of them; the values after are recorded as [unscanned]. One Bind
-        can carry tens of thousands of values, and searching them all would hold the event loop."""
+        PARAM_SCAN_BUDGET characters of the text-like ones; the values after are recorded as [unscanned].
+        One Bind can carry tens of thousands of values, and searching them all would hold the event loop.
+        A value the Parse typed as a number, time, boolean or uuid is recorded as it is: an id of 19
+        digits is not a card number because it passes Luhn. Untyped values (OID 0) are text-like."""
         masking = self.masking
         if masking is None:
             return values
         budget = PARAM_SCAN_BUDGET
         out: list[str | None] = []
-        for v in values:
+        for i, v in enumerate(values):
             if v is None:
                 out.append(None)
+            elif i < len(types) and types[i] in NOT_TEXT_OIDS:
+                out.append(v)
             elif len(v) <= budget:
                 budget -= len(v)
                 out.append(masking.mask_text(v))

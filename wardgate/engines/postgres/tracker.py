@@ -37,6 +37,7 @@ class Started:
     kind: str  # "simple", "extended" or "function"
     verdict: str = ""  # the decision fields of its record (see session._verdict); "" when no rule matched
     params: list[str | None] | None = None  # an Execute's bound values (text; binary ones described)
+    param_types: tuple[int, ...] = ()  # their type OIDs as the Parse declared them (0, or absent: unspecified)
 
 
 @dataclass(slots=True)
@@ -70,8 +71,9 @@ class StatementTracker:
 
     def __init__(self, track_describe: bool = False) -> None:
         self._seq = 0
-        self._statements: dict[bytes, tuple[str, int, str]] = {}  # name -> (text, parameters, verdict)
-        self._portals: dict[bytes, tuple[str, list[str | None], str]] = {}  # name -> (text, values, verdict)
+        self._statements: dict[bytes, tuple[str, tuple[int, ...], str]] = {}  # name -> (text, parameter types, verdict)
+        # name -> (text, values, verdict, parameter types)
+        self._portals: dict[bytes, tuple[str, list[str | None], str, tuple[int, ...]]] = {}
         self._pending: deque[_Pending] = deque()
         # Follow Describe answers too (needed to know which result a RowDescription describes).
         self.track_describe = track_describe
@@ -111,14 +113,15 @@ class StatementTracker:
                     pos += length
             except (struct.error, IndexError):
                 pass  # upstream will reject the malformed Bind; the statement is still recorded
-            text, _, verdict = self._statements.get(stmt, ("<unknown prepared statement>", 0, ""))
-            self._portals[portal] = (text, values, verdict)
+            text, types, verdict = self._statements.get(stmt, ("<unknown prepared statement>", (), ""))
+            self._portals[portal] = (text, values, verdict, types)
             return None
         if mtype == E:
             portal, _ = read_cstr(body, 0)
-            text, values, verdict = self._portals.get(portal, ("<unknown portal>", [], ""))
+            text, values, verdict, types = self._portals.get(portal, ("<unknown portal>", [], "", ()))
             started = self._start(E, text, len(values), "extended", verdict)
             started.params = values
+            started.param_types = types
             return started
         if mtype == S:
             self._pending.append(_Pending(-1, S))
@@ -141,7 +144,10 @@ class StatementTracker:
     def parsed(self, name: bytes, text: str, body: bytes, pos: int, verdict: str = "") -> None:
         """A Parse whose name and text the caller has read already; `pos` is where its parameter types start."""
         nparams = _I16.unpack_from(body, pos)[0] if len(body) >= pos + 2 else 0
-        self._statements[name] = (text, nparams, verdict)
+        types: tuple[int, ...] = ()
+        if 0 < nparams and len(body) >= pos + 2 + 4 * nparams:
+            types = struct.unpack_from(f"!{nparams}I", body, pos + 2)
+        self._statements[name] = (text, types, verdict)
 
     def last(self) -> _Pending | None:
         return self._pending[-1] if self._pending else None
