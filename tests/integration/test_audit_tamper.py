@@ -189,6 +189,14 @@ def test_an_added_statement_is_named(recorded, tmp_path) -> None:
     assert f"statement 50 of session {sid} is not in the audit chain" in v["problem"]
 
 
+def test_a_session_added_with_an_old_date_is_named(recorded, tmp_path) -> None:
+    """Rows from before the store sealed rows are not findings; the chain lists which sessions those
+    are, so a session added with an old date is not one of them."""
+    v = tamper(recorded, tmp_path, "INSERT INTO sessions (id, user_name, connection, client_addr, started_at, status, tls) "
+                                   "VALUES ('feedfacefeedfacefeedfacefeedface', 'alice', 'shop', '10.0.0.1:1', 1, 'active', 0)")
+    assert "session feedfacefeedfacefeedfacefeedface is not in the audit chain" in v["problem"], v
+
+
 def test_a_session_reopened_or_marked_purged_is_named(recorded, tmp_path) -> None:
     sid, _ = _find(recorded, "text = 'select 2'")
     v = tamper(recorded, tmp_path, f"UPDATE sessions SET status = 'active', ended_at = NULL WHERE id = '{sid}'")

@@ -88,6 +88,9 @@ def test_kill_9_loses_no_statement_that_ran(tmp_path, own_pg, durability) -> Non
     try:
         s = gw.wait_for_session(lambda s: s["application_name"] == "t_kill9" and s["status"] == "closed")
         assert s["end_reason"] == "gateway restarted"
+        ends = [e for e in gw.cli_json("events", "--kind", "session.end", "--limit", "100")
+                if e["source"] == f"session:{s['id']}"]
+        assert [e["detail"] for e in ends] == ["gateway restarted"]  # the end is in the audit chain too
         recorded = {st["text"] for st in gw.session(s["id"])["statements"]}
         with psycopg.connect(own_pg.dsn("app", APP_PASSWORD, "shop")) as direct:
             ran = [r[0] for r in direct.execute("select n from kill9 order by n")]

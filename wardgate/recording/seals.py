@@ -151,7 +151,7 @@ def _check_row(sid: str, seq: int, row: Mapping[str, Any], its: list[Seal], lega
             named = ", ".join(fields) if fields else "its place (session or number)"
             out.append(Problem(f"{what}: {named} changed after it was recorded (sealed in audit event seq {event_seq})",
                                sid, None if seq == SESSION_ROW else seq, fields, event_seq))
-    if legacy and not its:
+    if legacy:  # recorded before rows were sealed: only what was sealed since is required to match
         return out
     parts = {s[2] for s in its}
     if not parts & set(STARTS):

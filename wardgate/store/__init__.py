@@ -179,6 +179,7 @@ class Store:
         self._insert = (sqlite.insert if self.engine.dialect.name == "sqlite" else postgresql.insert)
         self._config_connections = {c.name: c for c in settings.connections}
         self._signer: audit.Signer | None = None
+        self._sealing = False  # the chain is known to hold a record.seal event (see _legacy)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -838,9 +839,12 @@ class Store:
             seal_event = None
             if sealed:
                 digest = seals.batch_digest(sealed)
+                detail: dict[str, Any] = {"sealed": len(sealed), "sha256": digest}
+                if not self._sealing:
+                    detail.update(self._legacy(conn, sealed))
                 seal_event = {"id": _event_id("seal", digest), "at": time.time(), "kind": seals.KIND, "outcome": "ok",
                               "user_name": None, "agent": None, "source": "recorder", "client_addr": None,
-                              "detail": _dumps({"sealed": len(sealed), "sha256": digest})}
+                              "detail": _dumps(detail)}
                 events.append(seal_event)
             if events:
                 self._append_events(conn, events)
@@ -849,7 +853,19 @@ class Store:
                 conn.exec_driver_sql(
                     f"INSERT INTO seals (event_seq, n, session_id, seq, part, digest, tags) VALUES ({', '.join([ph] * 7)})",
                     [(seal_event["seq"], n, *s) for n, s in enumerate(sealed)])
+        if sealed:
+            self._sealing = True  # committed: the chain has its first seal event now (or had one before)
 
+    def _legacy(self, conn: sa.Connection, sealed: list[tuple[str, int, str, str, str]]) -> dict[str, Any]:
+        """For the chain's first `record.seal` event: the sessions recorded before rows were sealed (a
+        store upgraded from an older version), as their count and the SHA-256 of their ids, so that none
+        can be added among them later. Nothing when the chain has seal events already."""
+        ev, ss = m.Event.__table__, m.Session.__table__
+        if conn.execute(select(ev.c.seq).where(ev.c.kind == seals.KIND).limit(1)).first() is not None:
+            return {}
+        started = {sid for sid, seq, part, _, _ in sealed if seq == seals.SESSION_ROW and part in seals.STARTS}
+        ids = sorted(set(conn.execute(select(ss.c.id)).scalars()) - started)
+        return {"legacy": {"sessions": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}}
     @staticmethod
     def _abort_running(conn: sa.Connection, ends: list[dict[str, Any]]) -> list[tuple[str, int, str, str, str]]:
         """Statements still running when their session ended are `aborted` (with the end's SQLSTATE, if
@@ -1000,11 +1016,27 @@ class Store:
                                           event_seq=event_seq))
         if problems:
             return self._verdict_of(verdict, problems, 0)
-        first_sealed = conn.execute(select(sa.func.min(ev.c.at)).where(ev.c.kind == seals.KIND)).scalar()
         purged, purge_problems = self._purged_sessions(conn)
         problems += purge_problems
-        ids = sorted(set(conn.execute(select(ss.c.id)).scalars()) | set(conn.execute(select(sl.c.session_id).distinct()).scalars())
+        rows = set(conn.execute(select(ss.c.id)).scalars())
+        ids = sorted(rows | set(conn.execute(select(sl.c.session_id).distinct()).scalars())
                      | set(conn.execute(select(st.c.session_id).distinct()).scalars()))
+        # Sessions with no seal of their start are those recorded before rows were sealed, which the
+        # chain's first seal event lists (by count and digest); any other is a finding of its own.
+        opened = set(conn.execute(select(sl.c.session_id).where(sl.c.seq == seals.SESSION_ROW,
+                                                                 sl.c.part.in_(seals.STARTS)).distinct()).scalars())
+        unsealed = sorted(rows - opened)
+        legacy: set[str] = set()
+        if committed:
+            listed = committed[min(committed)].get("legacy", {"sessions": 0, "sha256": hashlib.sha256(b"").hexdigest()})
+            if hashlib.sha256("\n".join(unsealed).encode()).hexdigest() == listed.get("sha256"):
+                legacy = set(unsealed)
+            elif listed.get("sessions"):
+                problems.append(seals.Problem(
+                    f"the sessions recorded before rows were sealed are not the {listed['sessions']} the audit chain "
+                    f"lists ({len(unsealed)} now): one was added to the store or removed", unsealed[0] if unsealed else ""))
+        else:
+            legacy = set(unsealed)  # no row has been sealed yet
         checked = 0
         for i in range(0, len(ids), 200):
             chunk = ids[i:i + 200]
@@ -1018,9 +1050,8 @@ class Store:
                 sealed.setdefault(r[0], []).append(tuple(r[1:]))  # type: ignore[arg-type]
             for sid in chunk:
                 row = sessions.get(sid)
-                legacy = sid not in sealed and row is not None and (first_sealed is None or row["started_at"] < first_sealed)
                 problems += seals.check_session(sid, row, statements.get(sid, {}), sealed.get(sid, []),
-                                                purged=sid in purged, legacy=legacy)
+                                                purged=sid in purged, legacy=sid in legacy)
                 checked += len(statements.get(sid, {}))
         return self._verdict_of(verdict, problems, checked)
 
