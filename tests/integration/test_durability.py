@@ -33,7 +33,10 @@ def _children(pid: int) -> list[int]:
 def _traced(pid: int) -> bool:
     """Every thread of `pid` has a tracer attached."""
     for task in Path(f"/proc/{pid}/task").iterdir():
-        status = (task / "status").read_text()
+        try:
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
         if re.search(r"^TracerPid:\s+0$", status, re.M):
             return False
     return True
