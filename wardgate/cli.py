@@ -1020,14 +1020,14 @@ def audit_verify(
 ) -> None:
     """Check the whole hash chain, every signed checkpoint, and every recorded session and statement
     against the seals the chain commits to; name the first thing changed. Exit 1 if anything is."""
-    from .recording.anchors import read_anchor
+    from .recording.anchors import read_anchors
     from .store.secretbox import SecretError
 
     anchors = []
     for given in anchor:
         path = _anchor_path(given)
         try:
-            anchors.append((given, read_anchor(path)))
+            anchors += [(given, cp) for cp in read_anchors(path)]
         except (OSError, ValueError) as exc:
             fail(f"cannot read the anchor {given}: {exc}", 2)
     try:
@@ -1041,12 +1041,17 @@ def audit_verify(
             err.print(f"[red]audit log cannot be verified[/]: {escape(str(exc))}")
         raise typer.Exit(1) from None
     if json_out:
-        emit_json({**verdict.public(), "anchors": [{"from": given, "seq": cp["seq"]} for given, cp in anchors]})
+        newest: dict[str, int] = {}
+        for given, cp in anchors:
+            newest[given] = max(newest.get(given, 0), int(cp["seq"]))
+        emit_json({**verdict.public(), "anchors": [{"from": given, "seq": seq, "checkpoints": sum(
+            1 for g, _ in anchors if g == given)} for given, seq in newest.items()]})
     elif verdict.ok:
         console.print(f"[green]audit log intact[/]: {verdict.events} events, {verdict.checkpoints} signed checkpoints, "
                       f"head at seq {verdict.head_seq}; {verdict.rows} recorded statements match their seals")
-        for given, cp in anchors:
-            console.print(f"  reaches the signed checkpoint at seq {cp['seq']} kept in {escape(given)}")
+        for given in dict.fromkeys(g for g, _ in anchors):
+            kept = [int(cp["seq"]) for g, cp in anchors if g == given]
+            console.print(f"  holds all {len(kept)} signed checkpoint(s) kept in {escape(given)} (up to seq {max(kept)})")
     else:
         where = f" at seq {verdict.seq}" + (f" (event {verdict.event_id})" if verdict.event_id else "") if verdict.seq else ""
         err.print(f"[red]audit log broken{where}[/]: {escape(verdict.problem or '')}")

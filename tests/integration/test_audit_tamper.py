@@ -214,15 +214,23 @@ def test_edited_seals_are_named(recorded, tmp_path) -> None:
 
 
 def _cut_tail(n: int) -> list[str]:
-    """Remove the last `n` events, with every checkpoint, seal and row they covered, and set the head
-    back: what is left is a whole chain."""
-    last = f"(SELECT max(seq) - {n} FROM events)"
+    """Remove the last `n` events or more, back to a signed checkpoint, with every checkpoint, seal and
+    row they covered, and set the head back: what is left is a whole, signed chain."""
+    last = f"(SELECT max(seq) FROM audit_checkpoints WHERE seq <= (SELECT max(seq) - {n} FROM events))"
     return [
         f"DELETE FROM seals WHERE event_seq > {last}",
         f"DELETE FROM audit_checkpoints WHERE seq > {last}",
         "DELETE FROM statements WHERE NOT EXISTS (SELECT 1 FROM seals WHERE seals.session_id = statements.session_id "
         "AND seals.seq = statements.seq)",
         "DELETE FROM sessions WHERE NOT EXISTS (SELECT 1 FROM seals WHERE seals.session_id = sessions.id AND seals.seq = 0)",
+        # What the cut left of a session or statement whose end it removed goes back to how it was then.
+        "UPDATE sessions SET status = 'active', ended_at = NULL, end_reason = NULL, error_code = NULL, masked = NULL "
+        "WHERE NOT EXISTS (SELECT 1 FROM seals WHERE seals.session_id = sessions.id AND seals.part IN "
+        "('end', 'session+end'))",
+        "UPDATE statements SET status = 'running', duration_ms = NULL, rows = NULL, command_tag = NULL, "
+        "error_code = NULL, error_message = NULL, result = NULL WHERE NOT EXISTS (SELECT 1 FROM seals WHERE "
+        "seals.session_id = statements.session_id AND seals.seq = statements.seq AND seals.part IN "
+        "('outcome', 'statement+outcome'))",
         f"DELETE FROM events WHERE seq > {last}",
         "UPDATE audit_head SET seq = (SELECT max(seq) FROM events), "
         "hash = (SELECT hash FROM events WHERE seq = (SELECT max(seq) FROM events))",
@@ -235,13 +243,6 @@ def test_a_tail_cut_with_its_checkpoints_is_named_by_each_anchor(recorded, tmp_p
     with sqlite3.connect(base / "data" / "wardgate.db") as db:
         for statement in _cut_tail(4):
             db.execute(statement)
-        # Whatever the cut left of a session the remaining rows still account for; tidy those too.
-        db.execute("UPDATE sessions SET status = 'active', ended_at = NULL, end_reason = NULL WHERE NOT EXISTS "
-                   "(SELECT 1 FROM seals WHERE seals.session_id = sessions.id AND seals.part IN ('end', 'session+end'))")
-        db.execute("UPDATE statements SET status = 'running', duration_ms = NULL, rows = NULL, command_tag = NULL, "
-                   "error_code = NULL, error_message = NULL, result = NULL WHERE NOT EXISTS (SELECT 1 FROM seals WHERE "
-                   "seals.session_id = statements.session_id AND seals.seq = statements.seq AND seals.part IN "
-                   "('outcome', 'statement+outcome'))")
     # Without an anchor, the store alone cannot tell: this is what the anchors are for.
     alone = verify(recorded, base)
     assert alone.returncode == 0, alone.stdout + alone.stderr
@@ -260,3 +261,78 @@ def test_an_anchor_that_was_edited_is_refused(recorded, tmp_path) -> None:
     assert out.returncode == 1 and "not signed with this gateway's audit key" in json.loads(out.stdout)["problem"]
     missing = verify(recorded, recorded.dir, "--anchor", str(tmp_path / "nothing.json"))
     assert missing.returncode == 2 and "cannot read the anchor" in missing.stderr
+
+
+def _rechain(db: sqlite3.Connection, start: int) -> None:
+    """Link the events from `start` on again, as an attacker who knows the (keyless) hash would."""
+    from wardgate.recording import audit
+
+    cols = (*audit.FIELDS, "seq", "prev_hash", "hash")
+    prev = db.execute("SELECT hash FROM events WHERE seq = ?", (start - 1,)).fetchone()[0] if start > 1 else audit.GENESIS
+    for row in db.execute(f"SELECT {', '.join(cols)} FROM events WHERE seq >= ? ORDER BY seq", (start,)).fetchall():
+        e = dict(zip(cols, row, strict=True))
+        h = audit.link(prev, e)
+        db.execute("UPDATE events SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, h, e["seq"]))
+        prev = h
+    db.execute("DELETE FROM audit_checkpoints WHERE seq >= ?", (start,))
+    db.execute("UPDATE audit_head SET seq = (SELECT max(seq) FROM events), hash = ?", (prev,))
+
+
+def test_a_statement_rewritten_with_its_seals_and_chain_recomputed_is_found(recorded, tmp_path) -> None:
+    """Seals and links need no key: rewriting a row, its seal, its batch's digest and every link after it
+    leaves a head that no checkpoint signs, and only the key can sign one."""
+    from wardgate.recording import seals
+
+    base = tmp_path / "rw"
+    shutil.copytree(recorded.dir, base, ignore=shutil.ignore_patterns("*.sock"))
+    sid, seq = _find(recorded, "text = 'select 2'")
+    with sqlite3.connect(base / "data" / "wardgate.db") as db:
+        db.row_factory = sqlite3.Row
+        db.execute("UPDATE statements SET text = 'select 3' WHERE session_id = ? AND seq = ?", (sid, seq))
+        row = dict(db.execute("SELECT * FROM statements WHERE session_id = ? AND seq = ?", (sid, seq)).fetchone())
+        for r in row:
+            if r in ("rules", "params", "result") and row[r] is not None:
+                row[r] = json.loads(row[r])
+        event_seq, n, part = db.execute("SELECT event_seq, n, part FROM seals WHERE session_id = ? AND seq = ? "
+                                        "AND part LIKE 'statement%'", (sid, seq)).fetchone()
+        digest, tags = seals.seal(sid, seq, part, row)
+        db.execute("UPDATE seals SET digest = ?, tags = ? WHERE event_seq = ? AND n = ?", (digest, tags, event_seq, n))
+        batch = [tuple(r) for r in db.execute("SELECT session_id, seq, part, digest, tags FROM seals WHERE event_seq = ? "
+                                              "ORDER BY n", (event_seq,))]
+        detail = json.loads(db.execute("SELECT detail FROM events WHERE seq = ?", (event_seq,)).fetchone()[0])
+        detail["sha256"] = seals.batch_digest(batch)
+        db.execute("UPDATE events SET detail = ? WHERE seq = ?", (json.dumps(detail, separators=(",", ":")), event_seq))
+        db.row_factory = None
+        _rechain(db, event_seq)
+    out = verify(recorded, base)
+    v = json.loads(out.stdout)
+    assert out.returncode == 1 and "not covered by a signed checkpoint" in v["problem"], out.stdout
+
+
+def test_a_cut_tail_the_chain_has_grown_past_is_named_by_the_sinks_copy(recorded, tmp_path) -> None:
+    """After the cut the gateway goes on and signs new heads over the shortened chain: every checkpoint
+    the sink received is checked, not only the newest; and the head file is not overwritten."""
+    from wardgate.config import load
+    from wardgate.recording.anchors import read_anchor
+    from wardgate.recording.recorder import anchor_head
+    from wardgate.store import Actor, Store
+
+    base = tmp_path / "grown"
+    shutil.copytree(recorded.dir, base, ignore=shutil.ignore_patterns("*.sock"))
+    with sqlite3.connect(base / "data" / "wardgate.db") as db:
+        for statement in _cut_tail(4):
+            db.execute(statement)
+    store = Store(load(base / "wardgate.toml", env=recorded.env))
+    head = read_anchor(base / "data" / "journal" / "audit-head.json")
+    with store.engine.begin() as conn:  # the chain grows past the old head again, signed by the gateway
+        for i in range(head["seq"] + 5):
+            store.record_change(conn, Actor.local("cli"), "policy.change", f"change {i}")
+    assert store.audit_head() > head["seq"] and store.audit_verify().ok  # the store alone cannot tell
+    out = verify(recorded, base, "--anchor", "trail")
+    v = json.loads(out.stdout)
+    assert out.returncode == 1 and "differs from the anchor's signed checkpoint" in v["problem"], out.stdout
+    journal = base / "data" / "journal"
+    anchor_head(store, journal)  # the recorder keeps its head file as evidence
+    assert read_anchor(journal / "audit-head.json") == head
+    out = verify(recorded, base, "--anchor", str(journal / "audit-head.json"))
+    assert out.returncode == 1 and "differs from the anchor's signed checkpoint" in json.loads(out.stdout)["problem"]

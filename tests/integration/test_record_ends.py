@@ -210,10 +210,67 @@ def test_the_record_masks_bound_values_by_their_type(tmp_path, pg) -> None:  # n
         assert len(number) == 19 and int(number) < 2**63
         with psycopg.connect(gw.dsn(gw.credential(), application_name="typed-params")) as conn:
             # In text format (%t), psycopg declares an int as int8 and a str as text in its Parse.
-            conn.execute("select %t, %t::text", [int(number), number]).fetchone()
+            # and a long text whose card number straddles where the record cuts a value (1,000 characters)
+            conn.execute("select %t, %t::text, %t::text", [int(number), number, "x" * 988 + " 4111111111111111 z"]).fetchone()
         s = gw.wait_for_session(lambda s: s["application_name"] == "typed-params" and s["status"] == "closed")
         (stmt,) = [st for st in gw.cli_json("sessions", "show", s["id"])["statements"] if st["params"]]
         assert stmt["params"][0] == number, stmt  # an integer: not a card number
         assert stmt["params"][1] == "[card]", stmt  # text: the detector masks it
+        assert stmt["params"][2] == "x" * 988 + " [card] z", stmt  # masked whole, then cut (it is shorter now)
     finally:
         gw.stop()
+
+
+def _parse(name: bytes, sql: str) -> bytes:
+    from wardgate.engines.postgres import codec
+
+    return codec.message(b"P", codec.cstr(name) + codec.cstr(sql.encode()) + b"\x00\x00")
+
+
+def _bind_execute_sync(name: bytes, values: list[bytes]) -> bytes:
+    from wardgate.engines.postgres import codec
+
+    params = b"".join(struct.pack("!i", len(v)) + v for v in values)
+    bind = codec.cstr(b"") + codec.cstr(name) + b"\x00\x00" + struct.pack("!h", len(values)) + params + b"\x00\x00"
+    return codec.message(b"B", bind) + codec.message(b"E", codec.cstr(b"") + b"\x00\x00\x00\x00") + codec.message(b"S", b"")
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_prepared_statement_the_server_refused_to_redefine_keeps_its_text_in_the_record(gw, pg, pipelined) -> None:  # noqa: ANN001
+    """A Parse of a name in use would fail at the server (42P05), which runs the statement defined first;
+    the gateway refuses it itself (it cannot always know, when batches are pipelined, which of the two a
+    later Bind will find). The record says which statement ran, whether the messages are sent one
+    batch at a time or all at once."""
+    from wardgate.engines.postgres import codec
+
+    table = f"redefine_{int(pipelined)}"
+    with psycopg.connect(gw.dsn(gw.credential()), autocommit=True) as conn:
+        conn.execute(f"create table if not exists {table} (id int, v text)")
+        conn.execute(f"create table if not exists {table}_other (id int, v text)")
+        conn.execute(f"truncate {table}; truncate {table}_other")
+        conn.execute(f"insert into {table} values (1, 'a'); insert into {table}_other values (1, 'a')")
+    c = _raw_session(gw, f"redefine-{int(pipelined)}")
+    sync = codec.message(b"S", b"")
+    first = _parse(b"w", f"update {table} set v = $1 where id = $2::int4") + sync
+    second = _parse(b"w", f"update {table}_other set v = $1 where id = $2::int4") + sync
+    run = _bind_execute_sync(b"w", [b"x", b"1"])
+    if pipelined:
+        c.send(first + second + run)
+    else:
+        c.send(first)
+        c.read_until("Z")
+        c.send(second)
+    answers = c.read_until("Z") if not pipelined else c.read_until("Z") + c.read_until("Z")
+    errors = [codec.parse_error_fields(b) for t, b in answers if t == "E"]
+    assert [e["C"] for e in errors] == ["42501"] and "gateway:prepared-name" in errors[0]["M"], errors
+    if not pipelined:
+        c.send(run)
+    assert any(t == "C" and b.startswith(b"UPDATE 1") for t, b in c.read_until("Z"))
+    c.send(b"X\x00\x00\x00\x04")
+    c.close()
+    with psycopg.connect(gw.dsn(gw.credential()), autocommit=True) as conn:
+        assert conn.execute(f"select v from {table}").fetchone() == ("x",)  # the first definition ran
+        assert conn.execute(f"select v from {table}_other").fetchone() == ("a",)
+    s = _ended(gw, f"redefine-{int(pipelined)}")[0]
+    ran = [st for st in gw.cli_json("sessions", "show", s["id"])["statements"] if st["params"] == ["x", "1"]]
+    assert [st["text"] for st in ran] == [f"update {table} set v = $1 where id = $2::int4"], ran

@@ -60,10 +60,11 @@ def _checkpoint_in(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-def read_anchor(path: Path) -> dict[str, Any]:
-    """The newest signed checkpoint in `path`: a head file, a file sink's JSON lines, saved webhook
-    bodies, or syslog lines (the JSON after the header). Raises ValueError if it holds none."""
-    best: dict[str, Any] | None = None
+def read_anchors(path: Path) -> list[dict[str, Any]]:
+    """Every signed checkpoint in `path` (a head file, a file sink's JSON lines, saved webhook bodies,
+    or syslog lines: the JSON after the header), one per seq, oldest first: each is checked, since a
+    store rewritten and then grown would match only the newest. Raises ValueError if it holds none."""
+    found: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
@@ -71,11 +72,17 @@ def read_anchor(path: Path) -> dict[str, Any]:
                 continue
             start = line.find("{")
             try:
-                found = _checkpoint_in(json.loads(line[start:])) if start >= 0 else None
-            except ValueError:
-                found = None
-            if found is not None and (best is None or int(found["seq"]) > int(best["seq"])):
-                best = found
-    if best is None:
+                cp = _checkpoint_in(json.loads(line[start:])) if start >= 0 else None
+                seq = int(cp["seq"]) if cp is not None else None
+            except (ValueError, TypeError):
+                continue
+            if cp is not None and seq is not None:
+                found.setdefault(seq, cp)  # a seq seen twice with two hashes: the first is what was sent first
+    if not found:
         raise ValueError(f"{path} holds no signed audit checkpoint")
-    return best
+    return [found[seq] for seq in sorted(found)]
+
+
+def read_anchor(path: Path) -> dict[str, Any]:
+    """The newest signed checkpoint in `path` (see read_anchors)."""
+    return read_anchors(path)[-1]

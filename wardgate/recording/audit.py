@@ -160,6 +160,13 @@ def verify(events: Iterable[dict[str, Any]], checkpoints: list[dict[str, Any]], 
     if beyond:
         return Verdict(False, n, len(checkpoints), last,
                        f"a signed checkpoint covers seq {max(beyond)}, but the log ends at seq {last}: events were removed")
+    if last and last not in by_seq:
+        # Every append signs the head it makes, in the same transaction: a head without a signature is
+        # one the store was given (events rewritten from some point on, and the checkpoints after it deleted).
+        covered = max((s for s in by_seq if s < last), default=0)
+        return Verdict(False, n, len(checkpoints), last,
+                       f"the log's last event (seq {last}) is not covered by a signed checkpoint (the last one is at seq "
+                       f"{covered}): the events after it were added or rewritten, and checkpoints removed", seq=covered + 1)
     for i, a in enumerate(anchors):
         seq, found = int(a["seq"]), wanted[int(a["seq"])]
         if found != a["hash"]:

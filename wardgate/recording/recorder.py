@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config import Settings
 from ..store import Store
-from .anchors import HEAD_FILE, write_head
+from .anchors import HEAD_FILE, read_anchor, write_head
 from .journal import READY_SUFFIX, Journal, encode, ends_after_restart, read_records, remove
 from .syncer import Syncer
 
@@ -57,11 +57,23 @@ def apply_ready(store: Store, directory: Path) -> int:
 def anchor_head(store: Store, directory: Path, known: int = 0) -> int:
     """Copy the store's newest signed checkpoint to the head file beside the journal, if it is newer
     than `known` (the seq copied last); return the seq the file now holds. Only what the store has
-    committed is copied, whichever process appended it."""
+    committed is copied, whichever process appended it, and only a chain that still holds the head the
+    file has: a store cut back or rewritten under it (the gateway signs whatever head the store has)
+    leaves the file as it was, the evidence `audit verify --anchor` names, and the log says so."""
     cp = store.checkpoint_upto()
     if cp is None or cp["seq"] <= known:
         return known
-    write_head(directory / HEAD_FILE, cp)
+    path = directory / HEAD_FILE
+    try:
+        held = read_anchor(path)
+    except (OSError, ValueError):
+        held = None
+    if held is not None and int(held["seq"]) <= int(cp["seq"]) and store.event_hash(int(held["seq"])) != held["hash"]:
+        log.error("the audit chain in the store no longer holds the signed head kept in %s (seq %s): the store was "
+                  "cut back or rewritten; the file is kept as evidence (see `wardgate audit verify --anchor`)",
+                  path, held["seq"])
+        return int(cp["seq"])  # said again at the next checkpoint; the file stays
+    write_head(path, cp)
     return int(cp["seq"])
 
 

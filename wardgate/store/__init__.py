@@ -1128,6 +1128,12 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(select(m.Event).where(m.Event.seq > seq).order_by(m.Event.seq).limit(limit)))
 
+    def event_hash(self, seq: int) -> str | None:
+        """The chain's hash at `seq`, if the store has that event."""
+        ev = m.Event.__table__
+        with self.engine.connect() as conn:
+            return conn.execute(select(ev.c.hash).where(ev.c.seq == seq)).scalar()
+
     def checkpoint_upto(self, seq: int | None = None) -> dict[str, Any] | None:
         """The newest signed checkpoint (at or before `seq`), as anchors keep it."""
         cp = m.AuditCheckpoint.__table__

@@ -32,7 +32,7 @@ from .budget import Budget
 from .framing import ROWS, Framer
 from .slices import PIECE, Outbox, json_parts, read_statement, sql_of, sql_view, take_pieces
 from .stream import StreamProtocol
-from .tracker import BACKEND_INSPECT, UNSEEN, Finished, Started, StatementTracker
+from .tracker import BACKEND_INSPECT, PARAM_LIMIT, UNSEEN, Finished, Started, StatementTracker
 
 log = logging.getLogger("wardgate.session")
 _DECIDED = STATS.statements  # decision -> count; bumped inline on the hot path
@@ -152,6 +152,7 @@ _FAST_PATH_REFUSED = "function calls over the fast-path protocol are refused by 
 _PLACEHOLDER = re.compile(r"\$[0-9]")
 _PREDICTED: dict[tuple[tuple[frozenset[str] | None, ...], str, str], bool] = {}  # tripwire verdicts, shared
 _NAMES_SQL = frozenset({"prepare", "deallocate", "discard", "declare_cursor", "close_portal"})
+_STATEMENT_NAMES_SQL = frozenset({"prepare", "deallocate", "discard"})  # of those, the ones that name statements
 _MASK_TYPES = frozenset((_ROW_DESCRIPTION, _NO_DATA, _COPY_OUT, _COPY_DATA, _COMMAND_COMPLETE))
 _DESCRIBE = ord("D")
 _ASYNC = frozenset(b"NAS")
@@ -295,7 +296,6 @@ class Relay:
         # name, since an Execute runs what its portal was bound to.
         self._classified: Classification | None = None  # of the statement _decide saw last
         self._expect: dict[int, tuple[frozenset[str] | None, ...]] = {}
-        self._stmt_expect: dict[bytes, frozenset[str] | None] = {}
         self._portal_expect: dict[bytes, frozenset[str] | None] = {}
         self._read_past: list[str] = []  # what the server ran that the gateway did not classify
         # Queries and Syncs sent whose ReadyForQuery has not come back, and Executes sent since the last
@@ -445,15 +445,23 @@ class Relay:
                     else:  # read already: not copied again
                         raw, pos = b"", body.index(0, pos) + 1
                     text, refusal = self._read_sql(raw)
+                    if refusal is None and name and self.tracker.in_use(name):
+                        # The server refuses a name in use (42P05) and keeps the statement it had; one whose
+                        # fate waits on an earlier batch could be either. Refused here, the record always
+                        # knows which statement a Bind runs.
+                        refusal = self._gateway_refusal(
+                            f"prepared statement {name.decode('utf-8', 'replace')!r} already exists (or its Close is "
+                            "not answered yet); close it, and wait for the answer, before preparing the name again",
+                            "gateway:prepared-name")
                     if refusal is None:
                         refusal = self._decide(text, records, extended=True)
                     if refusal is not None:
                         self._refuse(mtype, body, offset, refusal, records, edits, text)
                         continue
-                    self.tracker.parsed(name, text, body, pos, self._take_verdict())
                     c = self._classified
                     # One statement or none (empty: EmptyQueryResponse); more, and the server refuses the Parse
-                    self._stmt_expect[name] = c.expected_tags[0] if c is not None and c.statements == 1 else None
+                    self.tracker.parsed(name, text, body, pos, self._take_verdict(),
+                                        c.expected_tags[0] if c is not None and c.statements == 1 else None)
                     continue
                 if mtype == _FUNCTION_CALL:
                     self._unanswered += 1  # sent on as a Query, answered with ReadyForQuery
@@ -486,10 +494,9 @@ class Relay:
                         self._described = (codec.read_cstr(body, 1)[0], learnt)
                 elif mtype == _BIND:
                     portal, pos = codec.read_cstr(body, 0)
-                    self._portal_expect[portal] = self._stmt_expect.get(codec.read_cstr(body, pos)[0])
-                elif mtype == _CLOSE and len(body) >= 2:
-                    name = codec.read_cstr(body, 1)[0]
-                    (self._stmt_expect if body[0] == ord("S") else self._portal_expect).pop(name, None)
+                    self._portal_expect[portal] = self.tracker.statement(codec.read_cstr(body, pos)[0])[3]
+                elif mtype == _CLOSE and len(body) >= 3 and body[0] == ord("P"):
+                    self._portal_expect.pop(codec.read_cstr(body, 1)[0], None)
             if records:
                 if records_out is None:
                     self._write(records)
@@ -684,7 +691,8 @@ class Relay:
         if c.kinds & _NAMES_SQL:
             # SQL PREPARE, DECLARE and the like name prepared statements and portals in the namespace the
             # protocol's use: what a protocol name was bound to is no longer known.
-            self._stmt_expect.clear()
+            if c.kinds & _STATEMENT_NAMES_SQL:
+                self.tracker.forget_statements()
             self._portal_expect.clear()
 
     def _as_predicted(self, seq: int, fin: Finished) -> bool:
@@ -729,12 +737,12 @@ class Relay:
                     "the gateway refuses what it cannot read exactly as the server does")
             return text, None
 
-    def _gateway_refusal(self, reason: str) -> str:
-        """A refusal of the gateway's own (rule gateway:encoding), recorded like a rule's."""
+    def _gateway_refusal(self, reason: str, rule: str = "gateway:encoding") -> str:
+        """A refusal of the gateway's own (rule gateway:encoding, or `rule`), recorded like a rule's."""
         _DECIDED["deny"] += 1
-        _RULES[("gateway:encoding", "deny")] += 1
-        self._verdict = ',"d":"deny","r":' + _json([Match("gateway:encoding", "deny", reason, "", False).public()])
-        return f"denied by rule gateway:encoding: {reason}"
+        _RULES[(rule, "deny")] += 1
+        self._verdict = ',"d":"deny","r":' + _json([Match(rule, "deny", reason, "", False).public()])
+        return f"denied by rule {rule}: {reason}"
 
     def _masked_params(self, values: list[str | None], types: tuple[int, ...] = ()) -> list[str | None]:
         """Bound values for the record: content detectors apply, as they would to results, to the first
@@ -744,17 +752,17 @@ class Relay:
         digits is not a card number because it passes Luhn. Untyped values (OID 0) are text-like."""
         masking = self.masking
         if masking is None:
-            return values
+            return [v if v is None or len(v) <= PARAM_LIMIT else v[:PARAM_LIMIT] for v in values]
         budget = PARAM_SCAN_BUDGET
         out: list[str | None] = []
         for i, v in enumerate(values):
             if v is None:
                 out.append(None)
             elif i < len(types) and types[i] in NOT_TEXT_OIDS:
-                out.append(v)
+                out.append(v[:PARAM_LIMIT])
             elif len(v) <= budget:
                 budget -= len(v)
-                out.append(masking.mask_text(v))
+                out.append(masking.mask_text(v)[:PARAM_LIMIT])  # cut once masked: no PII is cut in two
             else:
                 budget = 0
                 out.append(UNSCANNED)
@@ -917,8 +925,7 @@ class Relay:
             self._stmt_record(records, seq, "extended", 0, text, verdict)
             records.append(_done_line(sid, seq, "denied", None, None, None, "42501", message))
             # Its name still maps to the real text (and the refusal), for the records of its Executes.
-            self.tracker.parsed(name, text, body, pos, verdict)
-            self._stmt_expect.pop(name, None)
+            self.tracker.parsed(name, text, body, pos, verdict, refused=True)
             replacement = codec.message(b"P", codec.cstr(name) + codec.cstr(marker) + b"\x00\x00")
         else:
             if mtype == _QUERY and text is not None:  # read already: not read again

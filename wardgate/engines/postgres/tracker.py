@@ -19,10 +19,16 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 
 Q, P, B, E, C, S, F, DESCRIBE = (ord(c) for c in "QPBECSFD")
-CMD_COMPLETE, EMPTY, SUSPENDED, ERROR, READY = (ord(c) for c in "CIsEZ")
+CMD_COMPLETE, EMPTY, SUSPENDED, ERROR, READY, PARSE_COMPLETE, CLOSE_COMPLETE = (ord(c) for c in "CIsEZ13")
 FRONTEND_INSPECT = b"QPBECSF"
-BACKEND_INSPECT = b"CIsEZ"
+BACKEND_INSPECT = b"CIsEZ13"
+_UNKNOWN_STATEMENT = ("<unknown prepared statement>", (), "", None)
+_PORTAL: tuple = ("<portal>", (), "", None)  # a portal's Close waiting among the statements' changes
+_REFUSED = ord("p")  # a change: a Parse the gateway refused (the server gets a text that fails, and keeps nothing)
 PARAM_LIMIT = 1000  # characters of a bound value kept in the record
+# Bytes of it read: more than is kept, so that the detectors see whole any value (an email is at most
+# 254 characters) that reaches into what is kept; the record cuts it to PARAM_LIMIT once masked.
+PARAM_READ = PARAM_LIMIT + 256
 _TAGS: dict[bytes, tuple[str, int | None]] = {}  # CommandComplete body -> (tag, rows): sessions repeat a few
 # A statement's masking plan before the server has described its result: rows that arrive while it is
 # still this were never described, and are refused rather than guessed at.
@@ -67,11 +73,19 @@ class _Pending:
 
 
 class StatementTracker:
-    __slots__ = ("_seq", "_statements", "_portals", "_pending", "transaction_status", "track_describe", "codec")
+    __slots__ = ("_seq", "_statements", "_changes", "_portals", "_pending", "transaction_status", "track_describe",
+                 "codec")
 
     def __init__(self, track_describe: bool = False) -> None:
         self._seq = 0
-        self._statements: dict[bytes, tuple[str, tuple[int, ...], str]] = {}  # name -> (text, parameter types, verdict)
+        # name -> (text, parameter types, verdict, expected command tags): the prepared statements the
+        # server holds. A Parse or Close changes them only when the server answers it (ParseComplete,
+        # CloseComplete): one it refuses (a name in use, 42P05) or skips (after an error, up to the
+        # Sync) changes nothing there, so it must change nothing here either. Until answered, the
+        # change waits in `_changes`, which the messages sent after it see (the server will have
+        # made it by the time it reads them, or skipped those too).
+        self._statements: dict[bytes, tuple[str, tuple[int, ...], str, object]] = {}
+        self._changes: deque[tuple[int, bytes, tuple[str, tuple[int, ...], str, object] | None]] = deque()
         # name -> (text, values, verdict, parameter types)
         self._portals: dict[bytes, tuple[str, list[str | None], str, tuple[int, ...]]] = {}
         self._pending: deque[_Pending] = deque()
@@ -109,11 +123,11 @@ class StatementTracker:
                         continue
                     binary = formats[(2 * i + 1) if nformats > 1 else 1] == 1 if nformats else False
                     values.append(f"<binary, {length} bytes>" if binary else
-                                  body[pos:pos + min(length, PARAM_LIMIT)].decode(self.codec, "replace"))
+                                  body[pos:pos + min(length, PARAM_READ)].decode(self.codec, "replace"))
                     pos += length
             except (struct.error, IndexError):
                 pass  # upstream will reject the malformed Bind; the statement is still recorded
-            text, types, verdict = self._statements.get(stmt, ("<unknown prepared statement>", (), ""))
+            text, types, verdict, _ = self.statement(stmt)
             self._portals[portal] = (text, values, verdict, types)
             return None
         if mtype == E:
@@ -125,6 +139,8 @@ class StatementTracker:
             return started
         if mtype == S:
             self._pending.append(_Pending(-1, S))
+            if self._changes:
+                self._changes.append((S, b"", None))  # where the server resumes after an error
             return None
         if mtype == DESCRIBE:
             if self.track_describe and len(body) >= 2:
@@ -134,20 +150,72 @@ class StatementTracker:
             if len(body) < 2:
                 raise ProtocolViolation("Close message is truncated")
             name, _ = read_cstr(body, 1)
-            (self._statements if body[0] == ord("S") else self._portals).pop(name, None)
+            if body[0] == ord("S"):
+                self._changes.append((C, name, None))
+            else:
+                self._portals.pop(name, None)
+                self._changes.append((C, name, _PORTAL))  # its CloseComplete is answered in turn too
             return None
         if mtype == F:
             oid = _U32.unpack_from(body, 0)[0] if len(body) >= 4 else 0
             return self._start(F, f"<function call oid={oid}>", 0, "function")
         return None
 
-    def parsed(self, name: bytes, text: str, body: bytes, pos: int, verdict: str = "") -> None:
-        """A Parse whose name and text the caller has read already; `pos` is where its parameter types start."""
+    def parsed(self, name: bytes, text: str, body: bytes, pos: int, verdict: str = "", expect: object = None,
+               *, refused: bool = False) -> None:
+        """A Parse whose name and text the caller has read already; `pos` is where its parameter types start.
+        `expect`: the command tags its Executes should end with (the relay's tripwire). `refused`: the
+        gateway sends it on as a text that fails, so the name means it only to the rest of its batch
+        (whose Executes the server skips, and the record shows as refused)."""
         nparams = _I16.unpack_from(body, pos)[0] if len(body) >= pos + 2 else 0
         types: tuple[int, ...] = ()
         if 0 < nparams and len(body) >= pos + 2 + 4 * nparams:
             types = struct.unpack_from(f"!{nparams}I", body, pos + 2)
-        self._statements[name] = (text, types, verdict)
+        self._changes.append((_REFUSED if refused else P, name, (text, types, verdict, expect)))
+
+    def statement(self, name: bytes) -> tuple[str, tuple[int, ...], str, object]:
+        """What `name` will be when the server reads a message sent now: the last Parse or Close of it
+        not yet answered, else what the server holds."""
+        later_batch = False
+        for kind, n, entry in reversed(self._changes):
+            if kind == S:
+                later_batch = True
+            elif n == name and entry is not _PORTAL and not (kind == _REFUSED and later_batch):
+                return entry if entry is not None else _UNKNOWN_STATEMENT
+        return self._statements.get(name, _UNKNOWN_STATEMENT)
+
+    def in_use(self, name: bytes) -> bool:
+        """Whether a Parse of `name` sent now could find the name taken: it is defined, or being defined,
+        or its Close waits on an earlier batch (which an error there would skip)."""
+        later_batch = False
+        for kind, n, entry in reversed(self._changes):
+            if kind == S:
+                later_batch = True
+            elif n == name and entry is not _PORTAL and kind != _REFUSED:
+                return entry is not None or later_batch
+        return name in self._statements
+
+    def forget_statements(self) -> None:
+        """SQL PREPARE or DEALLOCATE ran: the names in the protocol's namespace are no longer known."""
+        self._statements.clear()
+
+    def _answered(self, kind: int) -> None:
+        """The server answered the oldest Parse (or Close) waiting: it now holds what that made."""
+        changes = self._changes
+        while changes and changes[0][0] == S:
+            changes.popleft()
+        if changes and changes[0][0] == kind:
+            _, name, entry = changes.popleft()
+            if entry is None:
+                self._statements.pop(name, None)
+            elif entry is not _PORTAL:
+                self._statements[name] = entry
+
+    def _skipped(self) -> None:
+        """An error: the server skips what waits up to the next Sync."""
+        changes = self._changes
+        while changes and changes[0][0] != S:
+            changes.popleft()
 
     def last(self) -> _Pending | None:
         return self._pending[-1] if self._pending else None
@@ -189,6 +257,9 @@ class StatementTracker:
     def backend(self, mtype: int, body: bytes) -> list[Finished]:
         if mtype == READY:
             return self.ready(body)
+        if mtype == PARSE_COMPLETE or mtype == CLOSE_COMPLETE:
+            self._answered(P if mtype == PARSE_COMPLETE else C)
+            return []
         if mtype == CMD_COMPLETE or mtype == EMPTY or mtype == SUSPENDED:
             fin = self.complete(body, mtype)
             return [] if fin is None else [fin]
@@ -230,10 +301,11 @@ class StatementTracker:
         fields = parse_error_fields(body)
         out: list[Finished] = []
         head = self._head()
-        if head is None:
-            return out
-        if head.kind in (Q, F):
+        if head is not None and head.kind in (Q, F):
             head.error = fields
+            return out
+        self._skipped()  # the Parses and Closes of this Sync's batch not yet answered never happen
+        if head is None:
             return out
         # Extended protocol: the error voids every Execute (and Describe) up to the next Sync.
         while pending and pending[0].kind in (E, DESCRIBE):
@@ -270,6 +342,8 @@ class StatementTracker:
                 out.append(self._finish(p))
                 break
             if p.kind == S:
+                if self._changes and self._changes[0][0] == S:
+                    self._changes.popleft()  # the batch this Sync ended is over: what follows is the next
                 break
             if p.kind == E:
                 out.append(Finished(p.seq, "skipped"))
@@ -308,6 +382,7 @@ class StatementTracker:
     def clear(self) -> None:
         """Forget every statement, portal and pending answer (the session has ended)."""
         self._statements.clear()
+        self._changes.clear()
         self._portals.clear()
         self._pending.clear()
 
