@@ -79,7 +79,7 @@ def test_kill_9_loses_no_statement_that_ran(tmp_path, own_pg, durability) -> Non
     conn = psycopg.connect(gw.dsn(gw.credential(), application_name="t_kill9"), autocommit=True)
     conn.execute("create table if not exists kill9 (n int)")
     conn.execute("truncate kill9")
-    for n in range(300):
+    for n in range(150):
         conn.execute(f"insert into kill9 values ({n})")
     gw.proc.send_signal(signal.SIGKILL)
     gw.proc.wait()
@@ -94,7 +94,7 @@ def test_kill_9_loses_no_statement_that_ran(tmp_path, own_pg, durability) -> Non
         recorded = {st["text"] for st in gw.session(s["id"])["statements"]}
         with psycopg.connect(own_pg.dsn("app", APP_PASSWORD, "shop")) as direct:
             ran = [r[0] for r in direct.execute("select n from kill9 order by n")]
-        assert ran == list(range(300))
+        assert ran == list(range(150))
         missing = [n for n in ran if f"insert into kill9 values ({n})" not in recorded]
         assert missing == []
     finally:

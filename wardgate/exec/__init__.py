@@ -380,6 +380,7 @@ class ExecRunner:
                 done["sample"] = sample
         gw.recorder.keep([done])
         self._close_session(sid, "exec finished", masking.totals if masking else None)
+        await gw.recorder.settle()  # durability = "fsync": the outcome is on disk before the caller has it
         return {
             "status": "completed", "session_id": sid, "connection": connection, "columns": result.columns,
             "rows": result.rows, "row_count": result.row_count, "command_tags": result.tags, "duration_ms": round(ms, 3),

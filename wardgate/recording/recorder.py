@@ -144,6 +144,12 @@ class Recorder:
         """Durable on return, with any deferred outcomes before them. Raises OSError: callers fail closed."""
         self.write_lines([encode(records)])
 
+    async def settle(self) -> None:
+        """With durability = "fsync", wait until everything written so far is on disk (before an answer
+        goes out: its outcome is then in the record whatever happens to the machine)."""
+        if self.durable is not None:
+            await self.durable()
+
     async def write_durable(self, records: list[dict[str, Any]]) -> None:
         """`write`, then with durability = "fsync" wait until the records are on disk."""
         self.write(records)

@@ -245,6 +245,8 @@ class Relay:
         # durability = "fsync": what a read recorded is on disk before the read is forwarded (syncer.py).
         self._durable = durable
         self._unsynced = False  # records written that the next forward must wait on
+        self._outcomes_unsynced = False  # and outcomes written that the next answer must wait on
+        self._answer_waits = False  # an answer waits for its outcomes to reach the disk
         self._classifying: asyncio.Future[None] | None = None
         self._budget = budget  # the gateway-wide cap on bytes held for inspection (budget.py)
         self._waiting = 0  # bytes of a read waiting for a worker
@@ -990,9 +992,40 @@ class Relay:
         if self._results:
             names = self._column_names.get(description)
             entry.cols = names if names is not None else self._columns(description)
-        self._defer([self._outcome(tracker.finish_sole(msgs[-2][1], msgs[-1][1]))])
+        self._outcomes([self._outcome(tracker.finish_sole(msgs[-2][1], msgs[-1][1]))])
         self._answered()
         return fwd
+
+    def _outcomes(self, lines: list[str]) -> None:
+        """Record statements' outcomes: deferred (written with the next write, or after OUTCOME_DELAY),
+        or with durability = "fsync" written now, the answer held until they are on disk."""
+        if self._durable is None:
+            self._defer(lines)
+            return
+        self._record(lines)
+        self._outcomes_unsynced = True
+
+    def _answer_when_durable(self, out: list[bytes]) -> None:
+        """durability = "fsync": send the client `out` once the outcomes it answers are on disk; the
+        upstream is not read meanwhile (what it sent waits in the backlog, taken after)."""
+        self._outcomes_unsynced = False
+        self._answer_waits = True
+        if self._upstream_backlog is None:
+            self._upstream_backlog = deque()
+        self._set_upstream_reading()
+        self._durable().add_done_callback(lambda fut: self._answer_durable(fut, out))  # type: ignore[misc]
+
+    def _answer_durable(self, fut: asyncio.Future[None], out: list[bytes]) -> None:
+        self._answer_waits = False
+        if self.ended:
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            log.error("cannot flush the recording journal: %s", fut.exception(), extra={"session_id": self.session_id})
+            self.fail(codec.fatal("58030", "the gateway cannot record this session, so it will not run statements",
+                                  hint="try again later; the gateway's operator has been told"), "recording failed", "58030")
+            return
+        self._client_out.write(out)
+        self._take_upstream_pieces()  # what came meanwhile; then reading goes on
 
     def _outcome(self, fin: Finished) -> str:
         """A finished statement's record, with its duration."""
@@ -1029,12 +1062,17 @@ class Relay:
         backlog = self._upstream_backlog
         if backlog is None or self.ended:
             return
+        if self._answer_waits:
+            return  # taken again once the answers before are on disk (_answer_durable)
         out = self._to_client = []  # what the pieces forward, written once (a write is a system call)
         try:
             done = take_pieces(backlog, self._upstream_read, lambda: self.ended)
         finally:
             self._to_client = None
         if out and not self.ended:
+            if self._outcomes_unsynced:
+                self._answer_when_durable(out)
+                return
             self._client_out.write(out)
         if done:
             self._upstream_backlog = None
@@ -1123,7 +1161,7 @@ class Relay:
                             fin = Finished(fin.seq, "skipped", fin.tag, fin.rows, "42501", refusal[1])
                         records.append(self._outcome(fin))
                 if records:
-                    self._defer(records)
+                    self._outcomes(records)
                 if edits:
                     fwd = _splice(fwd, edits)
                 if self._refusals and not self.tracker.in_flight:
@@ -1151,6 +1189,10 @@ class Relay:
             out = self._to_client
             if out is not None:
                 out.append(fwd)
+            elif self._outcomes_unsynced and self._durable is not None:
+                self._upstream_backlog = deque([[rest, 0]] if rest else [])
+                self._answer_when_durable([fwd])
+                return
             else:
                 self._client_out.send(fwd)
         if rest and not self.ended:
