@@ -998,16 +998,19 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log
 app.add_typer(audit_app, name="audit")
 
 
-def _anchor_path(given: str) -> Path:
-    """An --anchor: a configured file sink by name, else a path."""
+def _anchor_paths(given: str) -> list[Path]:
+    """An --anchor's files: a configured file sink by name (its file and the rotated ones it keeps),
+    else the path given."""
     spec = next((sp for sp in state.settings.audit_sinks if sp.name == given), None)
     if spec is None:
-        return Path(given)
+        return [Path(given)]
     if spec.type != "file":
         fail(f"the {spec.type} sink {given} cannot be read back from here: pass a file of what the receiver kept "
              "(its JSON, one message a line)", 2)
     path = Path(spec.path)
-    return path if path.is_absolute() else state.settings.data_dir / path
+    path = path if path.is_absolute() else state.settings.data_dir / path
+    rotated = [path.with_name(f"{path.name}.{i}") for i in range(spec.backups, 0, -1)]
+    return [p for p in [*rotated, path] if p.exists()] or [path]
 
 
 @audit_app.command("verify")
@@ -1025,11 +1028,17 @@ def audit_verify(
 
     anchors = []
     for given in anchor:
-        path = _anchor_path(given)
-        try:
-            anchors += [(given, cp) for cp in read_anchors(path)]
-        except (OSError, ValueError) as exc:
-            fail(f"cannot read the anchor {given}: {exc}", 2)
+        held = []
+        for path in _anchor_paths(given):
+            try:
+                held += [(given, cp) for cp in read_anchors(path)]
+            except ValueError:
+                continue  # a rotated file may hold no checkpoint
+            except OSError as exc:
+                fail(f"cannot read the anchor {given}: {exc}", 2)
+        if not held:
+            fail(f"cannot read the anchor {given}: it holds no signed audit checkpoint", 2)
+        anchors += held
     try:
         verdict = open_store().audit_verify([cp for _, cp in anchors])
         if verdict.anchor is not None and not verdict.ok:

@@ -197,6 +197,18 @@ def test_a_session_added_with_an_old_date_is_named(recorded, tmp_path) -> None:
     assert "session feedfacefeedfacefeedfacefeedface is not in the audit chain" in v["problem"], v
 
 
+def test_a_statement_under_a_session_that_is_not_there_is_named(recorded, tmp_path) -> None:
+    v = tamper(recorded, tmp_path, "INSERT INTO statements (session_id, seq, kind, text, param_count, started_at, status) "
+                                   "VALUES ('0123456789abcdef0123456789abcdef', 1, 'simple', 'select 42', 0, 1, 'ok')")
+    assert "statement 1 of session 0123456789abcdef0123456789abcdef is not in the audit chain" in v["problem"], v
+
+
+def test_an_event_without_a_place_in_the_chain_is_named(recorded, tmp_path) -> None:
+    v = tamper(recorded, tmp_path, "INSERT INTO events (id, at, kind, outcome, detail) VALUES ('x', 1, 'policy.change', "
+                                   "'ok', 'nothing happened')")
+    assert "an event without a place in the chain" in v["problem"], v
+
+
 def test_a_session_reopened_or_marked_purged_is_named(recorded, tmp_path) -> None:
     sid, _ = _find(recorded, "text = 'select 2'")
     v = tamper(recorded, tmp_path, f"UPDATE sessions SET status = 'active', ended_at = NULL WHERE id = '{sid}'")
@@ -324,10 +336,16 @@ def test_a_cut_tail_the_chain_has_grown_past_is_named_by_the_sinks_copy(recorded
             db.execute(statement)
     store = Store(load(base / "wardgate.toml", env=recorded.env))
     head = read_anchor(base / "data" / "journal" / "audit-head.json")
+    anchor_head(store, base / "data" / "journal")  # a recorder starting on the cut store keeps the file
+    assert read_anchor(base / "data" / "journal" / "audit-head.json") == head
     with store.engine.begin() as conn:  # the chain grows past the old head again, signed by the gateway
         for i in range(head["seq"] + 5):
             store.record_change(conn, Actor.local("cli"), "policy.change", f"change {i}")
     assert store.audit_head() > head["seq"] and store.audit_verify().ok  # the store alone cannot tell
+    # The sink's file rotated since: the checkpoints from before the cut are in the rotated one.
+    trail = base / "data" / "trail" / "events.jsonl"
+    trail.rename(trail.with_name("events.jsonl.1"))
+    trail.write_text("")
     out = verify(recorded, base, "--anchor", "trail")
     v = json.loads(out.stdout)
     assert out.returncode == 1 and "differs from the anchor's signed checkpoint" in v["problem"], out.stdout

@@ -273,3 +273,25 @@ def test_a_prepared_statement_the_server_refused_to_redefine_keeps_its_text_in_t
     s = _ended(gw, f"redefine-{int(pipelined)}")[0]
     ran = [st for st in gw.cli_json("sessions", "show", s["id"])["statements"] if st["params"] == ["x", "1"]]
     assert [st["text"] for st in ran] == [f"update {table} set v = $1 where id = $2::int4"], ran
+
+
+def test_sql_prepare_and_deallocate_by_execute_leave_no_name_to_the_old_statement(gw) -> None:  # noqa: ANN001
+    """DEALLOCATE and PREPARE sent through Parse/Bind/Execute change the server's prepared statements as
+    they do by Query: a Bind of the name afterwards is not recorded as the statement the name had before."""
+    from wardgate.engines.postgres import codec
+
+    c = _raw_session(gw, "renamed-by-execute")
+    sync = codec.message(b"S", b"")
+    c.send(_parse(b"s2", "select 'benign'::text as v") + sync)
+    c.read_until("Z")
+    for sql in ("DEALLOCATE s2", "PREPARE s2 AS select email::text as v from customers limit 3"):
+        c.send(_parse(b"", sql) + _bind_execute_sync(b"", []))
+        c.read_until("Z")
+    c.send(_bind_execute_sync(b"s2", []))
+    answers = c.read_until("Z")
+    assert any(t == "C" and b.startswith(b"SELECT 3") for t, b in answers)
+    c.send(b"X\x00\x00\x00\x04")
+    c.close()
+    s = _ended(gw, "renamed-by-execute")[0]
+    texts = [st["text"] for st in gw.cli_json("sessions", "show", s["id"])["statements"]]
+    assert texts[-1] != "select 'benign'::text as v", texts

@@ -138,6 +138,9 @@ def verify(events: Iterable[dict[str, Any]], checkpoints: list[dict[str, Any]], 
     expected_seq, prev, n = 1, GENESIS, 0
     for e in events:
         n += 1
+        if not isinstance(e["seq"], int):
+            return Verdict(False, n, len(checkpoints), expected_seq - 1, f"an event without a place in the chain "
+                           f"(seq {e['seq']!r}) was added to the store", e["id"], None)
         if e["seq"] != expected_seq:
             missing = "missing" if e["seq"] > expected_seq else "repeated or out of order"
             return Verdict(False, n, len(checkpoints), expected_seq - 1,

@@ -68,7 +68,7 @@ def anchor_head(store: Store, directory: Path, known: int = 0) -> int:
         held = read_anchor(path)
     except (OSError, ValueError):
         held = None
-    if held is not None and int(held["seq"]) <= int(cp["seq"]) and store.event_hash(int(held["seq"])) != held["hash"]:
+    if held is not None and store.event_hash(int(held["seq"])) != held["hash"]:
         log.error("the audit chain in the store no longer holds the signed head kept in %s (seq %s): the store was "
                   "cut back or rewritten; the file is kept as evidence (see `wardgate audit verify --anchor`)",
                   path, held["seq"])

@@ -127,6 +127,9 @@ def check_session(sid: str, session: Mapping[str, Any] | None, statements: Mappi
             first = min(s[0] for s in sealed)
             out.append(Problem(f"session {sid} was deleted from the store (sealed in audit event seq {first})", sid,
                                event_seq=first))
+        else:  # statements under a session the store has no row for, and no seal either: added
+            out += [Problem(f"statement {seq} of session {sid} is not in the audit chain: the row was added to the "
+                            "store (its session is not there either)", sid, seq) for seq in sorted(statements)]
         return out  # its statements are gone with it (or stray, which the deletion already explains)
     out += _check_row(sid, SESSION_ROW, session, mine, legacy, session.get("status") not in (None, "active"),
                       f"session {sid}")

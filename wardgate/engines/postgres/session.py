@@ -462,8 +462,10 @@ class Relay:
                         continue
                     c = self._classified
                     # One statement or none (empty: EmptyQueryResponse); more, and the server refuses the Parse
+                    renames = 0 if c is None or not c.kinds & _NAMES_SQL else 2 if c.kinds & _STATEMENT_NAMES_SQL else 1
                     self.tracker.parsed(name, text, body, pos, self._take_verdict(),
-                                        c.expected_tags[0] if c is not None and c.statements == 1 else None)
+                                        c.expected_tags[0] if c is not None and c.statements == 1 else None,
+                                        renames=renames)
                     continue
                 if mtype == _FUNCTION_CALL:
                     self._unanswered += 1  # sent on as a Query, answered with ReadyForQuery
@@ -488,6 +490,10 @@ class Relay:
                         expected = self._portal_expect.get(codec.read_cstr(body, 0)[0])
                         if expected is not None:
                             self._expect[started.seq] = (expected,)
+                        if started.renames:  # SQL PREPARE, DEALLOCATE, DECLARE and the like, by Execute
+                            if started.renames == 2:
+                                self.tracker.forget_statements()
+                            self._portal_expect.clear()
                         if self.masking is not None:
                             self.tracker.last().plan = described  # type: ignore[union-attr]
                 elif mtype == _DESCRIBE:

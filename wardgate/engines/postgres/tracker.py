@@ -22,8 +22,8 @@ Q, P, B, E, C, S, F, DESCRIBE = (ord(c) for c in "QPBECSFD")
 CMD_COMPLETE, EMPTY, SUSPENDED, ERROR, READY, PARSE_COMPLETE, CLOSE_COMPLETE = (ord(c) for c in "CIsEZ13")
 FRONTEND_INSPECT = b"QPBECSF"
 BACKEND_INSPECT = b"CIsEZ13"
-_UNKNOWN_STATEMENT = ("<unknown prepared statement>", (), "", None)
-_PORTAL: tuple = ("<portal>", (), "", None)  # a portal's Close waiting among the statements' changes
+_UNKNOWN_STATEMENT = ("<unknown prepared statement>", (), "", None, 0)
+_PORTAL: tuple = ("<portal>", (), "", None, 0)  # a portal's Close waiting among the statements' changes
 _REFUSED = ord("p")  # a change: a Parse the gateway refused (the server gets a text that fails, and keeps nothing)
 PARAM_LIMIT = 1000  # characters of a bound value kept in the record
 # Bytes of it read: more than is kept, so that the detectors see whole any value (an email is at most
@@ -44,6 +44,7 @@ class Started:
     verdict: str = ""  # the decision fields of its record (see session._verdict); "" when no rule matched
     params: list[str | None] | None = None  # an Execute's bound values (text; binary ones described)
     param_types: tuple[int, ...] = ()  # their type OIDs as the Parse declared them (0, or absent: unspecified)
+    renames: int = 0  # what running it renames: 1 portals (DECLARE, CLOSE), 2 statements too (PREPARE, DEALLOCATE, DISCARD)
 
 
 @dataclass(slots=True)
@@ -84,10 +85,10 @@ class StatementTracker:
         # Sync) changes nothing there, so it must change nothing here either. Until answered, the
         # change waits in `_changes`, which the messages sent after it see (the server will have
         # made it by the time it reads them, or skipped those too).
-        self._statements: dict[bytes, tuple[str, tuple[int, ...], str, object]] = {}
-        self._changes: deque[tuple[int, bytes, tuple[str, tuple[int, ...], str, object] | None]] = deque()
-        # name -> (text, values, verdict, parameter types)
-        self._portals: dict[bytes, tuple[str, list[str | None], str, tuple[int, ...]]] = {}
+        self._statements: dict[bytes, tuple[str, tuple[int, ...], str, object, int]] = {}
+        self._changes: deque[tuple[int, bytes, tuple[str, tuple[int, ...], str, object, int] | None]] = deque()
+        # name -> (text, values, verdict, parameter types, what running it renames)
+        self._portals: dict[bytes, tuple[str, list[str | None], str, tuple[int, ...], int]] = {}
         self._pending: deque[_Pending] = deque()
         # Follow Describe answers too (needed to know which result a RowDescription describes).
         self.track_describe = track_describe
@@ -127,15 +128,16 @@ class StatementTracker:
                     pos += length
             except (struct.error, IndexError):
                 pass  # upstream will reject the malformed Bind; the statement is still recorded
-            text, types, verdict, _ = self.statement(stmt)
-            self._portals[portal] = (text, values, verdict, types)
+            text, types, verdict, _, renames = self.statement(stmt)
+            self._portals[portal] = (text, values, verdict, types, renames)
             return None
         if mtype == E:
             portal, _ = read_cstr(body, 0)
-            text, values, verdict, types = self._portals.get(portal, ("<unknown portal>", [], "", ()))
+            text, values, verdict, types, renames = self._portals.get(portal, ("<unknown portal>", [], "", (), 0))
             started = self._start(E, text, len(values), "extended", verdict)
             started.params = values
             started.param_types = types
+            started.renames = renames
             return started
         if mtype == S:
             self._pending.append(_Pending(-1, S))
@@ -162,7 +164,7 @@ class StatementTracker:
         return None
 
     def parsed(self, name: bytes, text: str, body: bytes, pos: int, verdict: str = "", expect: object = None,
-               *, refused: bool = False) -> None:
+               *, refused: bool = False, renames: int = 0) -> None:
         """A Parse whose name and text the caller has read already; `pos` is where its parameter types start.
         `expect`: the command tags its Executes should end with (the relay's tripwire). `refused`: the
         gateway sends it on as a text that fails, so the name means it only to the rest of its batch
@@ -171,9 +173,9 @@ class StatementTracker:
         types: tuple[int, ...] = ()
         if 0 < nparams and len(body) >= pos + 2 + 4 * nparams:
             types = struct.unpack_from(f"!{nparams}I", body, pos + 2)
-        self._changes.append((_REFUSED if refused else P, name, (text, types, verdict, expect)))
+        self._changes.append((_REFUSED if refused else P, name, (text, types, verdict, expect, renames)))
 
-    def statement(self, name: bytes) -> tuple[str, tuple[int, ...], str, object]:
+    def statement(self, name: bytes) -> tuple[str, tuple[int, ...], str, object, int]:
         """What `name` will be when the server reads a message sent now: the last Parse or Close of it
         not yet answered, else what the server holds."""
         later_batch = False
@@ -196,8 +198,13 @@ class StatementTracker:
         return name in self._statements
 
     def forget_statements(self) -> None:
-        """SQL PREPARE or DEALLOCATE ran: the names in the protocol's namespace are no longer known."""
+        """SQL PREPARE, DEALLOCATE or DISCARD is to run (by Query or Execute): the names in the protocol's
+        namespace are no longer known, those made by Parses still unanswered included (they run first)."""
         self._statements.clear()
+        changes = self._changes
+        for i, (kind, name, entry) in enumerate(changes):
+            if entry is not None and entry is not _PORTAL and kind != S:
+                changes[i] = (kind, name, _UNKNOWN_STATEMENT)
 
     def _answered(self, kind: int) -> None:
         """The server answered the oldest Parse (or Close) waiting: it now holds what that made."""
