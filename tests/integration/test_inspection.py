@@ -116,9 +116,9 @@ def test_the_session_holding_most_is_ended_past_the_budget(igw, superuser, bysta
     assert superuser.execute("select count(*) from inspection_victim").fetchone() == before
     assert bystander.execute("select 1").fetchone() == (1,)
     # Under the budget, the same statement runs, and is recorded whole (in a journal file of its own).
-    sql = f"select length('{'w' * (8 << 20)}')"
+    sql = f"select length('{'w' * (3 << 20)}')"
     with psycopg.connect(igw.dsn(igw.credential(), application_name="budget-under"), autocommit=True) as conn:
-        assert _simple(conn, sql).get_value(0, 0) == str(8 << 20).encode()
+        assert _simple(conn, sql).get_value(0, 0) == str(3 << 20).encode()
     # Its session's end reaches the store some seconds later (the recorder is slow with long texts).
     session = igw.wait_for_session(lambda s: s["application_name"] == "budget-under" and s["status"] != "active",
                                    timeout=90)

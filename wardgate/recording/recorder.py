@@ -54,7 +54,7 @@ def apply_ready(store: Store, directory: Path) -> int:
     return n
 
 
-def anchor_head(store: Store, directory: Path, known: int = 0) -> int:
+def anchor_head(store: Store, directory: Path, known: int = 0, *, sync: bool = True) -> int:
     """Copy the store's newest signed checkpoint to the head file beside the journal, if it is newer
     than `known` (the seq copied last); return the seq the file now holds. Only what the store has
     committed is copied, whichever process appended it, and only a chain that still holds the head the
@@ -73,7 +73,7 @@ def anchor_head(store: Store, directory: Path, known: int = 0) -> int:
                   "cut back or rewritten; the file is kept as evidence (see `wardgate audit verify --anchor`)",
                   path, held["seq"])
         return int(cp["seq"])  # said again at the next checkpoint; the file stays
-    write_head(path, cp)
+    write_head(path, cp, sync=sync)
     return int(cp["seq"])
 
 
@@ -102,7 +102,8 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
         stopping = stop.poll(0) or os.getppid() != parent_pid
         try:
             apply_ready(store, directory)
-            anchored = anchor_head(store, directory, anchored)
+            # On disk at once with durability = "fsync"; else as the journal is (the OS writes it back).
+            anchored = anchor_head(store, directory, anchored, sync=settings.recording.durability == "fsync")
             failures = 0
         except Exception:  # noqa: BLE001 - the store may be down; the files stay for the next try
             failures += 1
