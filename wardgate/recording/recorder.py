@@ -280,6 +280,9 @@ class Recorder:
         self._write_deferred()
         with self._lock:
             self.journal.rotate()
+            finished = bool(self.journal.retired)
+        if finished and self.syncer is not None:
+            self.syncer.nudge()  # the file finished is flushed and closed even if no statement waits on it
 
     async def run(self) -> None:
         while True:

@@ -51,6 +51,12 @@ class Syncer:
             self._cond.notify()
         return fut
 
+    def nudge(self) -> None:
+        """Flush soon though nobody waits (files finished since are flushed and closed, not kept open)."""
+        with self._cond:
+            self._waiting.append(None)  # type: ignore[arg-type]
+            self._cond.notify()
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -62,7 +68,8 @@ class Syncer:
             error = self.flush()
             by_loop: dict[Any, list[asyncio.Future[None]]] = {}
             for fut in batch:
-                by_loop.setdefault(fut.get_loop(), []).append(fut)
+                if fut is not None:  # None: a nudge
+                    by_loop.setdefault(fut.get_loop(), []).append(fut)
             for loop, futures in by_loop.items():
                 try:
                     loop.call_soon_threadsafe(_settle, futures, error)
