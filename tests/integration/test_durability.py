@@ -68,12 +68,12 @@ def _traffic(gw, table: str) -> list[int]:  # noqa: ANN001
 class _Disk:
     """What the traced process had put on disk: per journal file, the length an fdatasync covered (what
     was written before the call began), and whether its entry in the folder was flushed after it was
-    created. Calls of different threads interleave in strace's log as `<unfinished ...>` and
+    created (opened with O_CREAT). Calls of different threads interleave in strace's log as `<unfinished ...>` and
     `<... resumed>` halves; a call counts from its first half, and takes effect if its last succeeds."""
 
     CALL = re.compile(r"^(\d+)\s+(\w+)\((\d+)<([^>]*)>(.*)")
     RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>.*\)\s+=\s+(-?\d+)")
-    RESULT = re.compile(r"\)\s+=\s+(-?\d+)(?: \w+ \(.*\))?$")
+    RESULT = re.compile(r"\)\s+=\s+(-?\d+)(?:<[^>]*>)?(?: \w+ \(.*\))?$")  # openat's fd comes with its path
     RENAME = re.compile(r'"([^"]+)"[^"]*"([^"]+)"')
 
     def __init__(self, log: Path, journal: Path) -> None:
@@ -94,8 +94,9 @@ class _Disk:
                 tid, call, path, rest = m.group(1), m.group(2), m.group(4), m.group(5)
                 # What a flush covers is fixed when it begins.
                 started = (call, path, rest, self.written.get(path, 0), set(self._created))
-            elif line.split()[1:2] and line.split()[1].startswith("rename"):
-                tid, call, rest = line.split()[0], "rename", line
+            elif line.split()[1:2] and line.split()[1].startswith(("rename", "openat(")):
+                tid, rest = line.split()[0], line
+                call = "rename" if line.split()[1].startswith("rename") else "openat"
                 started = (call, "", rest, 0, set())
             else:
                 continue
@@ -106,6 +107,11 @@ class _Disk:
 
     def _apply(self, call: str, path: str, rest: str, before: int, created: set[str], result: int) -> None:
         if result < 0:
+            return
+        if call == "openat":  # a file created: its folder entry is durable once the folder is flushed
+            created = re.search(r'"([^"]+)"', rest)
+            if created is not None and "O_CREAT" in rest and created.group(1).startswith(self.journal + "/"):
+                self._created.add(created.group(1))
             return
         if call == "rename":
             names = self.RENAME.search(rest)
@@ -171,7 +177,7 @@ def test_power_loss(tmp_path, pg, durability) -> None:  # noqa: ANN001
     for pid in drainers:  # the journal is all there is: nothing reaches the store before the power goes
         os.kill(pid, signal.SIGSTOP)
     tracer = subprocess.Popen(["strace", "-f", "-y", "-qq", "-o", str(log), "-e",
-                               "trace=write,writev,pwrite64,fdatasync,fsync,ftruncate,rename,renameat,renameat2",
+                               "trace=openat,write,writev,pwrite64,fdatasync,fsync,ftruncate,rename,renameat,renameat2",
                                "-p", str(gw.proc.pid)])
     try:
         deadline = time.monotonic() + 30

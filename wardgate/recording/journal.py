@@ -1,8 +1,10 @@
 """Write-ahead journal: records are appended to a local file before the gateway forwards anything.
 
 A record is durable against a crash of the gateway once `write` returns (the bytes are in the
-operating system's cache). A background task drains finished files into the store; at start-up,
-files left by a process that died are applied first, so a `kill -9` loses no record.
+operating system's cache); with `[recording] durability = "fsync"`, against a power loss once the
+recorder's syncer has flushed it (syncer.py), which writers wait for. A background task drains
+finished files into the store; at start-up, files left by a process that died are applied first, so
+a `kill -9` loses no record.
 """
 
 from __future__ import annotations

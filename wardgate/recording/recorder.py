@@ -154,8 +154,7 @@ class Recorder:
     async def write_durable(self, records: list[dict[str, Any]]) -> None:
         """`write`, then with durability = "fsync" wait until the records are on disk."""
         self.write(records)
-        if self.durable is not None:
-            await self.durable()
+        await self.settle()
 
     def write_lines(self, lines: list[str]) -> None:
         """`write` for records the relay encoded itself (one JSON object a line). Any thread may write."""
