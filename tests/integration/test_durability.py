@@ -182,7 +182,10 @@ def test_power_loss(tmp_path, pg, durability) -> None:  # noqa: ANN001
     try:
         deadline = time.monotonic() + 30
         while not _traced(gw.proc.pid):
-            assert time.monotonic() < deadline and tracer.poll() is None, "strace did not attach"
+            if tracer.poll() is not None:  # a machine that forbids ptrace cannot run this simulation
+                gw.proc.kill()
+                pytest.skip("strace cannot attach to the gateway here (ptrace is not permitted)")
+            assert time.monotonic() < deadline, "strace did not attach"
             time.sleep(0.05)
         acked = _traffic(gw, table)
         gw.proc.send_signal(signal.SIGKILL)  # the power goes: the process and the page cache with it
