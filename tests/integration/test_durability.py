@@ -184,6 +184,8 @@ def test_power_loss(tmp_path, pg, durability) -> None:  # noqa: ANN001
         while not _traced(gw.proc.pid):
             if tracer.poll() is not None:  # a machine that forbids ptrace cannot run this simulation
                 gw.proc.kill()
+                for pid in drainers:
+                    os.kill(pid, signal.SIGKILL)
                 pytest.skip("strace cannot attach to the gateway here (ptrace is not permitted)")
             assert time.monotonic() < deadline, "strace did not attach"
             time.sleep(0.05)
