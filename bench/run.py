@@ -161,11 +161,13 @@ def main() -> int:
         )
         env = {**os.environ, "BENCH_PASSWORD": password}
         cli = [sys.executable, "-m", "wardgate.cli", "--config", str(config)]
+
+        def credential(cli: list[str], connection: str) -> dict:
+            return json.loads(subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", connection, "--ttl", "2h",
+                                              "--json"], check=True, capture_output=True, text=True, env=env).stdout)
+
         subprocess.run([*cli, "users", "add", "bench", "--group", "bench"], check=True, capture_output=True, env=env)
-        cred = json.loads(
-            subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", "bench", "--ttl", "2h", "--json"],
-                           check=True, capture_output=True, text=True, env=env).stdout
-        )
+        cred = credential(cli, "bench")
         gw_proc = start_gateway(cli, env, http_port, work / "gateway.log")
         # The same gateway with [recording] durability = "fsync": each statement's record on disk before it runs.
         fsync_port, fsync_http = free_port(), free_port()
@@ -176,20 +178,14 @@ def main() -> int:
                                 + '[recording]\ndurability = "fsync"\n')
         fsync_cli = [sys.executable, "-m", "wardgate.cli", "--config", str(fsync_config)]
         subprocess.run([*fsync_cli, "users", "add", "bench", "--group", "bench"], check=True, capture_output=True, env=env)
-        fsync_cred = json.loads(
-            subprocess.run([*fsync_cli, "credentials", "issue", "-u", "bench", "-C", "bench", "--ttl", "2h", "--json"],
-                           check=True, capture_output=True, text=True, env=env).stdout
-        )
+        fsync_cred = credential(fsync_cli, "bench")
         fsync_proc = start_gateway(fsync_cli, env, fsync_http, work / "gateway-fsync.log")
         gateway_fsync = f"postgresql://bench:{fsync_cred['credential']}@127.0.0.1:{fsync_port}/bench?sslmode=disable"
         relay_port = free_port()
         relay_proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "relay.py"), str(relay_port), str(pg.port)])
         relay = pg.dsn("bench", password, "bench", sslmode="disable").replace(f":{pg.port}/", f":{relay_port}/")
         gateway = f"postgresql://bench:{cred['credential']}@127.0.0.1:{port}/bench?sslmode=disable"
-        cred2 = json.loads(
-            subprocess.run([*cli, "credentials", "issue", "-u", "bench", "-C", "bench_policy", "--ttl", "2h", "--json"],
-                           check=True, capture_output=True, text=True, env=env).stdout
-        )
+        cred2 = credential(cli, "bench_policy")
         policy = f"postgresql://bench:{cred2['credential']}@127.0.0.1:{port}/bench_policy?sslmode=disable"
         gateway_tls = gateway.replace("sslmode=disable", "sslmode=require")
         bouncer_pid, bouncer = pgbouncer(pg, work, password)

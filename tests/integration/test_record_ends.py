@@ -142,15 +142,20 @@ def _fill(gw, full: bool) -> None:  # noqa: ANN001
                    check=True)
 
 
+def _open_sessions(gw, prefix: str, n: int) -> tuple[list[psycopg.Connection], list[str]]:  # noqa: ANN001
+    """`n` sessions that each ran a statement, and their ids once recorded."""
+    cred = gw.credential()
+    conns = [psycopg.connect(gw.dsn(cred, application_name=f"{prefix}-{i}"), autocommit=True) for i in range(n)]
+    for c in conns:
+        c.execute("select 1")
+    return conns, [gw.wait_for_session(lambda s, i=i: s["application_name"] == f"{prefix}-{i}")["id"] for i in range(n)]
+
+
 def test_a_full_journal_loses_no_session_end_and_readyz_says_so(tmp_path, pg) -> None:  # noqa: ANN001
     gw = make_gateway(tmp_path / "gw", pg)
     gw.start()
     try:
-        cred = gw.credential()
-        conns = [psycopg.connect(gw.dsn(cred, application_name=f"full-{i}"), autocommit=True) for i in range(6)]
-        for c in conns:
-            c.execute("select 1")
-        sids = [gw.wait_for_session(lambda s, i=i: s["application_name"] == f"full-{i}")["id"] for i in range(6)]
+        conns, sids = _open_sessions(gw, "full", 6)
         assert _readyz(gw)[0] == 200
         _fill(gw, True)
         for c in conns[:4]:  # statements cannot be recorded: each session ends, 58030
@@ -178,11 +183,7 @@ def test_a_gateway_stopped_with_the_journal_full_ends_its_sessions_at_the_next_s
     gw = make_gateway(tmp_path / "gw", pg)
     gw.start()
     try:
-        cred = gw.credential()
-        conns = [psycopg.connect(gw.dsn(cred, application_name=f"stopfull-{i}"), autocommit=True) for i in range(3)]
-        for c in conns:
-            c.execute("select 1")
-        sids = [gw.wait_for_session(lambda s, i=i: s["application_name"] == f"stopfull-{i}")["id"] for i in range(3)]
+        conns, sids = _open_sessions(gw, "stopfull", 3)
         _fill(gw, True)
         for c in conns:  # their ends cannot be written: kept in memory, until the process stops
             c.close()

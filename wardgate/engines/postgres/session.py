@@ -306,7 +306,6 @@ class Relay:
         self._executed = 0
         self.ended = False
         self.terminating = False
-        self._client_tail = b""
         self.upstream_fatal: str | None = None
 
     def start(self) -> None:
@@ -326,9 +325,6 @@ class Relay:
     # -- client -> upstream
 
     def from_client(self, data: bytes) -> None:
-        # The last bytes the client sent: ending in a Terminate, they say it closed the session, even when
-        # its socket is seen closed before that message was read out of what the session holds.
-        self._client_tail = data[-5:] if len(data) >= 5 else (self._client_tail + data)[-5:]
         if self.ended:
             if self._draining:
                 self._draining = max(0, self._draining - len(data))
@@ -1026,9 +1022,7 @@ class Relay:
         if self.ended:
             return
         if fut.cancelled() or fut.exception() is not None:
-            log.error("cannot flush the recording journal: %s", fut.exception(), extra={"session_id": self.session_id})
-            self.fail(codec.fatal("58030", "the gateway cannot record this session, so it will not run statements",
-                                  hint="try again later; the gateway's operator has been told"), "recording failed", "58030")
+            self._client_failed(fut.exception() or OSError("the journal's flush was cancelled"))  # 58030
             return
         self._client_out.write(out)
         self._take_upstream_pieces()  # what came meanwhile; then reading goes on
@@ -1322,7 +1316,12 @@ class Relay:
         self.end("client closed" if self._closed_by_client() else "upstream closed the connection", self.upstream_fatal)
 
     def _closed_by_client(self) -> bool:
-        return self.terminating or self._client_tail == _TERMINATE_MESSAGE
+        """The client ended the session with a Terminate: one read already, or the last of the bytes it
+        sent that the session holds unread (its socket can be seen closed before they are taken)."""
+        if self.terminating:
+            return True
+        waiting = self._held[-1] if self._held else self._client_backlog[-1][0] if self._client_backlog else b""
+        return waiting.endswith(_TERMINATE_MESSAGE)
 
     def fail(self, error: bytes, reason: str, code: str | None = None, *, drain: bool = False) -> None:
         """Send `error` to the client and end the session. With `drain`, what the client goes on sending is
