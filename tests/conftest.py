@@ -167,7 +167,7 @@ host = "127.0.0.1"
 port = {port}
 database = "shop"
 user = "app"
-password_env = "SHOP_PASSWORD"
+password_env = "WARDGATE_CONN_SHOP_PASSWORD"
 sslmode = "verify-full"
 sslrootcert = "{ca}"
 """
@@ -216,7 +216,7 @@ host = "127.0.0.1"
 port = {pg.port}
 database = "shop"
 user = "app"
-password_env = "SHOP_PASSWORD"
+password_env = "WARDGATE_CONN_SHOP_PASSWORD"
 sslmode = "disable"
 
 [[connections]]
@@ -225,8 +225,9 @@ host = "127.0.0.1"
 port = {pg.port}
 database = "shop"
 user = "md5user"
-password_env = "SHOP_MD5_PASSWORD"
+password_env = "WARDGATE_CONN_SHOP_MD5_PASSWORD"
 sslmode = "disable"
+password_auth = "any"
 
 [[connections]]
 name = "shop_trust"
@@ -244,7 +245,7 @@ connections = ["shop*"]
         + tail_toml
     )
     env = clean_env()
-    env.update(SHOP_PASSWORD=APP_PASSWORD, SHOP_MD5_PASSWORD=MD5_PASSWORD, PYTHONUNBUFFERED="1")
+    env.update(WARDGATE_CONN_SHOP_PASSWORD=APP_PASSWORD, WARDGATE_CONN_SHOP_MD5_PASSWORD=MD5_PASSWORD, PYTHONUNBUFFERED="1")
     if store_url:
         env["WARDGATE_STORE_URL"] = store_url
     env.update(env_extra or {})

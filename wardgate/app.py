@@ -10,6 +10,7 @@ import signal
 import ssl
 import time
 from typing import Any
+from urllib.parse import quote
 
 from . import loopwatch
 from .analysis.service import Analyzer
@@ -26,7 +27,7 @@ from .recording.recorder import Recorder
 from .recording.sinks import Shipper
 from .recording.views import iso
 from .reviews import Reviews
-from .store import Actor, Store
+from .store import Actor, Conflict, Refused, Store
 from .store.bus import Bus
 from .tls import ensure_self_signed, server_context
 
@@ -77,12 +78,13 @@ class Gateway:
         self.mcp: Any = None
         self._exit = contextlib.AsyncExitStack()
 
-    def provision(self, caller: Any) -> None:
-        """The store's user for a caller known from a token or a service key (an agent's person exists
-        already). Blocking; raises store.Conflict when the name belongs to someone else."""
-        if caller.kind != "agent" and caller.source != "local":
-            origin = caller.source if caller.source.startswith("oidc:") else "apikey"
-            self.store.ensure_user(caller.user, list(caller.groups), origin)
+    def provision(self, caller: Any) -> Any:
+        """The caller, checked live in the store and with its user's id (a token's user is made on first
+        sight). Blocking; raises store.Conflict for an identity removed, disabled or named like another."""
+        try:
+            return self.store.resolve(caller)
+        except Refused as exc:
+            raise Conflict(str(exc)) from None
 
     def issue_credential(self, caller: Any, connection: str, ttl: str | None, addr: str | None) -> dict[str, Any]:
         """A native credential for the caller, with how to use it (shown once). Blocking. Raises
@@ -94,10 +96,10 @@ class Gateway:
             self.record_event("credential.issue", "denied", detail=decision.reason, **fields)
             raise PermissionError(decision.reason)
         seconds = parse_duration(ttl) if ttl else settings.default_ttl
-        self.provision(caller)
+        caller = self.provision(caller)
         lease = settings.idp_recheck if caller.source.startswith("oidc:") and caller.kind != "service" else None
         issued = self.store.issue_credential(caller.user, connection, seconds, agent=caller.agent, lease=lease,
-                                             not_after=decision.until)
+                                             not_after=decision.until, uid=caller.uid)
         self.record_event("credential.issue", "ok", detail=f"credential {issued.id} for {issued.connection}, {decision.reason}",
                           **fields)
         host, port = parse_hostport(settings.gateway.listen)
@@ -105,7 +107,8 @@ class Gateway:
         return {
             "id": issued.id, "user": issued.user, "agent": issued.agent, "connection": issued.connection,
             "credential": issued.secret, "expires_at": iso(issued.expires_at),
-            "url": f"postgresql://{issued.user}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require",
+            "url": f"postgresql://{quote(issued.user, safe='')}:{issued.secret}@{host}:{port}/{issued.connection}"
+                   "?sslmode=require",  # a service account's name has a ':' (svc:ci)
             "env": {"PGHOST": host, "PGPORT": str(port), "PGUSER": issued.user, "PGPASSWORD": issued.secret,
                     "PGDATABASE": issued.connection, "PGSSLMODE": "require"},
             "renew_every": lease / 3 if lease else None,
@@ -247,7 +250,7 @@ class Gateway:
     async def _start_http(self) -> None:
         import uvicorn
 
-        from .api import create_app
+        from .api import SecurityHeaders, create_app
 
         host, port = parse_hostport(self.settings.gateway.http_listen)
         kwargs: dict[str, Any] = {}
@@ -267,7 +270,12 @@ class Gateway:
                 transport_security=transport_security(self.settings.mcp_resource_url, host, port)))
             # uvicorn runs without lifespan here, so the MCP session manager is started by hand.
             await self._exit.enter_async_context(self.mcp.session_manager.run())
-        config = uvicorn.Config(RequestIds(app), host=host, port=port, log_level="warning", lifespan="off", access_log=False, **kwargs)
+        # X-Forwarded-For is believed only from [gateway] trusted_proxies: uvicorn's default trusts it from
+        # loopback, where anyone on the host could then pick the address the throttle and the records see.
+        proxies = self.settings.gateway.trusted_proxies
+        kwargs.update({"proxy_headers": True, "forwarded_allow_ips": list(proxies)} if proxies else {"proxy_headers": False})
+        config = uvicorn.Config(RequestIds(SecurityHeaders(app)), host=host, port=port, log_level="warning", lifespan="off",
+                                access_log=False, **kwargs)
         self.http_server = uvicorn.Server(config)
         self.http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._tasks.append(asyncio.create_task(self.http_server.serve(), name="http"))

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -184,22 +185,28 @@ def users_login_link(
         seconds = parse_duration(ttl)
     except ConfigError as exc:
         fail(f"--ttl: {exc}", 2)
-    token = login_link_token(store.box.derive(LINK_LABEL), name, seconds)
+    token = login_link_token(store.box.derive(LINK_LABEL), user.uid, seconds)  # the identity, not the name
     scheme = "https" if state.settings.gateway.http_tls else "http"
     print(f"{scheme}://{state.settings.gateway.http_listen}/console/login/link?token={token}")
 
 
 @users_app.command("list")
-def users_list(json_out: bool = JsonOpt) -> None:
-    """List local users."""
-    rows = open_store().list_users()
-    rows = [u for u in rows if not u.disabled]
+def users_list(
+    removed: bool = typer.Option(False, "--removed", help="Also the identities removed (restore one with "
+                                 "`wardgate users restore NAME`)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """List users: people (local, or seen from an identity provider) and service accounts (svc:NAME)."""
+    rows = open_store().list_users(include_removed=removed)
     if json_out:
-        emit_json([{"name": u.name, "groups": u.groups, "created_at": iso(u.created_at)} for u in rows])
+        emit_json([{"name": u.name, "uid": u.uid, "kind": u.kind, "source": u.source, "groups": u.groups,
+                    "created_at": iso(u.created_at), "removed_at": iso(u.removed_at) if u.removed_at else None}
+                   for u in rows])
         return
-    table = Table("name", "groups", "created")
+    table = Table("name", "id", "kind", "from", "groups", "created", *(["removed"] if removed else []))
     for u in rows:
-        table.add_row(u.name, ", ".join(u.groups) or "-", when(u.created_at))
+        table.add_row(u.name, u.uid, u.kind, u.source, ", ".join(u.groups) or "-", when(u.created_at),
+                      *([when(u.removed_at) if u.removed_at else "-"] if removed else []))
     console.print(table)
 
 
@@ -223,15 +230,39 @@ def users_groups(
 
 
 @users_app.command("remove")
-def users_remove(name: str) -> None:
-    """Remove a user and revoke its credentials (its recorded sessions stay)."""
+def users_remove(name: str = typer.Argument(..., help="A user or service account (svc:NAME)."),
+                 json_out: bool = JsonOpt) -> None:
+    """Remove an identity: its credentials, API keys, console sessions, grants and open reviews are
+    revoked, and it is refused everywhere (a valid IdP token included) until restored. Its recorded
+    sessions stay, attached to it; a new user of the same name starts with nothing."""
     from .store import NotFound
 
     try:
-        open_store().remove_user(name, cli_actor())
+        counts = open_store().remove_user(name, cli_actor())
     except NotFound as exc:
         fail(str(exc))
-    console.print(f"removed user [bold]{name}[/]; its credentials are revoked")
+    if json_out:
+        emit_json({"name": name, "status": "removed", "revoked": counts})
+        return
+    console.print(f"removed [bold]{name}[/]; revoked " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+
+
+@users_app.command("restore")
+def users_restore(name: str = typer.Argument(..., help="The name the removed identity had, or its id "
+                                             "(`wardgate users list --removed`)."),
+                  json_out: bool = JsonOpt) -> None:
+    """Let a removed identity in again. What was revoked stays revoked: it gets new credentials and keys
+    as anyone does."""
+    from .store import Conflict, NotFound
+
+    try:
+        user = open_store().restore_user(name, cli_actor())
+    except (NotFound, Conflict) as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json({"name": user.name, "uid": user.uid, "status": "restored"})
+        return
+    console.print(f"restored [bold]{user.name}[/] ({user.uid}); it has no live credentials or keys")
 
 
 # ------------------------------------------------------------------------------ connections
@@ -245,12 +276,16 @@ def connections_add(
     database: str = typer.Option(..., "--database", "-d", help="Upstream database name."),
     user: str = typer.Option(..., "--user", "-U", help="Upstream role the gateway logs in as."),
     password_env: str | None = typer.Option(
-        None, help="Read the upstream password from this environment variable of the gateway."
+        None, help="Read the upstream password from this environment variable of the gateway; its name must start "
+                   "with [upstream] password_env_prefix (WARDGATE_CONN_ by default)."
     ),
     password_stdin: bool = typer.Option(False, help="Read the upstream password from standard input."),
     ask_password: bool = typer.Option(False, "--password", help="Prompt for the upstream password."),
     sslmode: str = typer.Option("prefer", help="disable, allow, prefer, require, verify-ca or verify-full."),
     sslrootcert: str | None = typer.Option(None, help="CA file to verify the upstream server."),
+    password_auth: str = typer.Option(
+        "scram-sha-256", help="scram-sha-256: send the password only through SCRAM; any: also to a server that asks "
+                              "for md5 or a cleartext password (never over unverified verify-ca/verify-full TLS)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Add a connection. Passwords are encrypted at rest and never shown again."""
@@ -261,7 +296,7 @@ def connections_add(
         password = sys.stdin.readline().rstrip("\n")
     elif ask_password:
         password = getpass.getpass(f"password for {user}@{host}:{port}/{database}: ")
-    spec = ConnectionSpec(name, host, port, database, user, password, password_env, sslmode, sslrootcert)
+    spec = ConnectionSpec(name, host, port, database, user, password, password_env, sslmode, sslrootcert, password_auth)
     store = open_store()
     try:
         store.add_connection(spec, cli_actor())
@@ -281,9 +316,10 @@ def connections_list(json_out: bool = JsonOpt) -> None:
     if json_out:
         emit_json(rows)
         return
-    table = Table("name", "target", "user", "sslmode", "password", "source")
+    table = Table("name", "target", "user", "sslmode", "password", "password_auth", "source")
     for r in rows:
-        table.add_row(r["name"], f"{r['host']}:{r['port']}/{r['database']}", r["user"], r["sslmode"], r["password"], r["source"])
+        table.add_row(r["name"], f"{r['host']}:{r['port']}/{r['database']}", r["user"], r["sslmode"], r["password"],
+                      r["password_auth"], r["source"])
     console.print(table)
 
 
@@ -327,16 +363,17 @@ def credentials_issue(
         fail(f"no user named {user!r}; add one with `wardgate users add {user}`")
     gatekeeper = Gatekeeper(state.settings)
     gatekeeper.grants = store.active_grants
-    decision = gatekeeper.authorize(Identity(user, tuple(row.groups)), connection, "connect")
+    decision = gatekeeper.authorize(Identity(user, tuple(row.groups), uid=row.uid), connection, "connect")
     if not decision.allowed:
         fail(f"{decision.reason}. Add an [[access]] rule to the config to allow it.")
     try:
         seconds = parse_duration(ttl) if ttl else state.settings.default_ttl
-        issued = store.issue_credential(user, connection, seconds, not_after=decision.until, actor=cli_actor())
+        issued = store.issue_credential(user, connection, seconds, not_after=decision.until, actor=cli_actor(),
+                                        uid=row.uid)
     except (NotFound, ConfigError) as exc:
         fail(str(exc))
     host, port = _gateway_host_port()
-    url = f"postgresql://{issued.user}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require"
+    url = f"postgresql://{quote(issued.user, safe='')}:{issued.secret}@{host}:{port}/{issued.connection}?sslmode=require"
     if json_out:
         emit_json(
             {"id": issued.id, "user": issued.user, "connection": issued.connection, "credential": issued.secret,
@@ -569,7 +606,7 @@ def apikeys_create(
     json_out: bool = JsonOpt,
 ) -> None:
     """Create an API key. It is shown once and stored hashed."""
-    from .store import NotFound
+    from .store import Conflict, NotFound
 
     if for_agent and not user:
         made = _api("POST", "/api/apikeys", None, None, json={"for_agent": for_agent, "ttl": ttl})
@@ -593,7 +630,7 @@ def apikeys_create(
             name=label, kind=kind, user_name=owner, agent=for_agent, groups=group, ttl=seconds, created_by="cli",
             actor=cli_actor(),
         )
-    except (NotFound, ConfigError) as exc:
+    except (NotFound, ConfigError, Conflict) as exc:
         fail(str(exc))
     row = issued.row
     if json_out:
@@ -1178,7 +1215,7 @@ def policy_check(
     row = open_store().get_user(user)
     if row is None:
         fail(f"no user named {user!r}")
-    result = Gatekeeper(state.settings).check(Identity(user, tuple(row.groups)), connection, sql)
+    result = Gatekeeper(state.settings).check(Identity(user, tuple(row.groups), uid=row.uid), connection, sql)
     if json_out:
         emit_json(result)
         return

@@ -7,6 +7,7 @@ encrypts secrets at rest.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -75,6 +76,9 @@ class GatewaySettings:
     # held in the named environment variable
     metrics_token_env: str = ""
     log_format: str = "text"  # or "json": one object a line, with session and request ids
+    # Reverse proxies (IPs or CIDRs) whose X-Forwarded-For / X-Forwarded-Proto the HTTP listener believes;
+    # from anyone else the headers are ignored (the sign-in throttle and the records key on the address).
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +93,9 @@ class CredentialSettings:
     # Credentials of people signed in with an IdP stay valid only while `wardgate connect` renews them
     # with a fresh sign-in this often; a disabled user or a revoked IdP session ends their sessions.
     idp_recheck: str = "60s"
+    # An agent key acting for a person of an IdP works only while a token of that person was seen this
+    # recently (API, CLI, console): its groups are the ones the IdP last confirmed, never older.
+    agent_recheck: str = "12h"
 
 
 @dataclass
@@ -158,6 +165,23 @@ class RoleSettings:
     auditors: list[str] = field(default_factory=list)
 
 
+DEFAULT_PASSWORD_ENV_PREFIX = "WARDGATE_CONN_"
+
+
+@dataclass
+class UpstreamSettings:
+    """How the gateway holds the secrets of its upstream connections."""
+
+    # A connection's password_env may name only variables starting with this: the gateway's environment
+    # holds its own secrets too (WARDGATE_SECRET_KEY, the store's URL), which no connection may send.
+    password_env_prefix: str = DEFAULT_PASSWORD_ENV_PREFIX
+
+
+# password_auth: "scram-sha-256" sends the password only through SCRAM (the server learns nothing it
+# could replay); "any" also answers md5 and cleartext requests, never over unverified verify-* TLS.
+PASSWORD_AUTH = ("scram-sha-256", "any")
+
+
 @dataclass
 class ConnectionSpec:
     name: str
@@ -169,6 +193,7 @@ class ConnectionSpec:
     password_env: str | None = None
     sslmode: str = "prefer"
     sslrootcert: str | None = None
+    password_auth: str = "scram-sha-256"
 
 
 ALLOWED_ALGORITHMS = ("RS256", "ES256", "EdDSA")
@@ -183,6 +208,10 @@ class IdentityProviderSpec:
     audience: str
     client_id: str = ""
     groups_claim: str = "groups"
+    # The claim that keys a person (with the issuer): stable at the provider, never reassigned. `sub` is.
+    subject_claim: str = "sub"
+    # The claim a person is named by here (shown, and their user name for native sign-in). Only a label:
+    # it is unique among users, and a token whose name is another identity's is refused.
     user_claim: str = "preferred_username"
     group_map: dict[str, str] = field(default_factory=dict)
     algorithms: list[str] = field(default_factory=lambda: list(ALLOWED_ALGORITHMS))
@@ -205,6 +234,7 @@ class Settings:
     reviews: ReviewSettings = field(default_factory=ReviewSettings)
     mcp: McpSettings = field(default_factory=McpSettings)
     recording: RecordingSettings = field(default_factory=RecordingSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     connections: list[ConnectionSpec] = field(default_factory=list)
     identity_providers: list[IdentityProviderSpec] = field(default_factory=list)
     access: list[Any] = field(default_factory=list)  # policy.access.AccessRule
@@ -302,7 +332,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     sections = {"gateway": settings.gateway, "store": settings.store, "credentials": settings.credentials,
                 "roles": settings.roles, "exec": settings.exec, "reviews": settings.reviews,
                 "mcp": settings.mcp, "analysis": settings.analysis,
-                "recording": settings.recording}
+                "recording": settings.recording, "upstream": settings.upstream}
     for key, value in raw.items():
         if key in sections:
             _apply(sections[key], value, key)
@@ -361,8 +391,7 @@ def _connection(raw: dict[str, Any]) -> ConnectionSpec:
         spec = ConnectionSpec(**raw)
     except TypeError as exc:
         raise ConfigError(f"connection {raw['name']!r}: {exc}") from exc
-    validate_connection(spec)
-    return spec
+    return spec  # validated in validate(), once [upstream] password_env_prefix is known
 
 
 def _identity_provider(raw: dict[str, Any]) -> IdentityProviderSpec:
@@ -373,6 +402,9 @@ def _identity_provider(raw: dict[str, Any]) -> IdentityProviderSpec:
         spec = IdentityProviderSpec(**raw)
     except TypeError as exc:
         raise ConfigError(f"identity provider {raw['name']!r}: {exc}") from exc
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,48}", spec.name) or spec.name == "svc":
+        raise ConfigError(f"identity provider {spec.name!r}: name it with letters, digits, '.', '_', '-' ('svc' is "
+                          "the service accounts' namespace)")
     bad = set(spec.algorithms) - set(ALLOWED_ALGORITHMS)
     if bad or not spec.algorithms:
         raise ConfigError(
@@ -410,13 +442,40 @@ def _access_rule(index: int, raw: dict[str, Any]) -> Any:
     return AccessRule(name, tuple(groups), tuple(connections), verbs, hours, days, approvers, max_duration, min_approvals)
 
 
-def validate_connection(spec: ConnectionSpec) -> None:
+# The variables the gateway reads as its own settings (WARDGATE_<SECTION>_<KEY>) and secrets.
+_OWN_VARIABLES = ("WARDGATE_CONFIG", "WARDGATE_SECRET_KEY", "WARDGATE_DATA_DIR", *(
+    f"WARDGATE_{s.upper()}_" for s in ("gateway", "store", "credentials", "roles", "exec", "reviews", "mcp",
+                                       "analysis", "recording", "upstream")))
+
+
+def _gateway_variable(name: str) -> bool:
+    """A variable the gateway reads as its own settings (or secrets), never a connection's password."""
+    return any(name == v or (v.endswith("_") and name.startswith(v)) for v in _OWN_VARIABLES)
+
+
+def password_env_refusal(name: str, prefix: str) -> str | None:
+    """Why `name` may not be a connection's password_env under `prefix`, or None."""
+    if not prefix or not name.startswith(prefix) or name == prefix:
+        example = re.sub(r"[^A-Z0-9_]", "_", name.upper())
+        example = prefix + (example if example and not example.startswith(("WARDGATE_", prefix)) else "PROD_PASSWORD")
+        return (f"password_env {name!r} is refused: it must name an environment variable starting with "
+                f"{prefix!r} ([upstream] password_env_prefix), e.g. {example}")
+    if _gateway_variable(name):
+        return f"password_env {name!r} is one of the gateway's own settings, never a connection's password"
+    return None
+
+
+def validate_connection(spec: ConnectionSpec, password_env_prefix: str = DEFAULT_PASSWORD_ENV_PREFIX) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}", spec.name):
         raise ConfigError(f"connection name {spec.name!r}: use letters, digits, '_', '.', '-' (max 63)")
     if spec.sslmode not in SSLMODES:
         raise ConfigError(f"connection {spec.name!r}: sslmode must be one of {', '.join(SSLMODES)}")
+    if spec.password_auth not in PASSWORD_AUTH:
+        raise ConfigError(f"connection {spec.name!r}: password_auth must be one of {', '.join(PASSWORD_AUTH)}")
     if spec.password and spec.password_env:
         raise ConfigError(f"connection {spec.name!r}: give password or password_env, not both")
+    if spec.password_env and (why := password_env_refusal(spec.password_env, password_env_prefix)):
+        raise ConfigError(f"connection {spec.name!r}: {why}")
 
 
 def validate(settings: Settings) -> None:
@@ -426,6 +485,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError("[gateway] client_auth must be 'scram-sha-256' or 'password'")
     if settings.gateway.log_format not in ("text", "json"):
         raise ConfigError("[gateway] log_format must be 'text' or 'json'")
+    for proxy in settings.gateway.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"[gateway] trusted_proxies: {proxy!r} is not an IP address or CIDR "
+                              "(e.g. 10.0.0.5 or 10.0.0.0/24)") from None
     if bool(settings.gateway.tls_cert) != bool(settings.gateway.tls_key):
         raise ConfigError("[gateway] tls_cert and tls_key go together: set both or neither")
     if settings.default_ttl > settings.max_ttl:
@@ -453,6 +518,13 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"[analysis] {exc}") from None
     if settings.exec.max_rows < 1 or settings.exec.max_bytes < 1:
         raise ConfigError("[exec] max_rows and max_bytes must be positive")
+    prefix = settings.upstream.password_env_prefix
+    if (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix) or _gateway_variable(prefix)
+            or any(v.startswith(prefix) for v in _OWN_VARIABLES)):
+        raise ConfigError(f"[upstream] password_env_prefix {prefix!r}: use letters, digits and '_', and a prefix "
+                          f"that none of the gateway's own variables starts with (e.g. {DEFAULT_PASSWORD_ENV_PREFIX!r})")
+    for spec in settings.connections:
+        validate_connection(spec, prefix)
     names = [c.name for c in settings.connections]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

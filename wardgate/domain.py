@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a request is for. `user` is always the accountable human or service account; when an AI
-    agent acts for a person, `agent` names it and `user`/`groups` are the person's."""
+    """Who a request is for. `user` is always the accountable human or service account (service
+    accounts are named `svc:<name>`); when an AI agent acts for a person, `agent` names it and
+    `user`/`groups` are the person's. `uid` is the stable id of that user in the store: ownership is
+    decided on it, never on the name, which a later user may hold. Empty until the store resolved it.
+    `subject`: for a token, the claim that keys the person at the provider."""
 
     user: str
     groups: tuple[str, ...] = ()
@@ -16,6 +19,8 @@ class Identity:
     agent: str | None = None
     source: str = "local"  # local, oidc:<provider>, apikey:<id>
     expires_at: float | None = None
+    uid: str = ""
+    subject: str | None = None
 
     @property
     def display(self) -> str:
@@ -24,5 +29,5 @@ class Identity:
     def public(self) -> dict[str, object]:
         return {
             "user": self.user, "groups": list(self.groups), "kind": self.kind, "agent": self.agent,
-            "source": self.source, "expires_at": self.expires_at,
+            "source": self.source, "expires_at": self.expires_at, "uid": self.uid,
         }

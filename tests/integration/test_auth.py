@@ -98,12 +98,12 @@ def test_missing_upstream_password_gives_a_clear_error(tmp_path, pg) -> None:
     from tests.conftest import make_gateway
 
     gw = make_gateway(tmp_path / "gw", pg)
-    gw.env.pop("SHOP_PASSWORD")
+    gw.env.pop("WARDGATE_CONN_SHOP_PASSWORD")
     gw.start()
     try:
         cred = gw.credential()
         err = connect_error(gw.dsn(cred))
-        assert "SHOP_PASSWORD is not set" in str(err)
+        assert "WARDGATE_CONN_SHOP_PASSWORD is not set" in str(err)
     finally:
         gw.stop()
 

@@ -37,9 +37,9 @@ def test_help_everywhere(tmp_path, command) -> None:
 def test_connections_secrets_are_encrypted_and_never_shown(tmp_path) -> None:
     run(tmp_path, "connections", "add", "prod", "--host", "db.internal", "--port", "5433", "-d", "app", "-U", "svc",
         "--password-stdin", "--sslmode", "verify-full", input="Sup3r-Secret-Pa55\n")
-    run(tmp_path, "connections", "add", "stage", "-d", "app", "-U", "svc", "--password-env", "STAGE_PW")
+    run(tmp_path, "connections", "add", "stage", "-d", "app", "-U", "svc", "--password-env", "WARDGATE_CONN_STAGE_PW")
     listed = json.loads(run(tmp_path, "connections", "list", "--json").stdout)
-    assert [(c["name"], c["password"], c["source"]) for c in listed] == [("prod", "set", "store"), ("stage", "env:STAGE_PW", "store")]
+    assert [(c["name"], c["password"], c["source"]) for c in listed] == [("prod", "set", "store"), ("stage", "env:WARDGATE_CONN_STAGE_PW", "store")]
     table = run(tmp_path, "connections", "list").stdout
     assert "prod" in table and "Sup3r" not in table
     raw = (tmp_path / "data" / "wardgate.db").read_bytes()

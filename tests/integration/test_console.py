@@ -185,11 +185,11 @@ def test_an_idp_identity_cannot_act_as_the_local_user_of_the_same_name(cgw, idp,
         if "/console/" in page.url:
             break
         page.locator("button[type=submit]").first.click()
-    expect(page.locator("main")).to_contain_text("belongs to a local user")
+    expect(page.locator("main")).to_contain_text("belongs to another identity (local)")
     assert not [c for c in page.context.cookies() if c["name"] == "wardgate_console"]
     token = idp.forge(idp.claims(sub="alice", preferred_username="alice"))
     r = httpx.get(f"http://127.0.0.1:{cgw.http_port}/api/sessions", headers={"Authorization": f"Bearer {token}"})
-    assert r.status_code == 401 and "belongs to a local user" in r.json()["detail"]
+    assert r.status_code == 401 and "belongs to another identity (local)" in r.json()["detail"]
 
 
 def test_forms_need_the_session_token(cgw, idp, page) -> None:
@@ -271,7 +271,7 @@ def test_access_credentials_and_connections(cgw, idp, page, pg, tmp_path) -> Non
 
     sign_in(page, cgw, idp, "dana")
     page.get_by_role("link", name="Access").click()
-    assert "SHOP_PASSWORD" not in page.content() and "127.0.0.1:" not in page.locator("main table").first.inner_text()
+    assert "WARDGATE_CONN_SHOP_PASSWORD" not in page.content() and "127.0.0.1:" not in page.locator("main table").first.inner_text()
     page.get_by_role("button", name="Issue a credential").click()
     url = page.locator("pre.secret").inner_text().removeprefix('psql "').removesuffix('"')
     assert url.startswith("postgresql://dana:wgc_")
@@ -302,7 +302,7 @@ def test_access_credentials_and_connections(cgw, idp, page, pg, tmp_path) -> Non
     expect(page.get_by_role("cell", name="shop_console")).to_be_visible()
     assert APP_PASSWORD not in page.content()
     made = next(e for e in cgw.cli_json("events", "--kind", "connection.create") if "shop_console" in e["detail"])
-    assert made["source"] == "console" and made["user"] == "console-admin" and APP_PASSWORD not in made["detail"]
+    assert made["source"] == "console" and made["user"] == "svc:console-admin" and APP_PASSWORD not in made["detail"]
     expect(page.get_by_role("cell", name="dana", exact=True)).to_be_visible()  # users and their groups, for admins
 
 
@@ -358,12 +358,20 @@ def test_admins_manage_users_and_groups(cgw, page, tmp_path) -> None:
     assert cgw.store().get_user("erin").groups == ["analysts", "oncall"]
     shot(page, tmp_path, "users")
 
+    # erin signs in again; removing her ends that console session too, and her link does not work after
+    erin.goto(cgw.cli("users", "login-link", "erin").stdout.strip())
+    expect(erin.locator("header.top")).to_contain_text("erin")
+    unused = cgw.cli("users", "login-link", "erin").stdout.strip()
     page.get_by_role("button", name="Remove user erin").click()
     expect(page.locator(".flash")).to_contain_text("User erin removed")
+    erin.reload()
+    expect(erin.get_by_role("button", name="Sign in")).to_be_visible()
+    erin.goto(unused)
+    expect(erin.locator("main")).to_contain_text("not valid")
     expect(page.get_by_role("textbox", name="Groups of erin")).to_have_count(0)
     kinds = {e["kind"]: e for e in cgw.cli_json("events", "--limit", "50") if "erin" in (e["detail"] or "")}
     assert {"user.create", "user.groups", "user.remove"} <= set(kinds)
-    assert kinds["user.groups"]["source"] == "console" and kinds["user.groups"]["user"] == "users-admin"
+    assert kinds["user.groups"]["source"] == "console" and kinds["user.groups"]["user"] == "svc:users-admin"
 
     # Not for everyone: a non-admin's forged form is refused, and nothing changes
     key = cgw.cli_json("apikeys", "create", "--name", "not-admin", "--group", "dev")["key"]

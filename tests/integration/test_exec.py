@@ -58,7 +58,7 @@ host = "127.0.0.1"
 port = {pg_port}
 database = "shop"
 user = "app"
-password_env = "SHOP_PASSWORD"
+password_env = "WARDGATE_CONN_SHOP_PASSWORD"
 sslmode = "disable"
 
 [[access]]
@@ -188,7 +188,7 @@ def test_review_graceful_path(xgw, pg, people) -> None:
     assert rid in {r["id"] for r in call(xgw, "GET", "/api/reviews?status=pending", people["olivia"]).json()}
 
     # not yet approved: nothing runs
-    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).status_code == 409
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["agent"]).status_code == 409
     # no self-approval, no approval by an agent or by someone outside the approver group
     assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["amy"]).status_code == 403
     assert call(xgw, "POST", f"/api/reviews/{rid}/approve", people["agent"]).status_code == 403
@@ -209,6 +209,7 @@ def test_review_graceful_path(xgw, pg, people) -> None:
     # only the requester runs it, once, and only the stored statement
     assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["dana"]).status_code == 403
     assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["olivia"]).status_code == 403
+    assert call(xgw, "POST", f"/api/reviews/{rid}/execute", people["amy"]).status_code == 403  # her agent asked
     ran = call(xgw, "POST", f"/api/reviews/{rid}/execute", people["agent"]).json()
     assert ran["status"] == "completed" and ran["command_tags"] == ["DELETE 1"] and ran["review_id"] == rid
     assert not _exists(pg, order)

@@ -272,9 +272,9 @@ def test_guessing_an_api_key_is_locked_out(hgw) -> None:
     locked = me(key["key"])
     assert locked.status_code == 429 and int(locked.headers["retry-after"]) >= 1
     assert "too many failed sign-ins" in locked.json()["detail"]
-    assert me(other["key"]).json()["user"] == "other-bot"  # another key is not locked
+    assert me(other["key"]).json()["user"] == "svc:other-bot"  # another key is not locked
     time.sleep(1.2)
-    assert me(key["key"]).json()["user"] == "guess-bot"
+    assert me(key["key"]).json()["user"] == "svc:guess-bot"
 
 
 def test_oversized_and_forged_bearers_are_refused_and_the_gateway_serves_on(hgw) -> None:
@@ -287,7 +287,7 @@ def test_oversized_and_forged_bearers_are_refused_and_the_gateway_serves_on(hgw)
     forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln"  # HS256: algorithm confusion
     assert httpx.get(url, headers={"Authorization": f"Bearer {forged}"}, timeout=30).status_code == 401
     key = hgw.cli_json("apikeys", "create", "--name", "after-bot", "--group", "deployers")
-    assert httpx.get(url, headers={"Authorization": f"Bearer {key['key']}"}, timeout=30).json()["user"] == "after-bot"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key['key']}"}, timeout=30).json()["user"] == "svc:after-bot"
 
 
 def test_a_revoked_key_and_credential_cannot_be_replayed(hgw) -> None:

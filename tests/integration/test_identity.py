@@ -56,9 +56,9 @@ def test_ci_job_with_client_credentials_runs_psql_as_itself(idgw, idp) -> None:
                    env={"WARDGATE_TOKEN": token, "PGAPPNAME": "t_ci_job"})
     assert out.stdout.strip() == "1000"
     s = idgw.wait_for_session(lambda s: s["application_name"] == "t_ci_job" and s["status"] == "closed")
-    assert (s["user"], s["agent"]) == ("ci-bot", None)
+    assert (s["user"], s["agent"]) == ("svc:ci-bot", None)
     me = json.loads(wardgate(idgw, "whoami", "--json", env={"WARDGATE_TOKEN": token}).stdout)
-    assert me["user"] == "ci-bot" and me["kind"] == "service" and me["groups"] == ["deployers"]
+    assert me["user"] == "svc:ci-bot" and me["kind"] == "service" and me["groups"] == ["deployers"]
 
 
 def test_person_token_gets_a_credential_for_themselves(idgw, idp) -> None:
@@ -97,12 +97,12 @@ def test_token_exchange_actor_claim_is_an_agent(idgw, idp) -> None:
 def test_a_provider_name_that_is_a_local_user_is_refused(idgw, idp) -> None:
     """alice is a local user here: the provider's alice may not read or act as her, at any door."""
     r = api(idgw, "GET", "/api/me", idp.forge(idp.claims()))
-    assert r.status_code == 401 and "belongs to a local user" in r.json()["detail"]
+    assert r.status_code == 401 and "belongs to another identity (local)" in r.json()["detail"]
 
 
 def test_service_account_key_and_revocation(idgw) -> None:
     key = idgw.cli_json("apikeys", "create", "--name", "deploy-bot", "--group", "deployers", "--ttl", "90d")
-    assert api(idgw, "GET", "/api/me", key["key"]).json()["user"] == "deploy-bot"
+    assert api(idgw, "GET", "/api/me", key["key"]).json()["user"] == "svc:deploy-bot"
     idgw.cli("apikeys", "revoke", key["id"])
     r = api(idgw, "GET", "/api/me", key["key"])
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
@@ -242,7 +242,7 @@ def test_refusals_and_issues_are_recorded_as_events(idgw, idp) -> None:
         events = idgw.cli_json("events", "--limit", "50")
         kinds = {(e["kind"], e["outcome"], e["user"]) for e in events}
         if {("api.authenticate", "denied", None), ("credential.issue", "denied", "carl"),
-                ("credential.issue", "ok", "event-bot")} <= kinds:
+                ("credential.issue", "ok", "svc:event-bot")} <= kinds:
             break
         time.sleep(0.3)
     else:
@@ -253,9 +253,12 @@ def test_refusals_and_issues_are_recorded_as_events(idgw, idp) -> None:
 
 
 def test_a_service_key_cannot_take_over_a_local_users_name(idgw) -> None:
+    """A service account named alice is svc:alice, its own identity: never the person alice."""
     key = idgw.cli_json("apikeys", "create", "--name", "alice", "--group", "deployers")
+    assert api(idgw, "GET", "/api/me", key["key"]).json()["user"] == "svc:alice"
     r = api(idgw, "POST", "/api/credentials", key["key"], json={"connection": "shop"})
-    assert r.status_code == 400 and "belongs to a local user" in r.json()["detail"]
+    assert r.status_code == 200 and r.json()["user"] == "svc:alice" and "//svc%3Aalice:" in r.json()["url"]
+    assert all(s["user"] == "svc:alice" for s in api(idgw, "GET", "/api/sessions?limit=200", key["key"]).json())
 
 
 def test_management_roles(idgw, idp) -> None:

@@ -237,6 +237,7 @@ def test_admin_creates_and_updates_connections_without_seeing_secrets(mgw, pg, t
     made, broken, dup = run(mgw, tokens["admin"], admin)
     assert made["password"] == "set" and APP_PASSWORD not in json.dumps(made)
     assert broken["port"] == 1 and dup.is_error and "already exists" in dup.content[0].text
+    assert broken["password"] == "none" and "dropped" in broken["note"]  # pointed elsewhere: the secret goes
     assert APP_PASSWORD.encode() not in (mgw.dir / "data" / "wardgate.db").read_bytes()
 
     async def agent(s: ClientSession) -> tuple:
@@ -248,7 +249,8 @@ def test_admin_creates_and_updates_connections_without_seeing_secrets(mgw, pg, t
     assert failed["status"] == "failed" and refused.is_error and "admin role" in refused.content[0].text
 
     async def fix(s: ClientSession) -> dict:
-        return data(await s.call_tool("connections_update", {"name": "shop_extra", "port": pg.port}))
+        return data(await s.call_tool("connections_update", {"name": "shop_extra", "port": pg.port,
+                                                             "password": APP_PASSWORD}))
 
     assert run(mgw, tokens["admin"], fix)["port"] == pg.port
 
@@ -264,7 +266,9 @@ def test_admin_creates_and_updates_connections_without_seeing_secrets(mgw, pg, t
     events = mgw.cli_json("events", "--limit", "1000")
     updates = [e for e in events if e["kind"] == "connection.update" and e["detail"].startswith("shop_extra")]
     assert [e["detail"] for e in reversed(updates)] == [
-        f'shop_extra: {{"port":[{pg.port},1]}}', f'shop_extra: {{"port":[1,{pg.port}]}}']
+        f'shop_extra: {{"password":["set",null],"port":[{pg.port},1]}}; the stored password was dropped: the '
+        'connection points elsewhere and the change did not supply it again',
+        f'shop_extra: {{"password":[null,"set"],"port":[1,{pg.port}]}}']
     assert all(e["user"] == "root" and e["source"] == "mcp" for e in updates)
     created = next(e for e in events if e["kind"] == "connection.create" and e["detail"].startswith("shop_extra"))
     assert '"password":[null,"set"]' in created["detail"] and APP_PASSWORD not in json.dumps(events)
@@ -309,3 +313,29 @@ def test_requests_naming_another_host_are_refused(mgw, tokens) -> None:
     r = httpx.post(mcp_url(mgw), json=body, headers={"Host": "evil.example", "accept": "application/json, text/event-stream",
                                                      "Authorization": f"Bearer {tokens['agent']}"})
     assert r.status_code in (403, 421), r.status_code
+
+
+def test_a_removed_person_is_refused_at_the_mcp_door_and_a_new_holder_of_the_name_sees_nothing(mgw, idp) -> None:
+    def token(sub: str, **extra: Any) -> str:
+        return idp.forge(idp.claims(sub=sub, preferred_username="rita", groups=["dev"], aud=mcp_url(mgw),
+                                    exp=int(time.time()) + 3600, **extra))
+
+    rita, rita_agent = token("rita-1"), token("rita-1", act={"sub": "claude-code"})
+
+    async def first(s: ClientSession) -> dict:
+        assert data(await s.call_tool("me_get", {}))["user"] == "rita"
+        return data(await s.call_tool("exec", {"connection": "shop", "sql": "select 'rita'"}))
+
+    ran = run(mgw, rita_agent, first)
+    assert ran["status"] == "completed"
+    mgw.cli("users", "remove", "rita")
+    for bearer in (rita, rita_agent):  # the tokens are still valid at the IdP: refused here all the same
+        with pytest.raises(Exception):  # noqa: B017 - the SDK raises its transport's error for a 401
+            run(mgw, bearer, lambda s: s.call_tool("me_get", {}))
+
+    async def newcomer(s: ClientSession) -> Any:
+        assert data(await s.call_tool("me_get", {}))["user"] == "rita"
+        return await s.call_tool("sessions_wait_result", {"session_id": ran["session_id"], "timeout_seconds": 0})
+
+    hidden = run(mgw, token("rita-2"), newcomer)
+    assert hidden.is_error and "of yours" in hidden.content[0].text

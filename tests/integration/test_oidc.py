@@ -30,7 +30,7 @@ def _b64(data: bytes) -> str:
 
 def test_client_credentials_token_is_a_service_identity(idp, verifier) -> None:
     ident = verifier.verify(idp.client_credentials())
-    assert (ident.user, ident.groups, ident.kind, ident.agent) == ("ci-bot", ("deployers",), "service", None)
+    assert (ident.user, ident.groups, ident.kind, ident.agent) == ("svc:ci-bot", ("deployers",), "service", None)
     assert ident.source == "oidc:test" and ident.expires_at > time.time()
 
 

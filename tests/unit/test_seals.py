@@ -26,6 +26,20 @@ def test_a_field_reads_the_same_from_a_record_and_from_the_store() -> None:
     assert seals.seal("s", 2, "outcome", done)[0] != digest  # the row's place is sealed too
 
 
+def test_a_field_added_later_is_sealed_when_set_and_its_change_found() -> None:
+    """user_id came after the first seals: rows sealed without it still verify; one sealed with it names
+    it when it is changed or cleared, and one sealed without it names it when it is set later."""
+    row = {"user_name": "alice", "connection": "shop", "client_addr": "127.0.0.1", "started_at": 1.0, "tls": True}
+    before_digest, before_tags = seals.seal("s", 0, "session", row)
+    assert seals.seal("s", 0, "session", {**row, "user_id": None}) == (before_digest, before_tags)
+    assert seals.changed_fields("session", {**row, "user_id": "u1"}, before_tags) == ["user_id"]
+    digest, tags = seals.seal("s", 0, "session", {**row, "user_id": "u1"})
+    assert digest != before_digest
+    assert seals.changed_fields("session", {**row, "user_id": "u2"}, tags) == ["user_id"]
+    assert seals.changed_fields("session", row, tags) == ["user_id"]
+    assert seals.changed_fields("session", {**row, "user_id": "u1"}, tags) == []
+
+
 def _store(tmp_path: Path) -> Store:
     settings = Settings()
     settings.data_dir = tmp_path

@@ -80,7 +80,8 @@ class SessionAnalyst:
         session = self.store.session_row(sid)
         facts = [StatementFacts(text, at, status, decision or "allow", rows)
                  for text, at, status, decision, rows in self.store.statement_facts(session.id)]
-        history = self.store.user_rows_history(session.user_name, before=session.started_at, sessions=20)
+        owner = self.store.session_owner(session)
+        history = self.store.user_rows_history(owner, before=session.started_at, sessions=20) if owner else []
         result = analyze(facts, self.settings, masked=session.masked or {}, history=history)
         if self.settings.llm_url:
             try:
@@ -126,9 +127,9 @@ class Analyzer:
 
     # -- exec, before it runs
 
-    def assess_exec(self, user: str, sql: str, classification: Classification | None = None) -> Analysis:
-        """An exec's risk before it runs: its statement now, and this user's refusals in the last hour. Blocking."""
-        refusals = self.store.recent_refusals(user, since=time.time() - 3600)
+    def assess_exec(self, uid: str, sql: str, classification: Classification | None = None) -> Analysis:
+        """An exec's risk before it runs: its statement now, and this identity's refusals in the last hour. Blocking."""
+        refusals = self.store.recent_refusals(uid, since=time.time() - 3600) if uid else 0
         return analyze([StatementFacts(sql, time.time(), "pending", classification=classification)], self.settings,
                        earlier_refusals=refusals)
 
@@ -141,7 +142,7 @@ class Analyzer:
         """`status` of a session the caller may read (their own; any for auditors and admins); NotFound
         otherwise, not confirming that it exists. Blocking."""
         owner = self.gateway.exec.owner(sid)
-        if owner is None or (owner != caller.user and not self.gateway.gatekeeper.can_read_all(caller)):
+        if not self.gateway.gatekeeper.can_read_all(caller) and (owner is None or not caller.uid or owner != caller.uid):
             raise NotFound(f"no session {sid!r}")
         try:
             return self.status(sid)

@@ -80,7 +80,9 @@ class CredentialRequest(BaseModel):
 
 
 def create_app(gateway: "Gateway") -> FastAPI:
-    app = FastAPI(title="Wardgate", version="0.1.0", description=__doc__)
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN (offline hosts, and script
+    # from elsewhere). The schema stays at /openapi.json for any OpenAPI viewer or client generator.
+    app = FastAPI(title="Wardgate", version="0.1.0", description=__doc__, docs_url=None, redoc_url=None)
 
     def event(request: Request, kind: str, outcome: str, who: Identity | None = None, detail: str | None = None) -> None:
         gateway.record_event(
@@ -185,7 +187,8 @@ def create_app(gateway: "Gateway") -> FastAPI:
         if not can_read_all(caller):
             if user not in (None, caller.user):
                 raise HTTPException(403, "you may list only your own sessions (auditor or admin role for others)")
-            user = caller.user
+            return list_sessions(gateway.store, uid=caller.uid, connection=connection, status=status,
+                                 limit=min(limit, 1000), since=since, until=until, outcome=outcome, rule=rule)
         return list_sessions(gateway.store, user=user, connection=connection, status=status, limit=min(limit, 1000),
                              since=since, until=until, outcome=outcome, rule=rule)
 
@@ -206,12 +209,12 @@ def create_app(gateway: "Gateway") -> FastAPI:
 
     @app.post("/api/credentials/{credential_id}/revoke", summary="Revoke a native credential; its sessions end")
     def revoke_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:
-        state = gateway.store.credential_owner(credential_id)
-        if state is None or (state != caller.user and "admin" not in gateway.gatekeeper.roles(caller)):
+        owner = gateway.store.credential_owner(credential_id)
+        if owner is None or (owner[0] != caller.uid and "admin" not in gateway.gatekeeper.roles(caller)):
             event(request, "credential.revoke", "denied", caller, f"credential {credential_id}")
             raise HTTPException(404, f"no credential {credential_id!r} of yours")
         gateway.store.revoke_credential(credential_id)
-        event(request, "credential.revoke", "ok", caller, f"credential {credential_id} of {state}")
+        event(request, "credential.revoke", "ok", caller, f"credential {credential_id} of {owner[1]}")
         return {"id": credential_id, "status": "revoked"}
 
     def key_view(k: Any) -> dict[str, Any]:
@@ -228,10 +231,12 @@ def create_app(gateway: "Gateway") -> FastAPI:
             if body.for_agent:
                 if body.name or body.groups:
                     raise HTTPException(400, "an agent key carries your groups; give for_agent only")
-                provision(caller)
+                if caller.kind != "user":
+                    raise HTTPException(403, "agent keys act for people; a service account has no agents")
+                caller = provision(caller)
                 issued = gateway.store.create_api_key(name=f"{body.for_agent} for {caller.user}", kind="agent",
                                                       user_name=caller.user, agent=body.for_agent, groups=[], ttl=ttl,
-                                                      created_by=caller.user)
+                                                      created_by=caller.user, uid=caller.uid)
             else:
                 require(caller, "admin")
                 if not body.name:
@@ -248,12 +253,15 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/api/apikeys", summary="Your API keys (admin: all)")
     def list_api_keys(caller: Caller) -> list[dict[str, Any]]:
         admin = "admin" in gateway.gatekeeper.roles(caller)
-        return [key_view(k) for k in gateway.store.list_api_keys() if admin or k.user_name == caller.user]
+        return [key_view(k) for k in gateway.store.list_api_keys(uid=None if admin else caller.uid or "-")]
 
     @app.post("/api/apikeys/{key_id}/revoke", summary="Revoke one of your API keys (admin: any)")
     def revoke_api_key(key_id: str, caller: Caller, request: Request) -> dict[str, Any]:
-        mine = {k.id for k in gateway.store.list_api_keys(include_inactive=True) if k.user_name == caller.user}
-        if key_id not in mine and "admin" not in gateway.gatekeeper.roles(caller):
+        # An agent may revoke its own key, never its person's other keys (nor another agent's).
+        own = caller.source.removeprefix("apikey:") if caller.agent and caller.source.startswith("apikey:") else None
+        mine = {k.id for k in gateway.store.list_api_keys(include_inactive=True, uid=caller.uid or "-")
+                if not caller.agent or k.id == own}
+        if key_id not in mine and ("admin" not in gateway.gatekeeper.roles(caller) or caller.agent):
             event(request, "apikey.revoke", "denied", caller, f"API key {key_id}")
             raise HTTPException(404, f"no API key {key_id!r} of yours")
         try:
@@ -291,7 +299,12 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.post("/api/credentials/{credential_id}/renew", summary="Keep an IdP-bound credential alive with a fresh sign-in")
     def renew_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:
         try:
-            until = gateway.store.renew_lease(credential_id, caller.user, gateway.settings.idp_recheck)
+            if not caller.source.startswith("oidc:"):
+                # The lease stands for "the IdP still vouches for this person": only its token says so.
+                raise NotFound("a credential bound to an IdP sign-in is renewed with that sign-in's token "
+                               "(`wardgate login`), not with an API key")
+            until = gateway.store.renew_lease(credential_id, caller.uid, gateway.settings.idp_recheck,
+                                              agent=caller.agent)
         except NotFound as exc:
             event(request, "credential.renew", "denied", caller, str(exc))
             raise HTTPException(404, str(exc)) from None
@@ -317,7 +330,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
     async def wait_session(session_id: str, caller: Caller, timeout: float = 60) -> dict[str, Any]:
         timeout = min(max(timeout, 0.0), 300.0)
         owner = await asyncio.to_thread(gateway.exec.owner, session_id)
-        if owner is None or (owner != caller.user and not can_read_all(caller)):
+        if not can_read_all(caller) and (owner is None or not caller.uid or owner != caller.uid):
             raise HTTPException(404, f"no session {session_id!r}")
         envelope = await gateway.exec.wait(session_id, timeout)
         if envelope is None:  # not a live exec: the record is the answer
@@ -448,3 +461,26 @@ ROUTE_EXAMPLES: dict[tuple[str, str], Any] = {
                               "duration_seconds": 1800, "reason": "incident 4211", "window_end": "2026-11-22T10:32:00Z",
                               "active": True}],
 }
+
+
+class SecurityHeaders:
+    """ASGI middleware: `X-Content-Type-Options: nosniff` on every HTTP answer (API, console, MCP, errors),
+    so that no browser reads a JSON or text answer as HTML or script."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-content-type-options" for name, _ in headers):
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -127,7 +127,7 @@ def main() -> int:
         from ..web import LINK_LABEL, login_link_token
 
         console_link = (f"http://{settings.gateway.http_listen}/console/login/link?token="
-                        + login_link_token(store.box.derive(LINK_LABEL), "demo", 3600))
+                        + login_link_token(store.box.derive(LINK_LABEL), store.get_user("demo").uid, 3600))
         store.close()
 
         from ..app import run

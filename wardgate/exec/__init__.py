@@ -42,6 +42,12 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 
 
+def unreachable_message(connection: str) -> str:
+    """A failure to open the database of `connection`, as told to someone who may not see why."""
+    return (f"the gateway cannot reach the database of connection {connection!r} right now; an administrator "
+            "can see why in the gateway's log and audit events")
+
+
 @dataclass
 class _Result:
     columns: list[str] = field(default_factory=list)
@@ -59,7 +65,7 @@ class ExecRunner:
         self.settings = gateway.settings.exec
         self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._finished: dict[str, tuple[float, dict[str, Any]]] = {}  # session id -> (at, envelope)
-        self._owners: dict[str, str] = {}  # session id -> user, for execs running or kept
+        self._owners: dict[str, tuple[str, str]] = {}  # session id -> (uid, name), for execs running or kept
         self._heard: dict[str, asyncio.Event] = {}  # session id -> set when its result reaches the store
         self._saving: set[asyncio.Task[None]] = set()
 
@@ -109,7 +115,7 @@ class ExecRunner:
                     "rules": [m.public() for m in decision.enforced],
                     "next": "change the statement, or ask for the rule to be changed; see `wardgate policy check`"}
         sid = self._open_session(caller, connection, addr, review_id=review_id)
-        self._owners[sid] = caller.user
+        self._owners[sid] = (caller.uid, caller.user)
         verdict = "approved" if review_id is not None else "shadow" if decision.matches else "allow"
         task = asyncio.get_running_loop().create_task(self._execute(sid, caller, connection, sql, params, verdict, decision))
         self._running[sid] = task
@@ -124,7 +130,7 @@ class ExecRunner:
         """Policy acting on the exec's risk level ([analysis] on_exec_medium / on_exec_high): an allowed
         statement may still be held for review or blocked as a whole."""
         settings = self.gateway.settings.analysis
-        risk = await asyncio.to_thread(self.gateway.analyzer.assess_exec, caller.user, sql, decision.classification)
+        risk = await asyncio.to_thread(self.gateway.analyzer.assess_exec, caller.uid, sql, decision.classification)
         action = exec_action(risk.level, settings)
         if action == "allow":
             return decision
@@ -193,7 +199,7 @@ class ExecRunner:
         self._finished[sid] = (now, envelope)
         # The store keeps it for every replica: an agent's next long-poll may reach another one.
         saving = asyncio.get_running_loop().create_task(asyncio.to_thread(
-            self.gateway.store.put_exec_result, sid, self._owners.get(sid, ""), envelope, now + self.settings.keep_seconds))
+            self._keep_result, sid, envelope, now + self.settings.keep_seconds))
         self._saving.add(saving)
         saving.add_done_callback(self._saved)
         # Results stay for long-polls for a while; the session record keeps the rest for good.
@@ -201,19 +207,23 @@ class ExecRunner:
             del self._finished[old]
             self._owners.pop(old, None)
 
+    def _keep_result(self, sid: str, envelope: dict[str, Any], until: float) -> None:
+        uid, name = self._owners.get(sid, ("", ""))
+        self.gateway.store.put_exec_result(sid, name, envelope, until, uid=uid)
+
     def _saved(self, task: asyncio.Task[None]) -> None:
         self._saving.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("cannot keep an exec result in the store: %s", task.exception())
 
     def owner(self, session_id: str) -> str | None:
-        """Whose session this is: known at once for an exec (the store may not have it yet), else from
-        the store (blocking: call it from a thread)."""
+        """The uid of the identity whose session this is: known at once for an exec (the store may not
+        have it yet), else from the store (blocking: call it from a thread)."""
         known = self._owners.get(session_id)
         if known is not None:
-            return known
+            return known[0]
         try:
-            return self.gateway.store.session_row(session_id).user_name
+            return self.gateway.store.session_owner(self.gateway.store.session_row(session_id))
         except NotFound:
             return None
 
@@ -221,7 +231,8 @@ class ExecRunner:
         """A recorded session the caller may read, with an exec's final envelope while it is kept.
         NotFound also when it is someone else's (not confirming it exists). Blocking."""
         data = show_session(self.gateway.store, session_id)
-        if data["user"] != caller.user and not self.gateway.gatekeeper.can_read_all(caller):
+        if not self.gateway.gatekeeper.can_read_all(caller) and \
+                (not caller.uid or self.owner(data["id"]) != caller.uid):
             raise NotFound(f"no session {session_id!r}")
         result = self.result(session_id)
         if result is not None:
@@ -233,7 +244,8 @@ class ExecRunner:
     def _open_session(self, caller: Identity, connection: str, addr: str | None, review_id: str | None = None) -> str:
         sid = uuid.uuid4().hex
         self.gateway.recorder.write([{
-            "k": "session", "sid": sid, "user": caller.user, "conn": connection, "addr": addr or "http",
+            "k": "session", "sid": sid, "user": caller.user, "uid": caller.uid or None, "conn": connection,
+            "addr": addr or "http",
             "at": time.time(), "tls": False, "app": "wardgate exec" + (f" (review {review_id})" if review_id else ""),
             "gw": self.gateway.recorder.instance, "agent": caller.agent,
         }])
@@ -300,6 +312,19 @@ class ExecRunner:
             except Exception as exc:
                 log.warning("cannot keep the masked columns of %s in the store: %s", connection, exc)
 
+    def _unreachable(self, sid: str, connection: str, code: str, reason: str, caller: Identity | None) -> str:
+        """What the caller is told when the database cannot be opened: the reason for an admin; for anyone
+        else a message without it, since it names the database's host, port or addresses. The reason is
+        logged and kept in the audit log (exec.upstream) either way."""
+        gw = self.gateway
+        log.warning("exec session %s: %s", sid, reason, extra={"session_id": sid, "connection": connection})
+        gw.record_event("exec.upstream", "error", user=caller.user if caller else None,
+                        agent=caller.agent if caller else None, source=f"session:{sid}",
+                        detail=f"{connection}: {reason} (SQLSTATE {code})")
+        if caller is not None and "admin" in gw.gatekeeper.roles(caller):
+            return reason
+        return unreachable_message(connection)
+
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
                             masking: MaskingPolicy, started: float, policy: StatementPolicy,
                             expected: tuple[frozenset[str] | None, ...] = (), caller: Identity | None = None,
@@ -307,14 +332,18 @@ class ExecRunner:
                             classification: Classification | None = None) -> dict[str, Any]:
         gw = self.gateway
         up = None
+        connecting = False
         try:
             spec = await asyncio.to_thread(gw.store.get_connection, connection)
             if spec is None:
                 raise upstream.UpstreamError(f"connection {connection!r} does not exist", "3D000")
             # The statement goes out as UTF-8: say so, over any role's or database's default encoding.
+            connecting = True
             up = await upstream.connect(spec, {"application_name": "wardgate exec", "client_encoding": "UTF8"},
                                         gw.settings.gateway.upstream_connect_timeout,
-                                        standard_strings=bool(policy.rules), read_only=policy.read_only)
+                                        standard_strings=bool(policy.rules), read_only=policy.read_only,
+                                        password_env_prefix=gw.settings.upstream.password_env_prefix)
+            connecting = False
             if masking and masking.needs_catalog:
                 await self._read_catalog(up, connection, masking)
                 if caller is not None:
@@ -337,6 +366,8 @@ class ExecRunner:
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError) as exc:
             code = getattr(exc, "code", "08006")
             message = str(exc) or "the connection to the database was lost"
+            if connecting and code != "42501":  # 42501: the gateway's own refusal of the session's settings
+                message = self._unreachable(sid, connection, code, message, caller)
             gw.recorder.keep([self._outcome(sid, "error", code=code, msg=message)])
             self._close_session(sid, "exec failed")
             return {"status": "failed", "session_id": sid, "connection": connection, "code": code, "error": message}

@@ -6,9 +6,9 @@ import hashlib
 import threading
 from collections import OrderedDict
 
-from ..config import Settings
+from ..config import Settings, parse_duration
 from ..domain import Identity
-from ..store import API_KEY_PREFIX, NotFound, Store
+from ..store import API_KEY_PREFIX, NotFound, Refused, Store
 from . import AuthenticationError, LockedOut
 from .oidc import Provider, TokenVerifier
 from .throttle import Throttle, lockout_message
@@ -22,6 +22,9 @@ class Authenticator:
         self._seen_lock = threading.Lock()
         # API keys guessed from one address: locked out per (address, key id) after a few failures.
         self.throttle = Throttle()
+        # An agent key acting for a person of an IdP works only while the IdP confirmed the person (a
+        # token of theirs seen) this recently: its groups are the ones the IdP last gave.
+        self.agent_recheck = parse_duration(settings.credentials.agent_recheck)
 
     SEEN = 10_000
 
@@ -51,22 +54,22 @@ class Authenticator:
             if addr is not None and (wait := self.throttle.wait(key)) > 0:
                 raise LockedOut(lockout_message(wait) + " for this API key", wait)
             try:
-                row, groups = self.store.api_key(bearer)
+                row, groups, user = self.store.api_key(bearer, confirm_within=self.agent_recheck)
             except NotFound as exc:
                 if addr is not None:
                     self.throttle.failed(key)
                 raise AuthenticationError(str(exc)) from None
             self.throttle.succeeded(key)
             if row.kind == "agent":
-                return Identity(row.user_name, tuple(groups), "agent", row.agent, f"apikey:{row.id}", row.expires_at)
-            return Identity(row.user_name, tuple(groups), "service", None, f"apikey:{row.id}", row.expires_at)
+                return Identity(user.name, tuple(groups), "agent", row.agent, f"apikey:{row.id}", row.expires_at,
+                                uid=user.uid)
+            return Identity(user.name, tuple(groups), "service", None, f"apikey:{row.id}", row.expires_at, uid=user.uid)
         if not self.tokens.providers:
             raise AuthenticationError("no identity provider is configured: use an API key, or add [[identity_providers]]")
         identity = self.tokens.verify(bearer, audience)
-        # One namespace of names: a provider's "alice" is not the gateway's local user alice, and must
-        # not read her sessions, reviews or keys (nor a disabled user's).
-        owner = self.store.get_user(identity.user)
-        if owner is not None and (owner.disabled or owner.source != identity.source):
-            why = "is disabled" if owner.disabled else f"belongs to a {owner.source} user, not to {identity.source}"
-            raise AuthenticationError(f"the name {identity.user!r} {why}; ask an administrator")
-        return identity
+        # Keyed by (provider, subject): a provider's "alice" is not the gateway's local user alice, nor
+        # another subject who took that name, and a removed identity stays refused.
+        try:
+            return self.store.resolve(identity)
+        except Refused as exc:
+            raise AuthenticationError(f"{exc}; ask an administrator") from None

@@ -96,20 +96,44 @@ class Provider:
         return decoded.claims
 
     def identity(self, claims: dict[str, Any]) -> Identity:
+        """The identity a verified token names. The person is keyed by (issuer, `subject_claim`); the
+        name is a label the store checks belongs to that key (store.ensure_user)."""
         s = self.settings
         raw_groups = claims.get(s.groups_claim, [])
         if isinstance(raw_groups, str):
             raw_groups = raw_groups.split()
+        if not isinstance(raw_groups, list):
+            raise AuthenticationError(f"the token's {s.groups_claim!r} claim is not a list of groups")
         groups = tuple(sorted({s.group_map.get(g, g) for g in raw_groups if isinstance(g, str)}))
-        user = claims.get(s.user_claim) or claims.get("sub")
-        if not user:
-            raise AuthenticationError("the token names no subject")
-        act = claims.get("act")
-        if isinstance(act, dict) and act.get("sub"):
-            # RFC 8693: `sub` is the person, `act.sub` the party acting for them.
-            return Identity(str(user), groups, "agent", str(act["sub"]), f"oidc:{s.name}", float(claims["exp"]))
+        subject = claims.get(s.subject_claim)
+        if not isinstance(subject, str) or not subject:
+            raise AuthenticationError(f"the token has no {s.subject_claim!r} claim naming its subject")
+        name = claims.get(s.user_claim) or subject
+        if not isinstance(name, str):
+            raise AuthenticationError(f"the token's {s.user_claim!r} claim is not a name")
         kind = "service" if claims.get("client_id") and claims.get("sub") == claims.get("client_id") else "user"
-        return Identity(str(user), groups, kind, None, f"oidc:{s.name}", float(claims["exp"]))
+        if kind == "service":
+            name = f"svc:{name}"  # machines have their own namespace: never a person's name
+        elif not valid_person_name(name):
+            raise AuthenticationError(f"the token names the user {name!r}, which is not a valid user name here "
+                                      "(no ':', '/', spaces or control characters; at most 128 characters)")
+        expires = float(claims["exp"])
+        if "act" in claims:
+            # RFC 8693: `sub` is the person, `act.sub` the party acting for them. Anything else in `act` is
+            # refused, not read as "no agent": the token says someone acts, and we cannot say who.
+            act = claims["act"]
+            if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"].strip():
+                raise AuthenticationError("the token's act claim is malformed: it must be an object naming the acting "
+                                          "party in act.sub")
+            if kind == "service":
+                raise AuthenticationError("the token says an agent acts for a service client; agents act for people")
+            return Identity(name, groups, "agent", act["sub"][:128], f"oidc:{s.name}", expires, subject=subject)
+        return Identity(name, groups, kind, None, f"oidc:{s.name}", expires, subject=subject)
+
+
+def valid_person_name(name: str) -> bool:
+    """A person's name: ':' is the namespaces' separator (svc:…), '/' and spaces break URLs and lists."""
+    return 0 < len(name) <= 128 and not any(c in name for c in ":/ ") and name.isprintable()
 
 
 MAX_TOKEN = 16 * 1024  # decoded, verified and cached only below this size

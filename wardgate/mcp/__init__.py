@@ -73,7 +73,8 @@ class WardgateTokenVerifier:
             token=token, client_id=identity.agent or identity.user, scopes=[], subject=identity.user,
             expires_at=int(identity.expires_at) if identity.expires_at else None, resource=self.resource_url,
             claims={"wardgate": {"user": identity.user, "groups": list(identity.groups), "kind": identity.kind,
-                                 "agent": identity.agent, "source": identity.source, "expires_at": identity.expires_at}},
+                                 "agent": identity.agent, "source": identity.source, "expires_at": identity.expires_at,
+                                 "uid": identity.uid}},
         )
 
 
@@ -82,7 +83,7 @@ def caller() -> Identity:
     if token is None or not token.claims or "wardgate" not in token.claims:
         raise ToolError("not authenticated")
     w = token.claims["wardgate"]
-    return Identity(w["user"], tuple(w["groups"]), w["kind"], w["agent"], w["source"], w["expires_at"])
+    return Identity(w["user"], tuple(w["groups"]), w["kind"], w["agent"], w["source"], w["expires_at"], uid=w["uid"])
 
 
 def transport_security(resource_url: str, host: str, port: int) -> TransportSecuritySettings | None:
@@ -161,7 +162,7 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
     async def sessions_wait_result(session_id: str, timeout_seconds: float = 60) -> dict[str, Any]:
         who = caller()
         owner = await asyncio.to_thread(gateway.exec.owner, session_id)
-        if owner != who.user:
+        if not who.uid or owner != who.uid:
             raise ToolError(f"no session {session_id!r} of yours")
         out = await gateway.exec.wait(session_id, min(max(timeout_seconds, 0.0), 300.0))
         return out if out is not None else {"status": "recorded", "session_id": session_id}
@@ -280,14 +281,17 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
 
     @server.tool(annotations=WRITE, description=(
         "(admin) Add a PostgreSQL connection. The password is stored encrypted and never returned; "
-        "or name an environment variable of the gateway that holds it (password_env)."))
+        "or name an environment variable of the gateway that holds it (password_env, which must start with "
+        f"{settings.upstream.password_env_prefix}). password_auth: 'scram-sha-256' "
+        "(default: the password is sent only through SCRAM) or 'any' (also to a server asking for md5 or cleartext)."))
     async def connections_create(name: str, host: str, database: str, user: str, port: int = 5432,
                                  password: str | None = None, password_env: str | None = None,
-                                 sslmode: str = "prefer") -> dict[str, Any]:
+                                 sslmode: str = "prefer",
+                                 password_auth: str = "scram-sha-256") -> dict[str, Any]:  # noqa: S107 - a method
         who = caller()
         admin_only(who)
         spec = ConnectionSpec(name=name, host=host, port=port, database=database, user=user, password=password,
-                              password_env=password_env, sslmode=sslmode)
+                              password_env=password_env, sslmode=sslmode, password_auth=password_auth)
         try:
             await asyncio.to_thread(gateway.store.add_connection, spec, Actor(who.user, "mcp", who.agent))
         except (ConfigError, Conflict) as exc:
@@ -295,26 +299,30 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
         return ConnectionInfo(spec, "store").public()
 
     @server.tool(annotations=WRITE, description=(
-        "(admin) Change a stored connection; only the settings given change. Secrets are accepted, never returned."))
+        "(admin) Change a stored connection; only the settings given change. Secrets are accepted, never returned. "
+        "Changing host, port, database or sslmode drops the stored password and password_env, on purpose, unless "
+        "the same call gives password or password_env again."))
     async def connections_update(name: str, host: str | None = None, port: int | None = None, database: str | None = None,
                                  user: str | None = None, password: str | None = None, password_env: str | None = None,
-                                 sslmode: str | None = None) -> dict[str, Any]:
+                                 sslmode: str | None = None, password_auth: str | None = None) -> dict[str, Any]:
         who = caller()
         admin_only(who)
         changes = {k: v for k, v in {"host": host, "port": port, "database": database, "user": user, "password": password,
-                                     "password_env": password_env, "sslmode": sslmode}.items() if v is not None}
+                                     "password_env": password_env, "sslmode": sslmode,
+                                     "password_auth": password_auth}.items() if v is not None}
         try:
             info = await asyncio.to_thread(gateway.store.update_connection, name, changes, Actor(who.user, "mcp", who.agent))
         except (ConfigError, Conflict, NotFound) as exc:
             raise ToolError(str(exc)) from None
-        return info.public()
+        return {**info.public(), **({"note": info.note} if info.note else {})}
 
     @server.tool(annotations=READ, description="(admin) What the policy decides for a statement, without running it.")
     async def policy_check(user: str, connection: str, sql: str) -> dict[str, Any]:
         who = caller()
         admin_only(who)
         row = await asyncio.to_thread(gateway.store.get_user, user)
-        result = gk.check(Identity(user, tuple(row.groups) if row else ()), connection, sql, "exec",
+        result = gk.check(Identity(user, tuple(row.groups) if row else (), uid=row.uid if row else ""), connection, sql,
+                          "exec",
                           await gateway.postgres.offload.classify_long(sql))
         return {"action": result["action"], "matches": result["matches"], "access": result["access"]["reason"]}
 

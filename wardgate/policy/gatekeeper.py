@@ -123,7 +123,7 @@ class Gatekeeper:
 
     def authorize(self, identity: Identity, connection: str, verb: str, now: dt.datetime | None = None) -> AccessDecision:
         """May `identity` use `connection` for `verb` (connect, exec)? Deny unless a rule allows it."""
-        grants = self.grants(identity.user) if self.grants is not None and self.access.has_grant_rules else None
+        grants = self.grants(identity.uid) if self.grants is not None and self.access.has_grant_rules else None
         return self.access.check(identity, connection, verb, now, grants)
 
     def statement_policy(self, identity: Identity, connection: str, masking: MaskingPolicy | None = None) -> StatementPolicy:

@@ -37,6 +37,9 @@ PARTS: dict[str, tuple[str, ...]] = {
     "session": SESSION_START, "end": SESSION_END, "session+end": SESSION_START + SESSION_END,
     "statement": STMT_START, "outcome": STMT_OUTCOME, "statement+outcome": STMT_START + STMT_OUTCOME,
 }
+# Fields added after rows were first sealed: part of a seal only when set, so the seals of rows
+# recorded before them still verify, and a value set later, changed or cleared is still found.
+LATER: dict[str, tuple[str, ...]] = {"session": ("user_id",), "session+end": ("user_id",)}
 SESSION_PARTS = ("session", "end", "session+end")
 STARTS = ("session", "session+end", "statement", "statement+outcome")  # a row's first seal is one of these
 ENDS = ("end", "session+end", "outcome", "statement+outcome")  # and the seal of its final state one of these
@@ -72,18 +75,23 @@ def _field_digest(name: str, value: Any) -> bytes:
     return h.digest()
 
 
+def _names(part: str, row: Mapping[str, Any]) -> tuple[str, ...]:
+    return PARTS[part] + tuple(name for name in LATER.get(part, ()) if row.get(name) is not None)
+
+
 def seal(sid: str, seq: int, part: str, row: Mapping[str, Any]) -> tuple[str, str]:
     """The seal of `part` of a row: (digest, field tags), from `row`'s values for the part's fields."""
-    digests = [_field_digest(name, row.get(name)) for name in PARTS[part]]
+    digests = [_field_digest(name, row.get(name)) for name in _names(part, row)]
     head = _canonical_json([sid, seq, part]).encode("utf-8", "surrogatepass")
     return hashlib.sha256(head + b"".join(digests)).hexdigest()[:32], "".join(d[:4].hex() for d in digests)
 
 
 def changed_fields(part: str, row: Mapping[str, Any], tags: str) -> list[str]:
     """The fields of `part` whose value in `row` is not the one sealed (by their tags)."""
-    names = PARTS[part]
+    names = PARTS[part] + LATER.get(part, ())
     return [name for i, name in enumerate(names)
-            if tags[8 * i:8 * i + 8] != _field_digest(name, row.get(name))[:4].hex()]
+            if tags[8 * i:8 * i + 8] != (_field_digest(name, row.get(name))[:4].hex()
+                                         if i < len(PARTS[part]) or row.get(name) is not None else "")]
 
 
 def batch_digest(seals: Iterable[tuple[str, int, str, str, str]]) -> str:

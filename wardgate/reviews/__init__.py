@@ -101,8 +101,8 @@ class Reviews:
         need = max([mt.min_approvals for mt in asking] or [1])
         now = time.time()
         review = m.Review(
-            id=uuid.uuid4().hex, kind="statement", status="pending", requester=caller.user, agent=caller.agent,
-            connection=connection, statement=statement, params=list(params), sha256=input_hash(connection, statement, params),
+            id=uuid.uuid4().hex, kind="statement", status="pending", requester=caller.user, requester_id=caller.uid,
+            agent=caller.agent, connection=connection, statement=statement, params=list(params), sha256=input_hash(connection, statement, params),
             policy_version=self.policy_version, rules=[mt.public() for mt in asking], approvers=approvers,
             min_approvals=need, created_at=now, expires_at=now + self.settings.ttl_seconds,
         )
@@ -125,8 +125,8 @@ class Reviews:
         now = time.time()
         text = f"access to {connection} for {int(duration)}s"
         review = m.Review(
-            id=uuid.uuid4().hex, kind="access", status="pending", requester=caller.user, agent=caller.agent,
-            connection=connection, statement=text, params=[], sha256=input_hash(connection, text, []),
+            id=uuid.uuid4().hex, kind="access", status="pending", requester=caller.user, requester_id=caller.uid,
+            agent=caller.agent, connection=connection, statement=text, params=[], sha256=input_hash(connection, text, []),
             policy_version=self.policy_version, rules=[{"rule": rule.name, "action": "review", "reason": "just-in-time access",
                                                         "message": "", "shadow": False}],
             approvers=list(rule.approvers), min_approvals=rule.min_approvals, created_at=now,
@@ -150,14 +150,14 @@ class Reviews:
         Runs on the event loop: reviews are rare, and these are two small queries."""
         now = time.time()
         sha = input_hash(connection, statement, [])
-        review_id = self.store.claim_approved(caller.user, connection, sha, self.policy_version, now)
+        review_id = self.store.claim_approved(caller.uid, caller.agent, connection, sha, self.policy_version, now)
         if review_id is not None:
             self.store.set_review_session(review_id, session_id)
             self._event("review.executed", "ok", caller, review_id, f"{connection}: native session {session_id}")
             self.gateway.loop.call_soon(self._wake, review_id)
             self._notify_later("review.executed", review_id)
             return None
-        review = self.store.pending_review(caller.user, connection, sha, now) or \
+        review = self.store.pending_review(caller.uid, caller.agent, connection, sha, now) or \
             self._create(caller, connection, statement, [], decision)
         rule = review.rules[0] if review.rules else {"rule": "?", "reason": ""}
         who = ", ".join(review.approvers) if review.approvers else "an admin"
@@ -190,12 +190,12 @@ class Reviews:
         }
 
     def may_see(self, caller: Identity, review: m.Review) -> bool:
-        return (review.requester == caller.user or self._may_approve(caller, review)
+        return ((bool(caller.uid) and review.requester_id == caller.uid) or self._may_approve(caller, review)
                 or self.gateway.gatekeeper.can_read_all(caller))
 
     def _may_approve(self, caller: Identity, review: m.Review) -> bool:
-        if caller.agent:
-            return False  # an agent never approves, not even for its person
+        if caller.agent or caller.kind != "user" or not caller.uid:
+            return False  # an agent never approves, not even for its person; nor does a service account
         if review.approvers:
             return bool(set(caller.groups) & set(review.approvers))
         return "admin" in self.gateway.gatekeeper.roles(caller)
@@ -250,7 +250,7 @@ class Reviews:
                 raise ReviewError(f"no review {review_id!r}", 404)
             groups = ", ".join(review.approvers) or "admin role"
             raise ReviewError(f"only members of {groups} may {decision} this review (and never an agent)", 403)
-        if caller.user == review.requester:
+        if caller.uid == review.requester_id or (review.requester_id is None and caller.user == review.requester):
             self._event(f"review.{decision}", "denied", caller, review_id, "self-approval")
             raise ReviewError("you cannot decide your own review; another approver must", 403)
         if review.status in ("pending", "approved") and review.expires_at <= now:
@@ -281,7 +281,7 @@ class Reviews:
             STATS.review_latency.observe(now - review.created_at)
         if review.kind == "access" and decision == "revoke" and review.status == "approved" and review.decided_at:
             # The grant ends now: credentials issued under it are revoked, which ends their live sessions.
-            ended = await asyncio.to_thread(self.store.revoke_credentials_since, review.requester, review.connection,
+            ended = await asyncio.to_thread(self.store.revoke_credentials_since, review.requester_id or "", review.connection,
                                             review.decided_at)
             if ended:
                 self._event("credential.revoke", "ok", caller, review_id, f"grant revoked: {', '.join(ended)}")
@@ -301,9 +301,10 @@ class Reviews:
             raise ReviewError(f"no review {review_id!r}", 404) from None
         if review.kind != "statement":
             raise ReviewError("an access review is not executed: once approved, it grants a window on the connection", 409)
-        if review.requester != caller.user:
+        if not caller.uid or review.requester_id != caller.uid or review.agent != caller.agent:
             self._event("review.execute", "denied", caller, review_id, "not the requester")
-            raise ReviewError("only the person who asked for this review may run it", 403)
+            by = f"{review.requester} through {review.agent}" if review.agent else review.requester
+            raise ReviewError(f"only who asked for this review ({by}) may run it", 403)
         if review.policy_version != self.policy_version:
             self._event("review.execute", "denied", caller, review_id, "the policy changed since the request")
             raise ReviewError("the guardrails changed since this review was requested; run the statement again "
@@ -311,7 +312,7 @@ class Reviews:
         if review.sha256 != input_hash(review.connection, review.statement, review.params):
             self._event("review.execute", "denied", caller, review_id, "stored input does not match its hash")
             raise ReviewError("the stored statement does not match its hash; it will not run", 409)
-        if not await asyncio.to_thread(self.store.claim_review, review_id, caller.user, time.time()):
+        if not await asyncio.to_thread(self.store.claim_review, review_id, caller.uid, caller.agent, time.time()):
             current, _ = await asyncio.to_thread(self.store.get_review, review_id)
             status = current.status
             if status in ("pending", "approved") and current.expires_at <= time.time():

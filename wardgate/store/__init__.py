@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -25,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import sessionmaker
 
 from ..config import ConfigError, ConnectionSpec, Settings, validate_connection
+from ..domain import Identity
 from ..engines.postgres.scram import DEFAULT_ITERATIONS, Verifier, make_verifier
 from ..recording import audit, seals
 from ..recording.journal import ends_after_restart
@@ -77,7 +79,15 @@ class Actor:
 def _connection_view(spec: ConnectionSpec) -> dict[str, Any]:
     """A connection's settings for a change record: the password never, only whether it is set."""
     return {"host": spec.host, "port": spec.port, "database": spec.database, "user": spec.user, "sslmode": spec.sslmode,
-            "sslrootcert": spec.sslrootcert, "password_env": spec.password_env, "password": "set" if spec.password else None}
+            "sslrootcert": spec.sslrootcert, "password_env": spec.password_env, "password": "set" if spec.password else None,
+            "password_auth": spec.password_auth}
+
+
+# Where a connection points: changing any of these drops its stored secret unless the change supplies it
+# again, so that an admin cannot have the gateway send a password to a server it was not entered for.
+CONNECTION_TARGET = ("host", "port", "database", "sslmode", "sslrootcert")
+SECRET_DROPPED = ("the stored password was dropped: the connection points elsewhere and the change did not "
+                  "supply it again")
 
 
 def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
@@ -94,6 +104,10 @@ UNAVAILABLE_MESSAGE = "the gateway's store is unavailable"
 
 class NotFound(LookupError):
     pass
+
+
+class Refused(PermissionError):
+    """An identity that may not act: removed, disabled, or named like another identity."""
 
 
 class Conflict(ValueError):
@@ -120,6 +134,7 @@ class IssuedApiKey:
 class ConnectionInfo:
     spec: ConnectionSpec
     source: str  # "config" or "store"
+    note: str | None = None  # what a change did beyond what was asked (its secret dropped)
 
     def public(self) -> dict[str, Any]:
         s = self.spec
@@ -131,6 +146,7 @@ class ConnectionInfo:
             "user": s.user,
             "sslmode": s.sslmode,
             "password": "env:" + s.password_env if s.password_env else ("set" if s.password else "none"),
+            "password_auth": s.password_auth,
             "source": self.source,
         }
 
@@ -164,6 +180,16 @@ def _engine(url: str, *, sync: bool = False) -> sa.Engine:
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return sa.create_engine(url, pool_pre_ping=True)
 
+
+
+def _new_user(name: str, groups: list[str], source: str, *, kind: str = "user", subject: str | None = None) -> m.User:
+    return m.User(name=name, groups=sorted(set(groups)), scram_salt=os.urandom(16), created_at=time.time(),
+                  disabled=False, source=source, kind=kind, subject=subject, uid=secrets.token_hex(8))
+
+
+def _same_agent(agent: str | None) -> Any:
+    """A review asked for by an agent is run by that agent; one the person asked for, by the person."""
+    return m.Review.agent.is_(None) if agent is None else m.Review.agent == agent
 
 
 def _masked_key(connection: str) -> str:
@@ -211,23 +237,31 @@ class Store:
 
     def add_user(self, name: str, groups: list[str], actor: Actor | None = None) -> m.User:
         name = name.strip()
-        if not name or len(name) > 128 or any(c in name for c in "\x00:@/ "):
+        if not name or len(name) > 128 or any(c in name for c in "\x00:@/# ") or not name.isprintable():
             raise ConfigError(f"invalid user name {name!r}: use letters, digits, '.', '_', '-'")
         with self.Session.begin() as s:
             if s.scalar(select(m.User).where(m.User.name == name)):
                 raise Conflict(f"user {name!r} already exists")
-            user = m.User(name=name, groups=sorted(set(groups)), scram_salt=os.urandom(16), created_at=time.time(), disabled=False)
+            user = _new_user(name, groups, "local")
             s.add(user)
-            self.record_change(s, actor, "user.create", f"{name}: groups {', '.join(sorted(set(groups))) or '(none)'}")
+            self.record_change(s, actor, "user.create", f"{name} ({user.uid}): groups {', '.join(user.groups) or '(none)'}")
         return user
 
-    def list_users(self) -> list[m.User]:
+    def list_users(self, include_removed: bool = False) -> list[m.User]:
+        q = select(m.User).order_by(m.User.name)
+        if not include_removed:
+            q = q.where(m.User.removed_at.is_(None))
         with self.Session() as s:
-            return list(s.scalars(select(m.User).order_by(m.User.name)))
+            return list(s.scalars(q))
 
     def get_user(self, name: str) -> m.User | None:
+        """The live (not removed) user of that name."""
         with self.Session() as s:
-            return s.scalar(select(m.User).where(m.User.name == name))
+            return s.scalar(select(m.User).where(m.User.name == name, m.User.removed_at.is_(None)))
+
+    def user_by_uid(self, uid: str) -> m.User | None:
+        with self.Session() as s:
+            return s.scalar(select(m.User).where(m.User.uid == uid)) if uid else None
 
     def set_user_groups(self, name: str, groups: list[str], actor: Actor | None = None) -> m.User:
         """A local user's groups, replaced. Their console sessions end, so the new groups apply at once
@@ -237,31 +271,133 @@ class Store:
         if bad:
             raise ConfigError(f"invalid group name {bad[0]!r}: use letters, digits, '.', '_', '-'")
         with self.Session.begin() as s:
-            user = s.scalar(select(m.User).where(m.User.name == name, m.User.disabled.is_(False)))
+            user = s.scalar(select(m.User).where(m.User.name == name, m.User.removed_at.is_(None)))
             if user is None:
                 raise NotFound(f"no user named {name!r}; see `wardgate users list`")
-            if user.source != "local":
-                raise Conflict(f"{name!r} comes from {user.source}: its groups come from the identity provider's claims")
+            if user.source != "local" or user.kind != "user":
+                where = "the identity provider's claims" if user.source.startswith("oidc:") else "its API keys"
+                raise Conflict(f"{name!r} comes from {user.source}: its groups come from {where}")
             old = sorted(user.groups or [])
             if old == groups:
                 return user
             user.groups = groups
             self.record_change(s, actor, "user.groups",
                                f"{name}: groups {', '.join(old) or '(none)'} -> {', '.join(groups) or '(none)'}")
-            s.execute(sa.delete(m.ConsoleState).where(m.ConsoleState.user_name == name))
+            s.execute(sa.delete(m.ConsoleState).where(m.ConsoleState.user_id == user.uid))
         return user
 
-    def remove_user(self, name: str, actor: Actor | None = None) -> None:
+    def remove_user(self, name: str, actor: Actor | None = None) -> dict[str, int]:
+        """End an identity: every credential, API key, console session, grant and open review of it is
+        revoked, and it is refused at every door (a still-valid IdP token included) until restored. The
+        name is free for someone else, who starts with nothing: records name the identity by its uid."""
+        now = time.time()
         with self.Session.begin() as s:
-            user = s.scalar(select(m.User).where(m.User.name == name))
+            user = s.scalar(select(m.User).where(m.User.name == name, m.User.removed_at.is_(None)))
             if user is None:
-                raise NotFound(f"no user named {name!r}")
-            self.record_change(s, actor, "user.remove", f"{name}: disabled, its credentials revoked")
-            s.execute(update(m.Credential).where(m.Credential.user_id == user.id, m.Credential.revoked_at.is_(None)).values(revoked_at=time.time()))
-            self.announce(s, "credential", "*")
-            s.execute(sa.delete(m.ConsoleState).where(m.ConsoleState.user_name == name))  # signed out of the console
-            user.disabled = True
-            user.name = f"{user.name}#removed-{user.id}"
+                raise NotFound(f"no user named {name!r}; see `wardgate users list`")
+            counts = self._revoke_everything(s, user, now, actor)
+            self.record_change(s, actor, "user.remove", f"{name} ({user.uid}): removed; revoked "
+                               + ", ".join(f"{n} {what}" for what, n in counts.items()))
+            user.disabled, user.removed_at = True, now
+            user.name = f"{name}#removed-{user.id}"  # frees the name; '#' is in no live user's name
+            return counts
+
+    def _revoke_everything(self, s: Any, user: m.User, now: float, actor: Actor | None) -> dict[str, int]:
+        counts = {}
+        counts["credentials"] = s.execute(update(m.Credential).where(
+            m.Credential.user_id == user.id, m.Credential.revoked_at.is_(None)).values(revoked_at=now)).rowcount
+        counts["API keys"] = s.execute(update(m.ApiKey).where(
+            m.ApiKey.user_id == user.uid, m.ApiKey.revoked_at.is_(None)).values(revoked_at=now)).rowcount
+        counts["console sessions"] = s.execute(sa.delete(m.ConsoleState).where(m.ConsoleState.user_id == user.uid)).rowcount
+        # Pending and approved reviews (statements not yet run, access windows not yet ended) go with them.
+        open_ = select(m.Review.id).where(m.Review.requester_id == user.uid, m.Review.status.in_(("pending", "approved")))
+        ids = list(s.scalars(open_))
+        if ids:
+            s.execute(update(m.Review).where(m.Review.id.in_(ids)).values(status="revoked", decided_at=now))
+            for review_id in ids:
+                s.add(m.ReviewDecision(review_id=review_id, by=actor.user if actor else "wardgate", decision="revoke",
+                                       reason="the requester's identity was removed", at=now))
+                self.announce(s, "review", review_id)
+        counts["reviews and grants"] = len(ids)
+        self.announce(s, "credential", "*")
+        return counts
+
+    def restore_user(self, name: str, actor: Actor | None = None) -> m.User:
+        """Bring back a removed identity, named by the name it had or by its uid: its history, and none
+        of its credentials, keys or reviews (they stay revoked). Several removed under one name: refused,
+        naming their uids."""
+        with self.Session.begin() as s:
+            rows = list(s.scalars(select(m.User).where(m.User.uid == name, m.User.removed_at.is_not(None))))
+            if not rows:
+                rows = list(s.scalars(select(m.User).where(
+                    m.User.name.startswith(f"{name}#removed-", autoescape=True), m.User.removed_at.is_not(None))))
+            if not rows:
+                raise NotFound(f"no removed user named {name!r}; see `wardgate users list --removed`")
+            if len(rows) > 1:
+                raise Conflict(f"{len(rows)} removed identities were named {name!r} (ids "
+                               f"{', '.join(r.uid for r in rows)}); restore one by its id: "
+                               f"`wardgate users restore {rows[0].uid}`")
+            row = rows[0]
+            old = row.name.split("#removed-", 1)[0]
+            if s.scalar(select(m.User.id).where(m.User.name == old)) is not None:
+                raise Conflict(f"the name {old!r} now belongs to another user; remove or rename that one first")
+            row.name, row.removed_at, row.disabled = old, None, False
+            self.record_change(s, actor, "user.restore", f"{old} ({row.uid}): restored, with no live credentials or keys")
+            return row
+
+    def resolve(self, identity: Identity) -> Identity:
+        """The identity with its user's stable id; creates the user of a verified token on first sight and
+        keeps its groups current. Raises Refused for an identity removed or disabled, or whose name
+        belongs to another identity. Blocking."""
+        if identity.source.startswith("oidc:"):
+            row = self._ensure_token_user(identity)
+        else:
+            row = self.user_by_uid(identity.uid) if identity.uid else self.get_user(identity.user)
+            if row is None:
+                raise Refused(f"no user {identity.user!r}")
+        if row.removed_at is not None or row.disabled:
+            raise Refused(f"the identity {identity.user!r} was removed; an administrator may restore it with "
+                          f"`wardgate users restore {identity.user}`")
+        return dataclasses.replace(identity, uid=row.uid, user=row.name)
+
+    TOUCH = 10.0  # seconds: how stale a token user's `seen_at` may get before a request writes it again
+
+    def _ensure_token_user(self, identity: Identity) -> m.User:
+        """The user a verified token names: keyed by (provider, subject), never by its name."""
+        now = time.time()
+        kind = "service" if identity.kind == "service" else "user"
+        groups = sorted(set(identity.groups))
+        with self.Session.begin() as s:
+            row = s.scalar(select(m.User).where(m.User.source == identity.source, m.User.subject == identity.subject,
+                                                m.User.kind == kind).order_by(m.User.id.desc()).limit(1))
+            if row is not None and row.removed_at is not None:
+                return row
+            holder = s.scalar(select(m.User).where(m.User.name == identity.user))
+            if holder is not None and holder is not row:
+                raise Refused(f"the name {identity.user!r} belongs to another identity ({holder.source}); an "
+                              "administrator must rename or remove one of them")
+            if row is None:
+                row = _new_user(identity.user, groups, identity.source, kind=kind, subject=identity.subject)
+                row.seen_at = now
+                s.add(row)
+                return row
+            if row.name != identity.user or row.groups != groups or (row.seen_at or 0) < now - self.TOUCH:
+                row.name, row.groups, row.seen_at = identity.user, groups, now
+            return row
+
+    def service_account(self, name: str) -> m.User:
+        """The user behind service keys named `name` (svc:<name>), made on the first key."""
+        principal = name if name.startswith("svc:") else f"svc:{name}"
+        if not re.fullmatch(r"svc:[A-Za-z0-9_][A-Za-z0-9_.-]{0,123}", principal):
+            raise ConfigError(f"invalid service account name {name!r}: use letters, digits, '.', '_', '-'")
+        with self.Session.begin() as s:
+            row = s.scalar(select(m.User).where(m.User.name == principal))
+            if row is None:
+                row = _new_user(principal, [], "apikey", kind="service")
+                s.add(row)
+            elif row.kind != "service" or row.source != "apikey":
+                raise Conflict(f"{principal!r} is a service client of {row.source}, not a service account of API keys")
+            return row
 
     # ---------------------------------------------------------------------------- connections
 
@@ -289,7 +425,7 @@ class Store:
             "agent": actor.agent, "source": actor.source, "client_addr": actor.addr, "detail": detail}])
 
     def add_connection(self, spec: ConnectionSpec, actor: Actor | None = None) -> None:
-        validate_connection(spec)
+        validate_connection(spec, self.settings.upstream.password_env_prefix)
         if spec.name in self._config_connections:
             raise Conflict(f"connection {spec.name!r} is declared in the config file; edit it there")
         with self.Session.begin() as s:
@@ -308,6 +444,7 @@ class Store:
                     password_env=spec.password_env,
                     sslmode=spec.sslmode,
                     sslrootcert=spec.sslrootcert,
+                    password_auth=spec.password_auth,
                     created_at=time.time(),
                 )
             )
@@ -322,29 +459,41 @@ class Store:
         return row
 
     def update_connection(self, name: str, changes: dict[str, Any], actor: Actor | None = None) -> ConnectionInfo:
-        """Change a stored connection in place (its credentials stay valid); `password` is encrypted."""
+        """Change a stored connection in place (its credentials stay valid); `password` is encrypted.
+        A change of where it points (CONNECTION_TARGET) drops its password and password_env unless the
+        same change supplies one again."""
         with self.Session.begin() as s:
             row = self._stored_connection(s, name, "edit")
             spec = self._spec(row)
             before = _connection_view(spec)
-            old_password = spec.password
             for key, value in changes.items():
                 if not hasattr(spec, key) or key == "name":
                     raise ConfigError(f"a connection has no setting {key!r} to change")
                 setattr(spec, key, value)
-            if "password" in changes and changes["password"]:
+            new_password, new_env = bool(changes.get("password")), bool(changes.get("password_env"))
+            if new_password:
                 spec.password_env = changes.get("password_env")
-            if "password_env" in changes and changes["password_env"]:
+            if new_env:
                 spec.password = changes.get("password")
-            validate_connection(spec)
+            moved = any(before[k] != getattr(spec, k) for k in CONNECTION_TARGET)
+            dropped = moved and not (new_password or new_env) and bool(spec.password or spec.password_env)
+            if dropped:
+                spec.password = spec.password_env = None
+            validate_connection(spec, self.settings.upstream.password_env_prefix)
             row.host, row.port, row.database, row.username = spec.host, spec.port, spec.database, spec.user
             row.password_enc = self.box.encrypt(spec.password) if spec.password else None
             row.password_env, row.sslmode, row.sslrootcert = spec.password_env, spec.sslmode, spec.sslrootcert
+            row.password_auth = spec.password_auth
             changed = diff(before, _connection_view(spec))
-            if spec.password != old_password and spec.password and old_password:
-                changed["password"] = ["set", "changed"]
-            self.record_change(s, actor, "connection.update", f"{name}: {_dumps(changed)}")
-        return ConnectionInfo(spec, "store")
+            if new_password:
+                # "replaced" whether or not it equals the old one: the record must not confirm a guess.
+                changed["password"] = [before["password"], "replaced" if before["password"] else "set"]
+            detail = f"{name}: {_dumps(changed)}"
+            if dropped:
+                detail += f"; {SECRET_DROPPED}"
+            self.record_change(s, actor, "connection.update", detail)
+        return ConnectionInfo(spec, "store", SECRET_DROPPED + " (give password or password_env with the change)"
+                              if dropped else None)
 
     def remove_connection(self, name: str, actor: Actor | None = None) -> None:
         with self.Session.begin() as s:
@@ -411,6 +560,7 @@ class Store:
             password_env=row.password_env,
             sslmode=row.sslmode,
             sslrootcert=row.sslrootcert,
+            password_auth=row.password_auth or "scram-sha-256",
         )
 
     def list_connections(self) -> list[ConnectionInfo]:
@@ -430,9 +580,10 @@ class Store:
 
     def issue_credential(
         self, user_name: str, connection: str, ttl: float, agent: str | None = None, lease: float | None = None,
-        not_after: float | None = None, actor: Actor | None = None,
+        not_after: float | None = None, actor: Actor | None = None, uid: str | None = None,
     ) -> IssuedCredential:
-        """`not_after`: the credential ends then at the latest (the end of a grant's window)."""
+        """`not_after`: the credential ends then at the latest (the end of a grant's window). `uid`: the
+        user by id (a caller the authenticator resolved), rather than by `user_name`."""
         if not_after is not None:
             ttl = min(ttl, not_after - time.time())
         if ttl <= 0:
@@ -446,9 +597,11 @@ class Store:
             raise NotFound(f"no connection named {connection!r}; see `wardgate connections list`")
         now = time.time()
         with self.Session.begin() as s:
-            user = s.scalar(select(m.User).where(m.User.name == user_name))
-            if user is None or user.disabled:
+            who = m.User.uid == uid if uid else m.User.name == user_name
+            user = s.scalar(select(m.User).where(who, m.User.removed_at.is_(None), m.User.disabled.is_(False)))
+            if user is None:
                 raise NotFound(f"no user named {user_name!r}; add one with `wardgate users add {user_name}`")
+            user_name = user.name
             cred_id = secrets.token_hex(6)
             secret = f"{CREDENTIAL_PREFIX}{cred_id}_{secrets.token_urlsafe(24)}"
             verifier = make_verifier(secret, user.scram_salt, DEFAULT_ITERATIONS)
@@ -481,10 +634,14 @@ class Store:
                 self.announce(s, "credential", cred_id)
             return cred
 
-    def list_credentials(self, user: str | None = None, include_inactive: bool = False) -> list[tuple[m.Credential, str]]:
+    def list_credentials(self, user: str | None = None, include_inactive: bool = False,
+                         uid: str | None = None) -> list[tuple[m.Credential, str]]:
+        """`user`: of the live user of that name; `uid`: of that identity."""
         now = time.time()
         q = select(m.Credential, m.User.name).join(m.User, m.User.id == m.Credential.user_id)
-        if user:
+        if uid:
+            q = q.where(m.User.uid == uid)
+        elif user:
             q = q.where(m.User.name == user)
         if not include_inactive:
             q = q.where(m.Credential.revoked_at.is_(None), m.Credential.expires_at > now)
@@ -496,7 +653,7 @@ class Store:
         now = time.time()
         with self.Session() as s:
             user = s.scalar(select(m.User).where(m.User.name == user_name))
-            if user is None or user.disabled:
+            if user is None or user.disabled or user.removed_at is not None:
                 return None, [], {}
             rows = list(s.scalars(
                 select(m.Credential).where(
@@ -510,13 +667,14 @@ class Store:
             verifiers = [(c.id, Verifier(user.scram_salt, c.iterations, c.stored_key, c.server_key)) for c in rows]
             return user, verifiers, {c.id: c.agent for c in rows if c.agent}
 
-    def credential_owner(self, cred_id: str) -> str | None:
-        """The user name a credential belongs to, or None if there is no such credential."""
+    def credential_owner(self, cred_id: str) -> tuple[str, str] | None:
+        """The uid and name of the user a credential belongs to, or None if there is no such credential."""
         with self.Session() as s:
             row = s.execute(
-                select(m.User.name).join(m.Credential, m.Credential.user_id == m.User.id).where(m.Credential.id == cred_id)
+                select(m.User.uid, m.User.name).join(m.Credential, m.Credential.user_id == m.User.id)
+                .where(m.Credential.id == cred_id)
             ).first()
-            return row[0] if row else None
+            return (row[0], row[1]) if row else None
 
     def dead_credentials(self, ids: Iterable[str], now: float | None = None) -> dict[str, str]:
         """Of `ids`, those revoked or expired, with the reason."""
@@ -537,13 +695,14 @@ class Store:
                 out[cred_id] = "not renewed: the sign-in behind it is no longer confirmed"
         return out
 
-    def renew_lease(self, cred_id: str, user_name: str, lease: float) -> float:
-        """Extend the lease of a live credential of `user_name`; return the new end."""
+    def renew_lease(self, cred_id: str, uid: str, lease: float, agent: str | None = None) -> float:
+        """Extend the lease of a live credential of the user `uid` (issued to `agent`); the new end."""
         now = time.time()
         with self.Session.begin() as s:
             row = s.execute(
                 select(m.Credential).join(m.User, m.User.id == m.Credential.user_id)
-                .where(m.Credential.id == cred_id, m.User.name == user_name)
+                .where(m.Credential.id == cred_id, m.User.uid == uid, m.User.removed_at.is_(None),
+                       m.Credential.agent.is_(None) if agent is None else m.Credential.agent == agent)
             ).scalar_one_or_none()
             if row is None or row.revoked_at is not None or row.expires_at <= now:
                 raise NotFound(f"no live credential {cred_id!r} of yours")
@@ -558,50 +717,42 @@ class Store:
         with self.Session.begin() as s:
             s.execute(update(m.Credential).where(m.Credential.id == cred_id).values(last_used_at=time.time()))
 
-    def ensure_user(self, name: str, groups: list[str], source: str) -> m.User:
-        """The user of a verified external identity: created on first sight, its groups kept current."""
-        with self.Session.begin() as s:
-            user = s.scalar(select(m.User).where(m.User.name == name))
-            if user is None:
-                user = m.User(name=name, groups=sorted(set(groups)), scram_salt=os.urandom(16), created_at=time.time(),
-                              disabled=False, source=source)
-                s.add(user)
-            elif user.disabled:
-                raise Conflict(f"user {name!r} is disabled")
-            elif user.source != source:
-                # The same name from another origin must not borrow this user's credentials or groups.
-                raise Conflict(f"the name {name!r} belongs to a {user.source} user; this identity comes from {source}")
-            else:
-                user.groups = sorted(set(groups))
-            return user
-
     # ------------------------------------------------------------------------------- api keys
 
     def create_api_key(
         self, *, name: str, kind: str, user_name: str, agent: str | None, groups: list[str], ttl: float | None,
-        created_by: str | None, actor: Actor | None = None,
+        created_by: str | None, actor: Actor | None = None, uid: str | None = None,
     ) -> IssuedApiKey:
-        if kind not in ("service", "agent"):
+        """kind agent: a key acting for the person `uid` (or the live user `user_name`); kind service: a key
+        of the service account svc:<user_name>, made with its first key."""
+        if kind == "agent":
+            person = self.user_by_uid(uid) if uid else self.get_user(user_name)
+            if person is None or person.removed_at is not None or person.kind != "user":
+                raise NotFound(f"no user named {user_name!r}: an agent key acts for an existing person")
+        elif kind == "service":
+            person = self.service_account(user_name)
+        else:
             raise ConfigError("an API key is for a service account or for an agent")
-        if kind == "agent" and self.get_user(user_name) is None:
-            raise NotFound(f"no user named {user_name!r}: an agent key acts for an existing user")
         key_id = secrets.token_hex(6)
         secret = f"{API_KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         now = time.time()
         row = m.ApiKey(
-            id=key_id, name=name, kind=kind, user_name=user_name, agent=agent, groups=sorted(set(groups)),
-            secret_hash=hashlib.sha256(secret.encode()).digest(), created_by=created_by, created_at=now,
-            expires_at=now + ttl if ttl else None,
+            id=key_id, name=name, kind=kind, user_name=person.name, user_id=person.uid, agent=agent,
+            groups=sorted(set(groups)), secret_hash=hashlib.sha256(secret.encode()).digest(), created_by=created_by,
+            created_at=now, expires_at=now + ttl if ttl else None,
         )
         with self.Session.begin() as s:
             s.add(row)
-            self.record_change(s, actor, "apikey.create", f"API key {key_id} ({name}, {kind}"
+            self.record_change(s, actor, "apikey.create", f"API key {key_id} ({name}, {kind} of {person.name}"
                                + (f", groups {', '.join(row.groups)}" if row.groups else "") + ")")
         return IssuedApiKey(row, secret)
 
-    def list_api_keys(self, include_inactive: bool = False) -> list[m.ApiKey]:
+    def list_api_keys(self, include_inactive: bool = False, uid: str | None = None) -> list[m.ApiKey]:
+        """`uid`: only the keys of that identity (its agents', or a service account's)."""
         now = time.time()
         q = select(m.ApiKey).order_by(m.ApiKey.created_at)
+        if uid is not None:
+            q = q.where(m.ApiKey.user_id == uid)
         if not include_inactive:
             q = q.where(m.ApiKey.revoked_at.is_(None), sa.or_(m.ApiKey.expires_at.is_(None), m.ApiKey.expires_at > now))
         with self.Session() as s:
@@ -622,8 +773,10 @@ class Store:
             row = s.get(m.ApiKey, key_id)
             return row is not None and row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
 
-    def api_key(self, presented: str) -> tuple[m.ApiKey, list[str]]:
-        """The live key matching `presented` and the groups it acts with; NotFound otherwise."""
+    def api_key(self, presented: str, confirm_within: float | None = None) -> tuple[m.ApiKey, list[str], m.User]:
+        """The live key matching `presented`, the groups it acts with and the user it acts as; NotFound
+        otherwise. An agent key acts with its person's groups as they are now; for a person of an IdP,
+        that is as the IdP last confirmed them, and only while that was within `confirm_within` seconds."""
         key_id = presented[len(API_KEY_PREFIX):].split("_", 1)[0] if presented.startswith(API_KEY_PREFIX) else ""
         digest = hashlib.sha256(presented.encode()).digest()
         now = time.time()
@@ -635,27 +788,35 @@ class Store:
                 raise NotFound(f"API key {row.id} was revoked")
             if row.expires_at is not None and row.expires_at <= now:
                 raise NotFound(f"API key {row.id} expired")
+            user = s.scalar(select(m.User).where(m.User.uid == row.user_id)) if row.user_id else None
+            if user is None or user.removed_at is not None or user.disabled:
+                raise NotFound(f"API key {row.id} acts for {row.user_name!r}, who no longer exists")
             groups = list(row.groups)
             if row.kind == "agent":
-                user = s.scalar(select(m.User).where(m.User.name == row.user_name))
-                if user is None or user.disabled:
-                    raise NotFound(f"the user {row.user_name!r} this agent key acts for no longer exists")
                 groups = list(user.groups)  # the person's rights, as they are now
+                if user.source.startswith("oidc:") and confirm_within is not None and \
+                        (user.seen_at or 0) < now - confirm_within:
+                    raise NotFound(f"API key {row.id} acts for {user.name}, whose groups {user.source} has not "
+                                   "confirmed lately: they sign in to Wardgate again (any request with their token), "
+                                   "then the key works again")
             row.last_used_at = now
-            return row, groups
+            return row, groups, user
 
     # ------------------------------------------------------------------------------- sessions
 
     def list_sessions(
         self, *, user: str | None = None, connection: str | None = None, status: str | None = None, limit: int = 50,
         since: float | None = None, until: float | None = None, outcome: str | None = None, rule: str | None = None,
+        uid: str | None = None,
     ) -> list[tuple[m.Session, int]]:
-        """Newest first. `outcome`: sessions with a statement that ended so (ok, error, denied, skipped,
+        """Newest first. `uid`: the sessions of that identity (`user`: of whoever had that name). `outcome`: sessions with a statement that ended so (ok, error, denied, skipped,
         aborted); `rule`: sessions with a statement a rule of that name matched."""
         counts = (
             select(m.Statement.session_id, sa.func.count().label("n")).group_by(m.Statement.session_id).subquery()
         )
         q = select(m.Session, sa.func.coalesce(counts.c.n, 0)).outerjoin(counts, counts.c.session_id == m.Session.id)
+        if uid is not None:
+            q = q.where(self.owned_by(uid))
         if user:
             q = q.where(m.Session.user_name == user)
         if connection:
@@ -675,6 +836,25 @@ class Store:
                                           sa.cast(st.rules, sa.Text).like(pattern, escape="\\")))
         with self.Session() as s:
             return [(r, n) for r, n in s.execute(q.order_by(m.Session.started_at.desc()).limit(limit))]
+
+    @staticmethod
+    def owned_by(uid: str, ss: Any = None) -> Any:
+        """The condition that a session (of table `ss`) is the identity `uid`'s. Sessions recorded before
+        identities had ids name only a user: theirs if it is the one of that name who existed then."""
+        ss = m.Session.__table__ if ss is None else ss
+        us = m.User.__table__
+        holder = select(us.c.name, us.c.created_at).where(us.c.uid == uid).subquery()
+        return sa.or_(ss.c.user_id == uid, sa.and_(
+            ss.c.user_id.is_(None),
+            sa.exists().where(holder.c.name == ss.c.user_name, holder.c.created_at <= ss.c.started_at)))
+
+    def session_owner(self, session: m.Session) -> str | None:
+        """The uid of the identity a session is (see owned_by), or None."""
+        if session.user_id:
+            return session.user_id
+        with self.Session() as s:
+            return s.scalar(select(m.User.uid).where(m.User.name == session.user_name,
+                                                     m.User.created_at <= session.started_at))
 
     @staticmethod
     def _find_session(s: Any, session_id: str) -> m.Session:
@@ -764,7 +944,7 @@ class Store:
                     finished.append({"b_sid": r["sid"], "b_seq": r["seq"], **{f"b_{k}": v for k, v in outcome.items()}})
             elif kind == "session":
                 sessions[r["sid"]] = {
-                    "id": r["sid"], "user_name": r["user"], "connection": r["conn"], "credential_id": r.get("cred"),
+                    "id": r["sid"], "user_name": r["user"], "user_id": r.get("uid"), "connection": r["conn"], "credential_id": r.get("cred"),
                     "client_addr": r["addr"], "started_at": r["at"], "status": r.get("status", "active"),
                     "end_reason": r.get("reason"), "error_code": r.get("code"), "ended_at": r.get("ended"),
                     "tls": bool(r.get("tls")), "application_name": r.get("app"), "gateway": r.get("gw"),
@@ -1173,12 +1353,14 @@ class Store:
 
     # ---------------------------------------------------------------------------- console state
 
-    def console_put(self, key: str, data: dict[str, Any], expires_at: float, user_name: str | None = None) -> None:
+    def console_put(self, key: str, data: dict[str, Any], expires_at: float, user_name: str | None = None,
+                    uid: str | None = None) -> None:
         """Keep a piece of console state (a signed-in session, a pending sign-in) until `expires_at`."""
         ct = m.ConsoleState.__table__
         with self.engine.begin() as conn:
             conn.execute(ct.delete().where(ct.c.key == key))
-            conn.execute(ct.insert(), {"key": key, "user_name": user_name, "data": data, "expires_at": expires_at})
+            conn.execute(ct.insert(), {"key": key, "user_name": user_name, "user_id": uid, "data": data,
+                                       "expires_at": expires_at})
 
     def console_get(self, key: str) -> dict[str, Any] | None:
         ct = m.ConsoleState.__table__
@@ -1210,10 +1392,10 @@ class Store:
                                 .on_conflict_do_nothing().returning(ct.c.key))
             return done.first() is not None
 
-    def console_drop(self, key: str | None = None, *, user_name: str | None = None) -> int:
-        """Forget one piece of state, or everything of a user's (their console sessions end)."""
+    def console_drop(self, key: str | None = None, *, uid: str | None = None) -> int:
+        """Forget one piece of state, or everything of an identity's (their console sessions end)."""
         ct = m.ConsoleState.__table__
-        q = ct.delete().where(ct.c.key == key) if key is not None else ct.delete().where(ct.c.user_name == user_name)
+        q = ct.delete().where(ct.c.key == key) if key is not None else ct.delete().where(ct.c.user_id == uid)
         with self.engine.begin() as conn:
             return conn.execute(q).rowcount
 
@@ -1224,13 +1406,14 @@ class Store:
 
     # ---------------------------------------------------------------------------- exec results
 
-    def put_exec_result(self, session_id: str, user_name: str, envelope: dict[str, Any], expires_at: float) -> None:
+    def put_exec_result(self, session_id: str, user_name: str, envelope: dict[str, Any], expires_at: float,
+                        uid: str | None = None) -> None:
         """Keep an exec's final envelope until `expires_at` (and forget those past theirs); every replica
         hears of it at once."""
         et = m.ExecResult.__table__
         with self.engine.begin() as conn:
             conn.execute(et.delete().where(sa.or_(et.c.session_id == session_id, et.c.expires_at < time.time())))
-            conn.execute(et.insert(), {"session_id": session_id, "user_name": user_name, "envelope": envelope,
+            conn.execute(et.insert(), {"session_id": session_id, "user_name": user_name, "user_id": uid, "envelope": envelope,
                                        "expires_at": expires_at})
             self.announce(conn, "exec", session_id)
 
@@ -1243,9 +1426,9 @@ class Store:
 
     # --------------------------------------------------------------------------------- dashboard
 
-    def daily_counts(self, days: int, user: str | None = None) -> dict[str, dict[int, int]]:
+    def daily_counts(self, days: int, uid: str | None = None) -> dict[str, dict[int, int]]:
         """Per UTC day (days since the epoch) over the last `days`: sessions, refused statements, reviews
-        asked for and values masked; `user` limits it to one person's."""
+        asked for and values masked; `uid` limits it to one identity's."""
         since = (int(time.time() // 86400) - days + 1) * 86400
         ss, st, rv = m.Session.__table__, m.Statement.__table__, m.Review.__table__
 
@@ -1256,17 +1439,17 @@ class Store:
         out: dict[str, dict[int, int]] = {}
         with self.engine.connect() as conn:
             q = select(day(ss.c.started_at), sa.func.count()).where(ss.c.started_at >= since)
-            q = q.where(ss.c.user_name == user) if user else q
+            q = q.where(self.owned_by(uid, ss)) if uid else q
             out["sessions"] = dict(conn.execute(q.group_by("day")).all())
             q = (select(day(st.c.started_at), sa.func.count()).select_from(st.join(ss, ss.c.id == st.c.session_id))
                  .where(st.c.started_at >= since, st.c.status == "denied"))
-            q = q.where(ss.c.user_name == user) if user else q
+            q = q.where(self.owned_by(uid, ss)) if uid else q
             out["refused"] = dict(conn.execute(q.group_by("day")).all())
             q = select(day(rv.c.created_at), sa.func.count()).where(rv.c.created_at >= since)
-            q = q.where(rv.c.requester == user) if user else q
+            q = q.where(rv.c.requester_id == uid) if uid else q
             out["reviews"] = dict(conn.execute(q.group_by("day")).all())
             q = select(ss.c.started_at, ss.c.masked).where(ss.c.started_at >= since, ss.c.masked.is_not(None))
-            q = q.where(ss.c.user_name == user) if user else q
+            q = q.where(self.owned_by(uid, ss)) if uid else q
             masked: dict[int, int] = {}
             for at, counts in conn.execute(q):
                 if isinstance(counts, str):
@@ -1317,9 +1500,9 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(q))
 
-    def user_rows_history(self, user: str, *, before: float, sessions: int) -> list[int]:
-        """Rows returned in each of the user's last `sessions` closed sessions before `before`."""
-        recent = (select(m.Session.id).where(m.Session.user_name == user, m.Session.status == "closed",
+    def user_rows_history(self, uid: str, *, before: float, sessions: int) -> list[int]:
+        """Rows returned in each of the identity's last `sessions` closed sessions before `before`."""
+        recent = (select(m.Session.id).where(self.owned_by(uid), m.Session.status == "closed",
                                              m.Session.started_at < before)
                   .order_by(m.Session.started_at.desc()).limit(sessions).subquery())
         q = (select(recent.c.id, sa.func.coalesce(sa.func.sum(m.Statement.rows), 0))
@@ -1327,9 +1510,9 @@ class Store:
         with self.Session() as s:
             return [int(n) for _, n in s.execute(q)]
 
-    def recent_refusals(self, user: str, since: float) -> int:
+    def recent_refusals(self, uid: str, since: float) -> int:
         q = (select(sa.func.count()).select_from(m.Statement).join(m.Session, m.Session.id == m.Statement.session_id)
-             .where(m.Session.user_name == user, m.Statement.started_at >= since, m.Statement.status == "denied"))
+             .where(self.owned_by(uid), m.Statement.started_at >= since, m.Statement.status == "denied"))
         with self.Session() as s:
             return int(s.scalar(q) or 0)
 
@@ -1385,13 +1568,16 @@ class Store:
                                    .order_by(m.ReviewDecision.id)))
             return review, steps
 
-    def list_reviews(self, *, status: str | None = None, requester: str | None = None, limit: int = 100) -> list[m.Review]:
+    def list_reviews(self, *, status: str | None = None, requester: str | None = None, limit: int = 100,
+                     requester_id: str | None = None) -> list[m.Review]:
         with self.Session() as s:
             q = select(m.Review).order_by(m.Review.created_at.desc()).limit(limit)
             if status:
                 q = q.where(m.Review.status == status)
             if requester:
                 q = q.where(m.Review.requester == requester)
+            if requester_id:
+                q = q.where(m.Review.requester_id == requester_id)
             return list(s.scalars(q))
 
     def decide_review(self, review_id: str, by: str, decision: str, reason: str | None, new_status: str | None,
@@ -1410,12 +1596,13 @@ class Store:
             self.announce(s, "review", review_id)
         return True
 
-    def claim_review(self, review_id: str, requester: str, now: float) -> bool:
-        """Approved, unexpired, the requester's, never run: mark it executed in one step (at most once)."""
+    def claim_review(self, review_id: str, requester_id: str, agent: str | None, now: float) -> bool:
+        """Approved, unexpired, the requester's (and the same agent's), never run: mark it executed in one
+        step (at most once)."""
         with self.Session.begin() as s:
             done = s.execute(update(m.Review).where(
                 m.Review.id == review_id, m.Review.kind == "statement", m.Review.status == "approved",
-                m.Review.requester == requester, m.Review.expires_at > now,
+                m.Review.requester_id == requester_id, _same_agent(agent), m.Review.expires_at > now,
             ).values(status="executed", executed_at=now))
             if done.rowcount == 1:
                 self.announce(s, "review", review_id)
@@ -1436,11 +1623,14 @@ class Store:
                     self.announce(s, "review", review_id)
             return ids
 
-    def claim_approved(self, requester: str, connection: str, sha256: str, policy_version: str, now: float) -> str | None:
-        """An approved, unexpired review of exactly this input, marked executed in the same step; its id."""
+    def claim_approved(self, requester_id: str, agent: str | None, connection: str, sha256: str, policy_version: str,
+                       now: float) -> str | None:
+        """An approved, unexpired review of exactly this input asked for by this identity and agent, marked
+        executed in the same step; its id."""
         with self.Session.begin() as s:
             ids = list(s.scalars(select(m.Review.id).where(
-                m.Review.kind == "statement", m.Review.requester == requester, m.Review.connection == connection,
+                m.Review.kind == "statement", m.Review.requester_id == requester_id, _same_agent(agent),
+                m.Review.connection == connection,
                 m.Review.sha256 == sha256, m.Review.status == "approved", m.Review.expires_at > now,
                 m.Review.policy_version == policy_version,
             ).order_by(m.Review.created_at)))
@@ -1452,19 +1642,23 @@ class Store:
                     return review_id
             return None
 
-    def pending_review(self, requester: str, connection: str, sha256: str, now: float) -> m.Review | None:
+    def pending_review(self, requester_id: str, agent: str | None, connection: str, sha256: str,
+                       now: float) -> m.Review | None:
         with self.Session() as s:
             return s.scalar(select(m.Review).where(
-                m.Review.kind == "statement", m.Review.requester == requester, m.Review.connection == connection,
+                m.Review.kind == "statement", m.Review.requester_id == requester_id, _same_agent(agent),
+                m.Review.connection == connection,
                 m.Review.sha256 == sha256, m.Review.status == "pending", m.Review.expires_at > now,
             ).order_by(m.Review.created_at.desc()).limit(1))
 
-    def active_grants(self, user: str, now: float | None = None) -> dict[str, float]:
-        """The user's approved access windows that have not ended: connection -> end."""
+    def active_grants(self, uid: str, now: float | None = None) -> dict[str, float]:
+        """The identity's approved access windows that have not ended: connection -> end."""
         now = time.time() if now is None else now
+        if not uid:
+            return {}
         with self.Session() as s:
             rows = s.execute(select(m.Review.connection, m.Review.window_end).where(
-                m.Review.kind == "access", m.Review.requester == user, m.Review.status == "approved",
+                m.Review.kind == "access", m.Review.requester_id == uid, m.Review.status == "approved",
                 m.Review.window_end > now,
             ))
             out: dict[str, float] = {}
@@ -1472,11 +1666,11 @@ class Store:
                 out[connection] = max(end, out.get(connection, 0.0))
             return out
 
-    def revoke_credentials_since(self, user: str, connection: str, since: float) -> list[str]:
-        """Revoke the user's live credentials for `connection` issued at or after `since`; their ids."""
+    def revoke_credentials_since(self, uid: str, connection: str, since: float) -> list[str]:
+        """Revoke the identity's live credentials for `connection` issued at or after `since`; their ids."""
         now = time.time()
         with self.Session.begin() as s:
-            user_id = s.scalar(select(m.User.id).where(m.User.name == user))
+            user_id = s.scalar(select(m.User.id).where(m.User.uid == uid))
             if user_id is None:
                 return []
             ids = list(s.scalars(select(m.Credential.id).where(

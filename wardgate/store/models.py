@@ -20,6 +20,13 @@ class User(Base):
     created_at: Mapped[float] = mapped_column(Float)
     # local (added with `wardgate users add`) or oidc:<provider> (seen first in a verified token)
     source: Mapped[str] = mapped_column(String(64), default="local", server_default="local")
+    # The stable id every record of this identity names; a later user of the same name has another.
+    uid: Mapped[str] = mapped_column(String(32), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default="user", server_default="user")  # user or service
+    # oidc: the token claim that keys the person ([[identity_providers]] subject_claim, `sub` by default).
+    subject: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    removed_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # refused everywhere until restored
+    seen_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # oidc: groups last confirmed by a token
 
 
 class Connection(Base):
@@ -35,6 +42,7 @@ class Connection(Base):
     sslmode: Mapped[str] = mapped_column(String(16), default="prefer")
     sslrootcert: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+    password_auth: Mapped[str] = mapped_column(String(16), default="scram-sha-256", server_default="scram-sha-256")
 
 
 class Credential(Base):
@@ -59,7 +67,8 @@ class Credential(Base):
 class Session(Base):
     __tablename__ = "sessions"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    user_name: Mapped[str] = mapped_column(String(128))
+    user_name: Mapped[str] = mapped_column(String(128))  # the name it had then
+    user_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)  # users.uid
     connection: Mapped[str] = mapped_column(String(63))
     credential_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     client_addr: Mapped[str] = mapped_column(String(64))
@@ -109,7 +118,8 @@ class ApiKey(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # service or agent
-    user_name: Mapped[str] = mapped_column(String(128))
+    user_name: Mapped[str] = mapped_column(String(128))  # svc:<name>, or the person an agent acts for
+    user_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # users.uid
     agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
     groups: Mapped[list] = mapped_column(JSON, default=list)
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
@@ -182,6 +192,7 @@ class Review(Base):
     kind: Mapped[str] = mapped_column(String(16))  # statement, or access (a just-in-time grant)
     status: Mapped[str] = mapped_column(String(16), index=True)  # pending, approved, rejected, revoked, executed, expired
     requester: Mapped[str] = mapped_column(String(128), index=True)
+    requester_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)  # users.uid
     agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
     connection: Mapped[str] = mapped_column(String(128))
     statement: Mapped[str] = mapped_column(Text)
@@ -252,6 +263,7 @@ class ConsoleState(Base):
     __tablename__ = "console_state"
     key: Mapped[str] = mapped_column(String(96), primary_key=True)  # session:<sha256>, signin:<sha256>, link:<nonce>
     user_name: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    user_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # users.uid
     data: Mapped[dict] = mapped_column(JSON)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
 
@@ -271,5 +283,6 @@ class ExecResult(Base):
     __tablename__ = "exec_results"
     session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_name: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # users.uid
     envelope: Mapped[dict] = mapped_column(JSON)
     expires_at: Mapped[float] = mapped_column(Float, index=True)

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from ..config import ConfigError, ConnectionSpec, parse_duration
 from ..domain import Identity
 from ..engines.postgres import upstream
 from ..engines.postgres.stream import PeerClosed
+from ..exec import unreachable_message
 from ..identity import AuthenticationError, LockedOut
 from ..identity.login import authorization_url, exchange_code, pkce_pair
 from ..recording.views import iso, list_sessions, siem_event
@@ -48,6 +50,7 @@ from ..store import Actor, Conflict, NotFound
 if TYPE_CHECKING:
     from ..app import Gateway
 
+log = logging.getLogger("wardgate.web")
 HERE = Path(__file__).parent
 COOKIE = "wardgate_console"
 STATE_COOKIE = "wardgate_sign_in"
@@ -90,7 +93,7 @@ def login_link_token(key: bytes, user: str, ttl: float = 600.0) -> str:
 
 
 def read_login_token(key: bytes, token: str) -> tuple[str, float, str] | None:
-    """(user, expiry, nonce) of a genuine, unexpired token; None otherwise."""
+    """(user's uid, expiry, nonce) of a genuine, unexpired token; None otherwise."""
     try:
         payload, mac = token.rsplit(".", 1)
         name, expiry, nonce = payload.split(".")
@@ -207,7 +210,8 @@ class Console:
         if session:
             session.flash.clear()
         return HTMLResponse(html, status_code=status, headers={
-            "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                                       "form-action 'self'; base-uri 'none'",
             "x-frame-options": "DENY", "referrer-policy": "same-origin", "cache-control": "no-store"})
 
     @staticmethod
@@ -225,7 +229,7 @@ class Console:
         if identity.expires_at:
             until = min(until, identity.expires_at)
         session = ConsoleSession("session:" + _digest(sid), identity, secrets.token_urlsafe(24), until)
-        await asyncio.to_thread(self.store.console_put, session.key, session.data(), until, identity.user)
+        await asyncio.to_thread(self.store.console_put, session.key, session.data(), until, identity.user, identity.uid)
         request.state.console = None  # the page that signed in answers with a redirect, as nobody yet
         response = RedirectResponse(landing, status_code=303)
         response.set_cookie(COOKIE, sid, httponly=True, samesite="lax", secure=request.url.scheme == "https",
@@ -297,15 +301,16 @@ class Console:
         found = read_login_token(self.gateway.store.box.derive(LINK_LABEL), request.query_params.get("token", ""))
         row = None
         if found is not None:
-            row = await asyncio.to_thread(self.gateway.store.get_user, found[0])
-        usable = found is not None and row is not None and not row.disabled and row.source == "local"
+            row = await asyncio.to_thread(self.gateway.store.user_by_uid, found[0])  # the link names the uid
+        usable = found is not None and row is not None and not row.disabled and row.removed_at is None \
+            and row.source == "local" and row.kind == "user"
         # Used once, on any replica, and remembered for as long as the link could be valid.
         if not usable or not await asyncio.to_thread(self.store.console_claim, f"link:{found[2]}", found[1]):  # type: ignore[index]
             self.gateway.record_event("console.authenticate", "denied", addr=addr,
                                       detail="sign-in link invalid, expired, used or not a local user's")
             return self.render(request, "error.html", 401, message="This sign-in link is not valid (used, expired or "
                                "changed). Ask for a new one: wardgate users login-link NAME.")
-        identity = Identity(row.name, tuple(row.groups), "user", None, "local")
+        identity = Identity(row.name, tuple(row.groups), "user", None, "local", uid=row.uid)
         self.gateway.record_event("console.authenticate", "ok", user=row.name, addr=addr, source="local",
                                   detail="signed in with a one-time link")
         return await self._start(request, identity)
@@ -380,7 +385,7 @@ class Console:
             return session
         who = session.identity
         everyone = self.gateway.gatekeeper.can_read_all(who)
-        counts = await asyncio.to_thread(self.gateway.store.daily_counts, self.DAYS, None if everyone else who.user)
+        counts = await asyncio.to_thread(self.gateway.store.daily_counts, self.DAYS, None if everyone else who.uid or "-")
         today = int(time.time() // 86400)
         days = list(range(today - self.DAYS + 1, today + 1))
         charts = []
@@ -428,7 +433,8 @@ class Console:
             if spec is None:
                 return {"error": f"connection {connection!r} is gone"}
             up = await upstream.connect(spec, {"application_name": "wardgate review preview", "client_encoding": "UTF8"}, 5.0,
-                                        standard_strings=True)
+                                        standard_strings=True,
+                                        password_env_prefix=gw.settings.upstream.password_env_prefix)
             # Read-only for the dry run: EXPLAIN without ANALYZE plans the statement and executes nothing.
             await upstream.simple_query(up, "set default_transaction_read_only = on")
             rows = await upstream.simple_query(up, "explain (format json) " + statement, timeout=5.0)
@@ -443,6 +449,9 @@ class Console:
                 rows_est = plan["Plans"][0].get("Plan Rows", rows_est)
             return {"rows": int(rows_est), "plan": " → ".join(steps)}
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError, ValueError, KeyError, IndexError) as exc:
+            if up is None:  # not opened: the reason names the database's host and port, for the log only
+                log.warning("review preview on %s: %s", connection, exc)
+                return {"error": unreachable_message(connection)}
             return {"error": str(exc) or type(exc).__name__}
         finally:
             if up is not None:
@@ -486,8 +495,10 @@ class Console:
         q = request.query_params
         filters = {k: q.get(k) or None for k in ("user", "connection", "outcome", "rule")}
         if not self.gateway.gatekeeper.can_read_all(who):
-            filters["user"] = who.user
+            filters["user"] = None
+            filters["uid"] = who.uid or "-"
         rows = await asyncio.to_thread(list_sessions, self.gateway.store, limit=200, **filters)
+        filters.pop("uid", None)
         return self.render(request, "sessions.html", sessions=rows, filters=filters)
 
     async def session_page(self, request: Request) -> Response:
@@ -605,12 +616,13 @@ class Console:
                  for c in connections}
         if not admin:  # as on the API: targets and database users are for admins
             connections = [c for c in connections if verbs[c["name"]]]
-        creds = [(c, user) for c, user in await asyncio.to_thread(store.list_credentials, None if admin else who.user)]
+        creds = [(c, user) for c, user in await asyncio.to_thread(
+            store.list_credentials, None, False, None if admin else who.uid or "-")]
         grants = [r for r in await self.gateway.reviews.list(who) if r["kind"] == "access"]
         users = [u for u in await asyncio.to_thread(store.list_users) if not u.disabled] if admin else []
         return self.render(request, "access.html", connections=connections, usable=sorted(usable), verbs=verbs, creds=creds,
                            grants=grants, users=users, groups=self._groups(users) if admin else [], admin=admin,
-                           issued=issued)
+                           issued=issued, password_env_prefix=self.gateway.settings.upstream.password_env_prefix)
 
     def _groups(self, users: list[Any]) -> list[dict[str, Any]]:
         """Each group a user or an access rule names: its members, and what the access rules give it."""
@@ -665,7 +677,7 @@ class Console:
             if action == "revoke":
                 cred_id = form.get("credential", "")
                 owner = await asyncio.to_thread(self.gateway.store.credential_owner, cred_id)
-                if owner is None or (owner != who.user and not admin):
+                if owner is None or (owner[0] != who.uid and not admin):
                     session.flash.append(f"No credential {cred_id} of yours.")
                     return None
                 await asyncio.to_thread(self.gateway.store.revoke_credential, cred_id, actor)
@@ -678,7 +690,8 @@ class Console:
                 session.flash.append(f"Access asked for: review {answer['review_id'][:12]} waits for "
                                      f"{', '.join(answer['approvers']) or 'the admins'}.")
             elif action in ("add-connection", "edit-connection") and admin:
-                fields = {k: form[k].strip() for k in ("host", "database", "user", "password", "password_env", "sslmode")
+                fields = {k: form[k].strip() for k in ("host", "database", "user", "password", "password_env", "sslmode",
+                                                       "password_auth")
                           if form.get(k, "").strip()}
                 if form.get("port", "").strip():
                     fields["port"] = int(form["port"])
@@ -687,8 +700,10 @@ class Console:
                     await asyncio.to_thread(self.gateway.store.add_connection, spec, actor)
                     session.flash.append(f"Connection {spec.name} added.")
                 else:
-                    await asyncio.to_thread(self.gateway.store.update_connection, form.get("name", ""), fields, actor)
-                    session.flash.append(f"Connection {form.get('name')} changed.")
+                    info = await asyncio.to_thread(self.gateway.store.update_connection, form.get("name", ""), fields,
+                                                   actor)
+                    session.flash.append(f"Connection {form.get('name')} changed." + (f" Note: {info.note}." if info.note
+                                                                                       else ""))
             else:
                 session.flash.append("That is not something you may do here.")
         except (PermissionError, ConfigError, Conflict, NotFound, ReviewError, ValueError, TypeError) as exc:
@@ -727,19 +742,19 @@ class Console:
                 await asyncio.to_thread(self.gateway.provision, who)
             except Conflict as exc:
                 return self.render(request, "error.html", 403, message=str(exc))
-            if who.kind == "agent":
-                session.flash.append("An agent cannot make keys.")
+            if who.kind != "user":
+                session.flash.append("An agent cannot make keys." if who.agent else "Agent keys act for people.")
             elif not agent:
                 session.flash.append("Name the agent the key is for.")
             else:
                 issued = await asyncio.to_thread(
                     self.gateway.store.create_api_key, name=f"{agent} for {who.user}", kind="agent", user_name=who.user,
-                    agent=agent, groups=[], ttl=None, created_by=who.user,
+                    agent=agent, groups=[], ttl=None, created_by=who.user, uid=who.uid,
                     actor=self._actor(request, who))
                 created = {"id": issued.row.id, "agent": agent, "secret": issued.secret}
         admin = "admin" in self.gateway.gatekeeper.roles(who)
         rows = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys)
-                if admin or (k.kind == "agent" and k.user_name == who.user)]
+                if admin or (k.kind == "agent" and k.user_id == who.uid)]
         return self.render(request, "keys.html", keys=rows, created=created)
 
     async def revoke_key(self, request: Request) -> Response:
@@ -750,7 +765,7 @@ class Console:
         who, key_id = session.identity, request.path_params["key_id"]
         admin = "admin" in self.gateway.gatekeeper.roles(who)
         mine = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys, True)
-                if k.id == key_id and (admin or (k.kind == "agent" and k.user_name == who.user))]
+                if k.id == key_id and (admin or (k.kind == "agent" and k.user_id == who.uid))]
         if not mine or who.kind == "agent":
             session.flash.append(f"No key {key_id} of yours.")
         else:

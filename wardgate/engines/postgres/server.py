@@ -292,7 +292,9 @@ class PostgresListener:
         record["cred"] = matched
         record["agent"] = agents.get(matched)
         assert user_row is not None  # a credential matched, so the user exists
-        identity = Identity(user, tuple(user_row.groups), "agent" if record["agent"] else "user", record["agent"])
+        record["uid"] = user_row.uid
+        identity = Identity(user, tuple(user_row.groups), "agent" if record["agent"] else "user", record["agent"],
+                            uid=user_row.uid)
         decision = await asyncio.to_thread(self.gatekeeper.authorize, identity, conn_name, "connect")
         if not decision.allowed:
             raise Rejected("28000", decision.reason, hint="ask an administrator for access (an [[access]] rule)")
@@ -310,13 +312,15 @@ class PostgresListener:
         policy = self.gatekeeper.statement_policy(identity, conn_name, masking)
         try:
             up = await upstream.connect(spec, forwarded, self.settings.gateway.upstream_connect_timeout,
-                                        standard_strings=bool(policy.rules), read_only=policy.read_only)
+                                        standard_strings=bool(policy.rules), read_only=policy.read_only,
+                                        password_env_prefix=self.settings.upstream.password_env_prefix)
         except upstream.UpstreamError as exc:
             if exc.code == "42501":  # refused by the gateway's own rule, not a failing database
                 raise Rejected(exc.code, str(exc), hint=exc.hint) from None
             STATS.upstream_errors[conn_name] += 1
             raise Rejected(exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001", str(exc),
-                           hint="the database behind the gateway is unavailable; try again, or ask the operator") from None
+                           hint=exc.hint or "the database behind the gateway is unavailable; try again, or ask the "
+                                            "operator") from None
         self._background(asyncio.to_thread(self.store.mark_used, matched))
 
         if masking.needs_catalog:

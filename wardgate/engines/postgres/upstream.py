@@ -8,7 +8,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
-from ...config import ConnectionSpec
+from ...config import DEFAULT_PASSWORD_ENV_PREFIX, ConnectionSpec, password_env_refusal
 from ...sql import encoding
 from . import codec
 from .scram import MECHANISM, ScramClient, ScramError, md5_password
@@ -35,8 +35,15 @@ class Upstream:
     notices: list[bytes] = field(default_factory=list)
 
 
-def resolve_password(spec: ConnectionSpec) -> str | None:
+NO_PASSWORD_HINT = ("if its host, port, database, sslmode or sslrootcert was changed, its stored password was "
+                    "dropped on purpose: give the password (or password_env) again in the same change")
+
+
+def resolve_password(spec: ConnectionSpec, password_env_prefix: str = DEFAULT_PASSWORD_ENV_PREFIX) -> str | None:
     if spec.password_env:
+        # Checked here too: a stored connection may predate the prefix.
+        if why := password_env_refusal(spec.password_env, password_env_prefix):
+            raise UpstreamError(f"connection {spec.name!r}: {why}", "28000")
         value = os.environ.get(spec.password_env)
         if value is None:
             raise UpstreamError(
@@ -99,7 +106,8 @@ async def _open(spec: ConnectionSpec, timeout: float) -> StreamProtocol:
 
 
 async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: float = 10.0, *,
-                  standard_strings: bool = False, read_only: bool = False) -> Upstream:
+                  standard_strings: bool = False, read_only: bool = False,
+                  password_env_prefix: str = DEFAULT_PASSWORD_ENV_PREFIX) -> Upstream:
     """Open, encrypt per sslmode, authenticate and wait for ReadyForQuery.
 
     `standard_strings`: the session's statements are read by rules, which read SQL as PostgreSQL does
@@ -107,8 +115,9 @@ async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: flo
     a session that starts otherwise (the client's options, the role's or the database's settings) is
     refused, on every door that opens one.
     `read_only`: the session's transactions are read-only (default_transaction_read_only, sent after the
-    client's own settings, which PostgreSQL applies in order, so it wins over their `options`)."""
-    password = resolve_password(spec)
+    client's own settings, which PostgreSQL applies in order, so it wins over their `options`).
+    `password_env_prefix`: [upstream] password_env_prefix, which the connection's password_env must start with."""
+    password = resolve_password(spec, password_env_prefix)
     proto = await _open(spec, timeout)
     try:
         if read_only:
@@ -134,6 +143,14 @@ async def connect(spec: ConnectionSpec, parameters: dict[str, str], timeout: flo
         raise
 
 
+def _tls_verified(spec: ConnectionSpec, proto: StreamProtocol) -> bool:
+    """Whether the connection is TLS whose certificate was checked (and its name, for verify-full)."""
+    tls = proto.transport.get_extra_info("ssl_object") if proto.tls and proto.transport is not None else None
+    if tls is None or tls.context.verify_mode != ssl.CERT_REQUIRED or not tls.getpeercert():
+        return False
+    return spec.sslmode != "verify-full" or (tls.context.check_hostname and tls.server_hostname == spec.host)
+
+
 async def _handshake(spec: ConnectionSpec, proto: StreamProtocol, password: str | None, parameters: dict[str, str]) -> Upstream:
     params = {"user": spec.user, "database": spec.database}
     params.update({k: v for k, v in parameters.items() if k not in ("user", "database") and not k.startswith("_pq_.")})
@@ -143,8 +160,27 @@ async def _handshake(spec: ConnectionSpec, proto: StreamProtocol, password: str 
 
     def need_password() -> str:
         if password is None:
-            raise UpstreamError(f"connection {spec.name!r} asks for a password and none is configured", "28000")
+            raise UpstreamError(f"connection {spec.name!r} asks for a password and none is configured; {NO_PASSWORD_HINT}",
+                                "28000", hint=NO_PASSWORD_HINT)
         return password
+
+    def plain_password(method: str) -> str:
+        """The password for a cleartext or md5 request, which hands the server the password (or what
+        stands for it): only with the connection's opt-in, and never over verify-* TLS not verified."""
+        secret = need_password()
+        if spec.password_auth != "any":
+            raise UpstreamError(
+                f"connection {spec.name!r}: the server asks for {method} password authentication, and the gateway "
+                f"sends a password only through SCRAM-SHA-256 unless the connection's password_auth is \"any\" "
+                f"(it is {spec.password_auth!r}); nothing was sent", "28000",
+                hint="have the server use scram-sha-256 (password_encryption and pg_hba.conf), or set the "
+                     "connection's password_auth to \"any\" if this server may receive it")
+        if spec.sslmode in ("verify-ca", "verify-full") and not _tls_verified(spec, proto):
+            raise UpstreamError(
+                f"connection {spec.name!r}: the server asks for {method} password authentication over a TLS "
+                f"connection that is not verified (sslmode={spec.sslmode}); nothing was sent", "28000",
+                hint="check the connection's sslrootcert and the server's certificate")
+        return secret
 
     while True:
         mtype, body = await proto.read_message()
@@ -153,9 +189,9 @@ async def _handshake(spec: ConnectionSpec, proto: StreamProtocol, password: str 
             if code == 0:
                 continue
             if code == 3:
-                proto.write(codec.password_message(codec.cstr(need_password())))
+                proto.write(codec.password_message(codec.cstr(plain_password("cleartext"))))
             elif code == 5:
-                proto.write(codec.password_message(codec.cstr(md5_password(spec.user, need_password(), data[:4]))))
+                proto.write(codec.password_message(codec.cstr(md5_password(spec.user, plain_password("md5"), data[:4]))))
             elif code == 10:
                 mechanisms = [m.decode() for m in data.split(b"\x00") if m]
                 if MECHANISM not in mechanisms:
