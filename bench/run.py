@@ -110,7 +110,7 @@ def replicas(pg: LocalPostgres, work: Path, password: str) -> tuple[list[subproc
 
     pg.psql("CREATE DATABASE wardgate_store OWNER bench")
     shared = {"WARDGATE_STORE_URL": pg.dsn("bench", password, "wardgate_store"),
-              "WARDGATE_SECRET_KEY": Fernet.generate_key().decode(), "BENCH_PASSWORD": password}
+              "WARDGATE_SECRET_KEY": Fernet.generate_key().decode(), "WARDGATE_CONN_BENCH_PASSWORD": password}
     procs, dsns = [], []
     for i, name in enumerate(("a", "b")):
         port, http_port = free_port(), free_port()
@@ -118,7 +118,7 @@ def replicas(pg: LocalPostgres, work: Path, password: str) -> tuple[list[subproc
         config.write_text(
             f'data_dir = "{work / ("replica-" + name)}"\n[gateway]\nlisten = "127.0.0.1:{port}"\n'
             f'http_listen = "127.0.0.1:{http_port}"\n[[connections]]\nname = "bench"\nhost = "127.0.0.1"\n'
-            f'port = {pg.port}\ndatabase = "bench"\nuser = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
+            f'port = {pg.port}\ndatabase = "bench"\nuser = "bench"\npassword_env = "WARDGATE_CONN_BENCH_PASSWORD"\nsslmode = "disable"\n'
             '[[access]]\ngroups = ["bench"]\nconnections = ["bench"]\n')
         env = {**os.environ, **shared}
         cli = [sys.executable, "-m", "wardgate.cli", "--config", str(config)]
@@ -151,15 +151,15 @@ def main() -> int:
         config.write_text(
             f'data_dir = "{work / "gw"}"\n[gateway]\nlisten = "127.0.0.1:{port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
             f'[[connections]]\nname = "bench"\nhost = "127.0.0.1"\nport = {pg.port}\ndatabase = "bench"\n'
-            f'user = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
+            f'user = "bench"\npassword_env = "WARDGATE_CONN_BENCH_PASSWORD"\nsslmode = "disable"\n'
             '[[access]]\ngroups = ["bench"]\nconnections = ["bench*"]\n'
             # the same database again, with the demo's policy: standard guardrails and masking of two columns
             f'[[connections]]\nname = "bench_policy"\nhost = "127.0.0.1"\nport = {pg.port}\ndatabase = "bench"\n'
-            f'user = "bench"\npassword_env = "BENCH_PASSWORD"\nsslmode = "disable"\n'
+            f'user = "bench"\npassword_env = "WARDGATE_CONN_BENCH_PASSWORD"\nsslmode = "disable"\n'
             '[[guardrails]]\npreset = "standard"\nconnections = ["bench_policy"]\n'
             '[[masking]]\nname = "two-columns"\ncolumns = ["filler", "abalance"]\nstrategy = "redact"\nconnections = ["bench_policy"]\n'
         )
-        env = {**os.environ, "BENCH_PASSWORD": password}
+        env = {**os.environ, "WARDGATE_CONN_BENCH_PASSWORD": password}
         cli = [sys.executable, "-m", "wardgate.cli", "--config", str(config)]
 
         def credential(cli: list[str], connection: str) -> dict:

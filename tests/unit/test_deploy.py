@@ -34,7 +34,7 @@ def test_compose_runs_two_replicas_on_one_store() -> None:
 
 
 def test_the_shipped_configs_load(tmp_path) -> None:
-    env = {"WARDGATE_DATA_DIR": str(tmp_path), "SHOP_PASSWORD": "x"}
+    env = {"WARDGATE_DATA_DIR": str(tmp_path), "WARDGATE_CONN_SHOP_PASSWORD": "x"}
     settings = load(ROOT / "deploy" / "wardgate.toml", env=env)
     assert settings.gateway.log_format == "json" and settings.connections[0].name == "shop"
     values = yaml.safe_load((CHART / "values.yaml").read_text())
