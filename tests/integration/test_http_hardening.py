@@ -211,3 +211,22 @@ def test_exec_on_an_unreachable_database_over_mcp(hgw, keys) -> None:
     assert "failed" in mine and "cannot reach the database" in mine and not _reveals(mine), mine
     admins = asyncio.run(steps(keys["admin"]))
     assert "failed" in admins and f"127.0.0.1:{DOWN_PORT}" in admins, admins
+
+
+def test_a_native_client_is_told_as_little_as_an_exec_caller(hgw) -> None:
+    """psql on a connection whose database is down: a person without the admin role reads that the gateway
+    cannot reach it, not where it is; an admin reads the reason; both reasons go to the audit log."""
+    from tests.conftest import psql
+
+    hgw.cli("users", "add", "nat", "--group", "deployers")
+    hgw.cli("users", "add", "ada", "--group", "deployers", "--group", "wardgate-admins")
+    told = {}
+    for user in ("nat", "ada"):
+        cred = hgw.credential(user, "shop_down")
+        out = psql(hgw.dsn(cred), "-c", "select 1", check=False)
+        assert out.returncode != 0
+        told[user] = out.stderr
+    assert "cannot reach the database of connection 'shop_down'" in told["nat"] and not _reveals(told["nat"]), told
+    assert f"127.0.0.1:{DOWN_PORT}" in told["ada"] or str(DOWN_PORT) in told["ada"], told
+    rejected = hgw.wait_for_session(lambda s: s["user"] == "nat" and s["connection"] == "shop_down")
+    assert not _reveals(str(rejected)), rejected  # what nat may read of the attempt says no more

@@ -42,12 +42,6 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 
 
-def unreachable_message(connection: str) -> str:
-    """A failure to open the database of `connection`, as told to someone who may not see why."""
-    return (f"the gateway cannot reach the database of connection {connection!r} right now; an administrator "
-            "can see why in the gateway's log and audit events")
-
-
 @dataclass
 class _Result:
     columns: list[str] = field(default_factory=list)
@@ -323,7 +317,7 @@ class ExecRunner:
                         detail=f"{connection}: {reason} (SQLSTATE {code})")
         if caller is not None and "admin" in gw.gatekeeper.roles(caller):
             return reason
-        return unreachable_message(connection)
+        return upstream.unreachable_message(connection)
 
     async def _run_upstream(self, sid: str, connection: str, sql: str, params: list[str | None] | None,
                             masking: MaskingPolicy, started: float, policy: StatementPolicy,

@@ -685,9 +685,12 @@ class Store:
         out: dict[str, str] = {}
         with self.Session() as s:
             found = {c.id: c for c in s.scalars(select(m.Credential).where(m.Credential.id.in_(ids)))}
+            # A credential whose user was removed is dead too, even one issued while the removal committed.
+            gone = set(s.scalars(select(m.Credential.id).join(m.User, m.User.id == m.Credential.user_id).where(
+                m.Credential.id.in_(ids), sa.or_(m.User.removed_at.is_not(None), m.User.disabled.is_(True)))))
         for cred_id in ids:
             c = found.get(cred_id)
-            if c is None or c.revoked_at is not None:
+            if c is None or c.revoked_at is not None or cred_id in gone:
                 out[cred_id] = "revoked"
             elif c.expires_at <= now:
                 out[cred_id] = "expired"

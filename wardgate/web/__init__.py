@@ -39,7 +39,6 @@ from ..config import ConfigError, ConnectionSpec, parse_duration
 from ..domain import Identity
 from ..engines.postgres import upstream
 from ..engines.postgres.stream import PeerClosed
-from ..exec import unreachable_message
 from ..identity import AuthenticationError, LockedOut
 from ..identity.login import authorization_url, exchange_code, pkce_pair
 from ..recording.views import iso, list_sessions, siem_event
@@ -451,7 +450,7 @@ class Console:
         except (upstream.UpstreamError, PeerClosed, OSError, TimeoutError, ValueError, KeyError, IndexError) as exc:
             if up is None:  # not opened: the reason names the database's host and port, for the log only
                 log.warning("review preview on %s: %s", connection, exc)
-                return {"error": unreachable_message(connection)}
+                return {"error": upstream.unreachable_message(connection)}
             return {"error": str(exc) or type(exc).__name__}
         finally:
             if up is not None:

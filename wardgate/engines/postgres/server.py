@@ -318,9 +318,15 @@ class PostgresListener:
             if exc.code == "42501":  # refused by the gateway's own rule, not a failing database
                 raise Rejected(exc.code, str(exc), hint=exc.hint) from None
             STATS.upstream_errors[conn_name] += 1
-            raise Rejected(exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001", str(exc),
-                           hint=exc.hint or "the database behind the gateway is unavailable; try again, or ask the "
-                                            "operator") from None
+            code = exc.code if exc.code.startswith(("08", "28", "3D", "53", "57")) else "08001"
+            # As on exec: the reason names the database's host and port, which only admins are told; it is
+            # logged and kept in the audit log (session.upstream) for them.
+            log.warning("session %s: %s", record["sid"], exc, extra={"session_id": record["sid"], "connection": conn_name})
+            self.recorder.keep([_event("session.upstream", "error", record, f"{conn_name}: {exc} (SQLSTATE {code})")])
+            admin = "admin" in self.gatekeeper.roles(identity)
+            raise Rejected(code, str(exc) if admin else upstream.unreachable_message(conn_name),
+                           hint=(exc.hint if admin else None) or "the database behind the gateway is unavailable; try "
+                                                                 "again, or ask the operator") from None
         self._background(asyncio.to_thread(self.store.mark_used, matched))
 
         if masking.needs_catalog:

@@ -39,6 +39,12 @@ NO_PASSWORD_HINT = ("if its host, port, database, sslmode or sslrootcert was cha
                     "dropped on purpose: give the password (or password_env) again in the same change")
 
 
+def unreachable_message(connection: str) -> str:
+    """A failure to open the database of `connection`, as told to someone who may not see why."""
+    return (f"the gateway cannot reach the database of connection {connection!r} right now; an administrator "
+            "can see why in the gateway's log and audit events")
+
+
 def resolve_password(spec: ConnectionSpec, password_env_prefix: str = DEFAULT_PASSWORD_ENV_PREFIX) -> str | None:
     if spec.password_env:
         # Checked here too: a stored connection may predate the prefix.
