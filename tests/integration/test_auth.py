@@ -103,7 +103,12 @@ def test_missing_upstream_password_gives_a_clear_error(tmp_path, pg) -> None:
     try:
         cred = gw.credential()
         err = connect_error(gw.dsn(cred))
-        assert "WARDGATE_CONN_SHOP_PASSWORD is not set" in str(err)
+        # alice is told the database cannot be reached; the reason is for the operator, in the log
+        assert "cannot reach the database of connection 'shop'" in str(err)
+        deadline = time.monotonic() + 10
+        while "WARDGATE_CONN_SHOP_PASSWORD is not set" not in gw.log.read_text():
+            assert time.monotonic() < deadline, "the reason was not logged"
+            time.sleep(0.1)
     finally:
         gw.stop()
 
