@@ -372,7 +372,9 @@ class Store:
                                                 m.User.kind == kind).order_by(m.User.id.desc()).limit(1))
             if row is not None and row.removed_at is not None:
                 return row
-            holder = s.scalar(select(m.User).where(m.User.name == identity.user))
+            # Who holds the name (the row itself, most often: no second look-up then).
+            holder = row if row is not None and row.name == identity.user else \
+                s.scalar(select(m.User).where(m.User.name == identity.user))
             if holder is not None and holder is not row:
                 raise Refused(f"the name {identity.user!r} belongs to another identity ({holder.source}); an "
                               "administrator must rename or remove one of them")
