@@ -284,6 +284,21 @@ IDP_AUDIENCE = "https://wardgate.test"
 IDP_ACCOUNTS = {"alice": {"groups": ["dev"]}, "dana": {"groups": ["dev"]}, "olivia": {"groups": ["ops", "auditors"]}, "nobody": {"groups": []}}
 
 
+def idp_toml(idp: "IdP") -> str:
+    """The config of a gateway that takes the test IdP's tokens, with admins and auditors by group."""
+    return f"""
+[[identity_providers]]
+name = "corp"
+issuer = "{idp.issuer}"
+audience = "{IDP_AUDIENCE}"
+client_id = "wardgate-cli"
+
+[roles]
+admins = ["wardgate-admins"]
+auditors = ["auditors"]
+"""
+
+
 @dataclass
 class IdP:
     issuer: str

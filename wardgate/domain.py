@@ -22,6 +22,10 @@ class Identity:
     uid: str = ""
     subject: str | None = None
 
+    def owns(self, uid: str | None) -> bool:
+        """Whether a record of the identity `uid` is this identity's (never when either is unknown)."""
+        return bool(self.uid) and uid == self.uid
+
     @property
     def display(self) -> str:
         return f"{self.agent} acting for {self.user}" if self.agent else self.user

@@ -11,22 +11,12 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import IDP_AUDIENCE, make_gateway
+from tests.conftest import idp_toml, make_gateway
 
 
 @pytest.fixture(scope="module")
 def idgw(tmp_path_factory, pg, idp):  # noqa: ANN001, ANN201
-    tail = f"""
-[[identity_providers]]
-name = "corp"
-issuer = "{idp.issuer}"
-audience = "{IDP_AUDIENCE}"
-client_id = "wardgate-cli"
-
-[roles]
-admins = ["wardgate-admins"]
-auditors = ["auditors"]
-
+    tail = idp_toml(idp) + """
 [credentials]
 idp_recheck = "3s"
 """

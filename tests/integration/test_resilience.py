@@ -63,9 +63,15 @@ def test_upstream_down_at_connect(own_gateway, own_pg) -> None:
     try:
         with pytest.raises(psycopg.OperationalError) as info:
             psycopg.connect(gw.dsn(cred, application_name="t_down"), connect_timeout=15)
-        assert "cannot reach connection 'shop'" in str(info.value)
+        # A non-admin is told only that the database cannot be reached; where it is stays with the operator.
+        assert "the gateway cannot reach the database" in str(info.value)
+        assert str(own_pg.port) not in str(info.value)
         s = gw.wait_for_session(lambda s: s["application_name"] == "t_down")
         assert s["status"] == "rejected" and s["error_code"] == "08001"
+        deadline = time.time() + 10
+        while not (found := gw.store().list_events(kind="session.upstream", limit=100)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert any("cannot reach connection 'shop'" in e.detail for e in found)
     finally:
         own_pg.start()
     with psycopg.connect(gw.dsn(cred)) as conn:

@@ -142,7 +142,7 @@ class Analyzer:
         """`status` of a session the caller may read (their own; any for auditors and admins); NotFound
         otherwise, not confirming that it exists. Blocking."""
         owner = self.gateway.exec.owner(sid)
-        if not self.gateway.gatekeeper.can_read_all(caller) and (owner is None or not caller.uid or owner != caller.uid):
+        if not self.gateway.gatekeeper.can_read_all(caller) and not caller.owns(owner):
             raise NotFound(f"no session {sid!r}")
         try:
             return self.status(sid)

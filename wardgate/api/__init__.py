@@ -153,7 +153,6 @@ def create_app(gateway: "Gateway") -> FastAPI:
                                     status_code=401, headers={"www-authenticate": "Bearer"})
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    provision = gateway.provision
 
     def require(caller: Identity, *roles: str) -> None:
         if not gateway.gatekeeper.roles(caller) & set(roles):
@@ -210,7 +209,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.post("/api/credentials/{credential_id}/revoke", summary="Revoke a native credential; its sessions end")
     def revoke_credential(credential_id: str, caller: Caller, request: Request) -> dict[str, Any]:
         owner = gateway.store.credential_owner(credential_id)
-        if owner is None or (owner[0] != caller.uid and "admin" not in gateway.gatekeeper.roles(caller)):
+        if owner is None or (not caller.owns(owner[0]) and "admin" not in gateway.gatekeeper.roles(caller)):
             event(request, "credential.revoke", "denied", caller, f"credential {credential_id}")
             raise HTTPException(404, f"no credential {credential_id!r} of yours")
         gateway.store.revoke_credential(credential_id)
@@ -233,7 +232,6 @@ def create_app(gateway: "Gateway") -> FastAPI:
                     raise HTTPException(400, "an agent key carries your groups; give for_agent only")
                 if caller.kind != "user":
                     raise HTTPException(403, "agent keys act for people; a service account has no agents")
-                caller = provision(caller)
                 issued = gateway.store.create_api_key(name=f"{body.for_agent} for {caller.user}", kind="agent",
                                                       user_name=caller.user, agent=body.for_agent, groups=[], ttl=ttl,
                                                       created_by=caller.user, uid=caller.uid)
@@ -253,13 +251,13 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.get("/api/apikeys", summary="Your API keys (admin: all)")
     def list_api_keys(caller: Caller) -> list[dict[str, Any]]:
         admin = "admin" in gateway.gatekeeper.roles(caller)
-        return [key_view(k) for k in gateway.store.list_api_keys(uid=None if admin else caller.uid or "-")]
+        return [key_view(k) for k in gateway.store.list_api_keys(uid=None if admin else caller.uid)]
 
     @app.post("/api/apikeys/{key_id}/revoke", summary="Revoke one of your API keys (admin: any)")
     def revoke_api_key(key_id: str, caller: Caller, request: Request) -> dict[str, Any]:
         # An agent may revoke its own key, never its person's other keys (nor another agent's).
         own = caller.source.removeprefix("apikey:") if caller.agent and caller.source.startswith("apikey:") else None
-        mine = {k.id for k in gateway.store.list_api_keys(include_inactive=True, uid=caller.uid or "-")
+        mine = {k.id for k in gateway.store.list_api_keys(include_inactive=True, uid=caller.uid)
                 if not caller.agent or k.id == own}
         if key_id not in mine and ("admin" not in gateway.gatekeeper.roles(caller) or caller.agent):
             event(request, "apikey.revoke", "denied", caller, f"API key {key_id}")
@@ -319,10 +317,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
     @app.post("/api/exec", summary="Run a statement through the gateway's policy, masking and recording",
               responses=envelope_doc)
     async def exec_(body: ExecRequest, caller: Caller, request: Request) -> dict[str, Any]:
-        try:
-            await asyncio.to_thread(provision, caller)
-        except Conflict as exc:
-            raise HTTPException(403, str(exc)) from None
+        # The caller was checked live in the store by `identity` (the Caller dependency), in this request.
         return await gateway.exec.run(caller, body.connection, body.sql, body.params, wait=body.wait, addr=addr(request))
 
     @app.get("/api/sessions/{session_id}/wait", summary="Long-poll an exec session until it finishes",
@@ -330,7 +325,7 @@ def create_app(gateway: "Gateway") -> FastAPI:
     async def wait_session(session_id: str, caller: Caller, timeout: float = 60) -> dict[str, Any]:
         timeout = min(max(timeout, 0.0), 300.0)
         owner = await asyncio.to_thread(gateway.exec.owner, session_id)
-        if not can_read_all(caller) and (owner is None or not caller.uid or owner != caller.uid):
+        if not can_read_all(caller) and not caller.owns(owner):
             raise HTTPException(404, f"no session {session_id!r}")
         envelope = await gateway.exec.wait(session_id, timeout)
         if envelope is None:  # not a live exec: the record is the answer
@@ -376,13 +371,10 @@ def create_app(gateway: "Gateway") -> FastAPI:
                                    "approvers": ["sre"], "min_approvals": 1, "next": "ask sre to approve review 1c9e..."}}}}})
     async def request_grant(body: GrantRequest, caller: Caller) -> dict[str, Any]:
         try:
-            await asyncio.to_thread(provision, caller)
             duration = parse_duration(body.duration)
             return await gateway.reviews.request_access(caller, body.connection, duration, body.reason)
         except ConfigError as exc:
             raise HTTPException(422, str(exc)) from None
-        except Conflict as exc:
-            raise HTTPException(403, str(exc)) from None
         except ReviewError as exc:
             raise review_error(exc) from None
 

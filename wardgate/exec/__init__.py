@@ -226,7 +226,7 @@ class ExecRunner:
         NotFound also when it is someone else's (not confirming it exists). Blocking."""
         data = show_session(self.gateway.store, session_id)
         if not self.gateway.gatekeeper.can_read_all(caller) and \
-                (not caller.uid or self.owner(data["id"]) != caller.uid):
+                not caller.owns(self.owner(data["id"])):
             raise NotFound(f"no session {session_id!r}")
         result = self.result(session_id)
         if result is not None:

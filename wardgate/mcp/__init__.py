@@ -162,7 +162,7 @@ def create_server(gateway: Gateway, resource_url: str) -> MCPServer:
     async def sessions_wait_result(session_id: str, timeout_seconds: float = 60) -> dict[str, Any]:
         who = caller()
         owner = await asyncio.to_thread(gateway.exec.owner, session_id)
-        if not who.uid or owner != who.uid:
+        if not who.owns(owner):
             raise ToolError(f"no session {session_id!r} of yours")
         out = await gateway.exec.wait(session_id, min(max(timeout_seconds, 0.0), 300.0))
         return out if out is not None else {"status": "recorded", "session_id": session_id}

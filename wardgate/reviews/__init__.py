@@ -190,7 +190,7 @@ class Reviews:
         }
 
     def may_see(self, caller: Identity, review: m.Review) -> bool:
-        return ((bool(caller.uid) and review.requester_id == caller.uid) or self._may_approve(caller, review)
+        return (caller.owns(review.requester_id) or self._may_approve(caller, review)
                 or self.gateway.gatekeeper.can_read_all(caller))
 
     def _may_approve(self, caller: Identity, review: m.Review) -> bool:
@@ -301,7 +301,7 @@ class Reviews:
             raise ReviewError(f"no review {review_id!r}", 404) from None
         if review.kind != "statement":
             raise ReviewError("an access review is not executed: once approved, it grants a window on the connection", 409)
-        if not caller.uid or review.requester_id != caller.uid or review.agent != caller.agent:
+        if not caller.owns(review.requester_id) or review.agent != caller.agent:
             self._event("review.execute", "denied", caller, review_id, "not the requester")
             by = f"{review.requester} through {review.agent}" if review.agent else review.requester
             raise ReviewError(f"only who asked for this review ({by}) may run it", 403)

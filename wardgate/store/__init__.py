@@ -641,7 +641,7 @@ class Store:
         """`user`: of the live user of that name; `uid`: of that identity."""
         now = time.time()
         q = select(m.Credential, m.User.name).join(m.User, m.User.id == m.Credential.user_id)
-        if uid:
+        if uid is not None:  # "" (an identity the store never resolved) owns nothing
             q = q.where(m.User.uid == uid)
         elif user:
             q = q.where(m.User.name == user)
@@ -1444,17 +1444,17 @@ class Store:
         out: dict[str, dict[int, int]] = {}
         with self.engine.connect() as conn:
             q = select(day(ss.c.started_at), sa.func.count()).where(ss.c.started_at >= since)
-            q = q.where(self.owned_by(uid, ss)) if uid else q
+            q = q.where(self.owned_by(uid, ss)) if uid is not None else q
             out["sessions"] = dict(conn.execute(q.group_by("day")).all())
             q = (select(day(st.c.started_at), sa.func.count()).select_from(st.join(ss, ss.c.id == st.c.session_id))
                  .where(st.c.started_at >= since, st.c.status == "denied"))
-            q = q.where(self.owned_by(uid, ss)) if uid else q
+            q = q.where(self.owned_by(uid, ss)) if uid is not None else q
             out["refused"] = dict(conn.execute(q.group_by("day")).all())
             q = select(day(rv.c.created_at), sa.func.count()).where(rv.c.created_at >= since)
-            q = q.where(rv.c.requester_id == uid) if uid else q
+            q = q.where(rv.c.requester_id == uid) if uid is not None else q
             out["reviews"] = dict(conn.execute(q.group_by("day")).all())
             q = select(ss.c.started_at, ss.c.masked).where(ss.c.started_at >= since, ss.c.masked.is_not(None))
-            q = q.where(self.owned_by(uid, ss)) if uid else q
+            q = q.where(self.owned_by(uid, ss)) if uid is not None else q
             masked: dict[int, int] = {}
             for at, counts in conn.execute(q):
                 if isinstance(counts, str):

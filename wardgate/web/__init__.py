@@ -384,7 +384,7 @@ class Console:
             return session
         who = session.identity
         everyone = self.gateway.gatekeeper.can_read_all(who)
-        counts = await asyncio.to_thread(self.gateway.store.daily_counts, self.DAYS, None if everyone else who.uid or "-")
+        counts = await asyncio.to_thread(self.gateway.store.daily_counts, self.DAYS, None if everyone else who.uid)
         today = int(time.time() // 86400)
         days = list(range(today - self.DAYS + 1, today + 1))
         charts = []
@@ -495,7 +495,7 @@ class Console:
         filters = {k: q.get(k) or None for k in ("user", "connection", "outcome", "rule")}
         if not self.gateway.gatekeeper.can_read_all(who):
             filters["user"] = None
-            filters["uid"] = who.uid or "-"
+            filters["uid"] = who.uid
         rows = await asyncio.to_thread(list_sessions, self.gateway.store, limit=200, **filters)
         filters.pop("uid", None)
         return self.render(request, "sessions.html", sessions=rows, filters=filters)
@@ -616,7 +616,7 @@ class Console:
         if not admin:  # as on the API: targets and database users are for admins
             connections = [c for c in connections if verbs[c["name"]]]
         creds = [(c, user) for c, user in await asyncio.to_thread(
-            store.list_credentials, None, False, None if admin else who.uid or "-")]
+            store.list_credentials, None, False, None if admin else who.uid)]
         grants = [r for r in await self.gateway.reviews.list(who) if r["kind"] == "access"]
         users = [u for u in await asyncio.to_thread(store.list_users) if not u.disabled] if admin else []
         return self.render(request, "access.html", connections=connections, usable=sorted(usable), verbs=verbs, creds=creds,
@@ -676,7 +676,7 @@ class Console:
             if action == "revoke":
                 cred_id = form.get("credential", "")
                 owner = await asyncio.to_thread(self.gateway.store.credential_owner, cred_id)
-                if owner is None or (owner[0] != who.uid and not admin):
+                if owner is None or (not who.owns(owner[0]) and not admin):
                     session.flash.append(f"No credential {cred_id} of yours.")
                     return None
                 await asyncio.to_thread(self.gateway.store.revoke_credential, cred_id, actor)
@@ -753,7 +753,7 @@ class Console:
                 created = {"id": issued.row.id, "agent": agent, "secret": issued.secret}
         admin = "admin" in self.gateway.gatekeeper.roles(who)
         rows = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys)
-                if admin or (k.kind == "agent" and k.user_id == who.uid)]
+                if admin or (k.kind == "agent" and who.owns(k.user_id))]
         return self.render(request, "keys.html", keys=rows, created=created)
 
     async def revoke_key(self, request: Request) -> Response:
@@ -764,7 +764,7 @@ class Console:
         who, key_id = session.identity, request.path_params["key_id"]
         admin = "admin" in self.gateway.gatekeeper.roles(who)
         mine = [k for k in await asyncio.to_thread(self.gateway.store.list_api_keys, True)
-                if k.id == key_id and (admin or (k.kind == "agent" and k.user_id == who.uid))]
+                if k.id == key_id and (admin or (k.kind == "agent" and who.owns(k.user_id)))]
         if not mine or who.kind == "agent":
             session.flash.append(f"No key {key_id} of yours.")
         else:
