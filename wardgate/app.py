@@ -23,7 +23,7 @@ from .metrics import STATS, GatewayCollector
 from .policy import snapshot as policy_snapshot
 from .policy.gatekeeper import Gatekeeper
 from .recording.journal import event
-from .recording.recorder import Recorder
+from .recording.recorder import Recorder, stalled
 from .recording.sinks import Shipper
 from .recording.views import iso
 from .reviews import Reviews
@@ -182,6 +182,10 @@ class Gateway:
         if self.recorder.failure is not None:
             problems.append(f"the recording journal ({self.recorder.journal.dir}) cannot be written: "
                             f"{self.recorder.failure}; no session opens until it can")
+        why = stalled(self.settings.journal_dir)
+        if why is not None:
+            problems.append(f"records are not reaching the store ({why}); they wait in the journal "
+                            f"({self.settings.journal_dir}) and the log says why")
         try:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), 5)
         except Exception as exc:  # noqa: BLE001 - whatever the store says, it is not answering
@@ -250,7 +254,7 @@ class Gateway:
     async def _start_http(self) -> None:
         import uvicorn
 
-        from .api import SecurityHeaders, create_app
+        from .api import ReadableRequests, SecurityHeaders, create_app
 
         host, port = parse_hostport(self.settings.gateway.http_listen)
         kwargs: dict[str, Any] = {}
@@ -274,7 +278,7 @@ class Gateway:
         # loopback, where anyone on the host could then pick the address the throttle and the records see.
         proxies = self.settings.gateway.trusted_proxies
         kwargs.update({"proxy_headers": True, "forwarded_allow_ips": list(proxies)} if proxies else {"proxy_headers": False})
-        config = uvicorn.Config(RequestIds(SecurityHeaders(app)), host=host, port=port, log_level="warning", lifespan="off",
+        config = uvicorn.Config(RequestIds(SecurityHeaders(ReadableRequests(app))), host=host, port=port, log_level="warning", lifespan="off",
                                 access_log=False, **kwargs)
         self.http_server = uvicorn.Server(config)
         self.http_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -9,9 +9,10 @@ import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..config import ConfigError, parse_duration
 from ..domain import Identity
@@ -19,6 +20,7 @@ from ..identity import AuthenticationError, LockedOut
 from ..recording.views import event_view, iso, list_sessions, show_session
 from ..reviews import ReviewError
 from ..store import UNAVAILABLE, UNAVAILABLE_MESSAGE, Actor, Conflict, NotFound
+from ..text import UNREADABLE_MESSAGE, unreadable
 
 log = logging.getLogger("wardgate.api")
 
@@ -26,7 +28,19 @@ if TYPE_CHECKING:
     from ..app import Gateway
 
 
-class ApiKeyRequest(BaseModel):
+class Body(BaseModel):
+    """A request body: no text in it may hold what PostgreSQL cannot read (wardgate/text.py)."""
+
+    @field_validator("*")
+    @classmethod
+    def _readable(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else (value,):
+            if isinstance(text, str) and unreadable(text):
+                raise ValueError(f"the text {UNREADABLE_MESSAGE}")
+        return value
+
+
+class ApiKeyRequest(Body):
     for_agent: str | None = Field(default=None, description="Make a key for this agent, acting for you.",
                                   examples=["claude-code"])
     name: str | None = Field(default=None, description="Service account name (admin role only).")
@@ -34,7 +48,7 @@ class ApiKeyRequest(BaseModel):
     ttl: str | None = Field(default=None, description="Lifetime such as 90d; default: until revoked.", examples=["90d"])
 
 
-class ExecRequest(BaseModel):
+class ExecRequest(Body):
     connection: str = Field(description="Connection name.", examples=["shop"])
     sql: str = Field(description="One statement, or several separated by `;` (without params).",
                      examples=["select id, email from customers where id = $1"])
@@ -45,18 +59,18 @@ class ExecRequest(BaseModel):
     model_config = {"json_schema_extra": {"examples": [{"connection": "shop", "sql": "select count(*) from orders"}]}}
 
 
-class DecisionRequest(BaseModel):
+class DecisionRequest(Body):
     reason: str | None = Field(default=None, description="Why; required to reject.", examples=["no DELETE during the freeze"])
 
 
-class GrantRequest(BaseModel):
+class GrantRequest(Body):
     connection: str = Field(description="Connection name.", examples=["prod"])
     duration: str = Field(default="1h", description="How long, from approval (at most the rule's max_duration).",
                           examples=["30m"])
     reason: str = Field(description="Why; approvers see it.", examples=["incident 4211: fix the stuck orders"])
 
 
-class ExecuteRequest(BaseModel):
+class ExecuteRequest(Body):
     wait: float | None = Field(default=None, description="Seconds to wait before answering `running`.", examples=[10])
 
 
@@ -74,7 +88,7 @@ EXEC_EXAMPLES = {
 }
 
 
-class CredentialRequest(BaseModel):
+class CredentialRequest(Body):
     connection: str = Field(description="Connection name (the dbname native clients use).", examples=["shop"])
     ttl: str | None = Field(default=None, description="Lifetime such as 15m or 2h; default from the config.", examples=["2h"])
 
@@ -117,6 +131,15 @@ def create_app(gateway: "Gateway") -> FastAPI:
 
     for kind in UNAVAILABLE:
         app.add_exception_handler(kind, store_unavailable)
+
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's own answer echoes each bad value back: a lone surrogate then cannot even be encoded
+        # (a 500), and a long value comes back whole. Where and why is enough to correct the request.
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        return JSONResponse({"detail": [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+                                         "type": str(e.get("type", ""))} for e in errors]}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
 
     from ..web import create_console
 
@@ -453,6 +476,20 @@ ROUTE_EXAMPLES: dict[tuple[str, str], Any] = {
                               "duration_seconds": 1800, "reason": "incident 4211", "window_end": "2026-11-22T10:32:00Z",
                               "active": True}],
 }
+
+
+class ReadableRequests:
+    """ASGI middleware: a request whose path or query holds a NUL character (%00) is answered 400 before
+    any route reads it (see wardgate/text.py; bodies are checked by their models, `Body`)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (unreadable(scope.get("path", "")) or b"%00" in scope.get("query_string", b"")):
+            await JSONResponse({"detail": f"the request's path or query {UNREADABLE_MESSAGE}"}, 400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class SecurityHeaders:

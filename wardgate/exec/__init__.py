@@ -32,6 +32,7 @@ from ..recording.views import show_session
 from ..sql.classify import Classification
 from ..sql.tags import as_predicted
 from ..store import NotFound
+from ..text import UNREADABLE_MESSAGE, unreadable
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -51,6 +52,18 @@ class _Result:
     size: int = 0
     truncated: bool = False
     error: dict[str, str] | None = None
+
+
+def _unreadable(connection: str, sql: str, params: list[str | None] | None) -> str | None:
+    """Why PostgreSQL could not read `sql` or a value of `params` as sent (None: it can)."""
+    if unreadable(connection):
+        return f"the connection name {UNREADABLE_MESSAGE}"
+    if unreadable(sql):
+        return f"the statement {UNREADABLE_MESSAGE}"
+    for n, value in enumerate(params or (), 1):
+        if value is not None and unreadable(value):
+            return f"value ${n} {UNREADABLE_MESSAGE}"
+    return None
 
 
 class ExecRunner:
@@ -85,6 +98,14 @@ class ExecRunner:
                   wait: float | None = None, addr: str | None = None, review_id: str | None = None) -> dict[str, Any]:
         """Decide, then run (or refuse, or hold for review) one statement batch for `caller`."""
         gk = self.gateway.gatekeeper
+        why = _unreadable(connection, sql, params)
+        if why is not None:
+            # PostgreSQL reads text only up to a NUL byte and has no encoding for a lone surrogate: the
+            # server could not read what the gateway would decide on, so nothing is decided or sent.
+            self.gateway.record_event("exec.invalid", "denied", user=caller.user, agent=caller.agent, addr=addr,
+                                      source=caller.source, detail=why)
+            return {"status": "failed", "code": "22021", "error": why,
+                    "next": "send the statement and its values as text without NUL characters"}
         access = await asyncio.to_thread(gk.authorize, caller, connection, "exec")
         if not access.allowed:
             self.gateway.record_event("exec.access", "denied", user=caller.user, agent=caller.agent, addr=addr,

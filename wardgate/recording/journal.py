@@ -75,8 +75,32 @@ def remove(path: Path, attached: list[Path]) -> None:
         part.unlink(missing_ok=True)
 
 
+_NUL_ESCAPE = "\\u0000"  # how JSON writes a NUL character (it never appears raw in a record)
+
+
+def storable(value: Any) -> Any:
+    """`value` with every NUL character in its strings (keys too) replaced by U+FFFD. PostgreSQL's text
+    and jsonb cannot hold a NUL, and one record the store refuses would stop every record behind it;
+    the store seals what it stores, so the audit chain holds the replaced text."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
 def _read_lines(path: Path) -> list[dict[str, Any]]:
+    # "replace": a lone surrogate was written as its UTF-8-like bytes (surrogatepass), read back as U+FFFD.
     text = path.read_bytes().decode("utf-8", "replace")
+    records = _parse(text)
+    if _NUL_ESCAPE in text:  # rare (an escaped backslash before "u0000" also matches): then walk them all
+        records = [storable(r) for r in records]
+    return records
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
     try:
         # One parse for the whole file: a record is one line, and JSON escapes every newline in a value.
         return json.loads("[" + text.rstrip("\n").replace("\n", ",") + "]")

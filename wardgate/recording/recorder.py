@@ -31,6 +31,8 @@ log = logging.getLogger("wardgate.recording")
 OUTCOME_DELAY = 0.02
 ATTACH_MIN = 1 << 20  # bytes of records from which they are written to a file of their own (write_parts)
 DRAINER_NICENESS = 10
+STALLED_FILE = "store-stalled"  # beside the journal while the drainer's tries fail (`stalled`)
+STALLED_AFTER = 3  # failed tries in a row before readiness says so
 MAX_KEPT = 100_000  # record writes kept in memory while the journal cannot be written (Recorder.keep)
 
 
@@ -77,6 +79,23 @@ def anchor_head(store: Store, directory: Path, known: int = 0, *, sync: bool = T
     return int(cp["seq"])
 
 
+def stalled(directory: Path) -> str | None:
+    """Why the drainer has not been able to move the journal into the store lately (None: it has)."""
+    try:
+        return (directory / STALLED_FILE).read_text(errors="replace").strip() or "unknown error"
+    except OSError:
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError:
+        log.exception("cannot write %s", path)
+
+
 def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any) -> None:
     """Entry point of the drainer process. `stop` is the reading end of a pipe from the gateway: a
     message, or its end (the gateway is gone), tells it to finish."""
@@ -104,11 +123,15 @@ def drainer_main(settings: Settings, parent_pid: int, interval: float, stop: Any
             apply_ready(store, directory)
             # On disk at once with durability = "fsync"; else as the journal is (the OS writes it back).
             anchored = anchor_head(store, directory, anchored, sync=settings.recording.durability == "fsync")
+            if failures:
+                (directory / STALLED_FILE).unlink(missing_ok=True)
             failures = 0
-        except Exception:  # noqa: BLE001 - the store may be down; the files stay for the next try
+        except Exception as exc:  # noqa: BLE001 - the store may be down; the files stay for the next try
             failures += 1
             if failures in (1, 10) or failures % 100 == 0:
                 log.exception("cannot apply the journal to the store (attempt %d); will retry", failures)
+            if failures == STALLED_AFTER:  # readiness says so (Gateway.readiness): records wait in the journal
+                _write_private(directory / STALLED_FILE, f"{type(exc).__name__}: {str(exc)[:300]}")
         if stopping:
             done.set()
             return
@@ -161,7 +184,10 @@ class Recorder:
         with self._lock:
             # Deferred outcomes stay deferred until they are written: a failed write loses none of them.
             try:
-                self.journal.write("".join(self._deferred + lines if self._deferred else lines).encode("utf-8"))
+                # surrogatepass: a lone surrogate a client sent (JSON allows "\ud800") is written, never refused
+                # here; the drainer reads it back as U+FFFD (journal.storable).
+                self.journal.write("".join(self._deferred + lines if self._deferred else lines).encode(
+                    "utf-8", "surrogatepass"))
             except OSError as exc:
                 self._failed(exc)
                 raise
@@ -202,7 +228,7 @@ class Recorder:
         try:
             with self._lock:
                 if self._deferred:
-                    parts = ["".join(self._deferred).encode("utf-8"), *parts]
+                    parts = ["".join(self._deferred).encode("utf-8", "surrogatepass"), *parts]
                 try:
                     self.journal.write_parts(parts)
                 except OSError as exc:
