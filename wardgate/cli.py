@@ -199,13 +199,13 @@ def users_list(
     """List users: people (local, or seen from an identity provider) and service accounts (svc:NAME)."""
     rows = open_store().list_users(include_removed=removed)
     if json_out:
-        emit_json([{"name": u.name, "uid": u.uid, "kind": u.kind, "source": u.source, "groups": u.groups,
+        emit_json([{"name": u.former_name or u.name, "uid": u.uid, "kind": u.kind, "source": u.source, "groups": u.groups,
                     "created_at": iso(u.created_at), "removed_at": iso(u.removed_at) if u.removed_at else None}
                    for u in rows])
         return
     table = Table("name", "id", "kind", "from", "groups", "created", *(["removed"] if removed else []))
     for u in rows:
-        table.add_row(u.name, u.uid, u.kind, u.source, ", ".join(u.groups) or "-", when(u.created_at),
+        table.add_row(u.former_name or u.name, u.uid, u.kind, u.source, ", ".join(u.groups) or "-", when(u.created_at),
                       *([when(u.removed_at) if u.removed_at else "-"] if removed else []))
     console.print(table)
 

@@ -26,7 +26,8 @@ def test_an_older_store_upgrades_to_identities_by_id(tmp_path: Path) -> None:
         command.upgrade(cfg, "0013")
     engine.dispose()
     with sqlite3.connect(tmp_path / "wardgate.db") as db:
-        for name, disabled, source in (("alice", 0, "local"), ("bob#removed-2", 1, "local"), ("ci", 0, "apikey")):
+        for name, disabled, source in (("alice", 0, "local"), ("bob#removed-2", 1, "local"), ("ci", 0, "apikey"),
+                                        ("Carol", 0, "local"), ("carol", 0, "local")):
             db.execute("INSERT INTO users (name, groups, scram_salt, disabled, created_at, source) "
                        "VALUES (?, '[]', x'00', ?, 1.0, ?)", (name, disabled, source))
         db.execute("INSERT INTO api_keys (id, name, kind, user_name, groups, secret_hash, created_at) "
@@ -39,10 +40,15 @@ def test_an_older_store_upgrades_to_identities_by_id(tmp_path: Path) -> None:
         db.execute("INSERT INTO sessions (id, user_name, connection, client_addr, started_at, status, tls) "
                    "VALUES ('s1', 'alice', 'shop', '127.0.0.1', 5.0, 'closed', 0)")
     store = Store.open(settings)
-    users = {u.name: u for u in store.list_users(include_removed=True)}
-    assert set(users) == {"alice", "bob#removed-2", "svc:ci"}  # the service key's caller became svc:ci
+    users = {u.former_name or u.name: u for u in store.list_users(include_removed=True)}
+    assert set(users) == {"alice", "bob", "svc:ci", "Carol", "carol"}  # the service key's caller became svc:ci
     assert len({u.uid for u in users.values()}) == len(users) and all(users[n].uid for n in users)
-    assert users["svc:ci"].kind == "service" and users["bob#removed-2"].removed_at is not None
+    assert users["svc:ci"].kind == "service" and users["bob"].removed_at is not None
+    # 0016: a removed identity is named by its uid, and its name is kept beside; live names are keyed,
+    # and two that already read alike both keep their names (the later one under a key of its own)
+    assert users["bob"].name == f"#removed-{users['bob'].uid}" and users["bob"].name_key is None
+    assert users["carol"].name_key == users["Carol"].name_key + "#" + users["carol"].uid
+    assert store.restore_user("bob").name == "bob"
     keys = {k.id: k for k in store.list_api_keys(include_inactive=True)}
     assert (keys["k1"].user_name, keys["k1"].user_id) == ("svc:ci", users["svc:ci"].uid)
     assert keys["k2"].user_id == users["alice"].uid

@@ -21,6 +21,7 @@ from joserfc.jwk import KeySet
 
 from ..config import ALLOWED_ALGORITHMS, IdentityProviderSpec
 from ..domain import Identity
+from ..names import MAX_NAME, valid_agent_name, valid_person_name, valid_service_name
 from . import AuthenticationError
 
 REFETCH_INTERVAL = 30.0
@@ -114,26 +115,27 @@ class Provider:
         kind = "service" if claims.get("client_id") and claims.get("sub") == claims.get("client_id") else "user"
         if kind == "service":
             name = f"svc:{name}"  # machines have their own namespace: never a person's name
+            if not valid_service_name(name):
+                raise AuthenticationError(f"the token names the service client {name!r}, which is not a valid service "
+                                          f"name here (ASCII letters, digits, '.', '_', '-'; at most {MAX_NAME - 4})")
         elif not valid_person_name(name):
             raise AuthenticationError(f"the token names the user {name!r}, which is not a valid user name here "
-                                      "(no ':', '/', spaces or control characters; at most 128 characters)")
+                                      f"(no ':', '/', '#', spaces or control characters; at most {MAX_NAME} characters)")
         expires = float(claims["exp"])
         if "act" in claims:
             # RFC 8693: `sub` is the person, `act.sub` the party acting for them. Anything else in `act` is
             # refused, not read as "no agent": the token says someone acts, and we cannot say who.
             act = claims["act"]
-            if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"].strip():
+            if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not valid_agent_name(act["sub"]):
                 raise AuthenticationError("the token's act claim is malformed: it must be an object naming the acting "
-                                          "party in act.sub")
+                                          f"party in act.sub (printable, at most {MAX_NAME} characters)")
+            if "act" in act:
+                # A chain (an agent acting for an agent): the records could name only one of them.
+                raise AuthenticationError("the token's act claim is nested (act.act); one acting party is supported")
             if kind == "service":
                 raise AuthenticationError("the token says an agent acts for a service client; agents act for people")
-            return Identity(name, groups, "agent", act["sub"][:128], f"oidc:{s.name}", expires, subject=subject)
+            return Identity(name, groups, "agent", act["sub"], f"oidc:{s.name}", expires, subject=subject)
         return Identity(name, groups, kind, None, f"oidc:{s.name}", expires, subject=subject)
-
-
-def valid_person_name(name: str) -> bool:
-    """A person's name: ':' is the namespaces' separator (svc:…), '/' and spaces break URLs and lists."""
-    return 0 < len(name) <= 128 and not any(c in name for c in ":/ ") and name.isprintable()
 
 
 MAX_TOKEN = 16 * 1024  # decoded, verified and cached only below this size

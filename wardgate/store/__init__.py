@@ -28,6 +28,7 @@ from sqlalchemy.orm import sessionmaker
 from ..config import ConfigError, ConnectionSpec, Settings, validate_connection
 from ..domain import Identity
 from ..engines.postgres.scram import DEFAULT_ITERATIONS, Verifier, make_verifier
+from ..names import MAX_NAME, REMOVED_PREFIX, name_key, valid_agent_name, valid_person_name, valid_service_name
 from ..recording import audit, seals
 from ..recording.journal import ends_after_restart
 from . import bus
@@ -183,8 +184,14 @@ def _engine(url: str, *, sync: bool = False) -> sa.Engine:
 
 
 def _new_user(name: str, groups: list[str], source: str, *, kind: str = "user", subject: str | None = None) -> m.User:
-    return m.User(name=name, groups=sorted(set(groups)), scram_salt=os.urandom(16), created_at=time.time(),
-                  disabled=False, source=source, kind=kind, subject=subject, uid=secrets.token_hex(8))
+    return m.User(name=name, name_key=name_key(name), groups=sorted(set(groups)), scram_salt=os.urandom(16),
+                  created_at=time.time(), disabled=False, source=source, kind=kind, subject=subject,
+                  uid=secrets.token_hex(8))
+
+
+def _alike(s: Any, name: str) -> m.User | None:
+    """The live user whose name reads like `name` (the same user, or one `name` would be mistaken for)."""
+    return s.scalar(select(m.User).where(m.User.name_key == name_key(name)))
 
 
 def _same_agent(agent: str | None) -> Any:
@@ -237,11 +244,14 @@ class Store:
 
     def add_user(self, name: str, groups: list[str], actor: Actor | None = None) -> m.User:
         name = name.strip()
-        if not name or len(name) > 128 or any(c in name for c in "\x00:@/# ") or not name.isprintable():
-            raise ConfigError(f"invalid user name {name!r}: use letters, digits, '.', '_', '-'")
+        if not valid_person_name(name, local=True):
+            raise ConfigError(f"invalid user name {name!r}: use letters, digits, '.', '_', '-' "
+                              f"(at most {MAX_NAME} characters)")
         with self.Session.begin() as s:
-            if s.scalar(select(m.User).where(m.User.name == name)):
-                raise Conflict(f"user {name!r} already exists")
+            taken = _alike(s, name)
+            if taken is not None:
+                raise Conflict(f"user {name!r} already exists" if taken.name == name else
+                               f"the name {name!r} reads like that of the user {taken.name!r}; choose another")
             user = _new_user(name, groups, "local")
             s.add(user)
             self.record_change(s, actor, "user.create", f"{name} ({user.uid}): groups {', '.join(user.groups) or '(none)'}")
@@ -292,14 +302,16 @@ class Store:
         name is free for someone else, who starts with nothing: records name the identity by its uid."""
         now = time.time()
         with self.Session.begin() as s:
-            user = s.scalar(select(m.User).where(m.User.name == name, m.User.removed_at.is_(None)))
+            # Locked: a key or credential issued meanwhile waits for this, then finds the user removed.
+            user = s.scalar(select(m.User).where(m.User.name == name, m.User.removed_at.is_(None)).with_for_update())
             if user is None:
                 raise NotFound(f"no user named {name!r}; see `wardgate users list`")
             counts = self._revoke_everything(s, user, now, actor)
             self.record_change(s, actor, "user.remove", f"{name} ({user.uid}): removed; revoked "
                                + ", ".join(f"{n} {what}" for what, n in counts.items()))
-            user.disabled, user.removed_at = True, now
-            user.name = f"{name}#removed-{user.id}"  # frees the name; '#' is in no live user's name
+            # The name is freed: its key goes, and the row is named by its uid ('#' is in no live name).
+            user.disabled, user.removed_at, user.revoked_before = True, now, now
+            user.former_name, user.name, user.name_key = name, f"{REMOVED_PREFIX}{user.uid}", None
             return counts
 
     def _revoke_everything(self, s: Any, user: m.User, now: float, actor: Actor | None) -> dict[str, int]:
@@ -328,9 +340,8 @@ class Store:
         naming their uids."""
         with self.Session.begin() as s:
             rows = list(s.scalars(select(m.User).where(m.User.uid == name, m.User.removed_at.is_not(None))))
-            if not rows:
-                rows = list(s.scalars(select(m.User).where(
-                    m.User.name.startswith(f"{name}#removed-", autoescape=True), m.User.removed_at.is_not(None))))
+            if not rows:  # the exact name it had (SQLite's LIKE would match it case-insensitively)
+                rows = list(s.scalars(select(m.User).where(m.User.former_name == name, m.User.removed_at.is_not(None))))
             if not rows:
                 raise NotFound(f"no removed user named {name!r}; see `wardgate users list --removed`")
             if len(rows) > 1:
@@ -338,10 +349,12 @@ class Store:
                                f"{', '.join(r.uid for r in rows)}); restore one by its id: "
                                f"`wardgate users restore {rows[0].uid}`")
             row = rows[0]
-            old = row.name.split("#removed-", 1)[0]
-            if s.scalar(select(m.User.id).where(m.User.name == old)) is not None:
-                raise Conflict(f"the name {old!r} now belongs to another user; remove or rename that one first")
-            row.name, row.removed_at, row.disabled = old, None, False
+            old = row.former_name or row.name
+            taken = _alike(s, old)
+            if taken is not None:
+                raise Conflict(f"the name {old!r} now belongs to the user {taken.name!r}; remove that one first")
+            # revoked_before stays: links, keys and credentials issued before the removal stay dead.
+            row.name, row.name_key, row.former_name, row.removed_at, row.disabled = old, name_key(old), None, None, False
             self.record_change(s, actor, "user.restore", f"{old} ({row.uid}): restored, with no live credentials or keys")
             return row
 
@@ -368,35 +381,42 @@ class Store:
         kind = "service" if identity.kind == "service" else "user"
         groups = sorted(set(identity.groups))
         with self.Session.begin() as s:
-            row = s.scalar(select(m.User).where(m.User.source == identity.source, m.User.subject == identity.subject,
-                                                m.User.kind == kind).order_by(m.User.id.desc()).limit(1))
+            # By (provider, subject) whatever kind the token says: a removed person's subject does not come
+            # back as a service client (client_id == sub), nor a service's as a person.
+            row = s.scalar(select(m.User).where(m.User.source == identity.source, m.User.subject == identity.subject)
+                           .order_by(m.User.id.desc()).limit(1))
             if row is not None and row.removed_at is not None:
                 return row
-            # Who holds the name (the row itself, most often: no second look-up then).
-            holder = row if row is not None and row.name == identity.user else \
-                s.scalar(select(m.User).where(m.User.name == identity.user))
+            if row is not None and row.kind != kind:
+                raise Refused(f"the identity provider's subject of {identity.user!r} is known here as a {row.kind}, "
+                              f"and this token presents it as a {kind}; an administrator must remove one of them")
+            # Who holds the name, or one that reads alike (the row itself, most often: no second look-up then).
+            holder = row if row is not None and row.name == identity.user else _alike(s, identity.user)
             if holder is not None and holder is not row:
-                raise Refused(f"the name {identity.user!r} belongs to another identity ({holder.source}); an "
-                              "administrator must rename or remove one of them")
+                raise Refused(f"the name {identity.user!r} belongs to another identity ({holder.source}), or reads "
+                              "like its name; an administrator must rename or remove one of them")
             if row is None:
                 row = _new_user(identity.user, groups, identity.source, kind=kind, subject=identity.subject)
                 row.seen_at = now
                 s.add(row)
                 return row
             if row.name != identity.user or row.groups != groups or (row.seen_at or 0) < now - self.TOUCH:
-                row.name, row.groups, row.seen_at = identity.user, groups, now
+                row.name, row.name_key, row.groups, row.seen_at = identity.user, name_key(identity.user), groups, now
             return row
 
     def service_account(self, name: str) -> m.User:
         """The user behind service keys named `name` (svc:<name>), made on the first key."""
         principal = name if name.startswith("svc:") else f"svc:{name}"
-        if not re.fullmatch(r"svc:[A-Za-z0-9_][A-Za-z0-9_.-]{0,123}", principal):
-            raise ConfigError(f"invalid service account name {name!r}: use letters, digits, '.', '_', '-'")
+        if not valid_service_name(principal):
+            raise ConfigError(f"invalid service account name {name!r}: use letters, digits, '.', '_', '-' "
+                              f"(at most {MAX_NAME - 4} characters)")
         with self.Session.begin() as s:
-            row = s.scalar(select(m.User).where(m.User.name == principal))
+            row = _alike(s, principal)
             if row is None:
                 row = _new_user(principal, [], "apikey", kind="service")
                 s.add(row)
+            elif row.name != principal:
+                raise Conflict(f"{principal!r} reads like the name of {row.name!r}; choose another name")
             elif row.kind != "service" or row.source != "apikey":
                 raise Conflict(f"{principal!r} is a service client of {row.source}, not a service account of API keys")
             return row
@@ -600,7 +620,8 @@ class Store:
         now = time.time()
         with self.Session.begin() as s:
             who = m.User.uid == uid if uid else m.User.name == user_name
-            user = s.scalar(select(m.User).where(who, m.User.removed_at.is_(None), m.User.disabled.is_(False)))
+            user = s.scalar(select(m.User).where(who, m.User.removed_at.is_(None), m.User.disabled.is_(False))
+                            .with_for_update())  # a removal committing meanwhile is waited for (remove_user)
             if user is None:
                 raise NotFound(f"no user named {user_name!r}; add one with `wardgate users add {user_name}`")
             user_name = user.name
@@ -660,6 +681,7 @@ class Store:
             rows = list(s.scalars(
                 select(m.Credential).where(
                     m.Credential.user_id == user.id,
+                    m.Credential.created_at > (user.revoked_before or 0),  # none from before a removal
                     m.Credential.connection == connection,
                     m.Credential.revoked_at.is_(None),
                     m.Credential.expires_at > now,
@@ -689,7 +711,8 @@ class Store:
             found = {c.id: c for c in s.scalars(select(m.Credential).where(m.Credential.id.in_(ids)))}
             # A credential whose user was removed is dead too, even one issued while the removal committed.
             gone = set(s.scalars(select(m.Credential.id).join(m.User, m.User.id == m.Credential.user_id).where(
-                m.Credential.id.in_(ids), sa.or_(m.User.removed_at.is_not(None), m.User.disabled.is_(True)))))
+                m.Credential.id.in_(ids), sa.or_(m.User.removed_at.is_not(None), m.User.disabled.is_(True),
+                                                 m.Credential.created_at <= sa.func.coalesce(m.User.revoked_before, 0)))))
         for cred_id in ids:
             c = found.get(cred_id)
             if c is None or c.revoked_at is not None or cred_id in gone:
@@ -731,6 +754,9 @@ class Store:
         """kind agent: a key acting for the person `uid` (or the live user `user_name`); kind service: a key
         of the service account svc:<user_name>, made with its first key."""
         if kind == "agent":
+            if not agent or not valid_agent_name(agent):
+                raise ConfigError(f"invalid agent name {agent!r}: printable, at most {MAX_NAME} characters, "
+                                  "no leading or trailing spaces")
             person = self.user_by_uid(uid) if uid else self.get_user(user_name)
             if person is None or person.removed_at is not None or person.kind != "user":
                 raise NotFound(f"no user named {user_name!r}: an agent key acts for an existing person")
@@ -747,6 +773,11 @@ class Store:
             created_at=now, expires_at=now + ttl if ttl else None,
         )
         with self.Session.begin() as s:
+            # Locked and checked again: a removal committing meanwhile is waited for, and then refuses the key.
+            live = s.scalar(select(m.User.id).where(m.User.uid == person.uid, m.User.removed_at.is_(None),
+                                                    m.User.disabled.is_(False)).with_for_update())
+            if live is None:
+                raise NotFound(f"no user named {person.name!r}: it was removed")
             s.add(row)
             self.record_change(s, actor, "apikey.create", f"API key {key_id} ({name}, {kind} of {person.name}"
                                + (f", groups {', '.join(row.groups)}" if row.groups else "") + ")")
@@ -796,6 +827,8 @@ class Store:
             user = s.scalar(select(m.User).where(m.User.uid == row.user_id)) if row.user_id else None
             if user is None or user.removed_at is not None or user.disabled:
                 raise NotFound(f"API key {row.id} acts for {row.user_name!r}, who no longer exists")
+            if user.revoked_before is not None and row.created_at <= user.revoked_before:
+                raise NotFound(f"API key {row.id} was revoked when its identity was removed")
             groups = list(row.groups)
             if row.kind == "agent":
                 groups = list(user.groups)  # the person's rights, as they are now
@@ -1586,7 +1619,7 @@ class Store:
             return list(s.scalars(q))
 
     def decide_review(self, review_id: str, by: str, decision: str, reason: str | None, new_status: str | None,
-                      expect: tuple[str, ...], now: float, **values: Any) -> bool:
+                      expect: tuple[str, ...], now: float, by_id: str | None = None, **values: Any) -> bool:
         """Record one person's step and, with `new_status`, move the review on; False when the review is
         no longer in one of the `expect`ed states (someone else got there first)."""
         with self.Session.begin() as s:
@@ -1597,7 +1630,7 @@ class Store:
                     return False
             elif s.scalar(select(m.Review.status).where(m.Review.id == review_id)) not in expect:
                 return False
-            s.add(m.ReviewDecision(review_id=review_id, by=by, decision=decision, reason=reason, at=now))
+            s.add(m.ReviewDecision(review_id=review_id, by=by, by_id=by_id, decision=decision, reason=reason, at=now))
             self.announce(s, "review", review_id)
         return True
 

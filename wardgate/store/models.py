@@ -27,6 +27,11 @@ class User(Base):
     subject: Mapped[str | None] = mapped_column(String(255), nullable=True)
     removed_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # refused everywhere until restored
     seen_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # oidc: groups last confirmed by a token
+    # Unique among live users (NULL once removed): names that read alike are one name (wardgate/names.py).
+    name_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True, index=True)
+    former_name: Mapped[str | None] = mapped_column(String(255), nullable=True)  # a removed user's name
+    # What was issued before this (credentials, API keys, sign-in links) is dead, a restore notwithstanding.
+    revoked_before: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Connection(Base):
@@ -219,6 +224,7 @@ class ReviewDecision(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     review_id: Mapped[str] = mapped_column(String(32), ForeignKey("reviews.id"), index=True)
     by: Mapped[str] = mapped_column(String(128))
+    by_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # uid of who decided; approvals count these
     decision: Mapped[str] = mapped_column(String(16))  # approve, reject, revoke
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     at: Mapped[float] = mapped_column(Float)
