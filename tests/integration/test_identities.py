@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import idp_toml, make_gateway
+from tests.conftest import APP_PASSWORD, idp_toml, make_gateway
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,14 @@ name = "deletes-need-review"
 kinds = ["delete"]
 action = "review"
 approvers = ["dba"]
+connections = ["shop"]
+
+[[guardrails]]
+name = "truncates-need-two"
+kinds = ["truncate"]
+action = "review"
+approvers = ["dba"]
+min_approvals = 2
 connections = ["shop"]
 """
     g = make_gateway(tmp_path_factory.mktemp("identities"), pg, tail_toml=tail)
@@ -265,3 +273,118 @@ def test_an_approved_review_runs_only_for_the_agent_that_asked(gw, idp) -> None:
         assert r.status_code == 403 and "asker" in r.json()["detail"], r.text
     r = api(gw, "POST", f"/api/reviews/{review_id}/execute", asking["key"], json={})
     assert r.json()["status"] == "completed", r.text
+
+
+def test_no_name_can_block_its_removal(gw, idp) -> None:  # noqa: ANN001
+    """'#' marks removed identities and a name fits its column: names that could collide with a removed
+    one or overflow are refused at every door, and removal of the longest allowed name works."""
+    for name in ("x#removed-1", "y" * 121):
+        r = api(gw, "GET", "/api/me", person(idp, f"sub-{len(name)}", name, ["dev"]))
+        assert r.status_code == 401 and "not a valid user name" in r.json()["detail"], r.text
+    service = idp.forge(idp.claims(sub="bad#client", client_id="bad#client", preferred_username=None))
+    r = api(gw, "GET", "/api/me", service)
+    assert r.status_code == 401 and "not a valid service name" in r.json()["detail"], r.text
+    assert gw.cli("users", "add", "bad#name", check=False).returncode != 0
+    assert gw.cli("apikeys", "create", "--name", "s" * 117, "--group", "dev", check=False).returncode != 0
+    longest = "l" * 120
+    r = api(gw, "GET", "/api/me", person(idp, "longest-sub", longest, ["dev"]))
+    assert r.status_code == 200, r.text
+    gw.cli("users", "remove", longest)
+    assert api(gw, "GET", "/api/me", person(idp, "longest-sub", longest, ["dev"])).status_code == 401
+    removed = {u["name"]: u for u in gw.cli_json("users", "list", "--removed")}
+    assert removed[longest]["removed_at"]
+
+
+def test_names_that_read_alike_are_one_name(gw, idp) -> None:  # noqa: ANN001
+    gw.cli("users", "add", "Quinn", "--group", "dev")
+    out = gw.cli("users", "add", "quinn", check=False)
+    assert out.returncode != 0 and "reads like" in out.stderr + out.stdout
+    for lookalike in ("quinn", "\uff31uinn"):  # the same letters in another case, or full width
+        r = api(gw, "GET", "/api/me", person(idp, f"alike-{lookalike}", lookalike, ["dev", "wardgate-admins"]))
+        assert r.status_code == 401 and "reads" in r.json()["detail"], r.text
+    # restoring names the identity exactly: not another case of it (SQLite's LIKE would match one)
+    gw.cli("users", "remove", "Quinn")
+    assert gw.cli("users", "restore", "quinn", check=False).returncode != 0
+    gw.cli("users", "restore", "Quinn")
+    assert any(u["name"] == "Quinn" for u in gw.cli_json("users", "list"))
+
+
+def test_a_removed_person_does_not_come_back_as_a_service(gw, idp) -> None:  # noqa: ANN001
+    rex = person(idp, "rex-sub", "rex", ["dev"])
+    assert api(gw, "GET", "/api/me", rex).status_code == 200
+    gw.cli("users", "remove", "rex")
+    as_service = idp.forge(idp.claims(sub="rex-sub", client_id="rex-sub", preferred_username="rex", groups=["dba"]))
+    r = api(gw, "GET", "/api/me", as_service)
+    assert r.status_code == 401 and "removed" in r.json()["detail"], r.text
+    assert not any(u["name"] == "svc:rex" for u in gw.cli_json("users", "list"))
+
+
+def test_a_restore_revives_nothing_issued_before_the_removal(gw) -> None:  # noqa: ANN001
+    gw.cli("users", "add", "pia", "--group", "dev")
+    link = gw.cli("users", "login-link", "pia").stdout.strip()
+    key = gw.cli_json("apikeys", "create", "--for-agent", "bot", "--user", "pia")
+    cred = gw.credential("pia")
+    gw.cli("users", "remove", "pia")
+    # as if the key and the credential had been issued while the removal committed (not revoked by it)
+    with gw.store().engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE api_keys SET revoked_at = NULL WHERE id = '{key['id']}'")
+        conn.exec_driver_sql(f"UPDATE credentials SET revoked_at = NULL WHERE id = '{cred['id']}'")
+    gw.cli("users", "restore", "pia")
+    assert api(gw, "GET", "/api/me", key["key"]).status_code == 401
+    assert httpx.get(link, follow_redirects=False, timeout=30).status_code == 401
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(gw.dsn(cred), connect_timeout=10).close()
+    fresh = gw.cli_json("apikeys", "create", "--for-agent", "bot", "--user", "pia")
+    assert api(gw, "GET", "/api/me", fresh["key"]).status_code == 200
+
+
+def test_a_console_session_is_checked_against_the_store_on_every_page(gw, idp) -> None:  # noqa: ANN001
+    # an agent key's console session acts with its person's groups as the IdP last gave them
+    vic = person(idp, "vic-sub", "vic", ["dev"])
+    key = agent_key(gw, vic, "helper")
+    with httpx.Client(base_url=f"http://127.0.0.1:{gw.http_port}", timeout=30) as browser:
+        page = browser.post("/console/login", data={"api_key": key["key"]}, follow_redirects=True)
+        assert page.status_code == 200
+        assert "<option selected>shop</option>" in browser.get("/console/exec").text
+        api(gw, "GET", "/api/me", person(idp, "vic-sub", "vic", ["sales"]))  # the IdP no longer says dev
+        assert "No connection allows you exec" in browser.get("/console/exec").text
+    # a console session written while its user's removal committed is refused, and stays so after a restore
+    gw.cli("users", "add", "rue", "--group", "dev")
+    link = gw.cli("users", "login-link", "rue").stdout.strip()
+    with httpx.Client(base_url=f"http://127.0.0.1:{gw.http_port}", timeout=30) as browser:
+        assert browser.get(link, follow_redirects=True).status_code == 200
+        with gw.store().engine.begin() as conn:
+            rows = conn.exec_driver_sql("SELECT key, data, expires_at, user_name, user_id FROM console_state "
+                                        "WHERE user_name = 'rue'").fetchall()
+        gw.cli("users", "remove", "rue")
+        with gw.store().engine.begin() as conn:
+            for row in rows:
+                conn.exec_driver_sql("INSERT INTO console_state (key, data, expires_at, user_name, user_id) "
+                                     "VALUES (?, ?, ?, ?, ?)", tuple(row))
+        r = browser.get("/console/sessions", follow_redirects=False)
+        assert r.status_code in (302, 303) and "/console/login" in r.headers["location"]
+        gw.cli("users", "restore", "rue")
+        with gw.store().engine.begin() as conn:
+            for row in rows:
+                conn.exec_driver_sql("INSERT INTO console_state (key, data, expires_at, user_name, user_id) "
+                                     "VALUES (?, ?, ?, ?, ?)", tuple(row))
+        r = browser.get("/console/sessions", follow_redirects=False)
+        assert r.status_code in (302, 303) and "/console/login" in r.headers["location"]
+
+
+def test_approvals_count_identities_not_names(gw, idp, pg) -> None:  # noqa: ANN001
+    asker = person(idp, "tess-sub", "tess", ["dev"])
+    review_id = ask_review(gw, asker, "truncate orders")
+    wes = person(idp, "wes-sub", "wes", ["dba"])
+    assert api(gw, "POST", f"/api/reviews/{review_id}/approve", wes, json={}).json()["status"] == "pending"
+    # the same approver under a new name (the IdP renamed them) is still one approver
+    wesley = person(idp, "wes-sub", "wesley", ["dba"])
+    r = api(gw, "POST", f"/api/reviews/{review_id}/approve", wesley, json={})
+    assert r.status_code == 409 and "approved this review already" in r.json()["detail"], r.text
+    admin = admin_key(gw)
+    view = api(gw, "GET", f"/api/reviews/{review_id}", admin).json()
+    assert (view["status"], view["approvals"]) == ("pending", 1)
+    assert api(gw, "POST", f"/api/reviews/{review_id}/approve", person(idp, "yan-sub", "yan", ["dba"]),
+               json={}).json()["status"] == "approved"
+    with psycopg.connect(pg.dsn("app", APP_PASSWORD, "shop")) as db:
+        assert db.execute("select count(*) from orders").fetchone()[0] > 0  # approved, not run

@@ -34,6 +34,16 @@ log = logging.getLogger("wardgate.reviews")
 FINAL = ("rejected", "revoked", "executed", "expired")
 
 
+
+def _approver(uid: str | None, name: str) -> str:
+    """Who took a step: the identity's uid (a step from before uids were kept: its name then)."""
+    return uid if uid else f"name:{name}"
+
+
+def approvals(steps: list[m.ReviewDecision]) -> int:
+    """How many identities have approved: one approver counts once, whatever names they went by."""
+    return len({_approver(s.by_id, s.by) for s in steps if s.decision == "approve"})
+
 class ReviewError(Exception):
     """A step the caller may not take; `status` is the HTTP status that says why."""
 
@@ -181,7 +191,7 @@ class Reviews:
             "connection": review.connection, "statement": review.statement, "params": review.params,
             "sha256": review.sha256, "policy_version": review.policy_version, "rules": review.rules,
             "approvers": review.approvers, "min_approvals": review.min_approvals,
-            "approvals": len({s.by for s in steps if s.decision == "approve"}),
+            "approvals": approvals(steps),
             "created_at": iso(review.created_at), "expires_at": iso(review.expires_at),
             "decided_at": iso(review.decided_at) if review.decided_at else None,
             "executed_at": iso(review.executed_at) if review.executed_at else None,
@@ -258,21 +268,20 @@ class Reviews:
         if decision == "approve":
             if review.status != "pending":
                 raise ReviewError(f"review {review_id} is {review.status}, not pending", 409)
-            if any(s.by == caller.user and s.decision == "approve" for s in steps):
+            if _approver(caller.uid, caller.user) in {_approver(s.by_id, s.by) for s in steps if s.decision == "approve"}:
                 raise ReviewError("you have approved this review already; it needs another approver", 409)
-            approvals = len({s.by for s in steps if s.decision == "approve"}) + 1
-            new_status = "approved" if approvals >= review.min_approvals else None
+            new_status = "approved" if approvals(steps) + 1 >= review.min_approvals else None
             extra = {"window_end": now + (review.duration or 0)} if review.kind == "access" and new_status else {}
             ok = await asyncio.to_thread(self.store.decide_review, review_id, caller.user, "approve", reason, new_status,
-                                         ("pending",), now, **extra)
+                                         ("pending",), now, by_id=caller.uid or None, **extra)
         elif decision == "reject":
             if not reason:
                 raise ReviewError("a rejection needs a reason, for the requester", 422)
             ok = await asyncio.to_thread(self.store.decide_review, review_id, caller.user, "reject", reason, "rejected",
-                                         ("pending",), now)
+                                         ("pending",), now, by_id=caller.uid or None)
         else:
             ok = await asyncio.to_thread(self.store.decide_review, review_id, caller.user, "revoke", reason, "revoked",
-                                         ("pending", "approved"), now)
+                                         ("pending", "approved"), now, by_id=caller.uid or None)
         if not ok:
             current, _ = await asyncio.to_thread(self.store.get_review, review_id)
             raise ReviewError(f"review {review_id} is {current.status} now; nothing was changed", 409)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -85,23 +86,26 @@ LINK_LABEL = "console-login-link"
 
 def login_link_token(key: bytes, user: str, ttl: float = 600.0) -> str:
     """A single-use sign-in token for a local user, made by someone with the gateway's secret key (the
-    CLI on the gateway's host): `user.expiry.nonce.mac`, the MAC over the rest."""
-    payload = f"{base64.urlsafe_b64encode(user.encode()).decode().rstrip('=')}.{int(time.time() + ttl)}.{secrets.token_urlsafe(12)}"
+    CLI on the gateway's host): `user.issued.expiry.nonce.mac`, the MAC over the rest (`issued`, in ms:
+    a link from before its user was removed stays dead after a restore)."""
+    now = time.time()
+    payload = (f"{base64.urlsafe_b64encode(user.encode()).decode().rstrip('=')}.{int(now * 1000)}.{int(now + ttl)}."
+               f"{secrets.token_urlsafe(12)}")
     mac = hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
     return f"{payload}.{mac}"
 
 
-def read_login_token(key: bytes, token: str) -> tuple[str, float, str] | None:
-    """(user's uid, expiry, nonce) of a genuine, unexpired token; None otherwise."""
+def read_login_token(key: bytes, token: str) -> tuple[str, float, str, float] | None:
+    """(user's uid, expiry, nonce, when issued) of a genuine, unexpired token; None otherwise."""
     try:
         payload, mac = token.rsplit(".", 1)
-        name, expiry, nonce = payload.split(".")
+        name, issued, expiry, nonce = payload.split(".", 3)
         if not hmac.compare_digest(mac, hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()):
             return None
         user = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
         if float(expiry) < time.time():
             return None
-        return user, float(expiry), nonce
+        return user, float(expiry), nonce, int(issued) / 1000
     except (ValueError, UnicodeDecodeError):
         return None
 
@@ -114,14 +118,18 @@ class ConsoleSession:
     expires_at: float
     flash: list[str] = field(default_factory=list)
 
+    started_at: float = 0.0
+
     def data(self) -> dict[str, Any]:
-        return {"identity": asdict(self.identity), "csrf": self.csrf, "flash": self.flash, "until": self.expires_at}
+        return {"identity": asdict(self.identity), "csrf": self.csrf, "flash": self.flash, "until": self.expires_at,
+                "since": self.started_at}
 
     @classmethod
     def from_data(cls, key: str, data: dict[str, Any]) -> ConsoleSession:
         ident = dict(data["identity"])
         ident["groups"] = tuple(ident.get("groups") or ())
-        return cls(key, Identity(**ident), data["csrf"], float(data.get("until", 0.0)), list(data.get("flash") or []))
+        return cls(key, Identity(**ident), data["csrf"], float(data.get("until", 0.0)), list(data.get("flash") or []),
+                   float(data.get("since", 0.0)))
 
 
 def _digest(value: str) -> str:
@@ -198,6 +206,18 @@ class Console:
         if source.startswith("apikey:") and not self.store.api_key_active(source.removeprefix("apikey:")):
             self.store.console_drop(key)
             return None
+        # Who it is, as the store says now (one look-up a page): a removal ends the session even if its
+        # row was written while the removal committed, and the groups are the user's current ones (a
+        # local change, or the IdP's as its tokens last said). A service key acts with the key's groups.
+        row = self.store.user_by_uid(session.identity.uid)
+        if row is None or row.removed_at is not None or row.disabled or \
+                (row.revoked_before is not None and session.started_at <= row.revoked_before):
+            self.store.console_drop(key)
+            return None
+        if session.identity.kind != "service":
+            groups = tuple(row.groups or ())
+            if groups != session.identity.groups or row.name != session.identity.user:
+                session.identity = dataclasses.replace(session.identity, user=row.name, groups=groups)
         return session
 
     def render(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -227,7 +247,8 @@ class Console:
         until = time.time() + SESSION_TTL
         if identity.expires_at:
             until = min(until, identity.expires_at)
-        session = ConsoleSession("session:" + _digest(sid), identity, secrets.token_urlsafe(24), until)
+        session = ConsoleSession("session:" + _digest(sid), identity, secrets.token_urlsafe(24), until,
+                                 started_at=time.time())
         await asyncio.to_thread(self.store.console_put, session.key, session.data(), until, identity.user, identity.uid)
         request.state.console = None  # the page that signed in answers with a redirect, as nobody yet
         response = RedirectResponse(landing, status_code=303)
@@ -302,7 +323,7 @@ class Console:
         if found is not None:
             row = await asyncio.to_thread(self.gateway.store.user_by_uid, found[0])  # the link names the uid
         usable = found is not None and row is not None and not row.disabled and row.removed_at is None \
-            and row.source == "local" and row.kind == "user"
+            and row.source == "local" and row.kind == "user" and found[3] > (row.revoked_before or 0)
         # Used once, on any replica, and remembered for as long as the link could be valid.
         if not usable or not await asyncio.to_thread(self.store.console_claim, f"link:{found[2]}", found[1]):  # type: ignore[index]
             self.gateway.record_event("console.authenticate", "denied", addr=addr,
