@@ -27,6 +27,17 @@ class Identity:
         return bool(self.uid) and uid == self.uid
 
     @property
+    def agent_id(self) -> str | None:
+        """Which agent this is, beyond its name: the API key it holds, or the provider whose token named
+        it. Two keys given the same agent name are two agents. None: no agent, or one known by its name
+        only (a native session's, by the credential it was issued)."""
+        if not self.agent:
+            return None
+        if self.source.startswith("apikey:"):
+            return self.source
+        return f"{self.source}#{self.agent}" if self.source.startswith("oidc:") else None
+
+    @property
     def display(self) -> str:
         return f"{self.agent} acting for {self.user}" if self.agent else self.user
 

@@ -388,3 +388,17 @@ def test_approvals_count_identities_not_names(gw, idp, pg) -> None:  # noqa: ANN
                json={}).json()["status"] == "approved"
     with psycopg.connect(pg.dsn("app", APP_PASSWORD, "shop")) as db:
         assert db.execute("select count(*) from orders").fetchone()[0] > 0  # approved, not run
+
+
+def test_two_keys_with_one_agent_name_are_two_agents(gw, idp) -> None:  # noqa: ANN001
+    """An agent is its key, not its name: a key its person made later with the same name does not run the
+    review the first one asked for (nor does the first one's name, once that key is revoked)."""
+    uri = person(idp, "uri-sub", "uri", ["dev"])
+    dora = person(idp, "dora-sub", "dora", ["dba"])
+    first, second = agent_key(gw, uri, "claude"), agent_key(gw, uri, "claude")
+    review_id = ask_review(gw, first["key"], "delete from orders where id = -5")
+    assert api(gw, "POST", f"/api/reviews/{review_id}/approve", dora, json={}).json()["status"] == "approved"
+    r = api(gw, "POST", f"/api/reviews/{review_id}/execute", second["key"], json={})
+    assert r.status_code == 403, r.text
+    r = api(gw, "POST", f"/api/reviews/{review_id}/execute", first["key"], json={})
+    assert r.json()["status"] == "completed", r.text

@@ -112,7 +112,7 @@ class Reviews:
         now = time.time()
         review = m.Review(
             id=uuid.uuid4().hex, kind="statement", status="pending", requester=caller.user, requester_id=caller.uid,
-            agent=caller.agent, connection=connection, statement=statement, params=list(params), sha256=input_hash(connection, statement, params),
+            agent=caller.agent, agent_id=caller.agent_id, connection=connection, statement=statement, params=list(params), sha256=input_hash(connection, statement, params),
             policy_version=self.policy_version, rules=[mt.public() for mt in asking], approvers=approvers,
             min_approvals=need, created_at=now, expires_at=now + self.settings.ttl_seconds,
         )
@@ -160,14 +160,15 @@ class Reviews:
         Runs on the event loop: reviews are rare, and these are two small queries."""
         now = time.time()
         sha = input_hash(connection, statement, [])
-        review_id = self.store.claim_approved(caller.uid, caller.agent, connection, sha, self.policy_version, now)
+        review_id = self.store.claim_approved(caller.uid, caller.agent, connection, sha, self.policy_version, now,
+                                              agent_id=caller.agent_id)
         if review_id is not None:
             self.store.set_review_session(review_id, session_id)
             self._event("review.executed", "ok", caller, review_id, f"{connection}: native session {session_id}")
             self.gateway.loop.call_soon(self._wake, review_id)
             self._notify_later("review.executed", review_id)
             return None
-        review = self.store.pending_review(caller.uid, caller.agent, connection, sha, now) or \
+        review = self.store.pending_review(caller.uid, caller.agent, connection, sha, now, agent_id=caller.agent_id) or \
             self._create(caller, connection, statement, [], decision)
         rule = review.rules[0] if review.rules else {"rule": "?", "reason": ""}
         who = ", ".join(review.approvers) if review.approvers else "an admin"
@@ -310,7 +311,8 @@ class Reviews:
             raise ReviewError(f"no review {review_id!r}", 404) from None
         if review.kind != "statement":
             raise ReviewError("an access review is not executed: once approved, it grants a window on the connection", 409)
-        if not caller.owns(review.requester_id) or review.agent != caller.agent:
+        if not caller.owns(review.requester_id) or review.agent != caller.agent or \
+                (review.agent_id is not None and caller.agent_id is not None and review.agent_id != caller.agent_id):
             self._event("review.execute", "denied", caller, review_id, "not the requester")
             by = f"{review.requester} through {review.agent}" if review.agent else review.requester
             raise ReviewError(f"only who asked for this review ({by}) may run it", 403)
@@ -321,7 +323,8 @@ class Reviews:
         if review.sha256 != input_hash(review.connection, review.statement, review.params):
             self._event("review.execute", "denied", caller, review_id, "stored input does not match its hash")
             raise ReviewError("the stored statement does not match its hash; it will not run", 409)
-        if not await asyncio.to_thread(self.store.claim_review, review_id, caller.uid, caller.agent, time.time()):
+        if not await asyncio.to_thread(self.store.claim_review, review_id, caller.uid, caller.agent, time.time(),
+                                       caller.agent_id):
             current, _ = await asyncio.to_thread(self.store.get_review, review_id)
             status = current.status
             if status in ("pending", "approved") and current.expires_at <= time.time():

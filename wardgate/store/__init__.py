@@ -194,9 +194,14 @@ def _alike(s: Any, name: str) -> m.User | None:
     return s.scalar(select(m.User).where(m.User.name_key == name_key(name)))
 
 
-def _same_agent(agent: str | None) -> Any:
-    """A review asked for by an agent is run by that agent; one the person asked for, by the person."""
-    return m.Review.agent.is_(None) if agent is None else m.Review.agent == agent
+def _same_agent(agent: str | None, agent_id: str | None) -> Any:
+    """A review asked for by an agent is run by that agent (its key, not only its name; a review from
+    before agents were told apart by key: its name); one the person asked for, by the person."""
+    if agent is None:
+        return m.Review.agent.is_(None)
+    if agent_id is None:  # an agent known by its name only (native): its name
+        return m.Review.agent == agent
+    return sa.and_(m.Review.agent == agent, sa.or_(m.Review.agent_id.is_(None), m.Review.agent_id == agent_id))
 
 
 def _masked_key(connection: str) -> str:
@@ -1634,13 +1639,14 @@ class Store:
             self.announce(s, "review", review_id)
         return True
 
-    def claim_review(self, review_id: str, requester_id: str, agent: str | None, now: float) -> bool:
+    def claim_review(self, review_id: str, requester_id: str, agent: str | None, now: float,
+                     agent_id: str | None = None) -> bool:
         """Approved, unexpired, the requester's (and the same agent's), never run: mark it executed in one
         step (at most once)."""
         with self.Session.begin() as s:
             done = s.execute(update(m.Review).where(
                 m.Review.id == review_id, m.Review.kind == "statement", m.Review.status == "approved",
-                m.Review.requester_id == requester_id, _same_agent(agent), m.Review.expires_at > now,
+                m.Review.requester_id == requester_id, _same_agent(agent, agent_id), m.Review.expires_at > now,
             ).values(status="executed", executed_at=now))
             if done.rowcount == 1:
                 self.announce(s, "review", review_id)
@@ -1662,12 +1668,12 @@ class Store:
             return ids
 
     def claim_approved(self, requester_id: str, agent: str | None, connection: str, sha256: str, policy_version: str,
-                       now: float) -> str | None:
+                       now: float, agent_id: str | None = None) -> str | None:
         """An approved, unexpired review of exactly this input asked for by this identity and agent, marked
         executed in the same step; its id."""
         with self.Session.begin() as s:
             ids = list(s.scalars(select(m.Review.id).where(
-                m.Review.kind == "statement", m.Review.requester_id == requester_id, _same_agent(agent),
+                m.Review.kind == "statement", m.Review.requester_id == requester_id, _same_agent(agent, agent_id),
                 m.Review.connection == connection,
                 m.Review.sha256 == sha256, m.Review.status == "approved", m.Review.expires_at > now,
                 m.Review.policy_version == policy_version,
@@ -1681,10 +1687,10 @@ class Store:
             return None
 
     def pending_review(self, requester_id: str, agent: str | None, connection: str, sha256: str,
-                       now: float) -> m.Review | None:
+                       now: float, agent_id: str | None = None) -> m.Review | None:
         with self.Session() as s:
             return s.scalar(select(m.Review).where(
-                m.Review.kind == "statement", m.Review.requester_id == requester_id, _same_agent(agent),
+                m.Review.kind == "statement", m.Review.requester_id == requester_id, _same_agent(agent, agent_id),
                 m.Review.connection == connection,
                 m.Review.sha256 == sha256, m.Review.status == "pending", m.Review.expires_at > now,
             ).order_by(m.Review.created_at.desc()).limit(1))

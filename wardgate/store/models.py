@@ -199,6 +199,7 @@ class Review(Base):
     requester: Mapped[str] = mapped_column(String(128), index=True)
     requester_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)  # users.uid
     agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    agent_id: Mapped[str | None] = mapped_column(String(255), nullable=True)  # Identity.agent_id of who asked
     connection: Mapped[str] = mapped_column(String(128))
     statement: Mapped[str] = mapped_column(Text)
     params: Mapped[list] = mapped_column(JSON, default=list)

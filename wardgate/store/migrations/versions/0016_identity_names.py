@@ -4,7 +4,8 @@ Users gain `name_key` (unique among live users: names that read alike are one na
 wardgate/names.py), `former_name` (the name a removed identity had; its `name` becomes
 `#removed-<uid>`, which fits the column whatever the name was) and `revoked_before` (what was issued
 to the identity before it was removed stays dead after a restore). Review decisions gain `by_id`, the
-uid of who decided: approvals count identities, not names.
+uid of who decided: approvals count identities, not names. Reviews gain `agent_id`: the agent that
+asked, by its API key or its provider (Identity.agent_id), not by a name another key may carry.
 
 Revision ID: 0016
 Revises: 0015
@@ -33,6 +34,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("revoked_before", sa.Float, nullable=True))
     with op.batch_alter_table("review_decisions") as batch:
         batch.add_column(sa.Column("by_id", sa.String(32), nullable=True))
+    with op.batch_alter_table("reviews") as batch:
+        batch.add_column(sa.Column("agent_id", sa.String(255), nullable=True))
     conn = op.get_bind()
     users = sa.table("users", sa.column("id"), sa.column("uid"), sa.column("name"), sa.column("name_key"),
                      sa.column("former_name"), sa.column("removed_at"))
@@ -57,6 +60,8 @@ def downgrade() -> None:
     users = sa.table("users", sa.column("id"), sa.column("name"), sa.column("former_name"), sa.column("removed_at"))
     for row in conn.execute(sa.select(users.c.id, users.c.former_name).where(users.c.removed_at.is_not(None))).all():
         conn.execute(sa.update(users).where(users.c.id == row.id).values(name=f"{row.former_name}#removed-{row.id}"))
+    with op.batch_alter_table("reviews") as batch:
+        batch.drop_column("agent_id")
     with op.batch_alter_table("review_decisions") as batch:
         batch.drop_column("by_id")
     with op.batch_alter_table("users") as batch:
